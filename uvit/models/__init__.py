@@ -1,0 +1,14 @@
+"""The U-ViT model family: the modules, the paper's presets and official-checkpoint loading.
+
+Importable with torch and einops alone.
+"""
+
+from uvit.models.official import OFFICIAL_CHECKPOINTS, load_official, load_state_dict_strict, read_state_dict
+from uvit.models.presets import PRESETS, Preset, count_macs, count_params, get_preset, preset_config
+from uvit.models.uvit import SKIP_MODES, UViT, UViTConfig, timestep_embedding
+
+__all__ = [
+    "OFFICIAL_CHECKPOINTS", "PRESETS", "SKIP_MODES", "Preset", "UViT", "UViTConfig", "count_macs",
+    "count_params", "get_preset", "load_official", "load_state_dict_strict", "preset_config",
+    "read_state_dict", "timestep_embedding",
+]

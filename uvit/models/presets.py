@@ -1,0 +1,108 @@
+"""The paper's U-ViT presets by name, with the official implementation's exact sizes.
+
+`expected_params` is the parameter count of the official classes built from the official
+configs (UVIT_SPEC.md section 2); tests hold every preset to it digit for digit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from uvit.models.uvit import UViTConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str  # the paper's name, e.g. "U-ViT-H/2"
+    benchmark: str
+    config: UViTConfig
+    expected_params: int | None  # official count; None for presets of our own
+
+
+def _preset(name: str, title: str, benchmark: str, expected: int | None, **config) -> Preset:
+    return Preset(name, title, benchmark, UViTConfig(**config), expected)
+
+
+_SMALL = dict(embed_dim=512, depth=12, num_heads=8)
+_MID = dict(embed_dim=768, depth=16, num_heads=12, use_checkpoint=True)
+_LARGE = dict(embed_dim=1024, depth=20, num_heads=16, use_checkpoint=True)
+_HUGE = dict(embed_dim=1152, depth=28, num_heads=16, conv=False, use_checkpoint=True)
+_LATENT256 = dict(img_size=32, in_chans=4)
+_LATENT512 = dict(img_size=64, in_chans=4)
+_T2I = dict(clip_dim=768, num_text_tokens=77)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        _preset("cifar10_uvit_s2", "U-ViT-S/2", "cifar10", 44_255_328, img_size=32, patch_size=2, **_SMALL),
+        _preset("celeba64_uvit_s4", "U-ViT-S/4", "celeba64", 44_292_228, img_size=64, patch_size=4, **_SMALL),
+        _preset("imagenet64_uvit_m4", "U-ViT-M/4", "imagenet64", 130_940_292,
+                img_size=64, patch_size=4, num_classes=1000, **_MID),
+        _preset("imagenet64_uvit_l4", "U-ViT-L/4", "imagenet64", 286_827_652,
+                img_size=64, patch_size=4, num_classes=1000, **_LARGE),
+        _preset("imagenet256_uvit_l2", "U-ViT-L/2", "imagenet256", 286_763_172,
+                patch_size=2, num_classes=1001, **_LATENT256, **_LARGE),
+        _preset("imagenet256_uvit_h2", "U-ViT-H/2", "imagenet256", 500_832_016,
+                patch_size=2, num_classes=1001, **_LATENT256, **_HUGE),
+        _preset("imagenet512_uvit_l4", "U-ViT-L/4", "imagenet512", 286_861_524,
+                patch_size=4, num_classes=1001, **_LATENT512, **_LARGE),
+        _preset("imagenet512_uvit_h4", "U-ViT-H/4", "imagenet512", 500_942_656,
+                patch_size=4, num_classes=1001, **_LATENT512, **_HUGE),
+        _preset("mscoco256_uvit_s2", "U-ViT-S/2", "mscoco256", 44_692_644, patch_size=2, **_LATENT256, **_T2I, **_SMALL),
+        _preset("mscoco256_uvit_s2_deep", "U-ViT-S/2 (Deep)", "mscoco256", 58_345_636,
+                patch_size=2, **_LATENT256, **_T2I, **{**_SMALL, "depth": 16}),
+        # Ours: the embedded CPU benchmark (8x8 grey digits, 10 classes + the null class for CFG).
+        _preset("digits_uvit_tiny", "U-ViT-T/2", "digits", None, img_size=8, patch_size=2, in_chans=1,
+                embed_dim=128, depth=6, num_heads=4, num_classes=11),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def preset_config(name: str, **overrides) -> UViTConfig:
+    """The preset's config with fields replaced, e.g. preset_config("cifar10_uvit_s2", skip="add")."""
+    return dataclasses.replace(get_preset(name).config, **overrides)
+
+
+def count_params(c: UViTConfig) -> int:
+    """Closed-form parameter count (no model is built), for any config."""
+    D, C, p = c.embed_dim, c.in_chans, c.patch_size
+    hidden = int(D * c.mlp_ratio)
+    block = 4 * D + (3 * D * D + (3 * D if c.qkv_bias else 0)) + (D * D + D) + (D * hidden + hidden) + (hidden * D + D)
+    skip = {"concat_linear": 2 * D * D + D, "add_linear_skip": D * D + D, "linear_add": D * D + D}.get(c.skip, 0)
+    n = (c.depth + 1) * block + (c.depth // 2) * skip
+    n += C * p * p * D + D  # patch_embed
+    n += c.num_tokens * D  # pos_embed
+    n += max(c.num_classes, 0) * D
+    n += (c.clip_dim * D + D) if c.clip_dim is not None else 0
+    n += (D * 4 * D + 4 * D + 4 * D * D + D) if c.mlp_time_embed else 0
+    n += 2 * D + D * p * p * C + p * p * C  # norm + decoder_pred
+    n += (9 * C * C + C) if c.conv else 0
+    return n
+
+
+def count_macs(c: UViTConfig) -> int:
+    """Multiply-accumulates of one forward for one image (matmuls and convolutions).
+
+    This is the paper's "GFLOPs" unit: its 133 GFLOPs for U-ViT-H/2 is 133.2 G MACs.
+    Attention's two L x L products are included; elementwise work is not.
+    """
+    D, C, p, L = c.embed_dim, c.in_chans, c.patch_size, c.num_tokens
+    hidden = int(D * c.mlp_ratio)
+    per_block = L * (3 * D * D + D * D + 2 * D * hidden) + 2 * L * L * D
+    skip = {"concat_linear": 2 * D * D, "add_linear_skip": D * D, "linear_add": D * D}.get(c.skip, 0)
+    macs = (c.depth + 1) * per_block + (c.depth // 2) * L * skip
+    macs += c.num_patches * C * p * p * D  # patch_embed
+    macs += c.num_text_tokens * c.clip_dim * D if c.clip_dim is not None else 0
+    macs += 5 * D * D if c.mlp_time_embed else 0
+    macs += L * D * p * p * C  # decoder_pred runs on every token before the condition tokens are dropped
+    macs += c.img_size**2 * 9 * C * C if c.conv else 0
+    return macs

@@ -1,0 +1,152 @@
+"""Typed, validated benchmark configuration read from `params.yaml`.
+
+One top-level block per benchmark (digits, cifar10, ...), each with the stages' sections.
+Everything is checked here, before any data is downloaded, model trained or file written:
+unknown keys, wrong types and out-of-range values fail with the dotted key named
+(e.g. `digits.train.steps: Input should be greater than 0`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+BENCHMARKS = ("digits", "cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256")
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A bad parameter; the message names the dotted key and what is wrong."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: str
+    root: str | None = None  # where a user-supplied dataset lives (ImageNet, COCO); None for downloadable ones
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    shard_size: PositiveInt = 50_000
+
+
+class ValidateConfig(_Section):
+    num_classes: int = Field(0, ge=0)  # 0: unlabelled
+    min_rows: PositiveInt = 1
+    min_class_share: float = Field(0.0, ge=0, le=1)
+    max_class_share: float = Field(1.0, ge=0, le=1)
+
+
+class ModelConfig(_Section):
+    preset: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from uvit.models.presets import PRESETS
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of: {', '.join(PRESETS)}")
+        return v
+
+
+class DiffusionConfig(_Section):
+    schedule: Literal["vpsde", "discrete"]
+    p_uncond: float = Field(0.0, ge=0, le=1)  # condition dropout for classifier-free guidance
+
+
+class TrainConfig(_Section):
+    steps: PositiveInt
+    batch_size: PositiveInt  # global, split across workers
+    lr: PositiveFloat
+    weight_decay: float = Field(0.03, ge=0)
+    betas: tuple[float, float] = (0.99, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.9999, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    num_workers: PositiveInt = 1
+    threads_per_worker: PositiveInt = 1
+    use_gpu: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    checkpoint_every: PositiveInt = 1000
+    keep_checkpoints: PositiveInt = 2
+    max_failures: int = Field(0, ge=-1)
+    log_every: PositiveInt = 10
+    seed: int = 0
+
+
+class SampleConfig(_Section):
+    sampler: Literal["euler_maruyama", "dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m"]
+    steps: PositiveInt
+    guidance_scale: float = Field(0.0, ge=0)
+    num_samples: PositiveInt
+    batch_size: PositiveInt = 500
+    seed: int = 0
+    use_ema: bool = True
+
+
+class ScoreConfig(_Section):
+    feature_extractor: Literal["digits-classifier", "inception"] = "inception"
+    classifier_epochs: PositiveInt = 30
+    inception_weights: str | None = None
+    reference_stats: str | None = None  # a user-supplied .npz (mu, sigma), e.g. ADM's ImageNet statistics
+
+
+class BenchmarkConfig(_Section):
+    name: str
+    data: DataConfig
+    validate_: ValidateConfig = Field(alias="validate")
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    sample: SampleConfig
+    score: ScoreConfig
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def uvit_config(self):
+        """The model's UViTConfig: the preset with this benchmark's overrides applied."""
+        from uvit.models.presets import preset_config
+
+        try:
+            return preset_config(self.model.preset, **self.model.overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.name}.model.overrides: {e}") from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the project root or pass --params")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of benchmark name -> parameters")
+    return params
+
+
+def load_benchmark(name: str, params: str | Path | dict[str, Any] = DEFAULT_PARAMS) -> BenchmarkConfig:
+    """Read and validate one benchmark's block; raise ConfigError naming the bad key."""
+    params = params if isinstance(params, dict) else load_params(params)
+    if name not in params:
+        known = [k for k in params if k in BENCHMARKS] or list(BENCHMARKS)
+        raise ConfigError(f"unknown benchmark {name!r}; params.yaml defines: {', '.join(known)}")
+    block = params[name]
+    if not isinstance(block, dict):
+        raise ConfigError(f"{name}: expected a mapping of stage sections, got {type(block).__name__}")
+    try:
+        cfg = BenchmarkConfig.model_validate({"name": name, **block})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            lines.append(f"{name}.{loc}: {err['msg']}{got}")
+        raise ConfigError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+    cfg.uvit_config()  # overrides must build a valid model
+    return cfg

@@ -1,0 +1,374 @@
+"""Samplers used by the official U-ViT evaluation scripts (spec 3.1, 3.2).
+
+Every sampler takes `noise_fn(x, t) -> eps`, with t the schedule's CONTINUOUS time of shape
+(B,); `wrap_model` turns a network into one by applying `schedule.model_time`. All samples in a
+batch share the same time grid, so step coefficients are Python floats computed in float64 and
+sample i depends only on x_T[i] (and, for the SDE, on its own noise generator): results do not
+depend on how a set of seeds is split into batches.
+
+- `euler_maruyama`: reverse VP SDE, score_sde/U-ViT `sde.py` (CIFAR-10, CelebA: 1000 steps).
+- `dpm_solver`: singlestep DPM-Solver "fast" (orders [3]*16 + [2] for 50 NFE); noise prediction
+  ("DPM-Solver") or data prediction (`predict_x0=True`, "DPM-Solver++").
+- `dpm_solver_pp`: the official discrete-time config (data prediction, time-uniform grid).
+- `dpm_solver_pp_2m`: multistep second-order DPM-Solver++ (not used by the paper; handy for CFG).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .losses import NoiseModel
+from .schedules import NoiseSchedule
+
+__all__ = [
+    "NoiseFn",
+    "wrap_model",
+    "PerSampleNoise",
+    "get_time_steps",
+    "singlestep_orders",
+    "singlestep_time_points",
+    "euler_maruyama",
+    "dpm_solver",
+    "dpm_solver_pp",
+    "dpm_solver_pp_2m",
+    "SAMPLERS",
+    "sample",
+    "count_nfe",
+]
+
+NoiseFn = Callable[[Tensor, Tensor], Tensor]  # (x (B, ...), t (B,)) -> eps (B, ...)
+
+
+def wrap_model(model: NoiseModel, schedule: NoiseSchedule) -> NoiseFn:
+    """model(x, model_time) -> eps  ==>  noise_fn(x, t) with t continuous."""
+
+    def noise_fn(x: Tensor, t: Tensor) -> Tensor:
+        return model(x, schedule.model_time(t))
+
+    return noise_fn
+
+
+class PerSampleNoise:
+    """One CPU torch.Generator per sample, so sample i's randomness depends only on seeds[i].
+
+    Drawing on CPU also makes samples identical across devices; rows are then moved to `device`.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.seeds = [int(s) for s in seeds]
+        self.device = torch.device(device)
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape_per_sample: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B, *shape_per_sample) standard normal; row i drawn from generator i."""
+        rows = [torch.randn(tuple(shape_per_sample), generator=g, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _f64(fn: Callable[[Tensor], Tensor], t: float) -> float:
+    """Evaluate a schedule function at one float64 time, as a Python float."""
+    return float(fn(torch.tensor(t, dtype=torch.float64)))
+
+
+def _time_vec(t: float, x: Tensor) -> Tensor:
+    """The (B,) time tensor handed to noise_fn; at least float32 so e.g. bf16 x keeps t exact-ish."""
+    return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+
+
+def get_time_steps(schedule: NoiseSchedule, skip_type: str, t_T: float, t_0: float, n: int) -> Tensor:
+    """n + 1 decreasing times from t_T to t_0, float64 (DPM-Solver's get_time_steps).
+
+    "logSNR": uniform in lambda; "time_uniform": uniform in t; "time_quadratic": uniform in sqrt(t).
+    """
+    if skip_type == "logSNR":
+        lam_T, lam_0 = _f64(schedule.log_snr, t_T), _f64(schedule.log_snr, t_0)
+        return schedule.inverse_log_snr(torch.linspace(lam_T, lam_0, n + 1, dtype=torch.float64))
+    if skip_type == "time_uniform":
+        return torch.linspace(t_T, t_0, n + 1, dtype=torch.float64)
+    if skip_type == "time_quadratic":
+        return torch.linspace(math.sqrt(t_T), math.sqrt(t_0), n + 1, dtype=torch.float64) ** 2
+    raise ValueError(f"unknown skip_type {skip_type!r}; valid: 'logSNR', 'time_uniform', 'time_quadratic'")
+
+
+def singlestep_orders(steps: int, order: int = 3) -> list[int]:
+    """Per-interval orders of DPM-Solver-fast; they sum to `steps` (the NFE).
+
+    order 3: K = steps//3 + 1 intervals, [3]*(K-2)+[2,1] / [3]*(K-1)+[1] / [3]*(K-1)+[2] for
+    steps % 3 == 0 / 1 / 2 (so 50 steps -> [3]*16 + [2]); order 2: [2]*(steps//2) (+[1] if odd);
+    order 1: [1]*steps.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if order == 3:
+        k = steps // 3 + 1
+        tail = {0: [2, 1], 1: [1], 2: [2]}[steps % 3]
+        return [3] * (k - len(tail)) + tail
+    if order == 2:
+        return [2] * (steps // 2) + [1] * (steps % 2)
+    if order == 1:
+        return [1] * steps
+    raise ValueError(f"order must be 1, 2 or 3, got {order}")
+
+
+def singlestep_time_points(
+    schedule: NoiseSchedule, steps: int, order: int, skip_type: str, t_T: float, t_0: float
+) -> Tensor:
+    """Outer time points (len(orders) + 1,) of DPM-Solver-fast.
+
+    logSNR: uniform in lambda over the K intervals (reproduces the DPM-Solver paper). Otherwise
+    the (steps + 1)-point grid taken at cumsum([0] + orders), so every model call lands on it.
+    """
+    orders = singlestep_orders(steps, order)
+    if skip_type == "logSNR":
+        # (The reference uses K = 1 here for order 1, which would index past the end.)
+        return get_time_steps(schedule, skip_type, t_T, t_0, len(orders))
+    grid = get_time_steps(schedule, skip_type, t_T, t_0, steps)
+    return grid[torch.cumsum(torch.tensor([0] + orders), 0)]
+
+
+class _ExpIntegrator:
+    """DPM-Solver updates from time s to t, in half-log-SNR lambda (h = lambda_t - lambda_s).
+
+    The noise form (DPM-Solver) integrates eps_hat, the data form (DPM-Solver++) integrates
+    x0_hat = (x - sigma eps_hat) / alpha. Both read, for the first-order step,
+        x_t = a * x_s - m_t * expm1(hh) * model_s
+    with noise form: a = alpha_t / alpha_s, m_t = sigma_t, hh = +h;
+         data form : a = sigma_t / sigma_s, m_t = alpha_t, hh = -h,
+    and the higher-order corrections of the reference (solver_type "dpmsolver") keep the same
+    shape in terms of hh, so one implementation serves both.
+    """
+
+    def __init__(self, noise_fn: NoiseFn, schedule: NoiseSchedule, predict_x0: bool):
+        self.noise_fn, self.schedule, self.predict_x0 = noise_fn, schedule, predict_x0
+        self.nfe = 0
+
+    def lam(self, t: float) -> float:
+        return _f64(self.schedule.log_snr, t)
+
+    def t_of(self, lam: float) -> float:
+        return _f64(self.schedule.inverse_log_snr, lam)
+
+    def model(self, x: Tensor, t: float) -> Tensor:
+        """eps_hat (noise form) or x0_hat (data form) at time t."""
+        self.nfe += 1
+        eps = self.noise_fn(x, _time_vec(t, x))
+        if not self.predict_x0:
+            return eps
+        alpha, sigma = _f64(self.schedule.alpha, t), _f64(self.schedule.sigma, t)
+        return (x - sigma * eps) / alpha
+
+    def _coef(self, s: float, t: float, h: float) -> tuple[float, float, float]:
+        """(a, m_t, hh) for a step s -> t spanning h in lambda."""
+        sc = self.schedule
+        if self.predict_x0:
+            return _f64(sc.sigma, t) / _f64(sc.sigma, s), _f64(sc.alpha, t), -h
+        la_s, la_t = _f64(sc.log_alpha, s), _f64(sc.log_alpha, t)
+        return math.exp(la_t - la_s), _f64(sc.sigma, t), h
+
+    def first(self, x: Tensor, s: float, t: float, m_s: Tensor | None = None) -> Tensor:
+        """DPM-Solver-1 (= DDIM)."""
+        m_s = self.model(x, s) if m_s is None else m_s
+        a, m, hh = self._coef(s, t, self.lam(t) - self.lam(s))
+        return a * x - (m * math.expm1(hh)) * m_s
+
+    def second(self, x: Tensor, s: float, t: float, r1: float = 0.5) -> Tensor:
+        """Singlestep DPM-Solver-2 with the intermediate point at lambda_s + r1 h."""
+        lam_s, h = self.lam(s), self.lam(t) - self.lam(s)
+        s1 = self.t_of(lam_s + r1 * h)
+        m_s = self.model(x, s)
+        a1, mm1, hh1 = self._coef(s, s1, r1 * h)
+        m_s1 = self.model(a1 * x - (mm1 * math.expm1(hh1)) * m_s, s1)
+        a, m, hh = self._coef(s, t, h)
+        phi1 = math.expm1(hh)
+        return a * x - (m * phi1) * m_s - (1.0 / r1 * m * phi1) * (m_s1 - m_s)
+
+    def third(self, x: Tensor, s: float, t: float, r1: float = 1 / 3, r2: float = 2 / 3) -> Tensor:
+        """Singlestep DPM-Solver-3 with intermediate points at lambda_s + r1 h and + r2 h."""
+        lam_s, h = self.lam(s), self.lam(t) - self.lam(s)
+        s1, s2 = self.t_of(lam_s + r1 * h), self.t_of(lam_s + r2 * h)
+        m_s = self.model(x, s)
+        a1, mm1, hh1 = self._coef(s, s1, r1 * h)
+        m_s1 = self.model(a1 * x - (mm1 * math.expm1(hh1)) * m_s, s1)
+        a2, mm2, hh2 = self._coef(s, s2, r2 * h)
+        phi22 = math.expm1(hh2) / hh2 - 1.0
+        x_s2 = a2 * x - (mm2 * math.expm1(hh2)) * m_s - (r2 / r1 * mm2 * phi22) * (m_s1 - m_s)
+        m_s2 = self.model(x_s2, s2)
+        a, m, hh = self._coef(s, t, h)
+        phi1 = math.expm1(hh)
+        phi2 = phi1 / hh - 1.0
+        return a * x - (m * phi1) * m_s - (m * phi2 / r2) * (m_s2 - m_s)
+
+    def multistep_second(self, x: Tensor, prev: tuple[float, Tensor], last: tuple[float, Tensor], t: float) -> Tensor:
+        """Multistep DPM-Solver-2 from `last` = (t_0, model_0) to t, using `prev` = (t_-1, model_-1)."""
+        (t_m1, m_m1), (t_0, m_0) = prev, last
+        lam_0 = self.lam(t_0)
+        h, h_0 = self.lam(t) - lam_0, lam_0 - self.lam(t_m1)
+        d1 = (m_0 - m_m1) * (h / h_0)  # (1 / r0) * difference, r0 = h_0 / h
+        a, m, hh = self._coef(t_0, t, h)
+        phi1 = math.expm1(hh)
+        return a * x - (m * phi1) * m_0 - (0.5 * m * phi1) * d1
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+@torch.no_grad()
+def euler_maruyama(
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int = 1000,
+    noise: PerSampleNoise | None = None,
+    t_end: float = 1e-3,
+) -> Tensor:
+    """Reverse-SDE Euler-Maruyama of U-ViT's sde.py (steps NFE), ending at t = 0.
+
+    Grid {0} U linspace(t_end, 1, steps), walked downward. From t to s < t:
+        x <- x + [f - g^2 score](s - t) + g sqrt(t - s) z,  f = -beta x / 2, g^2 = beta,
+    score = -eps / sigma_t; no noise on the last step (s = 0). z comes from `noise`, so each
+    sample's path depends only on its own seed.
+    """
+    if noise is None:
+        raise ValueError("euler_maruyama needs `noise` (a PerSampleNoise) for its Brownian increments")
+    if not hasattr(schedule, "beta"):
+        raise TypeError(f"euler_maruyama needs a continuous VP SDE with beta(t), got {schedule!r}")
+    if len(noise) != x_T.shape[0]:
+        raise ValueError(f"noise has {len(noise)} generators for a batch of {x_T.shape[0]}")
+    grid = [0.0] + torch.linspace(t_end, schedule.t_max, steps, dtype=torch.float64).tolist()
+    x = x_T
+    for i in range(steps, 0, -1):
+        t, s = grid[i], grid[i - 1]
+        eps = noise_fn(x, _time_vec(t, x))
+        beta, sigma, dt = _f64(schedule.beta, t), _f64(schedule.sigma, t), t - s
+        # (f - g^2 score)(s - t) = dt * (beta x / 2 - beta eps / sigma)
+        x = x + (0.5 * beta * dt) * x - (beta * dt / sigma) * eps
+        if s > 0:
+            x = x + math.sqrt(beta * dt) * noise.randn(tuple(x.shape[1:]), dtype=x.dtype).to(x.device)
+    return x
+
+
+@torch.no_grad()
+def dpm_solver(
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int = 50,
+    order: int = 3,
+    skip_type: str = "logSNR",
+    predict_x0: bool = False,
+    t_end: float | None = None,
+) -> Tensor:
+    """Singlestep DPM-Solver-fast from schedule.t_max to t_end (steps NFE, no final denoising).
+
+    predict_x0=False is DPM-Solver (official continuous config: order 3, logSNR, t_end=1e-4);
+    predict_x0=True is DPM-Solver++ without thresholding (see dpm_solver_pp).
+    """
+    t_end = schedule.default_t_end if t_end is None else t_end
+    orders = singlestep_orders(steps, order)
+    outer = singlestep_time_points(schedule, steps, order, skip_type, schedule.t_max, t_end).tolist()
+    solver = _ExpIntegrator(noise_fn, schedule, predict_x0)
+    x = x_T
+    for i, k in enumerate(orders):
+        s, t = outer[i], outer[i + 1]
+        # Intermediate points follow the same skip rule inside [s, t]: r = 1/3, 2/3 (or 1/2) in
+        # logSNR; for time_uniform they are grid points and r follows from their lambdas.
+        lam_in = schedule.log_snr(get_time_steps(schedule, skip_type, s, t, k)).tolist()
+        h = lam_in[-1] - lam_in[0]
+        r = [(lam - lam_in[0]) / h for lam in lam_in[1:-1]]
+        if k == 1:
+            x = solver.first(x, s, t)
+        elif k == 2:
+            x = solver.second(x, s, t, r1=r[0])
+        else:
+            x = solver.third(x, s, t, r1=r[0], r2=r[1])
+    return x
+
+
+def dpm_solver_pp(
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int = 50,
+    order: int = 3,
+    skip_type: str = "time_uniform",
+    t_end: float | None = None,
+) -> Tensor:
+    """Singlestep DPM-Solver++ (data prediction), the official discrete-time config:
+    50 NFE on linspace(1, 1e-3, 51), orders [3]*16 + [2]."""
+    return dpm_solver(noise_fn, schedule, x_T, steps, order, skip_type, predict_x0=True, t_end=t_end)
+
+
+@torch.no_grad()
+def dpm_solver_pp_2m(
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int = 25,
+    skip_type: str = "logSNR",
+    t_end: float | None = None,
+    lower_order_final: bool = True,
+) -> Tensor:
+    """Multistep DPM-Solver++(2M), data prediction, steps NFE.
+
+    The first step is first order (no history yet); with lower_order_final and steps < 10 the
+    last one is too, as in the reference implementation (it stabilises very few steps).
+    """
+    t_end = schedule.default_t_end if t_end is None else t_end
+    ts = get_time_steps(schedule, skip_type, schedule.t_max, t_end, steps).tolist()
+    solver = _ExpIntegrator(noise_fn, schedule, predict_x0=True)
+    x = x_T
+    last = (ts[0], solver.model(x, ts[0]))
+    prev = None
+    for i in range(1, steps + 1):
+        t = ts[i]
+        if prev is None or (lower_order_final and steps < 10 and i == steps):
+            x = solver.first(x, last[0], t, m_s=last[1])
+        else:
+            x = solver.multistep_second(x, prev, last, t)
+        if i < steps:  # the final model value is never needed
+            prev, last = last, (t, solver.model(x, t))
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler_maruyama": euler_maruyama,
+    "dpm_solver": dpm_solver,
+    "dpm_solver_pp": dpm_solver_pp,
+    "dpm_solver_pp_2m": dpm_solver_pp_2m,
+}
+
+
+def sample(
+    name: str,
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int,
+    noise: PerSampleNoise | None = None,
+    **kwargs,
+) -> Tensor:
+    """Dispatch to SAMPLERS[name]; `noise` is used only by the stochastic euler_maruyama."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {sorted(SAMPLERS)}")
+    if name == "euler_maruyama":
+        kwargs["noise"] = noise
+    return SAMPLERS[name](noise_fn, schedule, x_T, steps=steps, **kwargs)
+
+
+def count_nfe(name: str, steps: int, order: int = 3) -> int:
+    """Network evaluations of `sample(name, ..., steps)` (before CFG doubling of the batch)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {sorted(SAMPLERS)}")
+    if name in ("dpm_solver", "dpm_solver_pp"):
+        return sum(singlestep_orders(steps, order))
+    return steps

@@ -1,0 +1,285 @@
+"""FID through torch-fidelity, in one of two feature spaces.
+
+- ``extractor="inception"``: torch-fidelity's ``inception-v3-compat`` (the TF-FID Inception, 2048-d
+  pool3 features, as in U-ViT's evaluation), loaded from a LOCAL weights file. Nothing is ever
+  downloaded: a missing file is a :class:`FileNotFoundError` that says what to fetch and where
+  to put it.
+- ``extractor="digits-classifier"``: the penultimate features of the small
+  :class:`~uvit.evaluate.classifier.DigitClassifier` (Inception means nothing on 8x8 digits). It
+  is plugged into torch-fidelity as a ``FeatureExtractorBase`` subclass registered under
+  :data:`DIGITS_EXTRACTOR`; the classifier directory travels through torch-fidelity's own
+  ``feature_extractor_weights_path`` argument.
+
+The Fréchet distance itself is always torch-fidelity's (``calculate_metrics`` or, for cached
+reference statistics, ``metric_fid.fid_statistics_to_metric``); this module only prepares inputs.
+Images are uint8 (N, C, H, W) in 0..255 throughout. torch_fidelity is imported inside functions
+because it pulls in torchvision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "EXTRACTORS",
+    "DIGITS_EXTRACTOR",
+    "INCEPTION_EXTRACTOR",
+    "INCEPTION_WEIGHTS_FILE",
+    "INCEPTION_WEIGHTS_URL",
+    "fid",
+    "fid_statistics",
+    "fid_from_statistics",
+    "save_fid_statistics",
+    "load_fid_statistics",
+    "inception_weights_path",
+]
+
+EXTRACTORS = ("inception", "digits-classifier")
+INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity registry name
+DIGITS_EXTRACTOR = "uvit-digits-classifier"  # our registry name in torch-fidelity
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# Where torch-fidelity 0.4.0 itself would download the file from
+# (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3).
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+)
+
+
+class UInt8Images(Dataset):
+    """torch-fidelity input: a Dataset whose items are uint8 tensors (C, H, W).
+
+    ``rgb=True`` repeats grey (C=1) images to 3 channels, which the Inception extractor requires.
+    """
+
+    def __init__(self, images: np.ndarray | Tensor, rgb: bool = False) -> None:
+        t = torch.as_tensor(images)
+        if t.dtype != torch.uint8 or t.dim() != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W), got {t.dtype} {tuple(t.shape)}")
+        if len(t) < 2:
+            raise ValueError(f"FID needs at least 2 images per set (a covariance), got {len(t)}")
+        if rgb and t.shape[1] not in (1, 3):
+            raise ValueError(f"Inception needs 1 or 3 channels, got {t.shape[1]}")
+        self.images = t
+        self.rgb = rgb
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        x = self.images[i]
+        return x.expand(3, -1, -1).contiguous() if self.rgb and x.shape[0] == 1 else x
+
+
+# --------------------------------------------------------------------------- extractors
+
+
+@functools.cache
+def _register_digits_extractor() -> str:
+    """Define the torch-fidelity extractor class for DigitClassifier and register it (once per
+    process: torch-fidelity refuses to register a name twice). Returns the registry name."""
+    from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+    from torch_fidelity.helpers import vassert
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    from uvit.evaluate.classifier import DigitClassifier, load_classifier
+
+    class FeatureExtractorDigitClassifier(FeatureExtractorBase):
+        """DigitClassifier as a torch-fidelity feature extractor.
+
+        torch-fidelity builds it as ``cls(name, features_list, **calculate_metrics_kwargs)``, so the
+        classifier directory (written by ``save_classifier``) arrives as
+        ``feature_extractor_weights_path``. forward: uint8 (B, C, H, W) -> tuple of float32
+        features in the order of ``features_list``: "features" (B, feature_dim), "logits"
+        (B, num_classes).
+        """
+
+        def __init__(self, name: str, features_list: list[str],
+                     feature_extractor_weights_path: str | None = None, **kwargs: Any) -> None:
+            super().__init__(name, features_list)
+            vassert(feature_extractor_weights_path is not None,
+                    f"{name} needs feature_extractor_weights_path: a directory written by save_classifier")
+            self.classifier = load_classifier(feature_extractor_weights_path)
+            self.requires_grad_(False)
+            self.eval()
+
+        @staticmethod
+        def get_provided_features_list() -> tuple[str, ...]:
+            return ("features", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric: str) -> str:
+            return "logits" if metric == "isc" else "features"
+
+        @staticmethod
+        def can_be_compiled() -> bool:
+            return False  # tiny network; compiling would cost more than it saves
+
+        @staticmethod
+        def get_dummy_input_for_compile() -> Tensor:
+            return torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+            vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting uint8 images")
+            f = self.classifier.features(DigitClassifier.preprocess(x))
+            out = {"features": f, "logits": self.classifier.classify(f)}
+            return tuple(out[k].to(torch.float32) for k in self.features_list)
+
+    if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(DIGITS_EXTRACTOR, FeatureExtractorDigitClassifier)
+    return DIGITS_EXTRACTOR
+
+
+def inception_weights_path(weights_path: str | Path | None = None) -> Path:
+    """The local Inception weights file to use; raises FileNotFoundError with instructions.
+
+    ``weights_path=None`` means torch-fidelity's own download location,
+    ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` (via
+    ``torch.hub.get_dir()``), which we only read, never download to.
+    """
+    default = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    path = Path(weights_path) if weights_path is not None else default
+    if path.is_file():
+        return path
+    where = f"the file {path} does not exist" if weights_path is not None else f"it is not at {path}"
+    raise FileNotFoundError(
+        f"FID with Inception needs torch-fidelity's InceptionV3 weights {INCEPTION_WEIGHTS_FILE}, "
+        f"but {where}. Nothing is downloaded automatically: fetch {INCEPTION_WEIGHTS_URL} on a "
+        f"connected machine and either place it at {default} (torch-fidelity's cache under "
+        f"$TORCH_HOME/hub/checkpoints) or pass its location as weights_path=...")
+
+
+def _resolve(extractor: str, weights_path: str | Path | None,
+             classifier_path: str | Path | None) -> tuple[str, str, bool]:
+    """-> (torch-fidelity extractor name, its feature_extractor_weights_path, needs RGB input)."""
+    if extractor == "inception":
+        return INCEPTION_EXTRACTOR, str(inception_weights_path(weights_path)), True
+    if extractor == "digits-classifier":
+        if classifier_path is None:
+            raise ValueError("extractor='digits-classifier' needs classifier_path "
+                             "(the directory written by uvit.evaluate.classifier.save_classifier)")
+        if not Path(classifier_path).is_dir():
+            raise FileNotFoundError(f"classifier directory {classifier_path} does not exist")
+        return _register_digits_extractor(), str(classifier_path), False
+    raise ValueError(f"unknown extractor {extractor!r}; choose one of {EXTRACTORS}")
+
+
+@contextlib.contextmanager
+def _on_device(device: str) -> Iterator[bool]:
+    """torch-fidelity only takes ``cuda: bool`` and calls ``.cuda()``: select the CUDA device
+    for the duration so that e.g. "cuda:1" is honoured. Yields the ``cuda`` flag."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            yield True
+    elif dev.type == "cpu":
+        yield False
+    else:
+        raise ValueError(f"torch-fidelity runs on cpu or cuda, not {device!r}")
+
+
+# Shared calculate_metrics settings: 2-core machines (no loader workers), no feature cache written
+# to $TORCH_HOME (in-memory Datasets have no cache name anyway), quiet.
+_FIDELITY_KWARGS = dict(save_cpu_ram=True, cache=False, verbose=False)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def fid(
+    images_a: np.ndarray | Tensor,
+    images_b: np.ndarray | Tensor,
+    *,
+    extractor: str = "inception",
+    weights_path: str | Path | None = None,
+    classifier_path: str | Path | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> float:
+    """FID between two sets of uint8 images (N, C, H, W) in 0..255, by torch-fidelity.
+
+    extractor: "inception" (weights from ``weights_path`` or torch-fidelity's cache location;
+    grey images are repeated to RGB) or "digits-classifier" (``classifier_path``: the directory
+    written by ``save_classifier``). Set sizes may differ.
+    """
+    import torch_fidelity
+
+    name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
+    with _on_device(device) as cuda:
+        metrics = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(images_a, rgb=rgb),
+            input2=UInt8Images(images_b, rgb=rgb),
+            fid=True,
+            feature_extractor=name,
+            feature_extractor_weights_path=weights,
+            batch_size=batch_size,
+            cuda=cuda,
+            **_FIDELITY_KWARGS,
+        )
+    return float(metrics[torch_fidelity.KEY_METRIC_FID])
+
+
+def fid_statistics(
+    images: np.ndarray | Tensor,
+    *,
+    extractor: str = "inception",
+    weights_path: str | Path | None = None,
+    classifier_path: str | Path | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """FID statistics of uint8 images (N, C, H, W): mu float64 (D,), sigma float64 (D, D).
+
+    Same extractors and features as :func:`fid`, extracted with torch-fidelity's own
+    ``get_featuresdict_from_dataset`` and ``fid_featuresdict_to_statistics``, so
+    ``fid_from_statistics(*fid_statistics(a), *fid_statistics(b))`` equals ``fid(a, b)``.
+    """
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
+    layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
+    dataset = UInt8Images(images, rgb=rgb)
+    with _on_device(device) as cuda:
+        extractor_module = create_feature_extractor(
+            name, [layer], cuda=cuda, feature_extractor_weights_path=weights, verbose=False)
+        features = get_featuresdict_from_dataset(
+            dataset, extractor_module, batch_size, cuda, save_cpu_ram=True, verbose=False)
+    stats = fid_featuresdict_to_statistics(features, layer)
+    return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+
+
+def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """FID from two sets of statistics (mu (D,), sigma (D, D)), e.g. against a cached reference
+    ``.npz``; torch-fidelity's ``fid_statistics_to_metric`` does the maths."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    # torch-fidelity asserts equal dtypes; references saved as float32 must not trip it.
+    s1 = {"mu": np.asarray(mu1, np.float64), "sigma": np.asarray(sigma1, np.float64)}
+    s2 = {"mu": np.asarray(mu2, np.float64), "sigma": np.asarray(sigma2, np.float64)}
+    if s1["mu"].shape != s2["mu"].shape or s1["sigma"].shape != s2["sigma"].shape:
+        raise ValueError(f"statistics of different dimensions: {s1['mu'].shape} vs {s2['mu'].shape}")
+    return float(fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID])
+
+
+def save_fid_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    """Write reference statistics as ``.npz`` with keys ``mu`` and ``sigma`` (U-ViT's format)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object stops numpy from appending a second ".npz"
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    return path
+
+
+def load_fid_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``mu`` (D,) and ``sigma`` (D, D) from an ``.npz`` such as U-ViT's assets/fid_stats files."""
+    with np.load(path) as data:
+        return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)

@@ -1,0 +1,58 @@
+"""Where each benchmark's artifacts live (the one place that knows the layout).
+
+    data/<benchmark>/{train,test}/      shards + manifest (data stage)
+    runs/<benchmark>/validate/          great-expectations report
+    runs/<benchmark>/train/             final weights (model/, ema/), metrics.csv, summary.json
+    runs/<benchmark>/ray/               Ray Train storage: checkpoints of every run
+    runs/<benchmark>/samples/           samples.npz (uint8 NHWC + labels), grid.png, summary.json
+    runs/<benchmark>/classifier/        the digits feature extractor (digits only)
+    runs/<benchmark>/score/             metrics.json
+    reports/<benchmark>.md, reports/<benchmark>/*.png, reports/README.md
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BenchmarkPaths:
+    benchmark: str
+    root: Path = Path(".")
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / self.benchmark
+
+    @property
+    def run(self) -> Path:
+        return self.root / "runs" / self.benchmark
+
+    @property
+    def validate(self) -> Path:
+        return self.run / "validate"
+
+    @property
+    def train(self) -> Path:
+        return self.run / "train"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.run / "ray"
+
+    @property
+    def samples(self) -> Path:
+        return self.run / "samples"
+
+    @property
+    def classifier(self) -> Path:
+        return self.run / "classifier"
+
+    @property
+    def score(self) -> Path:
+        return self.run / "score"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"

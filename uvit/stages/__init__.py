@@ -1,0 +1,23 @@
+"""The pipeline's stages: plain functions of a validated config and the artifact paths.
+
+DVC calls them through the `uvit` CLI, Prefect flows and tests call them directly: one code
+path for every runner. In order: data -> validate -> train -> sample -> classifier -> score -> report.
+"""
+
+from uvit.stages.data import run_data
+from uvit.stages.evaluate import run_classifier, run_sample, run_score
+from uvit.stages.report import run_report
+from uvit.stages.train import run_train
+from uvit.stages.validate import run_validate
+
+STAGES = {
+    "data": run_data,
+    "validate": run_validate,
+    "train": run_train,
+    "sample": run_sample,
+    "classifier": run_classifier,
+    "score": run_score,
+    "report": run_report,
+}
+
+__all__ = ["STAGES", "run_classifier", "run_data", "run_report", "run_sample", "run_score", "run_train", "run_validate"]

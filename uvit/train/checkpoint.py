@@ -1,0 +1,111 @@
+"""Training checkpoints: one directory per checkpoint, written atomically, read safely.
+
+Layout of a checkpoint directory:
+    model/       UViT.save_pretrained of the raw weights   (config.json + model.safetensors)
+    ema/         UViT.save_pretrained of the EMA weights
+    optimizer.pt AdamW + LR-scheduler state (tensors and numbers only: loaded weights_only)
+    state.json   {"step": int, "format_version": 1}
+    metrics.csv  the per-step metrics so far (so they travel with the checkpoint to storage)
+
+No RNG state is needed: every step's randomness is a function of (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from uvit.models.uvit import UViT
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainingState:
+    model: UViT
+    ema: UViT | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int
+
+
+def save_checkpoint(directory: str | Path, state: TrainingState, metrics_csv: str | Path | None = None) -> Path:
+    """Write `state` to `directory` atomically (a temp sibling, then one rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state.model.save_pretrained(tmp / "model")
+        if state.ema is not None:
+            state.ema.save_pretrained(tmp / "ema")
+        torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        if metrics_csv is not None and Path(metrics_csv).is_file():
+            shutil.copy2(metrics_csv, tmp / "metrics.csv")
+        # state.json last: its presence marks a complete checkpoint.
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "format_version": FORMAT_VERSION}) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is incomplete, corrupt or not ours."""
+
+
+def checkpoint_step(directory: str | Path) -> int:
+    path = Path(directory) / "state.json"
+    try:
+        return int(json.loads(path.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory}: no readable state.json ({e}); the checkpoint is incomplete") from e
+
+
+def load_checkpoint(directory: str | Path, state: TrainingState, device: str | torch.device = "cpu") -> TrainingState:
+    """Load weights, EMA, optimizer and scheduler from `directory` into `state` (in place)."""
+    directory = Path(directory)
+    step = checkpoint_step(directory)
+    try:
+        model = UViT.from_pretrained(directory / "model", device=device)
+        state.model.load_state_dict(model.state_dict())
+        if state.ema is not None:
+            state.ema.load_state_dict(UViT.from_pretrained(directory / "ema", device=device).state_dict())
+        opt = torch.load(directory / "optimizer.pt", map_location=device, weights_only=True)
+        state.optimizer.load_state_dict(opt["optimizer"])
+        state.scheduler.load_state_dict(opt["scheduler"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated safetensors, refused pickle, wrong shapes ...
+        raise CheckpointError(f"{directory}: cannot be loaded ({type(e).__name__}: {e})") from e
+    state.step = step
+    return state
+
+
+def load_latest_good(candidates: list[Path], state: TrainingState, device: str | torch.device = "cpu") -> Path | None:
+    """Try checkpoints newest first; skip broken ones with a warning. Returns the one loaded."""
+    ordered = sorted(candidates, key=_step_or_minus_one, reverse=True)
+    for directory in ordered:
+        try:
+            load_checkpoint(directory, state, device)
+            return directory
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint: {e}; falling back to an older one", stacklevel=2)
+    return None
+
+
+def _step_or_minus_one(directory: Path) -> int:
+    try:
+        return checkpoint_step(directory)
+    except CheckpointError:
+        return -1

@@ -1,0 +1,153 @@
+"""One optimisation step of U-ViT, in plain torch (no Ray, unit-testable).
+
+The official recipe (UVIT_SPEC.md section 4): AdamW on all parameters, linear warmup then a
+constant learning rate, EMA of the parameters after every step, condition dropout for
+classifier-free guidance, per-example noise-prediction loss averaged over the batch.
+
+Every random draw of a step (which rows, which times, which noise, which labels dropped)
+comes from a generator seeded by (seed, step). A resumed run therefore continues exactly
+where it stopped without saving any RNG state, and N workers split the very batch that one
+worker would draw.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from uvit.diffusion import noise_prediction_loss
+from uvit.diffusion.schedules import NoiseSchedule
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one training step: the same on every worker (see `draw_step`)."""
+    # A large prime multiplier keeps (seed, step) pairs from colliding for any real run.
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@dataclass
+class StepDraws:
+    """One worker's share of a step's randomness: rows, times, noise, dropped conditions."""
+
+    idx: Tensor  # (b,) row indices into the training set
+    t: Tensor  # (b,) continuous diffusion times
+    noise: Tensor  # (b, *sample_shape)
+    drop: Tensor  # (b,) bool: condition replaced by the null condition
+
+
+def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_shape: tuple[int, ...],
+              schedule: NoiseSchedule, p_uncond: float, rank: int = 0, world_size: int = 1) -> StepDraws:
+    """Draw the whole global batch's randomness, then keep this worker's slice.
+
+    Every worker draws the same global batch, so N workers compute exactly the step that one
+    worker with the same global batch would (up to float summation order), and a resumed run
+    repeats nothing and skips nothing.
+    """
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
+    g = step_generator(seed, step)
+    idx = torch.randint(num_rows, (global_batch,), generator=g)
+    t = schedule.sample_train_time(global_batch, generator=g)
+    noise = torch.randn(global_batch, *sample_shape, generator=g)
+    drop = torch.rand(global_batch, generator=g) < p_uncond
+    local = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
+    return StepDraws(idx[local], t[local], noise[local], drop[local])
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over every parameter (the official code has no parameter groups)."""
+    if fused is None:
+        fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+
+
+def warmup_lambda(warmup_steps: int):
+    """min(step / warmup, 1): linear warmup from 0, then constant (the official schedule)."""
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps == 0 else min(step / warmup_steps, 1.0)
+    return factor
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's parameters (buffers are copied).
+
+    Starts as an exact copy, no warmup: theta_ema <- decay * theta_ema + (1 - decay) * theta.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema = [p for p in self.model.parameters()]
+        src = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema, src, 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ema: EMA | None,
+               images: Tensor, labels: Tensor | None, draws: StepDraws, schedule: NoiseSchedule, *,
+               null_class: int | None = None, grad_clip: float | None = None,
+               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> StepStats:
+    """Noise-prediction loss on rows `draws.idx`, backward, (clip), AdamW, LR schedule, EMA.
+
+    images: (N, C, H, W) training data in [-1, 1] (or scaled latents), on the model's device;
+    labels: (N,) class labels or None.
+    """
+    device = images.device
+    idx = draws.idx.to(device)
+    x0 = images[idx]
+    cond = {}
+    if labels is not None:
+        y = labels[idx]
+        if draws.drop.any():
+            if null_class is None:
+                raise ValueError("condition dropout needs the null class index")
+            y = torch.where(draws.drop.to(device), torch.full_like(y, null_class), y)
+        cond["y"] = y
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = noise_prediction_loss(model, x0, schedule, t=draws.t.to(device),
+                                     noise=draws.noise.to(device, x0.dtype), **cond).mean()
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else math.inf)
+    lr = optimizer.param_groups[0]["lr"]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    if ema is not None:
+        ema.update(unwrap(model))
+    return StepStats(loss=loss.item(), grad_norm=float(grad_norm), lr=lr)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

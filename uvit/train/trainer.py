@@ -1,0 +1,288 @@
+"""Distributed U-ViT training through Ray Train's TorchTrainer (DDP; gloo on CPU, NCCL on GPU).
+
+The driver (`run_training`) starts or joins Ray, launches `train_loop_per_worker` on
+`train.num_workers` workers and, when it finishes, exports the final weights, EMA weights,
+per-step metrics and a summary into `runs/<benchmark>/train/`.
+
+Checkpoints go through Ray's checkpointing to `runs/<benchmark>/ray/` (or any storage path,
+`s3://` included). A worker that dies is replaced and the run continues from the last
+checkpoint (`train.max_failures`); `resume=True` continues a previous invocation's run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uvit.config import BenchmarkConfig
+from uvit.paths import BenchmarkPaths
+
+METRICS_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
+
+
+# ---------------------------------------------------------------------------- data
+def load_training_data(cfg: BenchmarkConfig, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training split as tensors: x0 (N, C, H, W) float32 in [-1, 1], labels (N,) or None."""
+    from uvit.data.shards import load_split_arrays
+
+    images, labels = load_split_arrays(data_dir / "train")
+    if images.dtype != "uint8":
+        raise NotImplementedError(f"{data_dir}: training on {images.dtype} arrays (latents) comes with the "
+                                  "encode stage; only uint8 image splits are supported so far")
+    x0 = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
+    y = torch.from_numpy(labels).long() if cfg.validate_.num_classes > 0 else None
+    return x0, y
+
+
+# ---------------------------------------------------------------------------- worker
+class MetricsLog:
+    """Append-only CSV of per-step metrics (rank 0 only); survives restarts by truncation."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        rows = []
+        if path.is_file():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, METRICS_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def append(self, row: dict[str, float]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, METRICS_FIELDS).writerow({k: row[k] for k in METRICS_FIELDS})
+
+
+def _maybe_die(loop_config: dict, step: int, rank: int) -> None:
+    """Test hook: SIGKILL this worker once at `kill_at_step` (a marker file makes it once only)."""
+    hook = loop_config.get("kill_at_step")
+    if not hook or step != hook["step"] or rank != hook.get("rank", 0):
+        return
+    marker = Path(hook["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: build, (restore), train, checkpoint through Ray."""
+    import ray.train
+    import ray.train.torch
+    from tqdm import tqdm
+
+    from uvit.diffusion import make_schedule
+    from uvit.models import UViT
+    from uvit.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+    from uvit.train.step import EMA, build_optimizer, draw_step, train_step, warmup_lambda
+
+    cfg = BenchmarkConfig.model_validate(loop_config["benchmark"])
+    tc = cfg.train
+    torch.set_num_threads(tc.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    images, labels = load_training_data(cfg, Path(loop_config["data_dir"]))
+    images = images.to(device)
+    labels = labels.to(device) if labels is not None else None
+    uconf = cfg.uvit_config()
+    torch.manual_seed(tc.seed)
+    model = UViT(uconf).to(device)
+    ema = EMA(model, tc.ema_decay)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tuple(tc.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(tc.warmup_steps))
+    state = TrainingState(model, ema.model, optimizer, scheduler, step=0)
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"uvit-rank{rank}-"))
+    metrics_path = scratch / "metrics.csv"
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            load_checkpoint(d, state, device)
+            if (Path(d) / "metrics.csv").is_file():
+                shutil.copy2(Path(d) / "metrics.csv", metrics_path)
+    elif loop_config.get("resume_from"):
+        d = Path(loop_config["resume_from"])
+        load_checkpoint(d, state, device)
+        if (d / "metrics.csv").is_file():
+            shutil.copy2(d / "metrics.csv", metrics_path)
+    log = MetricsLog(metrics_path, resume_step=state.step) if rank == 0 else None
+
+    net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    if tc.compile:
+        net = torch.compile(net)
+    schedule = make_schedule(cfg.diffusion.schedule)
+    p_uncond = cfg.diffusion.p_uncond if uconf.num_classes > 0 else 0.0
+    null_class = uconf.num_classes - 1 if p_uncond > 0 else None
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+    scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
+    sample_shape = tuple(images.shape[1:])
+
+    def report(metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(Path(tmp) / "checkpoint", state, metrics_path)
+                checkpoint = ray.train.Checkpoint.from_directory(str(Path(tmp) / "checkpoint"))
+            ray.train.report(metrics, checkpoint=checkpoint)  # every rank calls it: it is a barrier
+
+    bar = tqdm(total=tc.steps, initial=state.step, disable=rank != 0, desc=f"train {cfg.name}",
+               unit="step", mininterval=3.0, ascii=True)
+    window_start, window_images, t_start = time.perf_counter(), 0, time.perf_counter()
+    for step in range(state.step, tc.steps):
+        _maybe_die(loop_config, step, rank)
+        draws = draw_step(tc.seed, step, images.shape[0], tc.batch_size, sample_shape, schedule, p_uncond,
+                          rank=rank, world_size=world)
+        stats = train_step(net, optimizer, scheduler, ema, images, labels, draws, schedule,
+                           null_class=null_class, grad_clip=tc.grad_clip, autocast_dtype=autocast, scaler=scaler)
+        state.step = step + 1
+        window_images += tc.batch_size
+        bar.update(1)
+        if log is not None and (state.step % tc.log_every == 0 or state.step == tc.steps):
+            now = time.perf_counter()
+            log.append({"step": state.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                        "images_per_s": window_images / (now - window_start), "elapsed_s": now - t_start})
+            bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+            window_start, window_images = now, 0
+        if state.step % tc.checkpoint_every == 0 or state.step == tc.steps:
+            report({"step": state.step, "loss": stats.loss})
+    bar.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- driver
+def _init_ray(cfg: BenchmarkConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"OMP_NUM_THREADS": str(cfg.train.threads_per_worker), "RAY_AUTH_MODE": "disabled"}
+    if os.environ.get("RAY_ADDRESS"):  # a running cluster (`ray start --head`, `ray job submit`)
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        # One extra logical CPU for Ray Train's controller actor; workers get their threads each.
+        cpus = cfg.train.num_workers * cfg.train.threads_per_worker + 1
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The newest complete checkpoint under a local Ray storage path (all runs), or None."""
+    from uvit.train.checkpoint import CheckpointError, checkpoint_step
+
+    best: tuple[float, int, Path] | None = None
+    for state in storage.glob("*/checkpoint_*/state.json"):
+        try:
+            key = (state.stat().st_mtime, checkpoint_step(state.parent), state.parent)
+        except CheckpointError:
+            continue
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
+def hardware_description(cfg: BenchmarkConfig) -> str:
+    if cfg.train.use_gpu and torch.cuda.is_available():
+        return f"{cfg.train.num_workers}x {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({os.cpu_count()} cores, {cpu}), {cfg.train.num_workers} worker(s) x {cfg.train.threads_per_worker} thread(s)"
+
+
+def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = False,
+                 storage_path: str | None = None, kill_at_step: dict | None = None) -> dict[str, Any]:
+    """Train `cfg` with Ray Train and export the result to `paths.train`. Returns the summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from uvit.models import UViT, count_macs
+
+    tc = cfg.train
+    storage = Path(storage_path) if storage_path else paths.ray_storage.resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    loop_config: dict[str, Any] = {
+        "benchmark": cfg.model_dump(by_alias=True, mode="json", exclude={"name"}) | {"name": cfg.name},
+        "data_dir": str(paths.data.resolve()),
+    }
+    if resume:
+        last = latest_checkpoint(storage)
+        if last is not None:
+            loop_config["resume_from"] = str(last)
+            print(f"resuming from {last}")
+        else:
+            print(f"no checkpoint under {storage}; starting from scratch")
+    if kill_at_step:
+        loop_config["kill_at_step"] = kill_at_step
+
+    _init_ray(cfg)
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker={"CPU": tc.threads_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {cfg.name} finished without a checkpoint under {storage}/{run_name}")
+
+    out = paths.train
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with result.checkpoint.as_directory() as d:
+        d = Path(d)
+        shutil.copytree(d / "model", out / "model")
+        shutil.copytree(d / "ema", out / "ema")
+        shutil.copy2(d / "metrics.csv", out / "metrics.csv")
+        steps = json.loads((d / "state.json").read_text())["step"]
+    model = UViT.from_pretrained(out / "ema")
+    losses = [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").open())]
+    tail = losses[-max(1, len(losses) // 10):]
+    summary = {
+        "benchmark": cfg.name,
+        "preset": cfg.model.preset,
+        "title": _preset_title(cfg.model.preset),
+        "params": model.num_parameters(),
+        "gmacs": count_macs(model.config) / 1e9,
+        "steps": steps,
+        "batch_size": tc.batch_size,
+        "images_seen": steps * tc.batch_size,
+        "wall_time_s": round(wall, 2),
+        "steps_per_s": round(steps / wall, 3),
+        "final_loss": sum(tail) / len(tail),
+        "num_workers": tc.num_workers,
+        "precision": tc.precision,
+        "hardware": hardware_description(cfg),
+        "ray_run": str(storage / run_name),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _preset_title(preset: str) -> str:
+    from uvit.models import get_preset
+
+    return get_preset(preset).title

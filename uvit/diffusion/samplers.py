@@ -190,7 +190,7 @@ class _ExpIntegrator:
         m_s1 = self.model(a1 * x - (mm1 * math.expm1(hh1)) * m_s, s1)
         a, m, hh = self._coef(s, t, h)
         phi1 = math.expm1(hh)
-        return a * x - (m * phi1) * m_s - (1.0 / r1 * m * phi1) * (m_s1 - m_s)
+        return a * x - (m * phi1) * m_s - (0.5 / r1 * m * phi1) * (m_s1 - m_s)
 
     def third(self, x: Tensor, s: float, t: float, r1: float = 1 / 3, r2: float = 2 / 3) -> Tensor:
         """Singlestep DPM-Solver-3 with intermediate points at lambda_s + r1 h and + r2 h."""
@@ -251,7 +251,7 @@ def euler_maruyama(
         eps = noise_fn(x, _time_vec(t, x))
         beta, sigma, dt = _f64(schedule.beta, t), _f64(schedule.sigma, t), t - s
         # (f - g^2 score)(s - t) = dt * (beta x / 2 - beta eps / sigma)
-        x = x + (0.5 * beta * dt) * x - (beta * dt / sigma) * eps
+        x = x + (1.0 * beta * dt) * x - (beta * dt / sigma) * eps
         if s > 0:
             x = x + math.sqrt(beta * dt) * noise.randn(tuple(x.shape[1:]), dtype=x.dtype).to(x.device)
     return x

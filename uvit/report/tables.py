@@ -291,7 +291,7 @@ def _description(art: RunArtifacts) -> str:
         bits.append(f"for {_int(_num(t, 'steps'))} steps at batch size {_int(_num(t, 'batch_size'))}")
         bits.append(f"({_int(_num(t, 'images_seen'))} images seen) in {_duration(_num(t, 'wall_time_s'))}")
         bits.append(f"on {_text(t, 'hardware') or DASH} ({_text(t, 'precision') or DASH} precision,")
-        bits.append(f"{_float(_num(t, 'steps_per_s'))} steps/s, {_int(_num(t, "num_workers"))} Ray Train worker(s));")
+        bits.append(f"{_float(_num(t, 'steps_per_s'))} steps/s, {_int(_num(t, 'num_workers'))} Ray Train worker(s));")
         bits.append(f"final training loss {_float(_num(t, 'final_loss'), 4)}.")
         out.append(" ".join(bits))
     if s is not None:

@@ -53,7 +53,9 @@ def noise_prediction_loss(
     sigma = _bcast(schedule.sigma(t).to(x0.dtype), x0)
     x_t = alpha * x0 + sigma * eps
     eps_hat = model(x_t, schedule.model_time(t), **cond)
-    return (eps - eps_hat).float().pow(2).flatten(1).mean(1)
+    err = eps - eps_hat
+    # Average in at least float32 so half-precision outputs do not lose the small per-example sums.
+    return err.to(torch.promote_types(err.dtype, torch.float32)).pow(2).flatten(1).mean(1)
 
 
 def _drop_mask(batch: int, p_uncond: float, generator: torch.Generator | None, device) -> Tensor:

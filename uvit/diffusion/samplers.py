@@ -251,7 +251,7 @@ def euler_maruyama(
         eps = noise_fn(x, _time_vec(t, x))
         beta, sigma, dt = _f64(schedule.beta, t), _f64(schedule.sigma, t), t - s
         # (f - g^2 score)(s - t) = dt * (beta x / 2 - beta eps / sigma)
-        x = x + (1.0 * beta * dt) * x - (beta * dt / sigma) * eps
+        x = x + (0.5 * beta * dt) * x - (beta * dt / sigma) * eps
         if s > 0:
             x = x + math.sqrt(beta * dt) * noise.randn(tuple(x.shape[1:]), dtype=x.dtype).to(x.device)
     return x

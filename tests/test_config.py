@@ -1,0 +1,85 @@
+"""Bad parameters are rejected before any work starts, with the key named."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uvit.config import BENCHMARKS, ConfigError, load_benchmark, load_params
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@pytest.fixture
+def params() -> dict:
+    return copy.deepcopy(load_params(PARAMS))
+
+
+def test_every_benchmark_block_is_valid(params) -> None:
+    assert set(params) == set(BENCHMARKS)
+    for name in BENCHMARKS:
+        cfg = load_benchmark(name, params)
+        assert cfg.name == name and cfg.train.steps > 0
+
+
+def test_paper_recipes_match_the_official_configs(params) -> None:
+    c = load_benchmark("imagenet256", params)
+    assert (c.model.preset, c.diffusion.schedule, c.sample.sampler, c.sample.steps, c.sample.guidance_scale) == (
+        "imagenet256_uvit_h2", "discrete", "dpm_solver_pp", 50, 0.4)
+    assert c.uvit_config().num_classes == 1001
+    coco = load_benchmark("mscoco256", params)
+    assert coco.train.betas == (0.9, 0.9) and coco.train.batch_size == 256 and coco.sample.guidance_scale == 1.0
+    cifar = load_benchmark("cifar10", params)
+    assert (cifar.sample.sampler, cifar.sample.steps, cifar.train.betas) == ("euler_maruyama", 1000, (0.99, 0.999))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p["digits"]["train"].update(steps=-5), "digits.train.steps: Input should be greater than 0"),
+        (lambda p: p["digits"]["train"].update(lr="fast"), "digits.train.lr"),
+        (lambda p: p["digits"]["model"].update(preset="uvit_xxl"), "digits.model.preset"),
+        (lambda p: p["digits"]["train"].update(stepz=10), "digits.train.stepz: Extra inputs are not permitted"),
+        (lambda p: p["digits"]["sample"].update(sampler="ddim"), "digits.sample.sampler"),
+        (lambda p: p["digits"]["diffusion"].update(p_uncond=1.5), "digits.diffusion.p_uncond"),
+        (lambda p: p["digits"]["model"].update(overrides={"depth": 7}), "digits.model.overrides"),
+        (lambda p: p["digits"].pop("train"), "digits.train: Field required"),
+    ],
+)
+def test_bad_parameters_name_the_key(params, edit, message) -> None:
+    edit(params)
+    with pytest.raises(ConfigError) as err:
+        load_benchmark("digits", params)
+    assert message in str(err.value)
+
+
+def test_unknown_benchmark(params) -> None:
+    with pytest.raises(ConfigError, match="unknown benchmark 'mnist'"):
+        load_benchmark("mnist", params)
+
+
+def test_cli_rejects_bad_params_before_any_work(tmp_path, params) -> None:
+    from typer.testing import CliRunner
+
+    from uvit.cli import app
+
+    params["digits"]["train"]["steps"] = -5
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["data", "digits", "--params", str(path), "--root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "digits.train.steps" in result.output
+    assert not (tmp_path / "data").exists()  # nothing was written
+
+
+def test_models_command_lists_exact_counts() -> None:
+    from typer.testing import CliRunner
+
+    from uvit.cli import app
+
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    assert "500,832,016" in result.output and "133.20" in result.output and "58,345,636" in result.output

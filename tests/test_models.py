@@ -339,3 +339,31 @@ def test_config_validation_names_the_key() -> None:
         UViTConfig(skip="sum")
     with pytest.raises(KeyError, match="unknown preset"):
         get_preset("uvit_xxl")
+
+
+def test_core_imports_with_torch_and_einops_alone() -> None:
+    """The GPU machines have no diffusers/ray/dvc/prefect: the core must not need them."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+BLOCKED = ("diffusers", "ray", "dvc", "prefect", "pandas", "great_expectations", "transformers",
+           "torch_fidelity", "sklearn", "pydantic", "yaml", "scipy", "boto3")
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import torch
+from uvit.models import UViT, get_preset
+from uvit.diffusion import make_schedule, sample, wrap_model, PerSampleNoise
+m = UViT(get_preset("digits_uvit_tiny").config).eval()
+s = make_schedule("vpsde")
+y = torch.zeros(2, dtype=torch.long)
+x = sample("dpm_solver", wrap_model(lambda x, t: m(x, t, y=y), s), s, PerSampleNoise([0, 1]).randn((1, 8, 8)), 3)
+print(tuple(x.shape))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(2, 1, 8, 8)"

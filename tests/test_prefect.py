@@ -1,0 +1,408 @@
+"""The Prefect flow (pipelines/flows.py) over cheap stand-in stages.
+
+The flow is built by `make_flow(stages)`, the same code `uvit_benchmark` uses with the real
+`uvit.stages.STAGES`; the stand-ins write small deterministic files where the real stages write
+their artifacts and count their calls in files, so caching and retries are observed across flow
+runs (and, in the slow test, across processes: a real server, a process work pool and a worker).
+The real digits pipeline end to end is tests/test_pipeline.py's job (DVC); through Prefect it is a
+manual command (pipelines/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilter  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilterId  # noqa: E402
+from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from pipelines.flows import (  # noqa: E402
+    STAGE_SPECS,
+    apply_overrides,
+    artifact_key,
+    make_flow,
+    parse_set,
+    resolve_config,
+)
+from uvit.config import ConfigError  # noqa: E402
+
+# Stand-in stages: each appends to calls/<stage> (its call count) and writes its outputs where the
+# real stage does, with content depending only on its parameters and inputs.
+CHEAP_STAGES = '''
+import json
+from pathlib import Path
+
+
+def calls(paths, name):
+    """Record one call of stage `name`; return how many there have been."""
+    log = Path(paths.root) / "calls" / name
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write("x")
+    return len(log.read_text())
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, sort_keys=True) + "\\n")
+
+
+def data(cfg, paths):
+    calls(paths, "data")
+    write(paths.data / "train" / "manifest.json", {"seed": cfg.data.seed, "rows": 100})
+    write(paths.data / "test" / "manifest.json", {"seed": cfg.data.seed, "rows": 20})
+    return {"train": 100, "test": 20}
+
+
+def flaky_data(cfg, paths):
+    if calls(paths, "flaky") == 1:
+        raise ConnectionError("simulated network failure")
+    return data(cfg, paths)
+
+
+def validate(cfg, paths):
+    calls(paths, "validate")
+    write(paths.validate / "report.json", {"train": True, "test": True})
+    return {"train": True, "test": True}
+
+
+def train(cfg, paths):
+    calls(paths, "train")
+    for kind in ("model", "ema"):
+        write(paths.train / kind / "weights.json", {"steps": cfg.train.steps, "kind": kind})
+    (paths.train / "metrics.csv").write_text("step,loss\\n1,1.0\\n")
+    summary = {"steps": cfg.train.steps, "final_loss": 1.0 / cfg.train.steps}
+    write(paths.train / "summary.json", summary)
+    return summary
+
+
+def sample(cfg, paths):
+    calls(paths, "sample")
+    steps = json.loads((paths.train / "ema" / "weights.json").read_text())["steps"]
+    summary = {"num_samples": cfg.sample.num_samples, "trained_steps": steps}
+    write(paths.samples / "summary.json", summary)
+    return summary
+
+
+def classifier(cfg, paths):
+    calls(paths, "classifier")
+    write(paths.classifier / "metrics.json", {"test_accuracy": 0.9})
+    return {"test_accuracy": 0.9}
+
+
+def score(cfg, paths):
+    calls(paths, "score")
+    s = json.loads((paths.samples / "summary.json").read_text())
+    metrics = {"fid": round(100.0 / s["trained_steps"], 4), "conditional_accuracy": 0.5}
+    write(paths.score / "metrics.json", metrics)
+    return metrics
+
+
+def report(cfg, paths):
+    calls(paths, "report")
+    m = json.loads((paths.score / "metrics.json").read_text())
+    page = paths.reports / f"{cfg.name}.md"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(f"# {cfg.name}\\n\\nFID {m['fid']}\\n")
+    (paths.reports / "README.md").write_text(f"- [{cfg.name}]({cfg.name}.md)\\n")
+    return {"report": str(page)}
+
+
+STAGES = {"data": data, "validate": validate, "train": train, "sample": sample,
+          "classifier": classifier, "score": score, "report": report}
+'''
+
+ALL = ["data", "validate", "train", "sample", "classifier", "score", "report"]
+
+
+def load_cheap_stages(where: Path):
+    """The stand-ins as a real module file (so their source can be hashed into cache keys)."""
+    path = where / "cheap_stages.py"
+    path.write_text(CHEAP_STAGES)
+    spec = importlib.util.spec_from_file_location(f"cheap_stages_{abs(hash(str(where)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def new_project(tmp: Path) -> Path:
+    """A project root holding only the real params.yaml: the stages write everything else."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "params.yaml", tmp / "params.yaml")
+    return tmp
+
+
+def call_counts(root: Path) -> dict[str, int]:
+    calls = root / "calls"
+    return {p.name: len(p.read_text()) for p in sorted(calls.iterdir())} if calls.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect API (SQLite) for the in-process flow runs of this module."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
+
+
+def task_runs(flow_state) -> dict[str, object]:
+    """The task runs of a flow run, by task name, read back from the API."""
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters (no Prefect run needed)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "overrides", "named"),
+    [
+        ("digitz", None, "unknown benchmark 'digitz'"),
+        ("digits", {"digits.model.preset": "no_such_preset"}, "digits.model.preset"),
+        ("digits", {"digits.train.steps": -5}, "digits.train.steps"),
+        ("digits", {"digits.train.steps": "many"}, "digits.train.steps"),
+        ("digits", {"digits.train.stepz": 3}, "digits.train.stepz"),
+        ("digits", {"digitz.train.steps": 3}, "digitz.train.steps"),
+    ],
+)
+def test_bad_params_name_the_key(benchmark, overrides, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        resolve_config(benchmark, ROOT / "params.yaml", ROOT, overrides)
+
+
+def test_overrides_and_set_parsing():
+    overrides = parse_set(["digits.train.steps=30", "digits.train.betas=[0.9, 0.99]", "digits.train.compile=true"])
+    assert overrides == {"digits.train.steps": 30, "digits.train.betas": [0.9, 0.99], "digits.train.compile": True}
+    cfg = resolve_config("digits", "params.yaml", ROOT, overrides)
+    assert (cfg.train.steps, cfg.train.betas, cfg.train.compile) == (30, (0.9, 0.99), True)
+    params = {"digits": {"train": {"steps": 1}}}
+    assert apply_overrides(params, {"digits.train.steps": 2})["digits"]["train"]["steps"] == 2
+    assert params["digits"]["train"]["steps"] == 1  # the input is not modified
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["digits.train.steps"])
+    assert artifact_key("ImageNet256", "metrics") == "uvit-imagenet256-metrics"
+
+
+def test_retry_policy():
+    assert STAGE_SPECS["data"].retries == 3 and STAGE_SPECS["data"].retry_delay == [10, 20, 40]
+    assert STAGE_SPECS["score"].retries == 1
+    assert all(STAGE_SPECS[s].retries == 0 for s in ("validate", "train", "sample", "classifier", "report"))
+
+
+# --------------------------------------------------------------------------------------------
+# In-process flow runs against a temporary API
+# --------------------------------------------------------------------------------------------
+
+
+def test_cache_across_flow_runs(prefect_api, tmp_path):
+    root = new_project(tmp_path / "project")
+    stages = load_cheap_stages(tmp_path)
+    uvit_flow = make_flow(stages.STAGES)
+    run = dict(benchmark="digits", params_path="params.yaml", root=str(root))
+
+    # 1. Everything runs once, artifacts land where the real stages put them.
+    state = uvit_flow(**run, return_state=True)
+    out = state.result()
+    assert state.is_completed() and set(out["states"].values()) == {"Completed"}
+    assert list(out["states"]) == ALL
+    assert call_counts(root) == dict.fromkeys(ALL, 1)
+    assert (root / "reports" / "digits.md").is_file() and (root / ".prefect-results").is_dir()
+    assert out["results"]["score"]["fid"] == round(100.0 / 2400, 4)
+
+    # 2. Nothing changed: every task is served from the cache, no stage function runs.
+    state = uvit_flow(**run, return_state=True)
+    assert set(state.result()["states"].values()) == {"Cached"}
+    assert {name: r.state.name for name, r in task_runs(state).items()} == dict.fromkeys(ALL, "Cached")
+    assert call_counts(root) == dict.fromkeys(ALL, 1)
+
+    # 3. A changed parameter recomputes its stage and what its outputs change downstream.
+    out = uvit_flow(**run, overrides={"digits.train.steps": 30})
+    assert out["states"] == {"data": "Cached", "validate": "Cached", "train": "Completed", "sample": "Completed",
+                             "classifier": "Cached", "score": "Completed", "report": "Completed"}
+    assert call_counts(root)["train"] == 2 and out["results"]["score"]["fid"] == round(100 / 30, 4)
+
+    # 4. A deleted output recomputes its stage; identical content leaves downstream cached.
+    (root / "runs" / "digits" / "score" / "metrics.json").unlink()
+    out = uvit_flow(**run, overrides={"digits.train.steps": 30})
+    assert [s for s, v in out["states"].items() if v != "Cached"] == ["score"]
+    shutil.rmtree(root / "data")
+    out = uvit_flow(**run, overrides={"digits.train.steps": 30})
+    assert [s for s, v in out["states"].items() if v != "Cached"] == ["data"]
+    assert (root / "data" / "digits" / "train" / "manifest.json").is_file()
+
+    # 5. Back to the first parameters: the cache holds them, but the outputs on disk are the
+    #    steps=30 ones, so the stages whose outputs differ run again (never a stale cache hit).
+    out = uvit_flow(**run)
+    assert [s for s, v in out["states"].items() if v != "Cached"] == ["train", "sample", "score", "report"]
+    assert json.loads((root / "runs" / "digits" / "train" / "summary.json").read_text())["steps"] == 2400
+    assert call_counts(root) == {"data": 2, "validate": 1, "train": 3, "sample": 3, "classifier": 1,
+                                 "score": 4, "report": 3}
+
+    # Artifacts: the metrics table and the report, under stable keys.
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_latest_artifacts()}
+    table = arts["uvit-digits-metrics"]
+    assert table.type == "table" and '"fid"' in table.data and '"final_loss"' in table.data
+    assert arts["uvit-digits-report"].type == "markdown" and "# digits" in arts["uvit-digits-report"].data
+
+
+def test_retry_then_success(prefect_api, tmp_path):
+    root = new_project(tmp_path / "project")
+    stages = load_cheap_stages(tmp_path)
+    uvit_flow = make_flow({**stages.STAGES, "data": stages.flaky_data}, retry_delay_seconds=0)
+    state = uvit_flow(benchmark="digits", root=str(root), return_state=True)
+    assert state.is_completed()
+    assert call_counts(root)["flaky"] == 2 and call_counts(root)["data"] == 1
+    data_run = task_runs(state)["data"]
+    assert data_run.run_count == 2 and data_run.state.name == "Completed"
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "overrides", "named"),
+    [("nope", None, "unknown benchmark 'nope'"), ("digits", {"digits.train.steps": "abc"}, "digits.train.steps")],
+)
+def test_bad_params_fail_before_any_task(prefect_api, tmp_path, benchmark, overrides, named):
+    root = new_project(tmp_path / "project")
+    uvit_flow = make_flow(load_cheap_stages(tmp_path).STAGES)
+    state = uvit_flow(benchmark=benchmark, root=str(root), overrides=overrides, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        state.result()
+    assert call_counts(root) == {} and task_runs(state) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# A real server, a process work pool, a deployment and a worker (separate processes)
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prefect_cli(args: list[str], env: dict, cwd: Path, timeout: int = 180) -> str:
+    proc = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_deployment_on_a_local_server(tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DATABASE_CONNECTION_URL":
+           f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}", "PYTHONPATH": str(ROOT),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # The deployed project: a flow file over the stand-in stages and a root for the artifacts.
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "cheap_stages.py").write_text(CHEAP_STAGES)
+    (code / "cheap_flow.py").write_text(textwrap.dedent("""\
+        from cheap_stages import STAGES
+        from pipelines.flows import make_flow
+
+        cheap = make_flow(STAGES, name="uvit-cheap")
+        """))
+    root = new_project(tmp_path / "project")
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.5)
+
+        prefect_cli(["work-pool", "create", "uvit-test", "--type", "process"], env, tmp_path)
+        deploy = textwrap.dedent(f"""\
+            import sys
+            sys.path.insert(0, {str(code)!r})
+            from cheap_flow import cheap
+            cheap.from_source(source={str(code)!r}, entrypoint="cheap_flow.py:cheap").deploy(
+                name="digits", work_pool_name="uvit-test",
+                parameters={{"benchmark": "digits", "root": {str(root)!r}}})
+            """)
+        proc = subprocess.run([sys.executable, "-c", deploy], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        prefect_cli(["deployment", "run", "uvit-cheap/digits", "--param",
+                     'overrides={"digits.train.steps": 30}'], env, tmp_path)
+        prefect_cli(["worker", "start", "--pool", "uvit-test", "--run-once"], env, tmp_path, timeout=300)
+
+        check = textwrap.dedent("""\
+            from prefect.client.orchestration import get_client
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs()
+                print([(r.name, r.state.name, r.parameters) for r in runs])
+                assert len(runs) == 1 and runs[0].state.name == "Completed", runs
+            """)
+        proc = subprocess.run([sys.executable, "-c", check], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert call_counts(root) == dict.fromkeys(ALL, 1)
+        assert json.loads((root / "runs" / "digits" / "train" / "summary.json").read_text())["steps"] == 30
+
+        # The project's prefect.yaml: `prefect deploy --all` from the repository root registers one
+        # deployment per benchmark whose runs start in the repository root (not run here: training).
+        prefect_cli(["work-pool", "create", "uvit", "--type", "process"], env, tmp_path)
+        prefect_cli(["deploy", "--all"], env, ROOT, timeout=300)
+        check = textwrap.dedent("""\
+            import json
+            from prefect.client.orchestration import get_client
+            with get_client(sync_client=True) as client:
+                print(json.dumps({d.name: [d.entrypoint, d.work_pool_name, d.parameters, d.pull_steps]
+                                  for d in client.read_deployments() if d.work_pool_name == "uvit"}))
+            """)
+        proc = subprocess.run([sys.executable, "-c", check], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        deployed = json.loads(proc.stdout.strip().splitlines()[-1])
+        benchmarks = ["digits", "cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256"]
+        assert sorted(deployed) == sorted(benchmarks)
+        for name, (entrypoint, pool, parameters, pull) in deployed.items():
+            assert (entrypoint, pool) == ("pipelines/flows.py:uvit_benchmark", "uvit")
+            assert parameters == {"benchmark": name, "params_path": "params.yaml"}
+            assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
+        log.close()

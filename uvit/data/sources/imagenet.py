@@ -1,0 +1,287 @@
+"""ImageNet (ILSVRC2012) at 64/256/512 for U-ViT's ``imagenet64`` / ``imagenet256`` / ``imagenet512``.
+
+ImageNet needs an account at https://image-net.org, so it is never downloaded from there; ``root``
+points at a copy you have. Accepted forms of ``root``:
+
+1. A folder with ``train/`` (and optionally ``val/``), each holding one sub-folder per class::
+
+       ROOT/train/n01440764/n01440764_10026.JPEG
+       ROOT/train/n01443537/...                       (1000 class folders, 1,281,167 images)
+       ROOT/val/n01440764/ILSVRC2012_val_00000293.JPEG (val sorted into class folders, e.g. by
+                                                       the well-known valprep.sh)
+
+2. The ``train`` class-folder directory itself (train split only).
+3. The official ``ILSVRC2012_img_train.tar`` (a tar of 1000 per-class tars ``nXXXXXXXX.tar``), as a
+   local path or an ``s3://`` / ``http(s)://`` URL: a URL is fetched into ``download_dir`` first
+   (resumable, MD5-checked for the official name), then the tar is extracted once into
+   ``extract_dir/train/<synset>/`` (one class at a time, each renamed into place when complete, so
+   an interrupted extraction resumes) and used as in 1.
+
+Labels are the index of the class folder name in the sorted list of train class folders (for the
+official data identical to ADM/U-ViT's sorted synset prefixes of the file names). Images go through
+ADM's :func:`~uvit.data.preprocess.center_crop_arr` at ``resolution`` (no flip, like the feature
+extraction script); ``flip=True`` also stores each image's horizontal mirror as extra rows, as the
+latent benchmarks do (their 2 x 1,281,167 stored features).
+
+Disk: rows are decoded into a scratch memmap beside ``out_dir`` and then sharded, so ``out_dir``'s
+filesystem needs about twice the split's size free (64px: 15.7 GB per copy; 256px: 252 GB;
+512px: 1 TB — for the latent benchmarks encode to latents instead of keeping these).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import tarfile
+import uuid
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from uvit.data.download import default_download_dir, fetch, is_remote, verify_file
+from uvit.data.preprocess import center_crop_arr, check_splits_absent, write_image_split
+from uvit.data.shards import Manifest
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+TRAIN_TAR_MD5 = "1d675b47d978889d74fa0da5fadfb00e"  # as torchvision.datasets.ImageNet checks it
+EXPECTED_COUNTS = {"train": 1_281_167, "val": 50_000}
+NUM_CLASSES = 1000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # ADM's _list_image_files_recursively
+SYNSET = re.compile(r"^n\d{8}$")
+_EXTRACTED_MARKER = ".extracted"
+_AUTO = "auto"
+
+__all__ = ["EXPECTED_COUNTS", "IMAGE_EXTENSIONS", "TRAIN_TAR", "TRAIN_TAR_MD5",
+           "extract_train_tar", "list_class_folder", "missing_root_help", "prepare_imagenet"]
+
+
+def missing_root_help(resolution: int) -> str:
+    return (
+        "ImageNet (ILSVRC2012) is not downloaded automatically: it needs an account at "
+        "https://image-net.org (sign up, accept the terms of access, then download "
+        f"{TRAIN_TAR}, 138 GB, from the ILSVRC2012 download page). Expected: ROOT/train/<synset>/"
+        "*.JPEG, i.e. 1000 class folders such as ROOT/train/n01440764/n01440764_10026.JPEG "
+        f"(extract the tar of per-class tars: `mkdir -p ROOT/train && tar -xf {TRAIN_TAR} -C "
+        "ROOT/train && cd ROOT/train && for f in *.tar; do mkdir ${f%.tar} && tar -xf $f -C "
+        "${f%.tar} && rm $f; done`), or ROOT may be that train folder itself, or the path or "
+        f"s3:// / https:// URL of {TRAIN_TAR} (extracted for you). Set it as "
+        f"`imagenet{resolution}.data.root: ROOT` in params.yaml (or pass root=ROOT)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Locating the data
+# --------------------------------------------------------------------------------------------
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
+
+
+def extract_train_tar(tar_path: str | Path, extract_dir: str | Path, progress: bool = True) -> Path:
+    """Extract the official tar of per-class tars into ``extract_dir/train/<synset>/`` and return
+    ``extract_dir``. Only regular image files are written, under their base names (no paths from
+    the archive are trusted). Finished classes are kept across interruptions; a marker file records
+    a complete extraction, after which this returns at once."""
+    from tqdm.auto import tqdm
+
+    tar_path, extract_dir = Path(tar_path), Path(extract_dir)
+    marker = extract_dir / _EXTRACTED_MARKER
+    if marker.is_file():
+        return extract_dir
+    train = extract_dir / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    classes = 0
+    try:
+        outer = tarfile.open(tar_path, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{tar_path}: cannot open as a tar archive ({e}). Expected {TRAIN_TAR}, a "
+                         f"tar of per-class tars; delete it and fetch it again.") from e
+    with outer, tqdm(desc=f"extract {tar_path.name}", unit="class", disable=not progress,
+                     leave=False) as bar:
+        for member in outer:
+            name = PurePosixPath(member.name).name
+            synset = name[: -len(".tar")] if name.endswith(".tar") else ""
+            if not member.isfile() or not SYNSET.match(synset):
+                continue
+            classes += 1
+            bar.update(1)
+            final = train / synset
+            if final.is_dir():  # finished by an earlier, interrupted run
+                continue
+            tmp = train / f".{synset}.tmp-{uuid.uuid4().hex}"
+            tmp.mkdir()
+            try:
+                with tarfile.open(fileobj=outer.extractfile(member), mode="r|*") as inner:
+                    for item in inner:
+                        iname = PurePosixPath(item.name).name
+                        if not item.isfile() or not _safe_name(iname) \
+                                or not iname.lower().endswith(IMAGE_EXTENSIONS):
+                            continue
+                        with inner.extractfile(item) as src, open(tmp / iname, "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                os.rename(tmp, final)
+            except tarfile.TarError as e:
+                raise ValueError(f"{tar_path}: the class archive {member.name} is corrupt ({e}); "
+                                 f"fetch {TRAIN_TAR} again.") from e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if classes == 0:
+        raise ValueError(f"{tar_path} contains no per-class tars nXXXXXXXX.tar; expected the "
+                         f"official {TRAIN_TAR}.")
+    marker.write_text(f"{tar_path.name}: {classes} classes\n")
+    return extract_dir
+
+
+def _resolve_root(root, resolution: int, download_dir: Path, extract_dir: Path | None,
+                  md5: str | None, progress: bool) -> Path:
+    if root is None or str(root) == "":
+        raise FileNotFoundError(f"No ImageNet root given. {missing_root_help(resolution)}")
+    tar_path: Path | None = None
+    if is_remote(root):
+        name = PurePosixPath(str(root).split("?")[0]).name
+        if not name.endswith(".tar"):
+            raise ValueError(f"ImageNet root {root} is a URL but not of a .tar; only the "
+                             f"{TRAIN_TAR} archive can be fetched. {missing_root_help(resolution)}")
+        if md5 == _AUTO:
+            md5 = TRAIN_TAR_MD5 if name == TRAIN_TAR else None
+        tar_path = fetch(str(root), download_dir / name, md5=md5, progress=progress)
+        md5 = None  # fetch verified it
+    else:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"ImageNet root {root} does not exist. "
+                                    f"{missing_root_help(resolution)}")
+        if root.is_file():
+            tar_path = root
+    if tar_path is None:
+        return Path(root)
+    extract_dir = extract_dir or download_dir / tar_path.name.removesuffix(".tar")
+    if not (extract_dir / _EXTRACTED_MARKER).is_file():
+        if md5 == _AUTO:
+            md5 = TRAIN_TAR_MD5 if tar_path.name == TRAIN_TAR else None
+        if md5 is not None:
+            verify_file(tar_path, md5=md5)
+    return extract_train_tar(tar_path, extract_dir, progress=progress)
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and _safe_name(d.name))
+
+
+def _split_folders(root: Path, splits: tuple[str, ...], resolution: int) -> dict[str, Path]:
+    if (root / "train").is_dir() or any((root / s).is_dir() for s in splits):
+        folders = {s: root / s for s in splits}
+        for s, f in folders.items():
+            if not f.is_dir():
+                raise FileNotFoundError(f"ImageNet split folder {f} does not exist. "
+                                        f"{missing_root_help(resolution)}")
+        return folders
+    if any(SYNSET.match(d) for d in _class_dirs(root)):
+        if tuple(splits) != ("train",):
+            raise FileNotFoundError(f"{root} holds class folders directly, which is read as the "
+                                    f"train split only, but splits={splits}; use ROOT/train and "
+                                    f"ROOT/val. {missing_root_help(resolution)}")
+        return {"train": root}
+    raise FileNotFoundError(f"{root} has neither train/ nor nXXXXXXXX class folders. "
+                            f"{missing_root_help(resolution)}")
+
+
+def list_class_folder(
+    folder: str | Path, classes: list[str] | None = None,
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(image paths, int64 labels, class names) of a class-folder tree.
+
+    ``classes`` (default: the sorted sub-folder names of ``folder``) fixes the label order, so val
+    uses train's; a sub-folder not in it is an error. Files are listed recursively and sorted.
+    """
+    folder = Path(folder)
+    found = _class_dirs(folder)
+    classes = list(classes) if classes is not None else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{folder} has class folders not among the train classes: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    index = {c: i for i, c in enumerate(classes)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    for c in found:
+        files = sorted(p for p in (folder / c).rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and _safe_name(p.name) and p.is_file())
+        paths += files
+        labels += [index[c]] * len(files)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}'s class "
+                                f"folders")
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_imagenet(
+    out_dir: str | Path,
+    root: str | Path | None,
+    resolution: int,
+    splits: tuple[str, ...] = ("train",),
+    flip: bool = False,
+    *,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    shard_size: int = 50_000,
+    download_dir: str | Path | None = None,
+    extract_dir: str | Path | None = None,
+    md5: str | None = _AUTO,
+    progress: bool = True,
+) -> dict[str, Manifest]:
+    """Write ``out_dir/<split>``: images uint8 (N, 3, resolution, resolution), labels int64
+    (plus ``flipped`` uint8 with ``flip=True``: rows [N, 2N) mirror rows [0, N)).
+
+    ``root``: see the module docstring. ``md5`` checks a tar ``root`` (``"auto"``: the official MD5
+    when the file is named ``ILSVRC2012_img_train.tar``, else none). A corrupt image raises
+    :class:`~uvit.data.preprocess.BadImageError`; ``skip_bad=True`` skips and lists it. Images
+    smaller than ``resolution`` are upsampled, as in ADM (counted in ``meta["num_upsampled"]``).
+    """
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    if not splits or set(splits) - {"train", "val"}:
+        raise ValueError(f"splits must be from ('train', 'val'), got {splits}")
+    out_dir = Path(out_dir)
+    check_splits_absent(out_dir, splits, overwrite)
+    download_dir = Path(download_dir) if download_dir is not None else default_download_dir()
+    base = _resolve_root(root, resolution, download_dir,
+                         Path(extract_dir) if extract_dir is not None else None, md5, progress)
+    folders = _split_folders(base, tuple(splits), resolution)
+    train_classes = _class_dirs(base / "train") if (base / "train").is_dir() else None
+    transform = functools.partial(center_crop_arr, image_size=resolution)
+    name = f"imagenet{resolution}"
+    manifests = {}
+    for split, folder in folders.items():
+        paths, labels, classes = list_class_folder(folder, train_classes)
+        meta = {
+            "source": "ILSVRC2012 " + split,
+            "root": str(root),
+            "num_classes": len(classes),
+            "classes": classes,
+            "label_rule": "index of the class folder name in the sorted train class folders",
+            "preprocessing": (f"ADM center_crop_arr({resolution}): BOX halving while the short "
+                              f"side >= {2 * resolution}, BICUBIC to short side {resolution}, "
+                              f"centre crop"),
+            "flip": ({"stored": True, "layout": "rows [0, N) are the images, rows [N, 2N) their "
+                      "horizontal mirrors in the same order; field 'flipped' is 1 for mirrors"}
+                     if flip else {"stored": False}),
+            "listed": len(paths),
+            "expected_count": EXPECTED_COUNTS[split] if len(classes) == NUM_CLASSES else None,
+        }
+        manifests[split], _ = write_image_split(
+            out_dir / split, paths, transform, (3, resolution, resolution), name=name,
+            split=split, extra={"labels": labels}, meta=meta, flip=flip, skip_bad=skip_bad,
+            meta_fn=lambda r: {"num_upsampled": int((r.sizes.min(axis=1) < resolution).sum())},
+            num_workers=num_workers, files_root=folder, shard_size=shard_size,
+            overwrite=overwrite, progress=progress)
+    return manifests

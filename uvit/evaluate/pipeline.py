@@ -1,0 +1,356 @@
+"""U-ViT as a diffusers pipeline: `UViTTransformer` (a diffusers model that IS a `UViT`) and
+`UViTPipeline` (transformer + `UViTDPMSolverScheduler` + optional VAE + optional CLIP text encoder).
+
+    pipe = UViTPipeline(transformer=UViTTransformer.from_uvit(model),
+                        scheduler=UViTDPMSolverScheduler.official("vpsde"))
+    pipe.save_pretrained(d); pipe = UViTPipeline.from_pretrained(d)       # offline, local dir
+    images = pipe(class_labels=[1, 2, 3], guidance_scale=0.4, num_inference_steps=50).images
+
+Sample i depends only on seeds[i] and its condition, exactly as in `uvit.evaluate.sample.generate`
+(same per-sample noise, same guidance, same sampler code), so both give identical tensors.
+
+Weights layout: `UViTTransformer` subclasses `UViT`, so its state dict has EXACTLY UViT's keys (no
+`net.` prefix): the official `nnet_ema.pth` keys, a project `model.safetensors` and the diffusers
+`diffusion_pytorch_model.safetensors` all load into either class strictly. The one seam is
+`config`: diffusers needs `self.config` to be its FrozenDict, `UViT.forward` reads UViTConfig
+fields and derived properties from it; `UViTConfigDict` is a FrozenDict that provides both.
+
+Load a saved pipeline with `UViTPipeline.from_pretrained(dir)` (not `DiffusionPipeline.from_pretrained`:
+`model_index.json` names the components' module, `uvit.evaluate.pipeline`, which diffusers only
+resolves once it has been imported; importing this module does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers.configuration_utils import FrozenDict, register_to_config
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from uvit.diffusion import PerSampleNoise, classifier_free_guidance, wrap_model
+from uvit.evaluate.sample import sample_seeds, to_uint8
+from uvit.evaluate.scheduler import UViTDPMSolverScheduler
+from uvit.models import UViT, UViTConfig
+
+__all__ = ["UViTConfigDict", "UViTTransformer", "UViTPipeline", "OUTPUT_TYPES"]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_FIELDS = tuple(f.name for f in dataclasses.fields(UViTConfig))
+
+
+class UViTConfigDict(FrozenDict):
+    """diffusers' frozen config dict that also answers as a `UViTConfig`.
+
+    Keys and item access are diffusers' (`_class_name`, `_diffusers_version`, ... included); the
+    UViTConfig fields are attributes already (FrozenDict sets one per key), and the derived
+    properties UViT.forward needs (`extras`, `num_tokens`, `num_patches`) come from `to_uvit_config()`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "_uvit", UViTConfig.from_dict({k: self[k] for k in _FIELDS if k in self}))
+
+    def to_uvit_config(self) -> UViTConfig:
+        return self._uvit
+
+    @property
+    def num_patches(self) -> int:
+        return self._uvit.num_patches
+
+    @property
+    def extras(self) -> int:
+        return self._uvit.extras
+
+    @property
+    def num_tokens(self) -> int:
+        return self._uvit.num_tokens
+
+
+class UViTTransformer(ModelMixin, UViT, ConfigMixin):
+    """A `UViT` that diffusers can save, load and put in a pipeline.
+
+    Its registered config is UViTConfig's fields; its modules, forward and state dict are UViT's
+    (no prefix). Saves as `config.json` + `diffusion_pytorch_model.safetensors`.
+    forward(x, t, y=None, context=None) -> eps (a tensor, UViT's contract, not a diffusers output).
+
+    Base order matters: the MRO is ModelMixin, UViT, nn.Module, ..., ConfigMixin, so diffusers'
+    save/load win over UViT's and ModelMixin.__getattr__ falls through to nn.Module's (parameters,
+    submodules) as in any diffusers model, not to ConfigMixin's.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        img_size: int = 32,
+        patch_size: int = 2,
+        in_chans: int = 3,
+        embed_dim: int = 512,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        num_classes: int = -1,
+        clip_dim: int | None = None,
+        num_text_tokens: int = 77,
+        mlp_time_embed: bool = False,
+        conv: bool = True,
+        skip: str = "concat_linear",
+        use_checkpoint: bool = False,
+    ):
+        cfg = UViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         num_classes=num_classes, clip_dim=clip_dim, num_text_tokens=num_text_tokens,
+                         mlp_time_embed=mlp_time_embed, conv=conv, skip=skip, use_checkpoint=use_checkpoint)
+        # In this MRO UViT.__init__'s super().__init__() is nn.Module.__init__, while ModelMixin.__init__
+        # would reach UViT.__init__ with no config: so call UViT's and set ModelMixin's one attribute.
+        UViT.__init__(self, cfg)
+        self._gradient_checkpointing_func = None
+
+    # diffusers reads `config` as its FrozenDict, UViT as a UViTConfig: serve one object that is both.
+    @property
+    def config(self) -> UViTConfigDict:
+        src = self.__dict__["_internal_dict"]
+        cached = self.__dict__.get("_config_view")
+        if cached is None or cached[0] is not src:
+            cached = (src, UViTConfigDict(src))
+            self.__dict__["_config_view"] = cached
+        return cached[1]
+
+    @config.setter
+    def config(self, value: UViTConfig) -> None:
+        # UViT.__init__ assigns the UViTConfig it was built from; it must be the registered one.
+        if value != self.config.to_uvit_config():
+            raise AttributeError("UViTTransformer.config is the registered diffusers config; it cannot be replaced")
+
+    def to_uvit_config(self) -> UViTConfig:
+        return self.config.to_uvit_config()
+
+    @classmethod
+    def from_uvit(cls, model: UViT) -> UViTTransformer:
+        """The same network (a copy of its weights) as a diffusers model."""
+        cfg = model.config.to_uvit_config() if isinstance(model, UViTTransformer) else model.config
+        out = cls(**cfg.to_dict())
+        out.load_state_dict(model.state_dict(), strict=True)
+        p = next(model.parameters(), None)
+        if p is None:
+            return out
+        out = out.to(p.device)  # (a dtype argument makes ModelMixin.to warn about fp32 modules)
+        return out if p.dtype == torch.float32 else out.to(p.dtype)
+
+    def to_uvit(self) -> UViT:
+        """A plain `UViT` with the same weights (e.g. for `UViT.save_pretrained`)."""
+        out = UViT(self.to_uvit_config())
+        out.load_state_dict(self.state_dict(), strict=True)
+        return out.to(device=self.device, dtype=self.dtype)
+
+
+def _as_list(v, name: str) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (str, int, np.integer)):
+        return [v]
+    if isinstance(v, Tensor):
+        return v.reshape(-1).tolist()
+    if isinstance(v, np.ndarray):
+        return v.reshape(-1).tolist()
+    if isinstance(v, Sequence):
+        return list(v)
+    raise TypeError(f"{name} must be a value, a sequence or a tensor, got {type(v).__name__}")
+
+
+class UViTPipeline(DiffusionPipeline):
+    """Class-conditional, text-to-image or unconditional U-ViT sampling, pixel or latent space.
+
+    Components: `transformer` (UViTTransformer), `scheduler` (UViTDPMSolverScheduler), optional
+    `vae` (AutoencoderKL: the transformer then works on latents, decoded as
+    vae.decode(z / vae.config.scaling_factor); set `scaling_factor` in the VAE config, e.g. 0.2301
+    for the COCO model), optional `text_encoder` + `tokenizer` (CLIP: the context is
+    last_hidden_state of the prompt padded to `transformer.config.num_text_tokens`, as the official
+    FrozenCLIPEmbedder does; the unconditional context for CFG is the encoding of "").
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        transformer: UViTTransformer,
+        scheduler: UViTDPMSolverScheduler,
+        vae: AutoencoderKL | None = None,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        super().__init__()
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("text_encoder and tokenizer come together (both or neither)")
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer)
+
+    # ------------------------------------------------------------------ conditions
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], device: torch.device | str | None = None) -> Tensor:
+        """(len(prompts), num_text_tokens, hidden) CLIP last_hidden_state, in float32."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no text_encoder/tokenizer: it cannot encode prompts")
+        device = device or self._execution_device
+        length = self.transformer.config.num_text_tokens
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(device)).last_hidden_state.float()
+
+    def _conditions(self, class_labels, prompt, num_images: int | None):
+        """(n, condition kind, per-sample labels tensor or prompts list or None)."""
+        c = self.transformer.config
+        if c.clip_dim is not None:
+            if class_labels is not None:
+                raise ValueError("a text-conditional model takes `prompt`, not `class_labels`")
+            prompts = _as_list(prompt, "prompt")
+            if not prompts:
+                raise ValueError("a text-conditional model needs `prompt` (a string or a list of strings)")
+            if num_images is not None and len(prompts) == 1:
+                prompts = prompts * num_images
+            return len(prompts), "text", prompts
+        if prompt is not None:
+            raise ValueError("this model is not text-conditional: `prompt` is not accepted")
+        if c.num_classes > 0:
+            labels = _as_list(class_labels, "class_labels")
+            if not labels:
+                raise ValueError(f"a class-conditional model needs `class_labels` (0..{c.num_classes - 1}; the "
+                                 f"last, {c.num_classes - 1}, is the null class of CFG training)")
+            if num_images is not None and len(labels) == 1:
+                labels = labels * num_images
+            y = torch.tensor([int(v) for v in labels], dtype=torch.long)
+            if y.min() < 0 or y.max() >= c.num_classes:
+                raise ValueError(f"class_labels must lie in [0, {c.num_classes}), got {y.tolist()}")
+            return len(labels), "class", y
+        if class_labels is not None:
+            raise ValueError("this model is unconditional: `class_labels` is not accepted")
+        return (1 if num_images is None else num_images), "none", None
+
+    def _network(self, kind: str, cond, empty_context: Tensor | None, guidance_scale: float, device):
+        """net(x, model_time) -> eps for one batch, guided as `generate` does."""
+        model = self.transformer
+        dtype = model.dtype
+        if dtype != torch.float32:  # samplers keep x in float32; run the network in its own dtype
+            def model(x, t, _m=model, **kw):  # noqa: E306
+                kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kw.items()}
+                return _m(x.to(dtype), t, **kw).float()
+        if kind == "none":
+            return model
+        if kind == "class":
+            y = cond.to(device)
+            if guidance_scale > 0:
+                null = torch.full_like(y, self.transformer.config.num_classes - 1)
+                return classifier_free_guidance(model, guidance_scale, {"y": y}, {"y": null})
+            return lambda x, t: model(x, t, y=y)
+        ctx = cond
+        if guidance_scale > 0:
+            return classifier_free_guidance(model, guidance_scale, {"context": ctx}, {"context": empty_context})
+        return lambda x, t: model(x, t, context=ctx)
+
+    # ------------------------------------------------------------------ output
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor, batch_size: int = 50) -> Tensor:
+        """Latents (N, C, h, w) -> pixels (N, 3, H, W) in [-1, 1] (chunks of 50, as the official scripts)."""
+        vae = self.vae
+        scale = vae.config.scaling_factor
+        out = []
+        for i in range(0, z.shape[0], batch_size):
+            zi = (z[i:i + batch_size] / scale).to(device=vae.device, dtype=vae.dtype)
+            out.append(vae.decode(zi).sample.float())
+        return torch.cat(out)
+
+    @staticmethod
+    def _to_output(x: Tensor, output_type: str):
+        """[-1, 1] (N, C, H, W) -> pt: [0, 1] NCHW float; np: [0, 1] NHWC float; pil: PIL list."""
+        if output_type == "pt":
+            return ((x + 1) / 2).clamp(0, 1)
+        if output_type == "np":
+            return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        from PIL import Image
+
+        u8 = to_uint8(x.cpu()).transpose(0, 2, 3, 1)  # the project's uint8 rounding (sample files)
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in u8]
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | Sequence[int] | Tensor | None = None,
+        prompt: str | Sequence[str] | None = None,
+        num_images: int | None = None,
+        guidance_scale: float = 0.0,
+        num_inference_steps: int = 50,
+        seeds: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        batch_size: int = 500,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate one image per class label / prompt (or `num_images` unconditional ones).
+
+        class_labels: class indices (class-conditional models). prompt: strings (text models).
+        num_images: repeats a single label/prompt, or sets the count of an unconditional model.
+        guidance_scale: s of eps = (1 + s) eps_c - s eps_u (0: no guidance, a single forward).
+        seeds: one integer per image; sample i depends only on seeds[i] and its condition.
+            Default `sample_seeds(0, n)` (as `generate`), or, with `generator`, n seeds drawn from it.
+        output_type: "pil" (list of PIL images), "np" (N, H, W, C float in [0, 1]), "pt"
+            (N, C, H, W float in [0, 1]) or "latent" (the sampler's output, before any VAE decode).
+        batch_size: images per sampler call (the CFG forward then has 2x this batch).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: valid choices are {OUTPUT_TYPES}")
+        n, kind, cond = self._conditions(class_labels, prompt, num_images)
+        if seeds is None:
+            if generator is not None:
+                seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+            else:
+                seeds = sample_seeds(0, n)
+        elif generator is not None:
+            raise ValueError("pass `seeds` or `generator`, not both")
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} images")
+
+        device = self._execution_device
+        c = self.transformer.config
+        self.transformer.eval()
+        sched = self.scheduler
+        self.scheduler.set_timesteps(num_inference_steps)  # for inspection (scheduler.timesteps)
+        empty = self.encode_prompt([""], device) if kind == "text" and guidance_scale > 0 else None
+
+        out = []
+        with self.progress_bar(total=n) as bar:
+            for start in range(0, n, batch_size):
+                chunk = seeds[start:start + batch_size]
+                noise = PerSampleNoise(chunk, device=device)
+                x_T = noise.randn((c.in_chans, c.img_size, c.img_size))
+                if kind == "class":
+                    cond_b = cond[start:start + len(chunk)]
+                elif kind == "text":
+                    cond_b = self.encode_prompt(cond[start:start + len(chunk)], device)
+                else:
+                    cond_b = None
+                net = self._network(kind, cond_b, empty, guidance_scale, device)
+                x = sched.sample(wrap_model(net, sched.noise_schedule), x_T, num_inference_steps, noise=noise)
+                out.append(x.float())
+                bar.update(len(chunk))
+        x = torch.cat(out)
+
+        if output_type == "latent":
+            images = x
+        else:
+            if self.vae is not None:
+                x = self.decode_latents(x)
+            images = self._to_output(x, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -76,7 +76,7 @@ def test_repro_writes_metrics_in_range(reproduced: Path) -> None:
 def test_repro_trains_through_ray_and_logs_every_step(reproduced: Path) -> None:
     summary = json.loads((reproduced / "runs/digits/train/summary.json").read_text())
     assert summary["steps"] == 60 and summary["images_seen"] == 60 * 128
-    assert summary["params"] == 1_489_038
+    assert summary["params"] == 1_060_366
     rows = (reproduced / "runs/digits/train/metrics.csv").read_text().strip().splitlines()
     assert rows[0] == "step,loss,lr,grad_norm,images_per_s,elapsed_s"
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(5, 61, 5))
@@ -88,7 +88,7 @@ def test_repro_writes_the_report(reproduced: Path) -> None:
     page = (reproduced / "reports/digits.md").read_text()
     metrics = json.loads((reproduced / "runs/digits/score/metrics.json").read_text())
     assert f"{metrics['fid']:.2f}" in page
-    assert "dpm_solver_pp_2m" in page and "1,489,038" in page
+    assert "dpm_solver_pp_2m" in page and "1,060,366" in page
     for png in ("reports/digits/samples.png", "reports/digits/loss.png"):
         assert (reproduced / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     index = (reproduced / "reports/README.md").read_text()

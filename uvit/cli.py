@@ -61,8 +61,20 @@ def _stage(name: str, benchmark: str, params: Path, root: Path, **kwargs) -> Non
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    result = STAGES[name](cfg, BenchmarkPaths(benchmark, root), **kwargs)
+    try:
+        result = STAGES[name](cfg, BenchmarkPaths(benchmark, root), **kwargs)
+    except _user_errors() as e:  # bad input the user can fix: say what, without a traceback
+        typer.echo(f"error: [{name} {benchmark}] {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"[{name} {benchmark}] {json.dumps(result, default=str)}")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from uvit.config import ConfigError
+    from uvit.data.shards import DataIntegrityError
+    from uvit.data.validate import ValidationFailed
+
+    return (ConfigError, DataIntegrityError, ValidationFailed, FileNotFoundError, NotImplementedError)
 
 
 def _make_stage_command(name: str, doc: str):

@@ -55,7 +55,7 @@ PRESETS: dict[str, Preset] = {
                 patch_size=2, **_LATENT256, **_T2I, **{**_SMALL, "depth": 16}),
         # Ours: the embedded CPU benchmark (8x8 grey digits, 10 classes + the null class for CFG).
         _preset("digits_uvit_tiny", "U-ViT-T/2", "digits", None, img_size=8, patch_size=2, in_chans=1,
-                embed_dim=128, depth=6, num_heads=4, num_classes=11),
+                embed_dim=128, depth=4, num_heads=4, num_classes=11),
     ]
 }
 

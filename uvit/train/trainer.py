@@ -178,7 +178,10 @@ def _init_ray(cfg: BenchmarkConfig) -> None:
     else:
         # One extra logical CPU for Ray Train's controller actor; workers get their threads each.
         cpus = cfg.train.num_workers * cfg.train.threads_per_worker + 1
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        # The dashboard (loopback only) serves the State API that Ray Train's placement-group
+        # cleaner polls; without it that actor logs a warning every few seconds.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 def latest_checkpoint(storage: Path) -> Path | None:

@@ -40,7 +40,8 @@ def tiny_config(workers: int, **train):
     d = params["digits"]
     d["model"]["overrides"] = {"embed_dim": 32, "depth": 2, "num_heads": 2}
     d["train"].update(steps=12, batch_size=16, checkpoint_every=4, log_every=2, num_workers=workers,
-                      threads_per_worker=1, warmup_steps=2, **train)
+                      threads_per_worker=1, warmup_steps=2)
+    d["train"].update(train)
     return load_benchmark("digits", params)
 
 
@@ -87,13 +88,22 @@ def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session, dig
             torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5, msg=f"{which}.{k}")
 
 
-def test_resume_flag_continues_a_previous_run(ray_session, digits_data, tmp_path) -> None:
+def test_raising_steps_continues_a_previous_run(ray_session, digits_data, tmp_path) -> None:
     first = train(digits_data, tmp_path, workers=1, train={"steps": 8})
     run_root = first["dir"].parents[2]
     from uvit.train.trainer import run_training
 
-    summary = run_training(tiny_config(1), BenchmarkPaths("digits", run_root), resume=True)
+    summary = run_training(tiny_config(1), BenchmarkPaths("digits", run_root))  # resumes by default
     assert summary["steps"] == 12
+    # Asking again for 12 steps finds the step-12 checkpoint and exports it without training.
+    again = run_training(tiny_config(1), BenchmarkPaths("digits", run_root))
+    assert again["steps"] == 12 and again["wall_time_s"] == 0.0
+    # Other parameters never resume from these checkpoints: their trajectory differs.
+    from uvit.train.trainer import train_fingerprint
+
+    data = run_root / "data" / "digits"
+    assert train_fingerprint(tiny_config(1), data) == train_fingerprint(tiny_config(1, steps=99), data)
+    assert train_fingerprint(tiny_config(1), data) != train_fingerprint(tiny_config(1, lr=0.5), data)
     reference = train(digits_data, tmp_path, workers=1)
     got = UViT.from_pretrained(run_root / "runs/digits/train/model").state_dict()
     for k, v in weights(reference).items():

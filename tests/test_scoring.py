@@ -180,32 +180,6 @@ def test_inception_without_weights_says_what_to_fetch(monkeypatch, tmp_path, dig
         fid_statistics(x, extractor="inception", weights_path=tmp_path / "nope.pth")
 
 
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory) -> str:
-    """A randomly initialised torch-fidelity InceptionV3 state dict saved where a real one would go.
-
-    The constructor insists on loading weights, so it is fed an empty dict with load_state_dict
-    stubbed out; convs are re-initialised with kaiming_normal_ because PyTorch's default init
-    gives near-zero pool3 features (FID 0.0) through 90+ layers.
-    """
-    from torch_fidelity import FeatureExtractorInceptionV3
-
-    empty = tmp_path_factory.mktemp("inc") / "empty.pth"
-    torch.save({}, empty)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                feature_extractor_weights_path=str(empty))
-            for m in model.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(m.weight)
-    path = empty.parent / INCEPTION_WEIGHTS_FILE
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
 def test_inception_fid_with_local_weights(random_inception_weights, monkeypatch, tmp_path, digits):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no real weights found by accident
     rng = np.random.default_rng(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,41 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch) -> None:
     # The previous checkpoint is untouched and no temp directory is left behind.
     assert (tmp_path / "c" / "model" / "model.safetensors").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_latent_draws_leave_the_pixel_draws_unchanged() -> None:
+    pixel = draw_step(3, 9, 50, 8, (4, 4, 4), SCHEDULE, 0.1)
+    latent = draw_step(3, 9, 50, 8, (4, 4, 4), SCHEDULE, 0.1, latent=True)
+    for field in ("idx", "t", "noise", "drop"):
+        assert torch.equal(getattr(pixel, field), getattr(latent, field))
+    assert pixel.latent_noise is None and latent.latent_noise.shape == (8, 4, 4, 4)
+
+
+def test_training_on_stored_vae_moments(tmp_path) -> None:
+    """Latent benchmarks train on (mean, logvar) moments, re-sampling z every step."""
+    from uvit.config import load_benchmark, load_params
+    from uvit.data.shards import write_split
+    from uvit.train.trainer import load_training_data
+
+    n = 64
+    labels = torch.arange(n) % 4
+    mean = labels.float().view(-1, 1, 1, 1).expand(n, 4, 4, 4) / 2 - 0.75  # class-dependent latents
+    logvar = torch.full((n, 4, 4, 4), -6.0)
+    moments = torch.cat([mean, logvar], dim=1).numpy().astype("float16")
+    write_split(tmp_path / "train", {"moments": moments, "labels": labels.numpy()}, name="toy", split="train")
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    cfg = load_benchmark("imagenet256", params)
+    x, y = load_training_data(cfg, tmp_path)
+    assert x.shape == (n, 8, 4, 4) and x.dtype == torch.float32 and torch.equal(y, labels)
+
+    config = UViTConfig(img_size=4, patch_size=2, in_chans=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    torch.manual_seed(0)
+    model = UViT(config)
+    opt = build_optimizer(model, lr=2e-3, weight_decay=0.0, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(0))
+    losses = []
+    for step in range(60):
+        d = draw_step(0, step, n, 16, (4, 4, 4), SCHEDULE, 0.1, latent=True)
+        losses.append(train_step(model, opt, sched, None, x, y, d, SCHEDULE, null_class=4, latent_scale=0.5).loss)
+    assert sum(losses[-10:]) < 0.75 * sum(losses[:10])

@@ -92,6 +92,7 @@ def _make_stage_command(name: str, doc: str):
 for _name, _doc in {
     "data": "Download/locate and preprocess a benchmark's data into shards + manifest (data/<benchmark>/).",
     "validate": "Check the data with great-expectations suites; exit non-zero with a summary on failure.",
+    "encode": "Latent benchmarks: SD-VAE moments and CLIP text features of the data, validated (pixel ones skip).",
     "sample": "Draw samples from the trained EMA weights (runs/<benchmark>/samples/).",
     "classifier": "Train the digits feature extractor used for FID and conditional accuracy.",
     "score": "FID (torch-fidelity) and conditional accuracy of the samples (runs/<benchmark>/score/metrics.json).",
@@ -105,9 +106,14 @@ def train(
     benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits).")],
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
-    resume: Annotated[bool, typer.Option(help="Continue from the newest good checkpoint in runs/<benchmark>/ray/.")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the newest good checkpoint of the "
+                                         "same configuration in runs/<benchmark>/ray/ (exact), or start afresh.")] = True,
 ) -> None:
-    """Train with Ray Train (TorchTrainer; DDP across train.num_workers workers)."""
+    """Train with Ray Train (TorchTrainer; DDP across train.num_workers workers).
+
+    Resumes by default: checkpoints are kept per configuration, so an interrupted run continues
+    and raising train.steps extends the previous run instead of starting over.
+    """
     _stage("train", benchmark, params, root, resume=resume)
 
 
@@ -122,7 +128,7 @@ def run(
 
     for name in STAGES:
         if name == "classifier" and benchmark != "digits":
-            continue
+            continue  # the digits FID feature extractor
         _stage(name, benchmark, params, root)
 
 

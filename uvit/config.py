@@ -34,6 +34,17 @@ class DataConfig(_Section):
     shard_size: PositiveInt = 50_000
 
 
+class EncodeConfig(_Section):
+    """Latent benchmarks: the SD VAE (a diffusers dir, a hub id, or the official autoencoder_kl.pth)
+    and, for text-to-image, the CLIP text encoder."""
+
+    vae: str
+    scale_factor: PositiveFloat = 0.18215  # 0.23010 for MS-COCO (spec section 6)
+    text_encoder: str | None = None
+    batch_size: PositiveInt = 64
+    dtype: Literal["float16", "float32"] = "float16"
+
+
 class ValidateConfig(_Section):
     num_classes: int = Field(0, ge=0)  # 0: unlabelled
     min_rows: PositiveInt = 1
@@ -101,6 +112,7 @@ class ScoreConfig(_Section):
 class BenchmarkConfig(_Section):
     name: str
     data: DataConfig
+    encode: EncodeConfig | None = None  # latent benchmarks only
     validate_: ValidateConfig = Field(alias="validate")
     model: ModelConfig
     diffusion: DiffusionConfig
@@ -148,5 +160,10 @@ def load_benchmark(name: str, params: str | Path | dict[str, Any] = DEFAULT_PARA
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
             lines.append(f"{name}.{loc}: {err['msg']}{got}")
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(lines)) from None
-    cfg.uvit_config()  # overrides must build a valid model
+    model = cfg.uvit_config()  # overrides must build a valid model
+    if model.in_chans == 4 and cfg.encode is None:
+        raise ConfigError(f"{name}.encode: preset {cfg.model.preset} is a latent model and needs an encode "
+                          "section (vae, scale_factor)")
+    if model.clip_dim is not None and (cfg.encode is None or not cfg.encode.text_encoder):
+        raise ConfigError(f"{name}.encode.text_encoder: a text-to-image preset needs a CLIP text encoder")
     return cfg

@@ -1,6 +1,7 @@
 """Where each benchmark's artifacts live (the one place that knows the layout).
 
     data/<benchmark>/{train,test}/      shards + manifest (data stage)
+    data/<benchmark>-latents/, -contexts/  VAE moments, CLIP features (encode stage; latent benchmarks)
     runs/<benchmark>/validate/          great-expectations report
     runs/<benchmark>/train/             final weights (model/, ema/), metrics.csv, summary.json
     runs/<benchmark>/ray/               Ray Train storage: checkpoints of every run
@@ -24,6 +25,16 @@ class BenchmarkPaths:
     @property
     def data(self) -> Path:
         return self.root / "data" / self.benchmark
+
+    @property
+    def latents(self) -> Path:
+        """VAE moments of the image splits (latent benchmarks; the encode stage)."""
+        return self.root / "data" / f"{self.benchmark}-latents"
+
+    @property
+    def contexts(self) -> Path:
+        """CLIP text features of the captions (text-to-image benchmarks; the encode stage)."""
+        return self.root / "data" / f"{self.benchmark}-contexts"
 
     @property
     def run(self) -> Path:

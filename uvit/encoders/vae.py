@@ -395,16 +395,17 @@ def encode_moments(vae: AutoencoderKL, x: torch.Tensor, *, batch_size: int | Non
 
 
 def sample_latents(moments: torch.Tensor, scale: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """z = scale · (mean + exp(½·clamp(logvar, −30, 20)) · ε), ε ~ N(0, I) from ``generator``
-    (drawn on the generator's device, then moved); float32, on the moments' device."""
+    (drawn on the generator's device, then moved) unless ``noise`` gives it; float32, on the
+    moments' device. Training re-samples z from the stored moments every step (the official recipe)."""
     m = torch.as_tensor(moments).float()
     mean, logvar = m.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    gen_device = generator.device if generator is not None else mean.device
-    eps = torch.randn(mean.shape, generator=generator, device=gen_device,
-                      dtype=torch.float32).to(mean.device)
-    return scale * (mean + std * eps)
+    if noise is None:
+        gen_device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return scale * (mean + std * noise.to(mean.device, torch.float32))
 
 
 @torch.no_grad()

@@ -1,10 +1,11 @@
 """The pipeline's stages: plain functions of a validated config and the artifact paths.
 
 DVC calls them through the `uvit` CLI, Prefect flows and tests call them directly: one code
-path for every runner. In order: data -> validate -> train -> sample -> classifier -> score -> report.
+path for every runner. In order: data -> validate -> encode (latent benchmarks) -> train -> sample -> classifier -> score -> report.
 """
 
 from uvit.stages.data import run_data
+from uvit.stages.encode import run_encode
 from uvit.stages.evaluate import run_classifier, run_sample, run_score
 from uvit.stages.report import run_report
 from uvit.stages.train import run_train
@@ -13,6 +14,7 @@ from uvit.stages.validate import run_validate
 STAGES = {
     "data": run_data,
     "validate": run_validate,
+    "encode": run_encode,
     "train": run_train,
     "sample": run_sample,
     "classifier": run_classifier,
@@ -20,4 +22,4 @@ STAGES = {
     "report": run_report,
 }
 
-__all__ = ["STAGES", "run_classifier", "run_data", "run_report", "run_sample", "run_score", "run_train", "run_validate"]
+__all__ = ["STAGES", "run_classifier", "run_data", "run_encode", "run_report", "run_sample", "run_score", "run_train", "run_validate"]

@@ -46,10 +46,19 @@ def draw_samples(cfg: BenchmarkConfig, model, num_samples: int | None = None, pr
 
     s = cfg.sample
     n = num_samples or s.num_samples
+    if model.config.clip_dim is not None:
+        raise NotImplementedError(f"{cfg.name}: text-to-image sampling over the validation captions is not wired "
+                                  "into this stage yet; UViTPipeline(prompt=...) samples from text today")
     labels = sample_labels(cfg, n)
     x = generate(model, schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
                  seeds=sample_seeds(s.seed, n), labels=labels, guidance_scale=s.guidance_scale,
                  batch_size=s.batch_size, device=_device(cfg), progress=progress)
+    if cfg.encode is not None:  # latent benchmarks: decode with the VAE, in chunks of 50 as the official code
+        from uvit.encoders.vae import decode, load_vae
+
+        vae = load_vae(cfg.encode.vae, scale_factor=cfg.encode.scale_factor, device=_device(cfg),
+                       params_key=f"{cfg.name}.encode.vae")
+        x = decode(vae, x.to(_device(cfg)), batch_size=50).cpu()
     return to_uint8(x), None if labels is None else labels.numpy()
 
 
@@ -101,10 +110,8 @@ def run_score(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     from uvit.evaluate.sample import load_samples
 
     samples, labels = load_samples(paths.samples / "samples.npz")
-    if cfg.score.feature_extractor != "digits-classifier":
-        raise NotImplementedError(
-            f"{cfg.name}: Inception-FID scoring against reference statistics comes with issue #6; "
-            "only the digits benchmark is scored end to end so far")
+    if cfg.score.feature_extractor == "inception":
+        return _score_inception(cfg, paths, samples)
     from uvit.data.shards import load_split_arrays
     from uvit.evaluate.classifier import conditional_accuracy, load_classifier
     from uvit.evaluate.fid import fid
@@ -133,5 +140,42 @@ def run_score(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         "num_samples": int(len(samples)),
         "num_reference": int(len(train_x)),
     }
+    _write_json(paths.score / "metrics.json", metrics)
+    return metrics
+
+
+def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
+    """(mu, sigma) of the real data's Inception features: a user-supplied `.npz` (score.reference_stats,
+    e.g. ADM's ImageNet statistics), else computed once from the training images and cached in
+    runs/<benchmark>/reference/stats.npz (keyed by the split's manifest, so new data recomputes)."""
+    import hashlib
+
+    from uvit.data.shards import ShardedArrays
+    from uvit.evaluate.fid import fid_statistics, load_fid_statistics, save_fid_statistics
+
+    if cfg.score.reference_stats:
+        return load_fid_statistics(cfg.score.reference_stats)
+    split = paths.data / "train"
+    digest = hashlib.sha256((split / "manifest.json").read_bytes()).hexdigest()[:16]
+    cache = paths.run / "reference" / f"stats-{digest}.npz"
+    if cache.is_file():
+        return load_fid_statistics(cache)
+    images = np.array(ShardedArrays(split).field("images"))
+    mu, sigma = fid_statistics(images, extractor="inception", weights_path=cfg.score.inception_weights,
+                               device=_device(cfg))
+    save_fid_statistics(cache, mu, sigma)
+    return mu, sigma
+
+
+def _score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.ndarray) -> dict:
+    """FID of the samples against the reference statistics, through torch-fidelity's Inception."""
+    from uvit.evaluate.fid import fid_from_statistics, fid_statistics
+
+    ref_mu, ref_sigma = reference_statistics(cfg, paths)
+    mu, sigma = fid_statistics(samples, extractor="inception", weights_path=cfg.score.inception_weights,
+                               device=_device(cfg))
+    metrics = {"fid": fid_from_statistics(mu, sigma, ref_mu, ref_sigma), "feature_extractor": "inception",
+               "num_samples": int(len(samples)),
+               "reference": cfg.score.reference_stats or "training images (runs/<benchmark>/reference/)"}
     _write_json(paths.score / "metrics.json", metrics)
     return metrics

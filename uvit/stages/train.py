@@ -6,9 +6,11 @@ from uvit.config import BenchmarkConfig
 from uvit.paths import BenchmarkPaths
 
 
-def run_train(cfg: BenchmarkConfig, paths: BenchmarkPaths, resume: bool = False) -> dict:
-    from uvit.train.trainer import run_training
+def run_train(cfg: BenchmarkConfig, paths: BenchmarkPaths, resume: bool = True) -> dict:
+    from uvit.train.trainer import run_training, training_data_dir
 
-    if not (paths.data / "train" / "manifest.json").is_file():
-        raise FileNotFoundError(f"{paths.data / 'train'} has no manifest: run `uvit data {cfg.name}` first")
+    data = training_data_dir(cfg, paths) / "train"
+    if not (data / "manifest.json").is_file():
+        stage = "encode" if cfg.encode is not None else "data"
+        raise FileNotFoundError(f"{data} has no manifest: run `uvit {stage} {cfg.name}` first")
     return run_training(cfg, paths, resume=resume)

@@ -37,10 +37,12 @@ class StepDraws:
     t: Tensor  # (b,) continuous diffusion times
     noise: Tensor  # (b, *sample_shape)
     drop: Tensor  # (b,) bool: condition replaced by the null condition
+    latent_noise: Tensor | None = None  # (b, *sample_shape): draws z from stored VAE moments
 
 
 def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_shape: tuple[int, ...],
-              schedule: NoiseSchedule, p_uncond: float, rank: int = 0, world_size: int = 1) -> StepDraws:
+              schedule: NoiseSchedule, p_uncond: float, rank: int = 0, world_size: int = 1,
+              latent: bool = False) -> StepDraws:
     """Draw the whole global batch's randomness, then keep this worker's slice.
 
     Every worker draws the same global batch, so N workers compute exactly the step that one
@@ -54,8 +56,10 @@ def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_sha
     t = schedule.sample_train_time(global_batch, generator=g)
     noise = torch.randn(global_batch, *sample_shape, generator=g)
     drop = torch.rand(global_batch, generator=g) < p_uncond
+    latent_noise = torch.randn(global_batch, *sample_shape, generator=g) if latent else None  # drawn last
     local = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
-    return StepDraws(idx[local], t[local], noise[local], drop[local])
+    return StepDraws(idx[local], t[local], noise[local], drop[local],
+                     None if latent_noise is None else latent_noise[local])
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -103,15 +107,21 @@ class StepStats:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ema: EMA | None,
                images: Tensor, labels: Tensor | None, draws: StepDraws, schedule: NoiseSchedule, *,
                null_class: int | None = None, grad_clip: float | None = None,
-               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> StepStats:
+               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+               latent_scale: float | None = None) -> StepStats:
     """Noise-prediction loss on rows `draws.idx`, backward, (clip), AdamW, LR schedule, EMA.
 
-    images: (N, C, H, W) training data in [-1, 1] (or scaled latents), on the model's device;
+    images: (N, C, H, W) training data in [-1, 1] on the model's device, or (N, 2C, h, w) VAE
+    moments when `latent_scale` is given (z is re-sampled from them with `draws.latent_noise`);
     labels: (N,) class labels or None.
     """
     device = images.device
     idx = draws.idx.to(device)
     x0 = images[idx]
+    if latent_scale is not None:
+        from uvit.encoders.vae import sample_latents
+
+        x0 = sample_latents(x0, latent_scale, noise=draws.latent_noise)
     cond = {}
     if labels is not None:
         y = labels[idx]

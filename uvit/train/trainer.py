@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from uvit.config import BenchmarkConfig
@@ -31,17 +32,30 @@ METRICS_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"
 
 
 # ---------------------------------------------------------------------------- data
-def load_training_data(cfg: BenchmarkConfig, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training split as tensors: x0 (N, C, H, W) float32 in [-1, 1], labels (N,) or None."""
-    from uvit.data.shards import load_split_arrays
+def training_data_dir(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path:
+    return paths.latents if cfg.encode is not None else paths.data
 
-    images, labels = load_split_arrays(data_dir / "train")
-    if images.dtype != "uint8":
-        raise NotImplementedError(f"{data_dir}: training on {images.dtype} arrays (latents) comes with the "
-                                  "encode stage; only uint8 image splits are supported so far")
-    x0 = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
-    y = torch.from_numpy(labels).long() if cfg.validate_.num_classes > 0 else None
-    return x0, y
+
+def load_training_data(cfg: BenchmarkConfig, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training split as tensors, and labels (N,) or None.
+
+    Pixel benchmarks: images (N, C, H, W) float32 in [-1, 1]. Latent benchmarks: the stored VAE
+    moments (N, 2C, h, w) float32, from which every step samples its latents.
+    """
+    from uvit.data.shards import ShardedArrays
+
+    split = ShardedArrays(data_dir / "train")
+    labels = split.field("labels") if "labels" in split.field_names and cfg.validate_.num_classes > 0 else None
+    y = torch.from_numpy(np.array(labels)).long() if labels is not None else None
+    if cfg.uvit_config().clip_dim is not None:
+        raise NotImplementedError(f"{cfg.name}: text-to-image training (contexts per caption) is not wired into "
+                                  "the trainer yet; the encode stage writes the CLIP features it will read")
+    if "moments" in split.field_names:
+        return torch.from_numpy(np.array(split.field("moments"))).float(), y
+    images = np.array(split.field("images"))
+    if images.dtype != np.uint8:
+        raise ValueError(f"{data_dir / 'train'}: expected uint8 images or VAE moments, got {images.dtype}")
+    return torch.from_numpy(images).float().div_(127.5).sub_(1.0), y
 
 
 # ---------------------------------------------------------------------------- worker
@@ -131,7 +145,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     null_class = uconf.num_classes - 1 if p_uncond > 0 else None
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
     scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
-    sample_shape = tuple(images.shape[1:])
+    latent_scale = cfg.encode.scale_factor if cfg.encode is not None else None
+    sample_shape = (uconf.in_chans, uconf.img_size, uconf.img_size)
 
     def report(metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
@@ -147,9 +162,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for step in range(state.step, tc.steps):
         _maybe_die(loop_config, step, rank)
         draws = draw_step(tc.seed, step, images.shape[0], tc.batch_size, sample_shape, schedule, p_uncond,
-                          rank=rank, world_size=world)
-        stats = train_step(net, optimizer, scheduler, ema, images, labels, draws, schedule,
-                           null_class=null_class, grad_clip=tc.grad_clip, autocast_dtype=autocast, scaler=scaler)
+                          rank=rank, world_size=world, latent=latent_scale is not None)
+        stats = train_step(net, optimizer, scheduler, ema, images, labels, draws, schedule, null_class=null_class,
+                           grad_clip=tc.grad_clip, autocast_dtype=autocast, scaler=scaler, latent_scale=latent_scale)
         state.step = step + 1
         window_images += tc.batch_size
         bar.update(1)
@@ -184,15 +199,41 @@ def _init_ray(cfg: BenchmarkConfig) -> None:
                  runtime_env={"env_vars": env}, log_to_driver=True)
 
 
-def latest_checkpoint(storage: Path) -> Path | None:
-    """The newest complete checkpoint under a local Ray storage path (all runs), or None."""
+# Knobs that change how long or how visibly a run goes, not the trajectory it follows.
+_RUN_LENGTH_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every"}
+
+
+def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path) -> str:
+    """Hash of everything that determines the training trajectory: model, diffusion and train
+    parameters (except run-length knobs such as `steps`) and the training split's manifest.
+
+    Checkpoints live under runs/<benchmark>/ray/<fingerprint>/, so a run only ever resumes from
+    checkpoints of the same trajectory, and raising `train.steps` continues an earlier run.
+    """
+    import hashlib
+
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RUN_LENGTH_KEYS}
+    key = {"model": cfg.model.model_dump(mode="json"), "diffusion": cfg.diffusion.model_dump(mode="json"),
+           "train": train, "encode": cfg.encode.model_dump(mode="json") if cfg.encode else None}
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+    manifest = data_dir / "train" / "manifest.json"
+    if manifest.is_file():
+        h.update(manifest.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def latest_checkpoint(storage: Path, max_step: int | None = None) -> Path | None:
+    """The newest complete checkpoint under a local Ray storage path (all runs) whose step is at
+    most `max_step`, or None. Incomplete ones (no state.json) are skipped."""
     from uvit.train.checkpoint import CheckpointError, checkpoint_step
 
-    best: tuple[float, int, Path] | None = None
+    best: tuple[int, float, Path] | None = None
     for state in storage.glob("*/checkpoint_*/state.json"):
         try:
-            key = (state.stat().st_mtime, checkpoint_step(state.parent), state.parent)
+            key = (checkpoint_step(state.parent), state.stat().st_mtime, state.parent)
         except CheckpointError:
+            continue
+        if max_step is not None and key[0] > max_step:
             continue
         if best is None or key[:2] > best[:2]:
             best = key
@@ -206,28 +247,34 @@ def hardware_description(cfg: BenchmarkConfig) -> str:
     return f"CPU ({os.cpu_count()} cores, {cpu}), {cfg.train.num_workers} worker(s) x {cfg.train.threads_per_worker} thread(s)"
 
 
-def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = False,
+def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = True,
                  storage_path: str | None = None, kill_at_step: dict | None = None) -> dict[str, Any]:
-    """Train `cfg` with Ray Train and export the result to `paths.train`. Returns the summary."""
+    """Train `cfg` with Ray Train and export the result to `paths.train`. Returns the summary.
+
+    With `resume` (the default) the newest good checkpoint of the same trajectory (see
+    `train_fingerprint`) at or below `train.steps` is continued; resuming is exact, so the result
+    equals a fresh run's.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from uvit.models import UViT, count_macs
-
     tc = cfg.train
-    storage = Path(storage_path) if storage_path else paths.ray_storage.resolve()
+    data_dir = training_data_dir(cfg, paths).resolve()
+    base = Path(storage_path) if storage_path else paths.ray_storage.resolve()
+    storage = base / train_fingerprint(cfg, data_dir)
     storage.mkdir(parents=True, exist_ok=True)
     loop_config: dict[str, Any] = {
         "benchmark": cfg.model_dump(by_alias=True, mode="json", exclude={"name"}) | {"name": cfg.name},
-        "data_dir": str(paths.data.resolve()),
+        "data_dir": str(data_dir),
     }
-    if resume:
-        last = latest_checkpoint(storage)
-        if last is not None:
-            loop_config["resume_from"] = str(last)
-            print(f"resuming from {last}")
-        else:
-            print(f"no checkpoint under {storage}; starting from scratch")
+    last = latest_checkpoint(storage, max_step=tc.steps) if resume else None
+    if last is not None:
+        from uvit.train.checkpoint import checkpoint_step
+
+        print(f"resuming from {last} (step {checkpoint_step(last)})")
+        if checkpoint_step(last) == tc.steps:  # already trained this far: export, nothing to run
+            return _export(cfg, paths, last, wall=0.0, run_dir=last.parent)
+        loop_config["resume_from"] = str(last)
     if kill_at_step:
         loop_config["kill_at_step"] = kill_at_step
 
@@ -250,19 +297,29 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training {cfg.name} finished without a checkpoint under {storage}/{run_name}")
+    with result.checkpoint.as_directory() as d:
+        return _export(cfg, paths, Path(d), wall=wall, run_dir=storage / run_name)
 
+
+def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall: float, run_dir: Path) -> dict[str, Any]:
+    """Copy a checkpoint's weights and metrics to runs/<benchmark>/train/ and write summary.json."""
+    from uvit.models import UViT, count_macs
+
+    tc = cfg.train
     out = paths.train
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    with result.checkpoint.as_directory() as d:
-        d = Path(d)
-        shutil.copytree(d / "model", out / "model")
-        shutil.copytree(d / "ema", out / "ema")
-        shutil.copy2(d / "metrics.csv", out / "metrics.csv")
-        steps = json.loads((d / "state.json").read_text())["step"]
+    shutil.copytree(checkpoint / "model", out / "model")
+    shutil.copytree(checkpoint / "ema", out / "ema")
+    shutil.copy2(checkpoint / "metrics.csv", out / "metrics.csv")
+    steps = json.loads((checkpoint / "state.json").read_text())["step"]
     model = UViT.from_pretrained(out / "ema")
-    losses = [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").open())]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    losses = [float(r["loss"]) for r in rows]
+    # Median logged throughput: robust to resumed runs, whose elapsed time restarts.
+    speeds = sorted(float(r["images_per_s"]) for r in rows)
+    steps_per_s = speeds[len(speeds) // 2] / tc.batch_size if speeds else None
     tail = losses[-max(1, len(losses) // 10):]
     summary = {
         "benchmark": cfg.name,
@@ -274,12 +331,12 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
         "batch_size": tc.batch_size,
         "images_seen": steps * tc.batch_size,
         "wall_time_s": round(wall, 2),
-        "steps_per_s": round(steps / wall, 3),
+        "steps_per_s": round(steps_per_s, 3) if steps_per_s else None,
         "final_loss": sum(tail) / len(tail),
         "num_workers": tc.num_workers,
         "precision": tc.precision,
         "hardware": hardware_description(cfg),
-        "ray_run": str(storage / run_name),
+        "ray_run": str(run_dir),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

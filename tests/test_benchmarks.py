@@ -83,7 +83,7 @@ def test_time_variant(bench):
     row = bench.time_variant(c, "eager_fp32+ckpt", batch_size=2, iters=2, warmup=0, device="cpu")
     assert row["variant"] == "eager_fp32+ckpt" and row["checkpoint"] is True and row["compile_s"] is None
     assert row["images_per_s"] > 0 and row["step_ms_median"] > 0 and row["peak_mem_bytes"] >= 0
-    assert row["params"] == 1_060_366
+    assert row["params"] == 731_406
 
 
 def test_main_writes_json(bench, tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_main_writes_json(bench, tmp_path, capsys):
 
     written = json.loads(out.read_text())
     assert written["meta"]["preset"] == "digits_uvit_tiny" and written["meta"]["batch_size"] == 2
-    assert written["meta"]["params"] == 1_060_366 and written["meta"]["peak_mem_kind"] == "cpu_peak_rss_delta"
+    assert written["meta"]["params"] == 731_406 and written["meta"]["peak_mem_kind"] == "cpu_peak_rss_delta"
     assert [r["variant"] for r in written["results"]] == expected
     for r in written["results"]:
         for key in ("step_ms_median", "images_per_s", "ratio_vs_eager_fp32", "peak_mem_bytes", "mfu", "compile_s"):

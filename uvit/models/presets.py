@@ -54,8 +54,10 @@ PRESETS: dict[str, Preset] = {
         _preset("mscoco256_uvit_s2_deep", "U-ViT-S/2 (Deep)", "mscoco256", 58_345_636,
                 patch_size=2, **_LATENT256, **_T2I, **{**_SMALL, "depth": 16}),
         # Ours: the embedded CPU benchmark (8x8 grey digits, 10 classes + the null class for CFG).
+        # Shape chosen by measured quality per CPU-second: at 2,000 steps it beat D128/depth-4/mlp-4
+        # (more FLOPs) and D96/depth-4 (fewer) on FID.
         _preset("digits_uvit_tiny", "U-ViT-T/2", "digits", None, img_size=8, patch_size=2, in_chans=1,
-                embed_dim=128, depth=4, num_heads=4, num_classes=11),
+                embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=11),
     ]
 }
 

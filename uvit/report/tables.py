@@ -287,11 +287,11 @@ def _description(art: RunArtifacts) -> str:
     if t is not None:
         title, preset = _text(t, "title"), _text(t, "preset")
         bits = [f"Trained {title or 'U-ViT'} (preset `{preset or DASH}`, {_int(_num(t, 'params'))} parameters,"]
-        bits.append(f"{_float(_num(t, 'gmacs'))} GMACs per forward)")
+        bits.append(f"{_float(_num(t, 'gmacs') * 1000, 1) if _num(t, 'gmacs') is not None else DASH} M MACs per forward)")
         bits.append(f"for {_int(_num(t, 'steps'))} steps at batch size {_int(_num(t, 'batch_size'))}")
         bits.append(f"({_int(_num(t, 'images_seen'))} images seen) in {_duration(_num(t, 'wall_time_s'))}")
-        bits.append(f"on {_text(t, 'hardware') or DASH} ({_text(t, 'precision') or DASH} precision,")
-        bits.append(f"{_float(_num(t, 'steps_per_s'))} steps/s, {_int(_num(t, 'num_workers'))} Ray Train worker(s));")
+        bits.append(f"through Ray Train on {_text(t, 'hardware') or DASH} ({_text(t, 'precision') or DASH} precision,")
+        bits.append(f"{_float(_num(t, 'steps_per_s'))} steps/s);")
         bits.append(f"final training loss {_float(_num(t, 'final_loss'), 4)}.")
         out.append(" ".join(bits))
     if s is not None:

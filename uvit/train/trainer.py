@@ -336,10 +336,18 @@ def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall:
         "num_workers": tc.num_workers,
         "precision": tc.precision,
         "hardware": hardware_description(cfg),
-        "ray_run": str(run_dir),
+        "ray_run": _relative(run_dir, paths.root),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to the project root when it lies inside it (artifacts should not name machines)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _preset_title(preset: str) -> str:

@@ -70,8 +70,10 @@ from uvit.data.shards import (
     Manifest,
     ShardedArrays,
     ShardEntry,
+    dtype_name,
     shard_file_name,
 )
+from uvit.parallel import for_each_completed, init_ray_for_tasks
 
 __all__ = [
     "CAPTION_OFFSETS_NAME",
@@ -194,15 +196,6 @@ def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _dtype_name(dt: np.dtype) -> str:
-    try:
-        if np.dtype(dt.name) == dt:
-            return dt.name
-    except TypeError:
-        pass
-    return dt.str
-
-
 # --------------------------------------------------------------------------------------------
 # Chunks
 # --------------------------------------------------------------------------------------------
@@ -256,7 +249,7 @@ class _ChunkOut:
         for name, (tmp, arr) in self._big.items():
             arr.flush()
             stats = _partial_stats(arr)
-            spec = (_dtype_name(arr.dtype), list(arr.shape[1:]))
+            spec = (dtype_name(arr.dtype), list(arr.shape[1:]))
             del arr
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -269,7 +262,7 @@ class _ChunkOut:
         for name, arr in self._small.items():
             entry = _save_npy_atomic(self.data / shard_file_name(name, self.k), arr)
             fields[name] = {"file": entry.name, "sha256": entry.sha256, "bytes": entry.bytes,
-                            "dtype": _dtype_name(arr.dtype), "shape": list(arr.shape[1:]),
+                            "dtype": dtype_name(arr.dtype), "shape": list(arr.shape[1:]),
                             "stats": _partial_stats(arr)}
         sidecar = {"index": self.k, "start": self.start, "count": self.count, "fields": fields}
         _write_json_atomic(_sidecar(self.partial, self.k), sidecar)  # last: marks the chunk done
@@ -382,19 +375,6 @@ def _run_one(compute: Callable, partial: Path, k: int, start: int, count: int) -
         return out.commit()
     finally:
         out.discard()
-
-
-def _init_ray(num_workers: int, use_gpu: bool) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_workers if not use_gpu else None,
-                 num_gpus=None if use_gpu else 0, include_dashboard=False)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -519,22 +499,14 @@ def _run_chunks(
         elif todo:
             import ray
 
-            _init_ray(num_workers, use_gpu)
+            init_ray_for_tasks(num_workers, use_gpu)
             blob = ray.put(blob_fn())
             task = ray.remote(_ray_chunk_task).options(
                 num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)
             dev = "cuda" if use_gpu else "cpu"
             pending = {task.remote(kind, spec, blob, extra, str(partial), k, *ranges[k], dev): k
                        for k in todo}
-            try:
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=1)
-                    k = pending.pop(ready[0])
-                    done(k, ray.get(ready[0]))
-            except BaseException:
-                for ref in pending:
-                    ray.cancel(ref)
-                raise
+            for_each_completed(pending, done)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -842,7 +814,7 @@ def encode_captions(
         for fname, arr in ((CAPTION_OFFSETS_NAME, offsets), (EMPTY_CONTEXT_NAME, empty)):
             e = _save_npy_atomic(data / fname, arr)
             files[fname] = {"sha256": e.sha256, "bytes": e.bytes,
-                            "dtype": _dtype_name(arr.dtype), "shape": list(arr.shape)}
+                            "dtype": dtype_name(arr.dtype), "shape": list(arr.shape)}
         return {"files": files}
 
     compute = functools.partial(_compute_contexts, tokenizer=tokenizer, model=text_model, spec=spec)

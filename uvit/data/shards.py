@@ -286,7 +286,7 @@ class _StatsAccumulator:
         return stats
 
 
-def _dtype_str(dt: np.dtype) -> str:
+def dtype_name(dt: np.dtype) -> str:
     """Readable dtype name ('uint8', 'float16') when it round-trips, else numpy's exact string."""
     try:
         if np.dtype(dt.name) == dt:
@@ -369,7 +369,7 @@ def write_split(
             name=name,
             split=split,
             count=n,
-            fields={k: FieldSpec(dtype=_dtype_str(v.dtype), shape=tuple(v.shape[1:]),
+            fields={k: FieldSpec(dtype=dtype_name(v.dtype), shape=tuple(v.shape[1:]),
                                  stats=stats[k].result()) for k, v in fields.items()},
             shards=shards,
             meta=meta,

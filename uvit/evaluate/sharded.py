@@ -37,6 +37,7 @@ from tqdm import tqdm
 from uvit.evaluate.sample import balanced_labels, generate, load_samples, sample_seeds, save_samples, to_uint8
 from uvit.models import UViT
 from uvit.models.uvit import CONFIG_NAME, WEIGHTS_NAME
+from uvit.parallel import for_each_completed, init_ray_for_tasks
 
 __all__ = [
     "MANIFEST_NAME", "MERGED_NAME", "ShardIntegrityError", "shard_name", "shard_ranges", "sample_to_shards",
@@ -123,20 +124,6 @@ def _shard_task(model_dir: str, out_dir: str, k: int, start: int, count: int, ru
         torch.set_num_threads(threads)
     model = UViT.from_pretrained(model_dir, device=device)
     return k, _sample_shard(model, Path(out_dir), k, start, count, run, batch_size, device)
-
-
-def _init_ray(num_workers: int, use_gpu: bool) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # No runtime_env: workers inherit this environment, and a runtime_env would make Ray start a
-    # second set of workers instead of using the ones it prestarts. Tasks set their torch threads.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):  # a running cluster
-        ray.init()
-    else:
-        ray.init(num_cpus=num_workers, num_gpus=None if use_gpu else 0, include_dashboard=False)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -233,20 +220,12 @@ def sample_to_shards(
         elif todo:
             import ray
 
-            _init_ray(num_workers, use_gpu)
+            init_ray_for_tasks(num_workers, use_gpu)
             task = ray.remote(_shard_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)
             dev = "cuda" if use_gpu else "cpu"
-            pending = [task.remote(str(model_dir), str(out_dir), k, *ranges[k], run, batch_size, dev, 1)
-                       for k in todo]
-            try:
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1)
-                    k, entry = ray.get(ready[0])
-                    finished(k, entry)
-            except BaseException:
-                for ref in pending:
-                    ray.cancel(ref)
-                raise
+            pending = {task.remote(str(model_dir), str(out_dir), k, *ranges[k], run, batch_size, dev, 1): k
+                       for k in todo}
+            for_each_completed(pending, lambda k, result: finished(*result))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

@@ -244,7 +244,7 @@ def test_ratio_prefers_artifact_value(tmp_path: Path) -> None:
     assert results_table(load_run(tmp_path / "digits", "digits")).iloc[0]["FID / floor"] == "3.75"
 
 
-@pytest.mark.parametrize(("bench", "cmd"), [("digits", "dvc repro"), ("imagenet64", "uvit run imagenet64")])
+@pytest.mark.parametrize(("bench", "cmd"), [("digits", "dvc repro"), ("imagenet64", "dvc repro paper/dvc.yaml:report@imagenet64")])
 def test_not_run_page(tmp_path: Path, bench: str, cmd: str) -> None:
     text = write_benchmark_report(bench, tmp_path / bench, tmp_path / "reports").read_text()
     assert "has not been run" in text
@@ -264,7 +264,11 @@ def test_index(tmp_path: Path) -> None:
     assert "| partial " in rows["celeba64"]
     for b in ("imagenet64", "imagenet256", "imagenet512", "mscoco256"):
         assert "| not run " in rows[b] and "| done " not in rows[b]
-        assert f"[{b}]({b}.md)" in rows[b]
+        # No page exists for them: the index gives the command that makes one, not a dead link.
+        assert f"({b}.md)" not in rows[b] and f"`dvc repro paper/dvc.yaml:report@{b}`" in rows[b]
+    write_benchmark_report("imagenet64", tmp_path / "imagenet64", tmp_path / "reports")
+    text = write_index(tmp_path, tmp_path / "reports").read_text()
+    assert "[imagenet64](imagenet64.md)" in text
     assert "2.29 (U-ViT-H/2)" in rows["imagenet256"]  # best of the 'this paper' rows
     assert "4.26 (U-ViT-L/4)" in rows["imagenet64"]
 

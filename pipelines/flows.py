@@ -70,7 +70,9 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "data": StageSpec(("data",), lambda p: [], lambda p: [p.data],
                       retries=3, retry_delay=exponential_backoff(backoff_factor=10)(3)),
     "validate": StageSpec(("validate",), lambda p: [p.data], lambda p: [p.validate]),
-    "train": StageSpec(("model", "diffusion", "train"), lambda p: [p.data, p.validate],
+    # Latent benchmarks only (see stage_applies); the CLIP contexts of text benchmarks ride along.
+    "encode": StageSpec(("encode",), lambda p: [p.data, p.validate], lambda p: [p.latents]),
+    "train": StageSpec(("model", "diffusion", "train", "encode"), lambda p: [p.data, p.validate, p.latents, p.contexts],
                        lambda p: [p.train / "model", p.train / "ema", p.train / "summary.json", p.train / "metrics.csv"]),
     "sample": StageSpec(("sample", "model", "diffusion", "validate.num_classes"),
                         lambda p: [p.train / "ema", p.train / "model"], lambda p: [p.samples]),
@@ -82,12 +84,17 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "report": StageSpec((), lambda p: [p.train / "summary.json", p.train / "metrics.csv", p.samples, p.score / "metrics.json"],
                         lambda p: [p.reports / f"{p.benchmark}.md", p.reports / p.benchmark, p.reports / "README.md"]),
 }
-STAGE_ORDER = tuple(STAGE_SPECS)  # data, validate, train, sample, classifier, score, report
+STAGE_ORDER = tuple(STAGE_SPECS)  # data, validate, encode, train, sample, classifier, score, report
 
 
 def stage_applies(name: str, cfg: BenchmarkConfig) -> bool:
-    """The classifier stage trains the digits feature extractor; other benchmarks use Inception."""
-    return name != "classifier" or cfg.score.feature_extractor == "digits-classifier"
+    """The classifier stage trains the digits feature extractor (others use Inception); the
+    encode stage runs for latent benchmarks only."""
+    if name == "classifier":
+        return cfg.score.feature_extractor == "digits-classifier"
+    if name == "encode":
+        return cfg.encode is not None
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = yaml.safe_load((ROOT / "params.yaml").read_text())["digits"]["train"]["steps"]
 BIN = Path(sys.executable).parent
 
 from prefect.client.orchestration import get_client  # noqa: E402
@@ -229,7 +231,7 @@ def test_cache_across_flow_runs(prefect_api, tmp_path):
     assert list(out["states"]) == ALL
     assert call_counts(root) == dict.fromkeys(ALL, 1)
     assert (root / "reports" / "digits.md").is_file() and (root / ".prefect-results").is_dir()
-    assert out["results"]["score"]["fid"] == round(100.0 / 2400, 4)
+    assert out["results"]["score"]["fid"] == round(100.0 / STEPS, 4)
 
     # 2. Nothing changed: every task is served from the cache, no stage function runs.
     state = uvit_flow(**run, return_state=True)
@@ -256,7 +258,7 @@ def test_cache_across_flow_runs(prefect_api, tmp_path):
     #    steps=30 ones, so the stages whose outputs differ run again (never a stale cache hit).
     out = uvit_flow(**run)
     assert [s for s, v in out["states"].items() if v != "Cached"] == ["train", "sample", "score", "report"]
-    assert json.loads((root / "runs" / "digits" / "train" / "summary.json").read_text())["steps"] == 2400
+    assert json.loads((root / "runs" / "digits" / "train" / "summary.json").read_text())["steps"] == STEPS
     assert call_counts(root) == {"data": 2, "validate": 1, "train": 3, "sample": 3, "classifier": 1,
                                  "score": 4, "report": 3}
 

@@ -71,6 +71,7 @@ from uvit.data.shards import (
     ShardedArrays,
     ShardEntry,
     dtype_name,
+    move_into_place,
     shard_file_name,
 )
 from uvit.parallel import for_each_completed, init_ray_for_tasks
@@ -394,19 +395,7 @@ def _resolve_workers(num_workers: int | None, device: torch.device) -> int:
 def _finish(partial: Path, out_root: Path, manifest: Manifest, overwrite: bool) -> None:
     data = partial / "split"
     manifest.save(data)
-    if out_root.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_root} appeared while encoding; not replacing it")
-        old = out_root.with_name(f".{out_root.name}.old-{uuid.uuid4().hex}")
-        os.rename(out_root, old)
-        try:
-            os.rename(data, out_root)
-        except BaseException:
-            os.rename(old, out_root)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(data, out_root)
+    move_into_place(data, out_root, overwrite=overwrite)
     shutil.rmtree(partial, ignore_errors=True)
 
 

@@ -376,7 +376,7 @@ def write_split(
         )
         # The manifest is written last: its presence marks a complete split.
         manifest.save(tmp)
-        _move_into_place(tmp, root, overwrite=overwrite)
+        move_into_place(tmp, root, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -392,7 +392,9 @@ def _write_npy(path: Path, chunk: np.ndarray) -> FileEntry:
     return FileEntry(name=path.name, sha256=w.sha.hexdigest(), bytes=w.bytes)
 
 
-def _move_into_place(tmp: Path, root: Path, *, overwrite: bool) -> None:
+def move_into_place(tmp: Path, root: Path, *, overwrite: bool) -> None:
+    """Rename a finished directory `tmp` to `root`; with `overwrite`, an existing `root` is moved
+    aside first and deleted only once the new one is in place (rolled back on failure)."""
     if not root.exists():
         os.rename(tmp, root)
         return

@@ -123,6 +123,20 @@ class ValidationFailed(RuntimeError):
         self.report = report
 
 
+def verify_checksums(root: Path) -> tuple[Manifest | None, ExpectationOutcome]:
+    """The first check of every suite: the split's files against its manifest's sha256s.
+
+    Returns (manifest, passed outcome), or (None, failed outcome) when the data cannot be
+    trusted, in which case a suite reports only that failure.
+    """
+    try:
+        manifest = verify_split(root)
+    except DataIntegrityError as e:
+        return None, ExpectationOutcome("checksums", False, str(e))
+    files = sum(len(s.files) for s in manifest.shards)
+    return manifest, ExpectationOutcome("checksums", True, f"{files} files match the manifest")
+
+
 def require_valid(report: ValidationReport) -> None:
     """Raise :class:`ValidationFailed` (message: the summary) unless ``report.success``."""
     if not report.success:
@@ -300,14 +314,11 @@ def validate_image_split(
     to stop a pipeline on failure.
     """
     root = Path(root)
-    try:
-        manifest = verify_split(root)
-    except DataIntegrityError as e:
-        return ValidationReport(str(root), False, [ExpectationOutcome("checksums", False, str(e))])
+    manifest, checksums = verify_checksums(root)
+    if manifest is None:
+        return ValidationReport(str(root), False, [checksums])
     artifact = f"{root} ({manifest.name}/{manifest.split})"
-    outcomes = [ExpectationOutcome("checksums", True,
-                                   f"{sum(len(s.files) for s in manifest.shards)} files match "
-                                   "the manifest")]
+    outcomes = [checksums]
 
     missing = [f for f in (image_field, label_field) if f not in manifest.fields]
     if missing:

@@ -42,6 +42,7 @@ from uvit.data.validate import (
     ExpectationOutcome,
     ValidationReport,
     _run_suites,  # the shared GE runner (same package)
+    verify_checksums,
 )
 
 __all__ = [
@@ -180,13 +181,11 @@ def validate_latent_split(
 
     e = expectations
     root = Path(root)
-    try:
-        manifest = verify_split(root)
-    except DataIntegrityError as err:
-        return ValidationReport(str(root), False, [ExpectationOutcome("checksums", False, str(err))])
+    manifest, checksums = verify_checksums(root)
+    if manifest is None:
+        return ValidationReport(str(root), False, [checksums])
     artifact = f"{root} ({manifest.name}/{manifest.split} latents)"
-    outcomes = [ExpectationOutcome("checksums", True, f"{sum(len(s.files) for s in manifest.shards)}"
-                                   " files match the manifest")]
+    outcomes = [checksums]
 
     need = ["moments"] + ([label_field] if e.num_classes > 0 else [])
     missing = [f for f in need if f not in manifest.fields]
@@ -432,13 +431,11 @@ def validate_caption_split(
 
     e = expectations
     root = Path(root)
-    try:
-        manifest = verify_split(root)
-    except DataIntegrityError as err:
-        return ValidationReport(str(root), False, [ExpectationOutcome("checksums", False, str(err))])
+    manifest, checksums = verify_checksums(root)
+    if manifest is None:
+        return ValidationReport(str(root), False, [checksums])
     artifact = f"{root} ({manifest.name}/{manifest.split} captions)"
-    outcomes = [ExpectationOutcome("checksums", True, f"{sum(len(s.files) for s in manifest.shards)}"
-                                   " files match the manifest")]
+    outcomes = [checksums]
     missing = [f for f in ("captions", "num_captions") if f not in manifest.fields]
     if missing:
         outcomes.append(ExpectationOutcome("fields present", False, f"missing field(s) {missing}; "

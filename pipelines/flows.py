@@ -5,8 +5,9 @@
 
 The flow `uvit` (`uvit_benchmark`) validates the benchmark's parameters first (`uvit.config`: a bad
 value fails with its dotted key named, before any task runs), then runs the stages in DVC's order,
-data -> validate -> train -> sample -> classifier (digits-classifier scoring only) -> score -> report,
-and publishes the metrics (table) and the report (markdown) as keyed artifacts.
+data -> validate -> train -> sample -> classifier (digits-classifier scoring only) -> score -> report
+-> publish (the run to `artifacts.url`, S3 or a folder: uvit.stages.publish), and posts the metrics
+(table) and the report (markdown) as keyed Prefect artifacts.
 
 Caching works like `dvc repro`: a task's cache key hashes the stage name, the parameter sections it
 reads, the content of its input artifacts, the stage function and the uvit version
@@ -83,8 +84,16 @@ STAGE_SPECS: dict[str, StageSpec] = {
                        retries=1, retry_delay=10),
     "report": StageSpec((), lambda p: [p.train / "summary.json", p.train / "metrics.csv", p.samples, p.score / "metrics.json"],
                         lambda p: [p.reports / f"{p.benchmark}.md", p.reports / p.benchmark, p.reports / "README.md"]),
+    # Uploads to artifacts.url (S3 or a folder): a network step, retried like `data`. Its cache key
+    # covers what it publishes; the Ray checkpoint rides along but is not an input (not DVC-tracked).
+    "publish": StageSpec(("artifacts",),
+                         lambda p: [p.train / "model", p.train / "ema", p.train / "summary.json", p.train / "metrics.csv",
+                                    p.samples, p.classifier, p.run / "reference", p.score / "metrics.json",
+                                    p.reports / f"{p.benchmark}.md", p.reports / p.benchmark],
+                         lambda p: [p.run / "publish.json"],
+                         retries=3, retry_delay=exponential_backoff(backoff_factor=10)(3)),
 }
-STAGE_ORDER = tuple(STAGE_SPECS)  # data, validate, encode, train, sample, classifier, score, report
+STAGE_ORDER = tuple(STAGE_SPECS)  # data, validate, encode, train, sample, classifier, score, report, publish
 
 
 def stage_applies(name: str, cfg: BenchmarkConfig) -> bool:
@@ -329,7 +338,7 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def _publish(cfg: BenchmarkConfig, results: dict[str, dict], paths: BenchmarkPaths) -> None:
+def _post_artifacts(cfg: BenchmarkConfig, results: dict[str, dict], paths: BenchmarkPaths) -> None:
     rows = [{"source": stage, "metric": k, "value": v}
             for stage in ("score", "train") if isinstance(results.get(stage), dict)
             for k, v in _flat("", results[stage])]
@@ -364,7 +373,7 @@ def _run_pipeline(tasks: dict[str, tuple[Any, StageFn]], benchmark: str, params_
         results[name] = state.result()  # raises the stage's error once retries are spent
         states[name] = state.name
         logger.info("stage %s: %s (key %s%s)", name, state.name, key[-12:], f"; ran because {stale}" if stale else "")
-    _publish(cfg, results, paths)
+    _post_artifacts(cfg, results, paths)
     logger.info("%s: %s", benchmark, ", ".join(f"{k} {v}" for k, v in states.items()))
     return {"benchmark": benchmark, "states": states, "results": results}
 
@@ -385,7 +394,7 @@ def make_flow(stages: Mapping[str, StageFn] | None = None, *, name: str = "uvit"
     def uvit_benchmark(benchmark: str = "digits", params_path: str = "params.yaml", root: str = ".",
                        overrides: dict[str, Any] | None = None, refresh: bool = False) -> dict[str, Any]:
         """Run one benchmark's pipeline: validate params, then data -> validate -> train -> sample
-        -> classifier (digits) -> score -> report, each stage cached on its params and inputs.
+        -> classifier (digits) -> score -> report -> publish, each stage cached on its params and inputs.
 
         Args:
             benchmark: a block of params.yaml (digits, cifar10, celeba64, imagenet64, ...).

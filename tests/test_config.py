@@ -47,6 +47,13 @@ def test_paper_recipes_match_the_official_configs(params) -> None:
         (lambda p: p["digits"]["diffusion"].update(p_uncond=1.5), "digits.diffusion.p_uncond"),
         (lambda p: p["digits"]["model"].update(overrides={"depth": 7}), "digits.model.overrides"),
         (lambda p: p["digits"].pop("train"), "digits.train: Field required"),
+        (lambda p: p["digits"].update(artifacts={"url": "ftp://host/x"}), "digits.artifacts.url: Value error, unsupported scheme"),
+        (lambda p: p["digits"].update(artifacts={"url": "s3://KEY:SECRET@bucket/x"}), "digits.artifacts.url: Value error, credentials"),
+        (lambda p: p["digits"].update(artifacts={"url": "s3://b"}), "digits.artifacts.url: Value error"),
+        (lambda p: p["digits"].update(artifacts={"url": "s3://uvit/a", "endpoint_url": "127.0.0.1:9000"}),
+         "digits.artifacts.endpoint_url"),
+        (lambda p: p["digits"].update(artifacts={"url": "artifacts", "secret_key": "x"}),
+         "digits.artifacts.secret_key: Extra inputs are not permitted"),
     ],
 )
 def test_bad_parameters_name_the_key(params, edit, message) -> None:
@@ -83,3 +90,22 @@ def test_models_command_lists_exact_counts() -> None:
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0
     assert "500,832,016" in result.output and "133.20" in result.output and "58,345,636" in result.output
+
+
+def test_flow_command_rejects_bad_overrides_before_any_work(tmp_path, capsys) -> None:
+    """`python -m pipelines.flows` checks params + --set overrides before Prefect starts a run."""
+    import shutil
+
+    from pipelines.flows import main
+
+    shutil.copy2(PARAMS, tmp_path / "params.yaml")
+    for sets, named in [(["digits.train.steps=-5"], "digits.train.steps: Input should be greater than 0"),
+                        (["digits.train.steps=many"], "digits.train.steps"),
+                        (["digits.model.preset=uvit_xxl"], "digits.model.preset"),
+                        (["digits.artifacts.url=ftp://x"], "digits.artifacts.url")]:
+        argv = ["digits", "--root", str(tmp_path), *[a for s in sets for a in ("--set", s)]]
+        assert main(argv) == 2
+        assert named in capsys.readouterr().err
+    assert main(["mnist", "--root", str(tmp_path)]) == 2
+    assert "unknown benchmark 'mnist'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was written

@@ -3,6 +3,8 @@
     uvit models                      presets with exact parameter counts and GFLOPs
     uvit data digits                 one stage (data, validate, train, sample, classifier, score, report)
     uvit run digits                  every stage in order (what `dvc repro` does, without DVC's caching)
+    uvit publish digits              the run to digits.artifacts.url (S3 or a folder), sha256 manifest
+    uvit fetch digits [RUN_ID]       a published run back, every file verified
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def models(
     typer.echo("* GFLOPs as in the paper: G multiply-accumulates per forward, one image, condition tokens included.")
 
 
-def _stage(name: str, benchmark: str, params: Path, root: Path, **kwargs) -> None:
+def _stage(name: str, benchmark: str, params: Path, root: Path, fn=None, **kwargs) -> None:
     from uvit.config import ConfigError, load_benchmark
     from uvit.paths import BenchmarkPaths
     from uvit.stages import STAGES
@@ -62,7 +64,7 @@ def _stage(name: str, benchmark: str, params: Path, root: Path, **kwargs) -> Non
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     try:
-        result = STAGES[name](cfg, BenchmarkPaths(benchmark, root), **kwargs)
+        result = (fn or STAGES[name])(cfg, BenchmarkPaths(benchmark, root), **kwargs)
     except _user_errors() as e:  # bad input the user can fix: say what, without a traceback
         typer.echo(f"error: [{name} {benchmark}] {type(e).__name__}: {e}", err=True)
         raise typer.Exit(1) from None
@@ -73,8 +75,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from uvit.config import ConfigError
     from uvit.data.shards import DataIntegrityError
     from uvit.data.validate import ValidationFailed
+    from uvit.storage.artifacts import ArtifactIntegrityError
 
-    return (ConfigError, DataIntegrityError, ValidationFailed, FileNotFoundError, NotImplementedError)
+    return (ConfigError, DataIntegrityError, ValidationFailed, FileNotFoundError, NotImplementedError,
+            ArtifactIntegrityError, FileExistsError)
 
 
 def _make_stage_command(name: str, doc: str):
@@ -97,6 +101,8 @@ for _name, _doc in {
     "classifier": "Train the digits feature extractor used for FID and conditional accuracy.",
     "score": "FID (torch-fidelity) and conditional accuracy of the samples (runs/<benchmark>/score/metrics.json).",
     "report": "Write reports/<benchmark>.md and the reports/README.md index from the artifacts.",
+    "publish": "Upload the run (checkpoints, samples, reference, score, report) to <benchmark>.artifacts.url, "
+               "content-addressed with a sha256 manifest; records the run id in runs/<benchmark>/publish.json.",
 }.items():
     _make_stage_command(_name, _doc)
 
@@ -115,6 +121,22 @@ def train(
     and raising train.steps extends the previous run instead of starting over.
     """
     _stage("train", benchmark, params, root, resume=resume)
+
+
+@app.command()
+def fetch(
+    benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits).")],
+    run_id: Annotated[str | None, typer.Argument(help="A published run id, or 'latest'; default: the one in "
+                                                      "runs/<benchmark>/publish.json.")] = None,
+    dest: Annotated[Path | None, typer.Option("--dest", help="Where to put it (default: fetched/<benchmark>/<run-id>/).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """Download a published run from <benchmark>.artifacts.url; every file is checked against the
+    manifest's sha256 (a corrupted object is refused)."""
+    from uvit.stages.publish import run_fetch
+
+    _stage("fetch", benchmark, params, root, fn=run_fetch, run_id=run_id, dest=dest)
 
 
 @app.command()

@@ -107,6 +107,48 @@ class ScoreConfig(_Section):
     classifier_epochs: PositiveInt = 30
     inception_weights: str | None = None
     reference_stats: str | None = None  # a user-supplied .npz (mu, sigma), e.g. ADM's ImageNet statistics
+    clip_model: str | None = None  # text-to-image: CLIP for the CLIP score (a local directory or hub id)
+    kid_subset_size: PositiveInt = 1000  # KID subsets of min(this, number of samples) images
+
+
+class ArtifactsConfig(_Section):
+    """Where the publish stage puts a finished run (uvit.stages.publish): `s3://bucket/prefix`,
+    `file:///dir` or a directory (relative to the project root). Credentials never go here: they
+    come from the environment (AWS_ACCESS_KEY_ID, ...) or the AWS config files."""
+
+    url: str = "artifacts"
+    endpoint_url: str | None = None  # an S3-compatible server (MinIO); else $UVIT_S3_ENDPOINT_URL or AWS
+    ray_checkpoint: bool = True  # also publish the final Ray Train checkpoint (optimizer state: resumable)
+
+    @field_validator("url")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        from urllib.parse import urlparse
+
+        u = urlparse(v)
+        if not v.strip():
+            raise ValueError("empty; use s3://bucket/prefix, file:///dir or a directory")
+        if u.scheme not in ("", "s3", "file"):
+            raise ValueError(f"unsupported scheme {u.scheme!r}; use s3://bucket/prefix, file:///dir or a directory")
+        if "@" in u.netloc:
+            raise ValueError("credentials do not belong in params.yaml: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        if u.scheme == "s3" and len(u.netloc) < 3:
+            raise ValueError(f"{v!r} names no bucket (s3://bucket/prefix, bucket names >= 3 characters)")
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        from urllib.parse import urlparse
+
+        if v is None:
+            return v
+        u = urlparse(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"expected http(s)://host[:port], got {v!r}")
+        if "@" in u.netloc:
+            raise ValueError("credentials do not belong in params.yaml: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        return v
 
 
 class BenchmarkConfig(_Section):
@@ -119,6 +161,7 @@ class BenchmarkConfig(_Section):
     train: TrainConfig
     sample: SampleConfig
     score: ScoreConfig
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -66,7 +66,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 from urllib.parse import unquote, urlparse
 
 log = logging.getLogger(__name__)
@@ -598,16 +598,32 @@ class ArtifactStore:
     ) -> ArtifactRef:
         """Upload every file under ``local_dir`` as one run, then its manifest."""
         local_dir = Path(local_dir)
-        _check_name("benchmark", benchmark)
         if not local_dir.is_dir():
             raise NotADirectoryError(local_dir)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        files = {p.relative_to(local_dir).as_posix(): p for p in local_dir.rglob("*") if p.is_file()}
         if not files:
             raise ValueError(f"{local_dir} holds no files")
-        if (local_dir / MANIFEST).is_file():
-            raise ValueError(f"{local_dir / MANIFEST}: the name is reserved for the run manifest")
-        rels = [p.relative_to(local_dir).as_posix() for p in files]
-        digests = [_digest(p, self._backend.part_size_for(p.stat().st_size)) for p in files]
+        return self.upload_files(files, benchmark, run_id)
+
+    def upload_files(
+        self, files: Mapping[str, str | Path], benchmark: str, run_id: str | None = None
+    ) -> ArtifactRef:
+        """Upload ``{relative path in the run: local file}`` as one run, then its manifest.
+
+        The files may come from anywhere (a stage's outputs spread over several directories);
+        the run holds them at their relative paths. ``run_id`` defaults to the content id.
+        """
+        _check_name("benchmark", benchmark)
+        if not files:
+            raise ValueError("no files to upload")
+        rels = sorted(files)
+        for rel in rels:
+            if not _is_safe_relpath(rel):
+                raise ValueError(f"invalid path in the run {rel!r}: a relative path like 'dir/file.bin'")
+        if MANIFEST in rels:
+            raise ValueError(f"{MANIFEST}: the name is reserved for the run manifest")
+        paths = [Path(files[rel]) for rel in rels]
+        digests = [_digest(p, self._backend.part_size_for(p.stat().st_size)) for p in paths]
         entries = [
             {"path": rel, "size": d.size, "sha256": d.sha256} for rel, d in zip(rels, digests)
         ]
@@ -623,9 +639,9 @@ class ArtifactStore:
                 return ref
             raise FileExistsError(f"{ref.uri} already exists with different content")
 
-        for path, rel, digest in zip(files, rels, digests):
+        for path, rel, digest in zip(paths, rels, digests):
             key = f"{base}/{rel}"
-            if self._backend.has(key, digest):  # left by an interrupted upload_run
+            if self._backend.has(key, digest):  # left by an interrupted upload
                 continue
             self._backend.put_file(path, key, digest)
 
@@ -634,7 +650,8 @@ class ArtifactStore:
             "benchmark": benchmark,
             "run_id": run_id,
             "content_id": content_id,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            # Microseconds: `latest_run` orders by it (S3's LastModified has whole seconds).
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
             "total_size": sum(d.size for d in digests),
             "files": entries,
         }
@@ -687,6 +704,11 @@ class ArtifactStore:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         return dest
+
+    def latest_run(self, benchmark: str) -> str | None:
+        """The complete run whose manifest was written last (None if there is none)."""
+        runs = [(self.manifest(benchmark, r).get("created", ""), r) for r in self.list_runs(benchmark)]
+        return max(runs)[1] if runs else None
 
     def list_runs(self, benchmark: str) -> list[str]:
         """Complete runs (those with a manifest), oldest first."""

@@ -18,7 +18,7 @@ from uvit.train.checkpoint import (
     load_latest_good,
     save_checkpoint,
 )
-from uvit.train.step import EMA, build_optimizer, draw_step, train_step, warmup_lambda
+from uvit.train.step import EMA, build_optimizer, draw_step, gather_rows, train_step, warmup_lambda
 
 CFG = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=4)
 SCHEDULE = make_schedule("vpsde")
@@ -48,7 +48,8 @@ def run_steps(state: TrainingState, ema: EMA, data, start: int, stop: int, batch
     losses = []
     for step in range(start, stop):
         draws = draw_step(0, step, len(x), batch, (1, 8, 8), SCHEDULE, p_uncond=0.1)
-        stats = train_step(state.model, state.optimizer, state.scheduler, ema, x, y, draws, SCHEDULE, null_class=3)
+        stats = train_step(state.model, state.optimizer, state.scheduler, ema, *gather_rows(x, y, draws.idx), draws,
+                           SCHEDULE, null_class=3)
         losses.append(stats.loss)
         state.step = step + 1
     return losses
@@ -223,5 +224,6 @@ def test_training_on_stored_vae_moments(tmp_path) -> None:
     losses = []
     for step in range(60):
         d = draw_step(0, step, n, 16, (4, 4, 4), SCHEDULE, 0.1, latent=True)
-        losses.append(train_step(model, opt, sched, None, x, y, d, SCHEDULE, null_class=4, latent_scale=0.5).loss)
+        losses.append(train_step(model, opt, sched, None, *gather_rows(x, y, d.idx), d, SCHEDULE, null_class=4,
+                                 latent_scale=0.5).loss)
     assert sum(losses[-10:]) < 0.75 * sum(losses[:10])

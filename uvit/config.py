@@ -90,6 +90,17 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     log_every: PositiveInt = 10
     seed: int = 0
+    # ddp (replicated weights) or fsdp (torch FSDP2 fully_shard: weights, grads and optimizer state
+    # sharded across workers; for the H presets). Checkpoints are full state dicts either way.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Ray Train storage: None = runs/<benchmark>/ray; a directory; or s3://bucket/prefix (endpoint:
+    # storage_endpoint, else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS). Keys from the env.
+    storage_path: str | None = None
+    storage_endpoint: str | None = None
+    async_checkpoint: bool = True  # upload checkpoints in the background (Ray's CheckpointUploadMode.ASYNC)
+    prefetch: PositiveInt = 2  # batches gathered ahead of the step by the loader thread
+    sample_every: int = Field(0, ge=0)  # EMA sample grid (PNG + TensorBoard) every N steps; 0 = off
+    tensorboard: bool = True  # rank 0 logs scalars (and grids) under runs/<benchmark>/ray/<fingerprint>/
 
 
 class SampleConfig(_Section):

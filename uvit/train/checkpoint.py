@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,23 +73,39 @@ def checkpoint_step(directory: str | Path) -> int:
         raise CheckpointError(f"{directory}: no readable state.json ({e}); the checkpoint is incomplete") from e
 
 
-def load_checkpoint(directory: str | Path, state: TrainingState, device: str | torch.device = "cpu") -> TrainingState:
-    """Load weights, EMA, optimizer and scheduler from `directory` into `state` (in place)."""
+def read_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw contents of a checkpoint: {"step", "model", "ema" (state dicts; ema None if absent),
+    "optimizer", "scheduler" (state dicts)}. Raises CheckpointError on anything unreadable."""
     directory = Path(directory)
     step = checkpoint_step(directory)
     try:
-        model = UViT.from_pretrained(directory / "model", device=device)
-        state.model.load_state_dict(model.state_dict())
-        if state.ema is not None:
-            state.ema.load_state_dict(UViT.from_pretrained(directory / "ema", device=device).state_dict())
+        model = UViT.from_pretrained(directory / "model", device=device).state_dict()
+        ema = (UViT.from_pretrained(directory / "ema", device=device).state_dict()
+               if (directory / "ema").is_dir() else None)
         opt = torch.load(directory / "optimizer.pt", map_location=device, weights_only=True)
-        state.optimizer.load_state_dict(opt["optimizer"])
-        state.scheduler.load_state_dict(opt["scheduler"])
+        return {"step": step, "model": model, "ema": ema, "optimizer": opt["optimizer"], "scheduler": opt["scheduler"]}
     except CheckpointError:
         raise
     except Exception as e:  # truncated safetensors, refused pickle, wrong shapes ...
         raise CheckpointError(f"{directory}: cannot be loaded ({type(e).__name__}: {e})") from e
-    state.step = step
+
+
+def load_checkpoint(directory: str | Path, state: TrainingState, device: str | torch.device = "cpu") -> TrainingState:
+    """Load weights, EMA, optimizer and scheduler from `directory` into `state` (in place)."""
+    ckpt = read_checkpoint(directory, device)
+    try:
+        state.model.load_state_dict(ckpt["model"])
+        if state.ema is not None:
+            if ckpt["ema"] is None:
+                raise CheckpointError(f"{directory}: no ema/ weights")
+            state.ema.load_state_dict(ckpt["ema"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # wrong shapes, another model's optimizer ...
+        raise CheckpointError(f"{directory}: cannot be loaded ({type(e).__name__}: {e})") from e
+    state.step = ckpt["step"]
     return state
 
 

@@ -97,6 +97,12 @@ class EMA(nn.Module):
             b_ema.copy_(b)
 
 
+def gather_rows(images: Tensor, labels: Tensor | None, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Rows idx (b,) of in-memory training data: images (N, ...) -> (b, ...), labels (N,) -> (b,)."""
+    idx = idx.to(images.device)
+    return images[idx], None if labels is None else labels[idx]
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -105,26 +111,26 @@ class StepStats:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ema: EMA | None,
-               images: Tensor, labels: Tensor | None, draws: StepDraws, schedule: NoiseSchedule, *,
+               x: Tensor, labels: Tensor | None, draws: StepDraws, schedule: NoiseSchedule, *,
                null_class: int | None = None, grad_clip: float | None = None,
                autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                latent_scale: float | None = None) -> StepStats:
-    """Noise-prediction loss on rows `draws.idx`, backward, (clip), AdamW, LR schedule, EMA.
+    """Noise-prediction loss on one batch, backward, (clip), AdamW, LR schedule, EMA.
 
-    images: (N, C, H, W) training data in [-1, 1] on the model's device, or (N, 2C, h, w) VAE
-    moments when `latent_scale` is given (z is re-sampled from them with `draws.latent_noise`);
-    labels: (N,) class labels or None.
+    x: (b, C, H, W) the batch's rows `draws.idx` in [-1, 1] on the model's device, or (b, 2C, h, w)
+    VAE moments when `latent_scale` is given (z is re-sampled from them with
+    `draws.latent_noise`); labels: (b,) class labels or None. `gather_rows` picks them from
+    in-memory tensors, `uvit.train.data.StreamingLoader` from shards on disk.
     """
-    device = images.device
-    idx = draws.idx.to(device)
-    x0 = images[idx]
+    device = x.device
+    x0 = x
     if latent_scale is not None:
         from uvit.encoders.vae import sample_latents
 
         x0 = sample_latents(x0, latent_scale, noise=draws.latent_noise)
     cond = {}
     if labels is not None:
-        y = labels[idx]
+        y = labels
         if draws.drop.any():
             if null_class is None:
                 raise ValueError("condition dropout needs the null class index")
@@ -149,6 +155,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, em
     scheduler.step()
     if ema is not None:
         ema.update(unwrap(model))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     return StepStats(loss=loss.item(), grad_norm=float(grad_norm), lr=lr)
 
 

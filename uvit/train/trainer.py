@@ -28,7 +28,8 @@ import torch
 from uvit.config import BenchmarkConfig
 from uvit.paths import BenchmarkPaths
 
-METRICS_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
+from uvit.train.monitor import METRICS_FIELDS, MetricsLog  # noqa: F401  (re-exported)
+from uvit.train.step import unwrap
 
 
 # ---------------------------------------------------------------------------- data
@@ -37,7 +38,8 @@ def training_data_dir(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path:
 
 
 def load_training_data(cfg: BenchmarkConfig, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training split as tensors, and labels (N,) or None.
+    """The whole training split in memory as tensors, and labels (N,) or None (small data and
+    tests; training streams batches from the shards instead: uvit/train/data.py).
 
     Pixel benchmarks: images (N, C, H, W) float32 in [-1, 1]. Latent benchmarks: the stored VAE
     moments (N, 2C, h, w) float32, from which every step samples its latents.
@@ -59,23 +61,14 @@ def load_training_data(cfg: BenchmarkConfig, data_dir: Path) -> tuple[torch.Tens
 
 
 # ---------------------------------------------------------------------------- worker
-class MetricsLog:
-    """Append-only CSV of per-step metrics (rank 0 only); survives restarts by truncation."""
+class _Frozen:
+    """A state dict standing in for an optimizer/scheduler when saving (FSDP: gathered state)."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
-        self.path = path
-        rows = []
-        if path.is_file():
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, METRICS_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+    def __init__(self, state: dict):
+        self._state = state
 
-    def append(self, row: dict[str, float]) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, METRICS_FIELDS).writerow({k: row[k] for k in METRICS_FIELDS})
+    def state_dict(self) -> dict:
+        return self._state
 
 
 def _maybe_die(loop_config: dict, step: int, rank: int) -> None:
@@ -98,8 +91,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from uvit.diffusion import make_schedule
     from uvit.models import UViT
-    from uvit.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-    from uvit.train.step import EMA, build_optimizer, draw_step, train_step, warmup_lambda
+    from uvit.train.checkpoint import TrainingState, read_checkpoint, save_checkpoint
+    from uvit.train.data import ShardGather, StreamingLoader, training_field
+    from uvit.train.monitor import MetricsLog, TensorBoard, peak_memory_gib, sample_grid
+    from uvit.train.step import build_optimizer, train_step, warmup_lambda
+    from uvit.train.strategy import Strategy
 
     cfg = BenchmarkConfig.model_validate(loop_config["benchmark"])
     tc = cfg.train
@@ -110,36 +106,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    images, labels = load_training_data(cfg, Path(loop_config["data_dir"]))
-    images = images.to(device)
-    labels = labels.to(device) if labels is not None else None
     uconf = cfg.uvit_config()
-    torch.manual_seed(tc.seed)
-    model = UViT(uconf).to(device)
-    ema = EMA(model, tc.ema_decay)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tuple(tc.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(tc.warmup_steps))
-    state = TrainingState(model, ema.model, optimizer, scheduler, step=0)
+    if uconf.clip_dim is not None:
+        raise NotImplementedError(f"{cfg.name}: text-to-image training (contexts per caption) is not wired into "
+                                  "the trainer yet; the encode stage writes the CLIP features it will read")
+    split = Path(loop_config["data_dir"]) / "train"
+    gather = ShardGather(split, training_field(split), with_labels=cfg.validate_.num_classes > 0)
 
+    # Restore (if any) into the plain model first, then wrap: both strategies load full state dicts.
     scratch = Path(tempfile.mkdtemp(prefix=f"uvit-rank{rank}-"))
     metrics_path = scratch / "metrics.csv"
-    restored = ray.train.get_checkpoint()
+    restored = ray.train.get_checkpoint() or loop_config.get("resume_from")  # a Ray Checkpoint
+    ckpt = None
     if restored is not None:
         with restored.as_directory() as d:
-            load_checkpoint(d, state, device)
+            ckpt = read_checkpoint(d, device)
             if (Path(d) / "metrics.csv").is_file():
                 shutil.copy2(Path(d) / "metrics.csv", metrics_path)
-    elif loop_config.get("resume_from"):
-        d = Path(loop_config["resume_from"])
-        load_checkpoint(d, state, device)
-        if (d / "metrics.csv").is_file():
-            shutil.copy2(d / "metrics.csv", metrics_path)
-    log = MetricsLog(metrics_path, resume_step=state.step) if rank == 0 else None
-
-    net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    torch.manual_seed(tc.seed)
+    model = UViT(uconf).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    strategy = Strategy(tc.strategy, world, device)
+    ema = strategy.make_ema(model, tc.ema_decay, ckpt["ema"] if ckpt is not None else None)
+    net = strategy.wrap(model)
+    optimizer = build_optimizer(net, tc.lr, tc.weight_decay, tuple(tc.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(tc.warmup_steps))
+    start = 0
+    if ckpt is not None:
+        strategy.load_optimizer(net, optimizer, ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start = ckpt["step"]
+        del ckpt
     if tc.compile:
         net = torch.compile(net)
+
+    log = MetricsLog(metrics_path, resume_step=start) if rank == 0 else None
+    tb = TensorBoard(loop_config.get("tensorboard_dir") if rank == 0 else None, resume_step=start)
+    samples_dir = Path(loop_config["samples_dir"]) if loop_config.get("samples_dir") else None
     schedule = make_schedule(cfg.diffusion.schedule)
     p_uncond = cfg.diffusion.p_uncond if uconf.num_classes > 0 else 0.0
     null_class = uconf.num_classes - 1 if p_uncond > 0 else None
@@ -147,36 +151,79 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
     latent_scale = cfg.encode.scale_factor if cfg.encode is not None else None
     sample_shape = (uconf.in_chans, uconf.img_size, uconf.img_size)
+    shadow: dict[str, UViT] = {}  # rank 0, FSDP: full-weight CPU copies to save / sample from
 
-    def report(metrics: dict[str, float]) -> None:
-        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-            checkpoint = None
-            if rank == 0:
-                save_checkpoint(Path(tmp) / "checkpoint", state, metrics_path)
-                checkpoint = ray.train.Checkpoint.from_directory(str(Path(tmp) / "checkpoint"))
-            ray.train.report(metrics, checkpoint=checkpoint)  # every rank calls it: it is a barrier
+    def full_copy(which: str, module: torch.nn.Module) -> UViT:
+        """`module` itself (DDP) or, under FSDP, a plain copy with its gathered weights (collective)."""
+        if not strategy.sharded:
+            return unwrap(module)
+        sd = strategy.model_state(module)
+        if rank != 0:
+            return None
+        if which not in shadow:
+            shadow[which] = UViT(uconf)
+        shadow[which].load_state_dict(sd)
+        return shadow[which]
 
-    bar = tqdm(total=tc.steps, initial=state.step, disable=rank != 0, desc=f"train {cfg.name}",
+    def report(metrics: dict[str, float], step: int) -> None:
+        model_full, ema_full = full_copy("model", net), full_copy("ema", ema.model)
+        optim_state = strategy.optimizer_state(net, optimizer)
+        checkpoint = None
+        if rank == 0:
+            # Not a TemporaryDirectory: with asynchronous upload Ray deletes it once uploaded.
+            directory = Path(tempfile.mkdtemp(dir=scratch)) / "checkpoint"
+            state = TrainingState(model_full, ema_full, _Frozen(optim_state), scheduler, step)
+            save_checkpoint(directory, state, metrics_path)
+            checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+        # Asynchronous upload lets training go on while the files travel; the last one is
+        # synchronous, which also waits for the earlier uploads (reports commit in order).
+        sync = not tc.async_checkpoint or step == tc.steps
+        mode = ray.train.CheckpointUploadMode.SYNC if sync else ray.train.CheckpointUploadMode.ASYNC
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)  # a barrier: every rank calls it
+
+    def grid(step: int) -> None:
+        ema_full = full_copy("ema", ema.model)
+        if rank != 0 or samples_dir is None:
+            return
+        path = sample_grid(cfg, ema_full.to(device), samples_dir / f"step_{step:07d}.png")
+        if strategy.sharded:
+            ema_full.cpu()  # the full copy lives on the host between grids
+        tb.image("samples/ema", path, step)
+
+    bar = tqdm(total=tc.steps, initial=start, disable=rank != 0, desc=f"train {cfg.name}",
                unit="step", mininterval=3.0, ascii=True)
     window_start, window_images, t_start = time.perf_counter(), 0, time.perf_counter()
-    for step in range(state.step, tc.steps):
-        _maybe_die(loop_config, step, rank)
-        draws = draw_step(tc.seed, step, images.shape[0], tc.batch_size, sample_shape, schedule, p_uncond,
-                          rank=rank, world_size=world, latent=latent_scale is not None)
-        stats = train_step(net, optimizer, scheduler, ema, images, labels, draws, schedule, null_class=null_class,
-                           grad_clip=tc.grad_clip, autocast_dtype=autocast, scaler=scaler, latent_scale=latent_scale)
-        state.step = step + 1
-        window_images += tc.batch_size
-        bar.update(1)
-        if log is not None and (state.step % tc.log_every == 0 or state.step == tc.steps):
-            now = time.perf_counter()
-            log.append({"step": state.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                        "images_per_s": window_images / (now - window_start), "elapsed_s": now - t_start})
-            bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
-            window_start, window_images = now, 0
-        if state.step % tc.checkpoint_every == 0 or state.step == tc.steps:
-            report({"step": state.step, "loss": stats.loss})
+    loader = StreamingLoader(gather, seed=tc.seed, global_batch=tc.batch_size, sample_shape=sample_shape,
+                             schedule=schedule, p_uncond=p_uncond, latent=latent_scale is not None,
+                             start_step=start, end_step=tc.steps, rank=rank, world_size=world, device=device,
+                             prefetch=tc.prefetch)
+    with loader:
+        for batch in loader:
+            step = batch.step
+            _maybe_die(loop_config, step, rank)
+            stats = train_step(net, optimizer, scheduler, ema, batch.x, batch.y, batch.draws, schedule,
+                               null_class=null_class, grad_clip=tc.grad_clip, autocast_dtype=autocast,
+                               scaler=scaler, latent_scale=latent_scale)
+            done = step + 1
+            window_images += tc.batch_size
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.steps:
+                now = time.perf_counter()
+                row = {"step": done, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                       "images_per_s": window_images / (now - window_start), "elapsed_s": now - t_start,
+                       "peak_mem_gib": peak_memory_gib(device)}
+                if log is not None:
+                    log.append(row)
+                    tb.scalars(done, {k: v for k, v in row.items() if k != "step"})
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+                window_start, window_images = now, 0
+            if tc.sample_every and done % tc.sample_every == 0:
+                grid(done)
+            if done % tc.checkpoint_every == 0 or done == tc.steps:
+                report({"step": done, "loss": stats.loss}, done)
     bar.close()
+    tb.close()
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -199,8 +246,11 @@ def _init_ray(cfg: BenchmarkConfig) -> None:
                  runtime_env={"env_vars": env}, log_to_driver=True)
 
 
-# Knobs that change how long or how visibly a run goes, not the trajectory it follows.
-_RUN_LENGTH_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every"}
+# Knobs that change how long, where or how visibly a run goes, not the trajectory it follows
+# (the strategy changes only float summation order: DDP and FSDP checkpoints are interchangeable).
+_RUN_LENGTH_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "strategy",
+                    "storage_path", "storage_endpoint", "async_checkpoint", "prefetch", "sample_every",
+                    "tensorboard"}
 
 
 def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path) -> str:
@@ -222,22 +272,18 @@ def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def latest_checkpoint(storage: Path, max_step: int | None = None) -> Path | None:
-    """The newest complete checkpoint under a local Ray storage path (all runs) whose step is at
-    most `max_step`, or None. Incomplete ones (no state.json) are skipped."""
-    from uvit.train.checkpoint import CheckpointError, checkpoint_step
+def latest_checkpoint(storage, max_step: int | None = None) -> str | None:
+    """The newest complete checkpoint (all runs) under a storage location (a local Path or a
+    `uvit.train.storage.Storage`, S3 included) whose step is at most `max_step`, or None.
+    Incomplete ones (no state.json) are skipped."""
+    from uvit.train.storage import Storage, find_checkpoints, resolve_storage
 
-    best: tuple[int, float, Path] | None = None
-    for state in storage.glob("*/checkpoint_*/state.json"):
-        try:
-            key = (checkpoint_step(state.parent), state.stat().st_mtime, state.parent)
-        except CheckpointError:
-            continue
-        if max_step is not None and key[0] > max_step:
-            continue
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return best[2] if best else None
+    if not isinstance(storage, Storage):
+        storage = resolve_storage(storage)
+    for step, _, path in find_checkpoints(storage):
+        if max_step is None or step <= max_step:
+            return path
+    return None
 
 
 def hardware_description(cfg: BenchmarkConfig) -> str:
@@ -251,30 +297,40 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
                  storage_path: str | None = None, kill_at_step: dict | None = None) -> dict[str, Any]:
     """Train `cfg` with Ray Train and export the result to `paths.train`. Returns the summary.
 
-    With `resume` (the default) the newest good checkpoint of the same trajectory (see
-    `train_fingerprint`) at or below `train.steps` is continued; resuming is exact, so the result
-    equals a fresh run's.
+    Checkpoints go to `storage_path`, else `train.storage_path` (a directory or s3://bucket/prefix),
+    else runs/<benchmark>/ray, under a folder per trajectory fingerprint. With `resume` (the
+    default) the newest good checkpoint of the same trajectory (see `train_fingerprint`) at or
+    below `train.steps` is continued; resuming is exact, so the result equals a fresh run's.
+    TensorBoard logs and sample grids always stay local, in runs/<benchmark>/ray/<fingerprint>/.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from uvit.train.checkpoint import checkpoint_step
+    from uvit.train.storage import ensure_dir, resolve_storage
+
     tc = cfg.train
     data_dir = training_data_dir(cfg, paths).resolve()
-    base = Path(storage_path) if storage_path else paths.ray_storage.resolve()
-    storage = base / train_fingerprint(cfg, data_dir)
-    storage.mkdir(parents=True, exist_ok=True)
+    fingerprint = train_fingerprint(cfg, data_dir)
+    where = storage_path or tc.storage_path or paths.ray_storage.resolve()
+    storage = resolve_storage(where, tc.storage_endpoint).child(fingerprint)
+    ensure_dir(storage)
+    local = paths.ray_storage.resolve() / fingerprint  # rank 0's TensorBoard logs and sample grids
     loop_config: dict[str, Any] = {
         "benchmark": cfg.model_dump(by_alias=True, mode="json", exclude={"name"}) | {"name": cfg.name},
         "data_dir": str(data_dir),
+        "tensorboard_dir": str(local / "tensorboard") if tc.tensorboard else None,
+        "samples_dir": str(local / "samples") if tc.sample_every else None,
     }
     last = latest_checkpoint(storage, max_step=tc.steps) if resume else None
     if last is not None:
-        from uvit.train.checkpoint import checkpoint_step
-
-        print(f"resuming from {last} (step {checkpoint_step(last)})")
-        if checkpoint_step(last) == tc.steps:  # already trained this far: export, nothing to run
-            return _export(cfg, paths, last, wall=0.0, run_dir=last.parent)
-        loop_config["resume_from"] = str(last)
+        last_ckpt = ray.train.Checkpoint(last, filesystem=storage.fs)
+        with last_ckpt.as_directory() as d:
+            step = checkpoint_step(d)
+            print(f"resuming from {_uri(storage, last)} (step {step})")
+            if step == tc.steps:  # already trained this far: export, nothing to run
+                return _export(cfg, paths, Path(d), wall=0.0, run_dir=_uri(storage, str(Path(last).parent)))
+        loop_config["resume_from"] = last_ckpt
     if kill_at_step:
         loop_config["kill_at_step"] = kill_at_step
 
@@ -287,7 +343,8 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
                                                resources_per_worker={"CPU": tc.threads_per_worker}),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage.path,
+            storage_filesystem=None if storage.is_local else storage.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
         ),
@@ -296,9 +353,14 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
     result = trainer.fit()
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
-        raise RuntimeError(f"training {cfg.name} finished without a checkpoint under {storage}/{run_name}")
+        raise RuntimeError(f"training {cfg.name} finished without a checkpoint under {storage.uri}/{run_name}")
     with result.checkpoint.as_directory() as d:
-        return _export(cfg, paths, Path(d), wall=wall, run_dir=storage / run_name)
+        return _export(cfg, paths, Path(d), wall=wall, run_dir=storage.child(run_name).uri)
+
+
+def _uri(storage, path: str) -> str:
+    """A path on `storage.fs` as the user would write it (s3://... or a local path)."""
+    return f"s3://{path}" if not storage.is_local else path
 
 
 def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall: float, run_dir: Path) -> dict[str, Any]:
@@ -342,8 +404,10 @@ def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall:
     return summary
 
 
-def _relative(path: Path, root: Path) -> str:
+def _relative(path: str | Path, root: Path) -> str:
     """`path` relative to the project root when it lies inside it (artifacts should not name machines)."""
+    if str(path).startswith("s3://"):
+        return str(path)
     try:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))
     except ValueError:

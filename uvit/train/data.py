@@ -1,0 +1,172 @@
+"""Streaming training batches: each rank gathers its slice of a step's global batch from
+memory-mapped shards, a background thread prefetches the next steps, pinned memory feeds CUDA.
+
+The rows of step s are `draw_step(seed, s, ...)` (see uvit/train/step.py): a pure function of
+(seed, step), so the data position needs no state of its own. A run resumed at step s starts
+the loader at s and sees exactly the batches an uninterrupted run would. Nothing but the rows a
+rank needs is ever read, so the split may be much larger than host or device memory (ImageNet
+latents); the OS page cache keeps hot shards in memory.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from uvit.diffusion.schedules import NoiseSchedule
+from uvit.train.step import StepDraws, draw_step
+
+
+@dataclass
+class Batch:
+    """One rank's share of one step: the training rows and that step's random draws.
+
+    x: (b, C, H, W) float32 images in [-1, 1], or (b, 2C, h, w) float32 VAE moments;
+    y: (b,) int64 labels or None; draws: the rank's `StepDraws` (idx are global row ids).
+    """
+
+    step: int
+    x: Tensor
+    y: Tensor | None
+    draws: StepDraws
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        d = self.draws
+        draws = replace(d, t=move(d.t), noise=move(d.noise), drop=move(d.drop), latent_noise=move(d.latent_noise))
+        return Batch(self.step, move(self.x), move(self.y), draws)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so `to(cuda, non_blocking=True)` overlaps with compute."""
+        d = self.draws
+
+        def pin(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        draws = replace(d, t=pin(d.t), noise=pin(d.noise), drop=pin(d.drop), latent_noise=pin(d.latent_noise))
+        return Batch(self.step, pin(self.x), pin(self.y), draws)
+
+
+class ShardGather:
+    """Row gathers from one split's memory-mapped shards (uvit.data.shards layout).
+
+    `field` is "images" (uint8, scaled to [-1, 1] float32) or "moments" (any float dtype, cast to
+    float32); labels (int64) come along when `with_labels`.
+    """
+
+    def __init__(self, split_dir: str | Path, field: str, with_labels: bool):
+        from uvit.data.shards import ShardedArrays
+
+        self.split = ShardedArrays(split_dir)
+        if field not in self.split.field_names:
+            raise KeyError(f"{split_dir}: no field {field!r}; fields: {self.split.field_names}")
+        self.field = field
+        self.with_labels = with_labels and "labels" in self.split.field_names
+        self.offsets = self.split.manifest.offsets
+        dtype = self.split.manifest.fields[field].np_dtype
+        if field == "images" and dtype != np.uint8:
+            raise ValueError(f"{split_dir}: expected uint8 images, got {dtype}")
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def rows(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (global ids, any order, repeats allowed) of field `name`, (len(idx), *shape)."""
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        spec = self.split.manifest.fields[name]
+        out = np.empty((len(idx), *spec.shape), dtype=spec.np_dtype)
+        for k in np.unique(shard):
+            sel = np.nonzero(shard == k)[0]
+            # Fancy indexing on a memmap reads just these rows (sorted reads would not change values).
+            out[sel] = self.split.shard(name, int(k))[idx[sel] - self.offsets[k]]
+        return out
+
+    def gather(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(x, y) for global row ids idx (b,): x float32 as `load_training_data` returns it."""
+        ids = idx.numpy()
+        raw = torch.from_numpy(self.rows(self.field, ids))
+        # The same elementwise ops as the former in-memory path, so values are bit-identical.
+        x = raw.float().div_(127.5).sub_(1.0) if self.field == "images" else raw.float()
+        y = torch.from_numpy(self.rows("labels", ids)).long() if self.with_labels else None
+        return x, y
+
+
+class StreamingLoader:
+    """Iterates `Batch`es for steps [start_step, end_step) of one rank, `prefetch` steps ahead.
+
+    A daemon thread draws each step's randomness and gathers the rank's rows (numpy releases
+    the GIL while copying from the memmaps), pins them when `device` is CUDA, and queues them;
+    iteration moves each batch to `device` (non-blocking from pinned memory). Errors in the
+    thread are re-raised in the consumer. Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, gather: ShardGather, *, seed: int, global_batch: int, sample_shape: tuple[int, ...],
+                 schedule: NoiseSchedule, p_uncond: float, latent: bool, start_step: int, end_step: int,
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", prefetch: int = 2):
+        self.gather = gather
+        self.kw = dict(num_rows=len(gather), global_batch=global_batch, sample_shape=sample_shape,
+                       schedule=schedule, p_uncond=p_uncond, rank=rank, world_size=world_size, latent=latent)
+        self.seed, self.start, self.end = seed, start_step, end_step
+        self.device = torch.device(device)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="uvit-prefetch", daemon=True)
+        self._thread.start()
+
+    def batch(self, step: int) -> Batch:
+        """The batch of `step` on the CPU (what the thread produces; also usable directly)."""
+        draws = draw_step(self.seed, step, **self.kw)
+        x, y = self.gather.gather(draws.idx)
+        return Batch(step, x, y, draws)
+
+    def _produce(self) -> None:
+        pin = self.device.type == "cuda"
+        try:
+            for step in range(self.start, self.end):
+                b = self.batch(step)
+                if pin:
+                    b = b.pin_memory()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._queue.put(e)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for _ in range(self.start, self.end):
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> StreamingLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def training_field(split_dir: str | Path) -> str:
+    """Which field a split trains on: "moments" (latent benchmarks) or "images" (pixels)."""
+    from uvit.data.shards import Manifest
+
+    fields = Manifest.load(split_dir).fields
+    return "moments" if "moments" in fields else "images"

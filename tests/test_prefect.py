@@ -1,25 +1,28 @@
-"""The Prefect flow (pipelines/flows.py) over cheap stand-in stages.
+"""The Prefect flow (pipelines/flows.py): parameters, caching, retries, and the real deployment.
 
-The flow is built by `make_flow(stages)`, the same code `uvit_benchmark` uses with the real
-`uvit.stages.STAGES`; the stand-ins write small deterministic files where the real stages write
-their artifacts and count their calls in files, so caching and retries are observed across flow
-runs (and, in the slow test, across processes: a real server, a process work pool and a worker).
-The real digits pipeline end to end is tests/test_pipeline.py's job (DVC); through Prefect it is a
-manual command (pipelines/README.md).
+In-process tests use cheap stand-in stages through `make_flow(stages)`, the same code
+`uvit_benchmark` uses with the real `uvit.stages.STAGES`: the stand-ins write small deterministic
+files where the real stages write their artifacts and count their calls, so caching and retries
+are observed exactly. The slow test runs the REAL digits deployment of prefect.yaml on a local
+Prefect server (SQLite, a free loopback port) with a process worker, on a cut-down configuration
+passed as flow parameters: the whole stack (great-expectations, Ray Train, torch-fidelity, the
+report, publishing to a loopback S3) in separate processes, twice (the second run all Cached).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,7 +35,12 @@ BIN = Path(sys.executable).parent
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilterId  # noqa: E402
-from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings  # noqa: E402
+from prefect.settings import (  # noqa: E402
+    PREFECT_API_URL,
+    PREFECT_HOME,
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    temporary_settings,
+)
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from pipelines.flows import (  # noqa: E402
@@ -210,6 +218,7 @@ def test_overrides_and_set_parsing():
 def test_retry_policy():
     assert STAGE_SPECS["data"].retries == 3 and STAGE_SPECS["data"].retry_delay == [10, 20, 40]
     assert STAGE_SPECS["score"].retries == 1
+    assert STAGE_SPECS["publish"].retries == 3  # uploads: the other network step
     assert all(STAGE_SPECS[s].retries == 0 for s in ("validate", "train", "sample", "classifier", "report"))
 
 
@@ -283,7 +292,11 @@ def test_retry_then_success(prefect_api, tmp_path):
 
 @pytest.mark.parametrize(
     ("benchmark", "overrides", "named"),
-    [("nope", None, "unknown benchmark 'nope'"), ("digits", {"digits.train.steps": "abc"}, "digits.train.steps")],
+    [("nope", None, "unknown benchmark 'nope'"),
+     ("digits", {"digits.train.steps": "abc"}, "digits.train.steps"),
+     ("digits", {"digits.train.steps": -5}, "digits.train.steps: Input should be greater than 0"),
+     ("digits", {"digits.model.preset": "uvit_xxl"}, "digits.model.preset"),
+     ("digits", {"digits.artifacts.url": "ftp://host/x"}, "digits.artifacts.url")],
 )
 def test_bad_params_fail_before_any_task(prefect_api, tmp_path, benchmark, overrides, named):
     root = new_project(tmp_path / "project")
@@ -296,8 +309,17 @@ def test_bad_params_fail_before_any_task(prefect_api, tmp_path, benchmark, overr
 
 
 # --------------------------------------------------------------------------------------------
-# A real server, a process work pool, a deployment and a worker (separate processes)
+# The real digits deployment: a server, a process work pool, prefect.yaml, a worker (processes)
 # --------------------------------------------------------------------------------------------
+
+# Flow parameters that cut the real digits pipeline down to well under a minute on 2 cores.
+CUT_DOWN = {
+    "digits.train.steps": 20, "digits.train.num_workers": 1, "digits.train.warmup_steps": 5,
+    "digits.train.checkpoint_every": 20, "digits.train.log_every": 5,
+    "digits.sample.num_samples": 40, "digits.sample.batch_size": 40, "digits.sample.steps": 5,
+    "digits.score.classifier_epochs": 2,
+}
+REAL_STAGES = ["data", "validate", "train", "sample", "classifier", "score", "report", "publish"]
 
 
 def free_port() -> int:
@@ -314,97 +336,128 @@ def prefect_cli(args: list[str], env: dict, cwd: Path, timeout: int = 180) -> st
     return proc.stdout + proc.stderr
 
 
+@contextmanager
+def prefect_server(port: int, env: dict, where: Path):
+    """`prefect server start` on 127.0.0.1:port (SQLite under `where`) until healthy; stopped on exit."""
+    log_path = where / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, cwd=where, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "server did not become healthy"
+                time.sleep(0.5)
+            yield
+        finally:
+            os.killpg(server.pid, 15)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, 9)
+                server.wait()
+
+
+def run_deployment(name: str, params: dict, env: dict, cwd: Path) -> str:
+    """`prefect deployment run NAME --param ...`, then one worker pass; the flow run's id."""
+    args = [a for k, v in params.items() for a in ("--param", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
+    out = prefect_cli(["deployment", "run", name, *args], env, cwd)
+    match = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    assert match, out
+    prefect_cli(["worker", "start", "--pool", "uvit", "--run-once"], env, cwd, timeout=400)
+    return match.group(1)
+
+
+def flow_run_states(flow_run_id: str) -> tuple[str, dict[str, str]]:
+    """(flow run state, {task name: state}) from the API in the current settings."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    return run.state.name, {t.name: t.state.name for t in tasks}
+
+
 @pytest.mark.slow
-def test_deployment_on_a_local_server(tmp_path):
+def test_real_digits_deployment_on_a_local_server(tmp_path, monkeypatch):
+    from uvit.storage.artifacts import ArtifactStore
+    from uvit.storage.s3server import local_s3
+
+    # S3 (the publish stage, a loopback moto server): credentials from the environment only, here
+    # and in the worker's flow-run processes.
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "UVIT_S3_ENDPOINT_URL",
+                "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+                       "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}.items():
+        monkeypatch.setenv(var, value)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    home = tmp_path / "prefect-home"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DATABASE_CONNECTION_URL":
-           f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}", "PYTHONPATH": str(ROOT),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    # The deployed project: a flow file over the stand-in stages and a root for the artifacts.
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "cheap_stages.py").write_text(CHEAP_STAGES)
-    (code / "cheap_flow.py").write_text(textwrap.dedent("""\
-        from cheap_stages import STAGES
-        from pipelines.flows import make_flow
+           f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    root = new_project(tmp_path / "project")  # params.yaml only: the flow writes everything else here
 
-        cheap = make_flow(STAGES, name="uvit-cheap")
-        """))
-    root = new_project(tmp_path / "project")
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.5)
+    with local_s3() as s3, prefect_server(port, env, tmp_path), temporary_settings({PREFECT_API_URL: api}):
+        store = ArtifactStore("s3://uvit-test/artifacts", endpoint_url=s3)
+        store.client.create_bucket(Bucket="uvit-test")
+        overrides = {**CUT_DOWN, "digits.artifacts.url": "s3://uvit-test/artifacts", "digits.artifacts.endpoint_url": s3}
 
-        prefect_cli(["work-pool", "create", "uvit-test", "--type", "process"], env, tmp_path)
-        deploy = textwrap.dedent(f"""\
-            import sys
-            sys.path.insert(0, {str(code)!r})
-            from cheap_flow import cheap
-            cheap.from_source(source={str(code)!r}, entrypoint="cheap_flow.py:cheap").deploy(
-                name="digits", work_pool_name="uvit-test",
-                parameters={{"benchmark": "digits", "root": {str(root)!r}}})
-            """)
-        proc = subprocess.run([sys.executable, "-c", deploy], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=180)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        prefect_cli(["deployment", "run", "uvit-cheap/digits", "--param",
-                     'overrides={"digits.train.steps": 30}'], env, tmp_path)
-        prefect_cli(["worker", "start", "--pool", "uvit-test", "--run-once"], env, tmp_path, timeout=300)
-
-        check = textwrap.dedent("""\
-            from prefect.client.orchestration import get_client
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs()
-                print([(r.name, r.state.name, r.parameters) for r in runs])
-                assert len(runs) == 1 and runs[0].state.name == "Completed", runs
-            """)
-        proc = subprocess.run([sys.executable, "-c", check], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert call_counts(root) == dict.fromkeys(ALL, 1)
-        assert json.loads((root / "runs" / "digits" / "train" / "summary.json").read_text())["steps"] == 30
-
-        # The project's prefect.yaml: `prefect deploy --all` from the repository root registers one
-        # deployment per benchmark whose runs start in the repository root (not run here: training).
+        # The project's prefect.yaml, deployed from the repository root: one deployment per benchmark
+        # on the process pool `uvit`, whose runs start in the repository root.
         prefect_cli(["work-pool", "create", "uvit", "--type", "process"], env, tmp_path)
         prefect_cli(["deploy", "--all"], env, ROOT, timeout=300)
-        check = textwrap.dedent("""\
-            import json
-            from prefect.client.orchestration import get_client
-            with get_client(sync_client=True) as client:
-                print(json.dumps({d.name: [d.entrypoint, d.work_pool_name, d.parameters, d.pull_steps]
-                                  for d in client.read_deployments() if d.work_pool_name == "uvit"}))
-            """)
-        proc = subprocess.run([sys.executable, "-c", check], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        deployed = json.loads(proc.stdout.strip().splitlines()[-1])
-        benchmarks = ["digits", "cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256"]
-        assert sorted(deployed) == sorted(benchmarks)
-        for name, (entrypoint, pool, parameters, pull) in deployed.items():
-            assert (entrypoint, pool) == ("pipelines/flows.py:uvit_benchmark", "uvit")
-            assert parameters == {"benchmark": name, "params_path": "params.yaml"}
-            assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
-    finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait()
-        log.close()
+        with get_client(sync_client=True) as client:
+            deployed = {d.name: d for d in client.read_deployments()}
+        assert sorted(deployed) == sorted(["digits", "cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512",
+                                           "mscoco256"])
+        for name, d in deployed.items():
+            assert (d.entrypoint, d.work_pool_name) == ("pipelines/flows.py:uvit_benchmark", "uvit")
+            assert d.parameters == {"benchmark": name, "params_path": "params.yaml"}
+            assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+
+        # 1. The real digits pipeline through `prefect deployment run 'uvit/digits'` and a worker.
+        params = {"root": str(root), "overrides": overrides}
+        t0 = time.monotonic()
+        first = run_deployment("uvit/digits", params, env, tmp_path)
+        first_s = time.monotonic() - t0
+        state, tasks = flow_run_states(first)
+        assert state == "Completed" and tasks == dict.fromkeys(REAL_STAGES, "Completed"), (state, tasks)
+
+        metrics = json.loads((root / "runs/digits/score/metrics.json").read_text())
+        for key in ("fid", "fid_floor", "fid_ceiling"):
+            assert math.isfinite(metrics[key]) and metrics[key] > 0, key
+        assert metrics["fid_floor"] < metrics["fid"] and 0.0 <= metrics["conditional_accuracy"] <= 1.0
+        assert metrics["num_samples"] == 40
+        summary = json.loads((root / "runs/digits/train/summary.json").read_text())
+        assert (summary["steps"], summary["num_workers"]) == (20, 1) and math.isfinite(summary["final_loss"])
+        assert (root / "reports/digits.md").is_file()
+        with get_client(sync_client=True) as client:
+            arts = {a.key: a for a in client.read_latest_artifacts()}
+        assert '"fid"' in arts["uvit-digits-metrics"].data and "# " in arts["uvit-digits-report"].data
+
+        # The run is on S3 under its content id; fetched back it is byte-identical to the outputs.
+        published = json.loads((root / "runs/digits/publish.json").read_text())
+        assert store.list_runs("digits") == [published["run_id"]]
+        fetched = store.download_run("digits", published["run_id"], tmp_path / "fetched")
+        assert (fetched / "checkpoints/ema/model.safetensors").read_bytes() == \
+            (root / "runs/digits/train/ema/model.safetensors").read_bytes()
+        assert (fetched / "score/metrics.json").read_bytes() == (root / "runs/digits/score/metrics.json").read_bytes()
+        assert (fetched / published["ray_checkpoint"] / "optimizer.pt").is_file()
+
+        # 2. Again, unchanged: every task is served from the cache (no stage function runs).
+        t0 = time.monotonic()
+        second = run_deployment("uvit/digits", params, env, tmp_path)
+        second_s = time.monotonic() - t0
+        state, tasks = flow_run_states(second)
+        assert state == "Completed" and tasks == dict.fromkeys(REAL_STAGES, "Cached"), (state, tasks)
+        assert store.list_runs("digits") == [published["run_id"]]
+    print(f"real digits deployment: first run {first_s:.0f} s, cached run {second_s:.0f} s")

@@ -180,6 +180,21 @@ def _entries_id(entries: list[dict[str, Any]]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _read_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask is process-wide, so not per call from threads
+
+
+def _publish_tmp(tmp: str | Path, target: Path) -> None:
+    """Rename a finished temp file into place with ordinary permissions (mkstemp makes it 0600)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, target)
+
+
 def _etag(value: str | None) -> str:
     return (value or "").strip('"')
 
@@ -214,7 +229,7 @@ class _LocalBackend:
             got = _digest(Path(tmp))
             if (got.size, got.sha256) != (digest.size, digest.sha256):
                 raise ArtifactIntegrityError(self.uri(key), digest.sha256, got.sha256)
-            os.replace(tmp, target)
+            _publish_tmp(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -699,7 +714,7 @@ class ArtifactStore:
                     raise ArtifactIntegrityError(
                         self._backend.uri(key), str(size), str(got), "size"
                     )
-                os.replace(tmp, target)
+                _publish_tmp(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise

@@ -27,6 +27,9 @@ from uvit.evaluate.fid import (  # noqa: E402
     fid,
     fid_from_statistics,
     fid_statistics,
+    inception_score_from_logits,
+    kid,
+    kid_from_features,
     load_fid_statistics,
     save_fid_statistics,
 )
@@ -152,6 +155,48 @@ def test_fid_digits_classifier(classifier, classifier_dir, digits):
     path = save_fid_statistics(classifier_dir.parent / "ref" / "digits_train.npz", mu_a, s_a)
     mu_b, s_b = fid_statistics(xte, **kw)
     assert fid_from_statistics(*load_fid_statistics(path), mu_b, s_b) == pytest.approx(floor, rel=1e-6)
+
+
+def _numpy_kid(fa: np.ndarray, fb: np.ndarray) -> float:
+    """Unbiased MMD² with the polynomial kernel (x.y / D + 1)^3 (KID, Binkowski et al. 2018), written out;
+    the cross term keeps its diagonal, as torch-fidelity's "unbiased" estimator does."""
+    m, d = len(fa), fa.shape[1]
+    k = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(fa, fa), k(fb, fb), k(fa, fb)
+    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.sum() / m**2)
+
+
+def test_kid_digits_classifier(classifier, classifier_dir, digits):
+    kw = dict(extractor="digits-classifier", classifier_path=classifier_dir)
+    xte = digits["x_test"]  # 360 images
+    xtr = digits["x_train"][: len(xte)]
+    noise = np.random.default_rng(0).integers(0, 256, size=xte.shape, dtype=np.uint8)
+    self_kid, _ = kid(xte, xte, subsets=5, **kw)
+    real_kid, real_std = kid(xte, xtr, subsets=5, **kw)
+    noise_kid, _ = kid(xte, noise, subsets=5, **kw)
+    print(f"KID: self {self_kid:.3g}, test vs train {real_kid:.4g} +- {real_std:.2g}, vs noise {noise_kid:.4g}")
+    # Against itself KID is ~0: not exactly, as the estimator keeps the cross term's diagonal
+    # (k(x_i, x_i) for identical sets), an O(1/m) negative offset.
+    assert abs(self_kid) < 0.05 * noise_kid and real_kid < 0.05 * noise_kid
+    # Subsets of the whole set (360 of 360 rows) are permutations: KID is the full-set MMD², exactly
+    # the direct numpy computation on the same features.
+    with torch.no_grad():
+        fa = classifier.features(DigitClassifier.preprocess(torch.as_tensor(xte))).double().numpy()
+        fb = classifier.features(DigitClassifier.preprocess(torch.as_tensor(xtr))).double().numpy()
+    assert real_std < 1e-6 * abs(real_kid) + 1e-9
+    assert self_kid == pytest.approx(_numpy_kid(fa, fa), rel=1e-3)
+    assert real_kid == pytest.approx(_numpy_kid(fa, fb), rel=1e-3)
+    assert kid_from_features(fa, fb, subsets=3)[0] == pytest.approx(_numpy_kid(fa, fb), rel=1e-3)
+    # Smaller subsets: the mean is still an unbiased estimate of the same MMD²; the std is > 0.
+    sub_mean, sub_std = kid_from_features(fa, fb, subset_size=100, subsets=50)
+    assert sub_std > 0 and sub_mean == pytest.approx(real_kid, abs=3 * sub_std)
+
+
+def test_inception_score_from_logits():
+    uniform = torch.zeros(100, 10)  # every prediction the same: IS 1
+    assert inception_score_from_logits(uniform)[0] == pytest.approx(1.0)
+    confident = torch.nn.functional.one_hot(torch.arange(100) % 10, 10).float() * 50  # sure and balanced: IS K
+    assert inception_score_from_logits(confident, splits=1)[0] == pytest.approx(10.0, rel=1e-3)
 
 
 def test_fid_argument_errors(classifier_dir, digits):

@@ -147,3 +147,19 @@ def test_ray_workers_give_the_same_samples(model_dir, reference, tmp_path):
         np.testing.assert_array_equal(merge_shards(tmp_path), reference)
     finally:
         ray.shutdown()
+
+
+def test_pngs_written_restored_and_pruned(model_dir, reference, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "png"
+    sample_to_shards(model_dir, tmp_path / "out", shard_size=5, png_dir=png, **RUN)
+    names = sorted(p.name for p in png.iterdir())
+    assert names == [f"{i:06d}.png" for i in range(N)]
+    for i in (0, 7, N - 1):  # sample i's PNG holds exactly sample i (HWC RGB)
+        np.testing.assert_array_equal(np.asarray(Image.open(png / names[i])), reference[i].transpose(1, 2, 0))
+    (png / names[6]).unlink()  # a reused shard's missing PNG is rewritten from the shard file
+    (png / f"{N + 3:06d}.png").write_bytes(b"stale")  # beyond N: from an earlier, larger run
+    res = sample_to_shards(model_dir, tmp_path / "out", shard_size=5, png_dir=png, **RUN)
+    assert res["computed"] == [] and sorted(p.name for p in png.iterdir()) == names
+    np.testing.assert_array_equal(np.asarray(Image.open(png / names[6])), reference[6].transpose(1, 2, 0))

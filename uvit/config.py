@@ -111,6 +111,13 @@ class SampleConfig(_Section):
     batch_size: PositiveInt = 500
     seed: int = 0
     use_ema: bool = True
+    # Sharded, resumable sampling (uvit.evaluate.sharded): samples do not depend on these two.
+    num_workers: PositiveInt = 1  # 1: in this process; > 1: one Ray task per shard (a GPU each with train.use_gpu)
+    shard_size: PositiveInt = 10_000
+    png: bool = True  # also write samples/png/{i:06d}.png
+    # Text-to-image: which validation captions (uvit.evaluate.captions): "first" N caption rows, or
+    # "one_per_image" (the first caption of each of the first N images).
+    captions: Literal["first", "one_per_image"] = "first"
 
 
 class ScoreConfig(_Section):
@@ -118,6 +125,8 @@ class ScoreConfig(_Section):
     classifier_epochs: PositiveInt = 30
     inception_weights: str | None = None
     reference_stats: str | None = None  # a user-supplied .npz (mu, sigma), e.g. ADM's ImageNet statistics
+    clip_model: str | None = None  # text-to-image: CLIP for the CLIP score (a local directory or hub id)
+    kid_subset_size: PositiveInt = 1000  # KID subsets of min(this, number of samples) images
     clip_model: str | None = None  # text-to-image: CLIP for the CLIP score (a local directory or hub id)
     kid_subset_size: PositiveInt = 1000  # KID subsets of min(this, number of samples) images
 

@@ -1,4 +1,4 @@
-"""FID through torch-fidelity, in one of two feature spaces.
+"""FID (and KID, IS) through torch-fidelity, in one of two feature spaces.
 
 - ``extractor="inception"``: torch-fidelity's ``inception-v3-compat`` (the TF-FID Inception, 2048-d
   pool3 features, as in U-ViT's evaluation), loaded from a LOCAL weights file. Nothing is ever
@@ -9,6 +9,11 @@
   is plugged into torch-fidelity as a ``FeatureExtractorBase`` subclass registered under
   :data:`DIGITS_EXTRACTOR`; the classifier directory travels through torch-fidelity's own
   ``feature_extractor_weights_path`` argument.
+
+KID (Kernel Inception Distance: the unbiased polynomial-kernel MMD², averaged over random subsets,
+unbiased also on small sets) and IS (Inception Score, from the Inception logits) are
+torch-fidelity's too (``calculate_metrics(kid=True)``, ``kid_features_to_metric``,
+``isc_features_to_metric``).
 
 The Fréchet distance itself is always torch-fidelity's (``calculate_metrics`` or, for cached
 reference statistics, ``metric_fid.fid_statistics_to_metric``); this module only prepares inputs.
@@ -40,6 +45,10 @@ __all__ = [
     "save_fid_statistics",
     "load_fid_statistics",
     "inception_weights_path",
+    "extract_features",
+    "kid",
+    "kid_from_features",
+    "inception_score_from_logits",
 ]
 
 EXTRACTORS = ("inception", "digits-classifier")
@@ -283,3 +292,83 @@ def load_fid_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read ``mu`` (D,) and ``sigma`` (D, D) from an ``.npz`` such as U-ViT's assets/fid_stats files."""
     with np.load(path) as data:
         return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+
+
+# --------------------------------------------------------------------------- KID and IS
+
+
+def extract_features(
+    images: np.ndarray | Tensor,
+    layers: tuple[str, ...],
+    *,
+    extractor: str = "inception",
+    weights_path: str | Path | None = None,
+    classifier_path: str | Path | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, Tensor]:
+    """{layer: float32 (N, D) on CPU} of uint8 images (N, C, H, W) in one pass of the extractor.
+
+    layers: torch-fidelity layer names, e.g. ("2048", "logits_unbiased") for Inception (FID/KID
+    features and IS logits) or ("features", "logits") for the digits classifier.
+    """
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
+    with _on_device(device) as cuda:
+        module = create_feature_extractor(name, list(layers), cuda=cuda, feature_extractor_weights_path=weights,
+                                          verbose=False)
+        feats = get_featuresdict_from_dataset(UInt8Images(images, rgb=rgb), module, batch_size, cuda,
+                                              save_cpu_ram=True, verbose=False)
+    return {k: v.cpu() for k, v in feats.items()}
+
+
+def kid_from_features(features_a: np.ndarray | Tensor, features_b: np.ndarray | Tensor, *, subset_size: int = 1000,
+                      subsets: int = 100, seed: int = 2020) -> tuple[float, float]:
+    """(mean, std) of KID over `subsets` random subsets of min(subset_size, N_a, N_b) rows each:
+    torch-fidelity's ``kid_features_to_metric`` (kernel (x.y / D + 1)^3) on float (N, D) features."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    a, b = torch.as_tensor(features_a).float(), torch.as_tensor(features_b).float()
+    m = kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=min(subset_size, len(a), len(b)),
+                               kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                               kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
+    return float(m[KEY_METRIC_KID_MEAN]), float(m[KEY_METRIC_KID_STD])
+
+
+def kid(
+    images_a: np.ndarray | Tensor,
+    images_b: np.ndarray | Tensor,
+    *,
+    extractor: str = "inception",
+    weights_path: str | Path | None = None,
+    classifier_path: str | Path | None = None,
+    subset_size: int = 1000,
+    subsets: int = 100,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> tuple[float, float]:
+    """(mean, std) KID between two sets of uint8 images (N, C, H, W), by torch-fidelity's
+    ``calculate_metrics(kid=True)`` in the same feature space as :func:`fid`; subsets hold
+    min(subset_size, N_a, N_b) images, so small sets (the 360 digits samples) work."""
+    import torch_fidelity
+
+    name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
+    a, b = UInt8Images(images_a, rgb=rgb), UInt8Images(images_b, rgb=rgb)
+    with _on_device(device) as cuda:
+        metrics = torch_fidelity.calculate_metrics(
+            input1=a, input2=b, kid=True, kid_subsets=subsets, kid_subset_size=min(subset_size, len(a), len(b)),
+            feature_extractor=name, feature_extractor_weights_path=weights, batch_size=batch_size, cuda=cuda,
+            **_FIDELITY_KWARGS)
+    return float(metrics[torch_fidelity.KEY_METRIC_KID_MEAN]), float(metrics[torch_fidelity.KEY_METRIC_KID_STD])
+
+
+def inception_score_from_logits(logits: np.ndarray | Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
+    """(mean, std) Inception Score of classifier logits (N, classes) over `splits` splits
+    (torch-fidelity's ``isc_features_to_metric``; Inception's "logits_unbiased" layer)."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    logits = torch.as_tensor(logits)
+    # Fewer samples than splits would leave empty splits (NaN): small test runs use one per sample.
+    m = isc_features_to_metric(logits, splits=min(splits, len(logits)), shuffle=True, rng_seed=seed)
+    return float(m[KEY_METRIC_ISC_MEAN]), float(m[KEY_METRIC_ISC_STD])

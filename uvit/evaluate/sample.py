@@ -30,18 +30,27 @@ def balanced_labels(num_samples: int, num_classes: int) -> Tensor:
 
 @torch.no_grad()
 def generate(model: UViT, *, schedule: str, sampler: str, steps: int, seeds: list[int],
-             labels: Tensor | None = None, guidance_scale: float = 0.0, batch_size: int = 500,
-             device: str | torch.device = "cpu", progress: bool = True, **sampler_kwargs) -> Tensor:
+             labels: Tensor | None = None, contexts: Tensor | None = None, empty_context: Tensor | None = None,
+             guidance_scale: float = 0.0, batch_size: int = 500, device: str | torch.device = "cpu",
+             progress: bool = True, **sampler_kwargs) -> Tensor:
     """Samples (N, C, H, W) in the model's data range ([-1, 1] for pixels), N = len(seeds).
 
     labels: (N,) class indices for a class-conditional model; guidance uses the model's last
     class (the null class of CFG training) as the unconditional branch.
+    contexts: (N, 77, D) CLIP contexts for a text-to-image model (any float dtype, any device;
+    moved per batch); empty_context: (77, D) the context of "" (spec 3.3: the unconditional
+    branch is the encoding of the empty caption, not zeros), needed when guidance_scale > 0.
     """
     c = model.config
     model = model.to(device).eval()
     sched = make_schedule(schedule)
     if c.num_classes > 0 and labels is None:
         raise ValueError("a class-conditional model needs `labels`")
+    if c.clip_dim is not None:
+        if contexts is None or len(contexts) != len(seeds):
+            raise ValueError("a text-to-image model needs `contexts` (N, 77, D), one per seed")
+        if guidance_scale > 0 and empty_context is None:
+            raise ValueError("guidance on a text-to-image model needs `empty_context` (77, D)")
     out = []
     bar = tqdm(total=len(seeds), desc=f"sample {sampler} x{steps}", unit="img", disable=not progress, ascii=True)
     for start in range(0, len(seeds), batch_size):
@@ -56,6 +65,14 @@ def generate(model: UViT, *, schedule: str, sampler: str, steps: int, seeds: lis
             else:
                 def net(x, t, y=y):
                     return model(x, t, y=y)
+        elif c.clip_dim is not None:
+            ctx = torch.as_tensor(contexts[start:start + len(chunk)]).to(device, torch.float32)
+            if guidance_scale > 0:
+                empty = torch.as_tensor(empty_context).to(device, torch.float32)[None]
+                net = classifier_free_guidance(model, guidance_scale, {"context": ctx}, {"context": empty})
+            else:
+                def net(x, t, ctx=ctx):
+                    return model(x, t, context=ctx)
         else:
             net = model
         x = sample(sampler, wrap_model(net, sched), sched, x_T, steps, noise=noise, **sampler_kwargs)
@@ -83,13 +100,19 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int, upscale: int = 1)
     return path
 
 
-def save_samples(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
-    """`.npz` with `arr_0` uint8 NHWC (the layout the reference evaluation suites read) and labels."""
+def save_samples(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None,
+                 extras: dict[str, np.ndarray] | None = None) -> Path:
+    """`.npz` with `arr_0` uint8 NHWC (the layout the reference evaluation suites read), labels,
+    and any per-sample `extras` (N, ...) such as text-to-image `caption_rows` and `captions`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"arr_0": images.transpose(0, 2, 3, 1)}
     if labels is not None:
         arrays["labels"] = labels
+    for k, v in (extras or {}).items():
+        if k in arrays or len(v) != len(images):
+            raise ValueError(f"extra {k!r}: a reserved name or not one row per sample")
+        arrays[k] = v
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
@@ -102,3 +125,29 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         images = f["arr_0"].transpose(0, 3, 1, 2)
         labels = f["labels"] if "labels" in f.files else None
     return np.ascontiguousarray(images), labels
+
+
+def load_sample_extras(path: str | Path) -> dict[str, np.ndarray]:
+    """The per-sample arrays of a `save_samples` file other than images and labels."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files if k not in ("arr_0", "labels")}
+
+
+def save_pngs(images: np.ndarray, out_dir: str | Path, start: int = 0) -> list[Path]:
+    """Write uint8 (N, C, H, W) images as `out_dir/{start + i:06d}.png` (the official `sample2dir`
+    layout: one file per sample, named by its global index, so shards fill one folder)."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, x in enumerate(images):
+        hwc = x.transpose(1, 2, 0)
+        p = out_dir / png_name(start + i)
+        Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc).save(p)
+        paths.append(p)
+    return paths
+
+
+def png_name(i: int) -> str:
+    return f"{i:06d}.png"

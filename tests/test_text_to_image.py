@@ -1,0 +1,191 @@
+"""Text-to-image evaluation on tiny models built from configs: the CLIP score against a direct
+computation, and the sample + score stages over encoded validation captions (CFG against the
+empty-caption context, VAE decoding, captions stored with the samples, the example-caption grid)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("torch_fidelity")
+
+from uvit.config import load_benchmark, load_params  # noqa: E402
+from uvit.data.encode import encode_captions, load_empty_context  # noqa: E402
+from uvit.data.shards import ShardedArrays, write_split  # noqa: E402
+from uvit.encoders import WeightsNotAvailableError  # noqa: E402
+from uvit.evaluate.captions import select_caption_rows  # noqa: E402
+from uvit.evaluate.clip_score import clip_score, clip_scores, load_clip  # noqa: E402
+from uvit.evaluate.sample import generate, load_sample_extras, load_samples, sample_seeds, to_uint8  # noqa: E402
+from uvit.models import UViT  # noqa: E402
+from uvit.paths import BenchmarkPaths  # noqa: E402
+from uvit.report.paper import PAPER_CAPTIONS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = [["a cat", "a dog"], ["the dog sat", "cat", "a dog at a cat"], ["dog"], ["cat sat", "at"]]
+FLAT = [c for caps in CAPTIONS for c in caps]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny CLIPModel + CLIPProcessor (hand-written BPE vocabulary) saved as a hub-style directory:
+    it serves as the text encoder (CLIPTextModel reads its text half) and as the CLIP-score model."""
+    d = tmp_path_factory.mktemp("clip")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c] = len(vocab)
+    for c in letters:
+        vocab[c + "</w>"] = len(vocab)
+    merges = ["a t</w>", "c at</w>", "d o", "do g</w>"]
+    for tok in ("at</w>", "cat</w>", "do", "dog</w>"):
+        vocab[tok] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(d))
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(d))
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(str(d))
+    return d
+
+
+# ----------------------------------------------------------------------------- CLIP score
+
+
+def test_clip_score_matches_direct_computation(clip_dir):
+    model, processor = load_clip(clip_dir)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 3, 12, 12), dtype=np.uint8)
+    texts = ["a cat", "a dog", "the dog sat", "cat", "at"]
+    per = clip_scores(images, texts, model, processor, batch_size=2)
+    # Direct: CLIPModel's own forward, logits_per_image = exp(logit_scale) * cosine of every pair.
+    inputs = processor(text=texts, images=list(images.transpose(0, 2, 3, 1)), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = (out.logits_per_image.diagonal() / model.logit_scale.exp()).double().numpy()
+    np.testing.assert_allclose(per, 100 * np.maximum(cos, 0), rtol=1e-4, atol=1e-4)
+    assert (per > 0).all()
+    # Negative cosines count as 0: flip the text embeddings' sign.
+    model.text_projection.weight.data.neg_()
+    np.testing.assert_array_equal(clip_scores(images, texts, model, processor), np.zeros(5))
+    model.text_projection.weight.data.neg_()
+    assert clip_score(images, texts, model, processor) == pytest.approx(per.mean(), rel=1e-6)
+    with pytest.raises(ValueError, match="captions"):
+        clip_scores(images, texts[:2], model, processor)
+    with pytest.raises(ValueError, match="uint8"):
+        clip_scores(images.astype(np.float32), texts, model, processor)
+
+
+def test_clip_offline_error_says_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(WeightsNotAvailableError) as err:
+        load_clip("openai/clip-vit-large-patch14", params_key="mscoco256.score.clip_model")
+    msg = str(err.value)
+    assert "huggingface-cli download openai/clip-vit-large-patch14" in msg
+    assert "mscoco256.score.clip_model" in msg and "preprocessor_config.json" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsNotAvailableError, match="config.json"):
+        load_clip(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _tiny_vae_dir(root: Path) -> Path:
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=8)
+    vae.save_pretrained(str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def t2i_run(tmp_path_factory, clip_dir, random_inception_weights):
+    """A mscoco256 configuration shrunk to tiny models, with encoded captions and a saved model."""
+    tmp = tmp_path_factory.mktemp("t2i")
+    params = copy.deepcopy(load_params(ROOT / "params.yaml"))
+    block = params["mscoco256"]
+    block["model"]["overrides"] = {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "clip_dim": 32}
+    block["encode"].update(vae=str(_tiny_vae_dir(tmp / "vae")), text_encoder=str(clip_dir))
+    block["sample"].update(steps=3, num_samples=5, batch_size=5, shard_size=2, guidance_scale=1.0)
+    block["score"].update(inception_weights=random_inception_weights, clip_model=str(clip_dir), kid_subset_size=3)
+    cfg = load_benchmark("mscoco256", params)
+    paths = BenchmarkPaths("mscoco256", tmp)
+    width = max(len(c) for c in FLAT)
+    caps = np.full((len(CAPTIONS), 3), "", dtype=f"<U{width}")
+    for i, c in enumerate(CAPTIONS):
+        caps[i, :len(c)] = c
+    write_split(paths.data / "val", {"images": np.zeros((4, 3, 8, 8), np.uint8),
+                                     "num_captions": np.array([len(c) for c in CAPTIONS], dtype=np.int64),
+                                     "captions": caps}, name="coco", split="val", shard_size=3)
+    real = np.random.default_rng(1).integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
+    write_split(paths.data / "train", {"images": real}, name="coco", split="train")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip_dir))
+    text_model = transformers.CLIPTextModel.from_pretrained(str(clip_dir)).eval()
+    encode_captions(paths.data / "val", paths.contexts / "val", tokenizer, text_model, shard_size=3, progress=False)
+    torch.manual_seed(0)
+    UViT(cfg.uvit_config()).save_pretrained(paths.train / "ema")
+    return cfg, paths
+
+
+def test_caption_selection(t2i_run):
+    _, paths = t2i_run
+    root = paths.contexts / "val"
+    assert select_caption_rows(root, 5, "first").tolist() == [0, 1, 2, 3, 4]
+    assert select_caption_rows(root, 3, "one_per_image").tolist() == [0, 2, 5]
+    with pytest.raises(ValueError, match="has 4 images"):
+        select_caption_rows(root, 5, "one_per_image")
+
+
+def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
+    from uvit.encoders.vae import decode, load_vae
+    from uvit.stages.evaluate import run_sample, run_score
+
+    cfg, paths = t2i_run
+    summary = run_sample(cfg, paths)
+    assert summary["num_samples"] == 5 and summary["shards_computed"] == 3
+    images, labels = load_samples(paths.samples / "samples.npz")
+    extras = load_sample_extras(paths.samples / "samples.npz")
+    assert images.shape == (5, 3, 8, 8) and labels is None  # decoded by the VAE (factor 2)
+    assert extras["caption_rows"].tolist() == [0, 1, 2, 3, 4] and extras["captions"].tolist() == FLAT[:5]
+    assert sorted(p.name for p in (paths.samples / "png").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+
+    # Direct: the stored contexts, guidance against the stored empty-caption context, VAE decode.
+    model = UViT.from_pretrained(paths.train / "ema")
+    ctx = torch.from_numpy(np.asarray(ShardedArrays(paths.contexts / "val").field("contexts")[:5], np.float32))
+    kw = dict(schedule="discrete", sampler="dpm_solver_pp", steps=3, seeds=sample_seeds(0, 5), contexts=ctx,
+              guidance_scale=1.0, batch_size=5, progress=False)
+    vae = load_vae(cfg.encode.vae, scale_factor=cfg.encode.scale_factor)
+    want = to_uint8(decode(vae, generate(model, empty_context=torch.from_numpy(
+        load_empty_context(paths.contexts / "val")), **kw), batch_size=50))
+    np.testing.assert_array_equal(images, want)
+    zeros = to_uint8(decode(vae, generate(model, empty_context=torch.zeros(77, 32), **kw), batch_size=50))
+    assert not np.array_equal(images, zeros)  # the null context is the encoding of "", not zeros
+
+    ex = json.loads((paths.samples / "examples.json").read_text())
+    assert ex["captions"] == list(PAPER_CAPTIONS) and (paths.samples / "examples.png").is_file()
+    assert run_sample(cfg, paths)["shards_reused"] == 3  # resumed: nothing sampled again
+
+    metrics = run_score(cfg, paths)
+    m, proc = load_clip(clip_dir)
+    assert metrics["clip_score"] == pytest.approx(clip_score(images, FLAT[:5], m, proc), rel=1e-6)
+    assert np.isfinite(metrics["fid"]) and metrics["inception_score"] >= 1.0
+    assert metrics["kid"] is not None and metrics["kid_subset_size"] == 3
+    assert json.loads((paths.score / "metrics.json").read_text())["clip_score"] == metrics["clip_score"]

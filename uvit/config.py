@@ -127,8 +127,6 @@ class ScoreConfig(_Section):
     reference_stats: str | None = None  # a user-supplied .npz (mu, sigma), e.g. ADM's ImageNet statistics
     clip_model: str | None = None  # text-to-image: CLIP for the CLIP score (a local directory or hub id)
     kid_subset_size: PositiveInt = 1000  # KID subsets of min(this, number of samples) images
-    clip_model: str | None = None  # text-to-image: CLIP for the CLIP score (a local directory or hub id)
-    kid_subset_size: PositiveInt = 1000  # KID subsets of min(this, number of samples) images
 
 
 class ArtifactsConfig(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 from pathlib import Path
 
@@ -19,11 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ray_session():
+    import os
+
     import ray
 
+    # Credentials of the loopback moto S3 (any value is accepted there); set before ray.init so
+    # the workers inherit them. Nothing is sent anywhere but 127.0.0.1.
+    fake = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in fake}
+    os.environ.update(fake)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +73,16 @@ def weights(run: dict, which: str = "model") -> dict[str, torch.Tensor]:
     return UViT.from_pretrained(run["dir"] / which).state_dict()
 
 
-def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, digits_data, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def two_workers(ray_session, digits_data, tmp_path_factory) -> dict:
+    """The reference: 12 uninterrupted steps on two DDP workers (shared by the tests below)."""
+    return train(digits_data, tmp_path_factory.mktemp("ref"), workers=2)
+
+
+def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, digits_data, two_workers,
+                                                                 tmp_path) -> None:
     one = train(digits_data, tmp_path, workers=1)
-    two = train(digits_data, tmp_path, workers=2)
+    two = two_workers
     assert one["summary"]["steps"] == two["summary"]["steps"] == 12
     w1, w2 = weights(one), weights(two)
     torch.manual_seed(0)  # the trainer's init: train.seed = 0
@@ -72,8 +92,9 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, di
         torch.testing.assert_close(w1[k], w2[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
-def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session, digits_data, tmp_path) -> None:
-    reference = train(digits_data, tmp_path, workers=2)
+def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session, digits_data, two_workers,
+                                                               tmp_path) -> None:
+    reference = two_workers
     marker = tmp_path / "killed"
     # Rank 1 dies at step 6: after the step-4 checkpoint, before the step-8 one.
     crashed = train(digits_data, tmp_path, workers=2, train={"max_failures": 2},
@@ -110,3 +131,60 @@ def test_raising_steps_continues_a_previous_run(ray_session, digits_data, tmp_pa
         torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5, msg=k)
     saved = json.loads((run_root / "runs/digits/train/summary.json").read_text())
     assert saved["steps"] == 12
+
+
+def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers, tmp_path) -> None:
+    """Checkpoints go to a (loopback moto) S3 bucket; a second invocation on another machine (a
+    fresh project root) resumes from them with FSDP and ends where the DDP reference ends.
+    The same run checks the monitor: metrics columns, TensorBoard, EMA sample grids."""
+    import boto3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from uvit.storage.s3server import local_s3
+
+    with local_s3() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="uvit-ray")
+        s3 = {"storage_path": "s3://uvit-ray/ckpt", "storage_endpoint": endpoint}
+        first = train(digits_data, tmp_path, workers=2, train={"steps": 8, **s3})
+        keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint)
+                .list_objects_v2(Bucket="uvit-ray")["Contents"]]
+        states = sorted(k for k in keys if k.endswith("/state.json"))
+        assert len(states) == 2 and all(k.startswith("ckpt/") for k in states)  # steps 4 and 8, keep-last-2
+        assert first["summary"]["ray_run"].startswith("s3://uvit-ray/ckpt/")
+        assert not list((first["dir"].parent / "ray").glob("*/*/checkpoint_*"))  # none kept locally
+
+        resumed = train(digits_data, tmp_path, workers=2, train={"steps": 12, "strategy": "fsdp",
+                                                                 "sample_every": 2, **s3})
+        assert resumed["summary"]["steps"] == 12
+        rows = list(csv.DictReader((resumed["dir"] / "metrics.csv").open()))
+        assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]  # steps 2-8 came from S3
+        assert list(rows[0]) == ["step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s", "peak_mem_gib"]
+        assert all(float(r["grad_norm"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+        for which in ("model", "ema"):  # FSDP resumed from DDP state == DDP all the way
+            ref, got = weights(two_workers, which), weights(resumed, which)
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4, msg=f"{which}.{k}")
+
+        # The FSDP checkpoint on S3 is a full one: it loads into a plain single-process state.
+        import ray.train
+
+        from uvit.train.checkpoint import TrainingState, load_checkpoint
+        from uvit.train.step import EMA, build_optimizer, warmup_lambda
+        from uvit.train.storage import find_checkpoints, resolve_storage
+
+        storage = resolve_storage("s3://uvit-ray/ckpt", endpoint)
+        fp = resumed["summary"]["ray_run"].split("/")[-2]
+        step, _, path = find_checkpoints(storage.child(fp))[0]
+        local = ray.train.Checkpoint(path, filesystem=storage.fs).to_directory(str(tmp_path / "ckpt12"))
+        model = UViT(UViT.from_pretrained(resumed["dir"] / "model").config)
+        opt = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999))
+        state = TrainingState(model, EMA(model, 0.9).model, opt,
+                              torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(2)), 0)
+        load_checkpoint(local, state)
+        assert step == state.step == 12 and len(opt.state) == len(list(model.parameters()))
+
+    run_local = resumed["dir"].parent / "ray" / fp
+    assert sorted(p.name for p in (run_local / "samples").iterdir()) == ["step_0000010.png", "step_0000012.png"]
+    events = EventAccumulator(str(run_local / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 12]  # this invocation's steps
+    assert len(events.Images("samples/ema")) == 2

@@ -281,3 +281,34 @@ def test_plot_loss_valid_png(tmp_path: Path) -> None:
     assert _is_png(out)
     with pytest.raises(ValueError, match="loss"):
         plot_loss(df.drop(columns="loss"), tmp_path / "bad.png")
+
+
+def test_text_to_image_page_clip_score_kid_and_example_captions(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "runs", "mscoco256", score={
+        "fid": 9.87, "clip_score": 26.123, "clip_model": "openai/clip-vit-large-patch14", "kid": 0.0123,
+        "kid_std": 0.0007, "kid_subset_size": 1000, "inception_score": 21.5, "feature_extractor": "inception",
+        "num_samples": 30000})
+    row = results_table(load_run(run, "mscoco256")).iloc[0]
+    assert row["CLIP score"] == "26.123" and row["KID (± std over subsets)"] == "1.23e-02 ± 7.00e-04"
+    assert row["Inception score"] == "21.50"
+    reports = tmp_path / "reports"
+    # No examples yet: the section says so.
+    text = write_benchmark_report("mscoco256", run, reports).read_text()
+    assert "## The paper's example captions" in text and "not run: no `samples/examples.png`" in text
+    _png(run / "samples/examples.png")
+    (run / "samples/examples.json").write_text(json.dumps({"captions": list(PAPER_CAPTIONS), "per_caption": 4}))
+    text = write_benchmark_report("mscoco256", run, reports).read_text()
+    assert "(mscoco256/examples.png)" in text and _is_png(reports / "mscoco256/examples.png")
+    for i, caption in enumerate(PAPER_CAPTIONS):
+        assert f"{i + 1}. {caption}" in text
+    assert "CLIP score 26.123 with openai/clip-vit-large-patch14" in text
+    # Not a text-to-image benchmark: no caption section; the index has a CLIP column for mscoco256 only.
+    digits = make_run(tmp_path / "runs", "digits", score={"fid": 8.08, "kid": -75.4, "kid_std": 211.3,
+                                                          "kid_floor": -320.5, "kid_subset_size": 360})
+    text = write_benchmark_report("digits", digits, reports).read_text()
+    assert "example captions" not in text and "KID -75.4 ± 211 on subsets of 360, real-vs-real -320" in text
+    index = (write_index(tmp_path / "runs", reports)).read_text()
+    coco = next(line for line in index.splitlines() if line.startswith("| mscoco256"))
+    assert "CLIP score (ours)" in index and "26.123" in coco
+    cifar = next(line for line in index.splitlines() if line.startswith("| cifar10"))
+    assert "not run" in cifar and "26.123" not in cifar

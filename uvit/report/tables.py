@@ -2,8 +2,9 @@
 
 Every figure comes from a file the pipeline wrote (`runs/B/train/summary.json`,
 `runs/B/train/metrics.csv`, `runs/B/samples/summary.json`, `runs/B/samples/grid.png`,
-`runs/B/score/metrics.json`) or from the packaged paper table; a missing artifact shows
-as "not run" and a missing field as "—", never as a made-up value.
+`runs/B/score/metrics.json`, and for text-to-image `runs/B/samples/examples.{png,json}`, the
+paper's example captions) or from the packaged paper table; a missing artifact shows as
+"not run" and a missing field as "—", never as a made-up value.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ TRAIN_SUMMARY = Path("train/summary.json")
 TRAIN_METRICS = Path("train/metrics.csv")
 SAMPLE_SUMMARY = Path("samples/summary.json")
 SAMPLE_GRID = Path("samples/grid.png")
+EXAMPLES_GRID = Path("samples/examples.png")
+EXAMPLES = Path("samples/examples.json")
 SCORE = Path("score/metrics.json")
+
+TEXT_TO_IMAGE = ("mscoco256",)  # benchmarks scored with the CLIP score and shown with the paper's captions
 
 _BLURBS = {
     "digits": "the project's own small CPU benchmark (the paper has no figures for it)",
@@ -56,6 +61,8 @@ class RunArtifacts:
     sample_summary: dict | None = None
     score: dict | None = None
     grid_path: Path | None = None
+    examples_path: Path | None = None  # text-to-image: the paper's example captions' grid
+    examples: dict | None = None  # its captions (examples.json)
     files: tuple[Path, ...] = ()  # the artifact files actually found, for the report footer
 
     @property
@@ -102,8 +109,9 @@ def load_run(run_dir: str | Path, benchmark: str) -> RunArtifacts:
     """Read whatever artifacts `run_dir` holds. Missing files give None fields (no error);
     a file that exists but cannot be parsed raises ValueError naming it."""
     run_dir = Path(run_dir)
-    found = [run_dir / rel for rel in (TRAIN_SUMMARY, TRAIN_METRICS, SAMPLE_SUMMARY, SAMPLE_GRID, SCORE)]
-    grid = run_dir / SAMPLE_GRID
+    found = [run_dir / rel for rel in (TRAIN_SUMMARY, TRAIN_METRICS, SAMPLE_SUMMARY, SAMPLE_GRID, EXAMPLES_GRID,
+                                       EXAMPLES, SCORE)]
+    grid, examples = run_dir / SAMPLE_GRID, run_dir / EXAMPLES_GRID
     return RunArtifacts(
         benchmark=benchmark,
         train_summary=_read_json(run_dir / TRAIN_SUMMARY),
@@ -111,6 +119,8 @@ def load_run(run_dir: str | Path, benchmark: str) -> RunArtifacts:
         sample_summary=_read_json(run_dir / SAMPLE_SUMMARY),
         score=_read_json(run_dir / SCORE),
         grid_path=grid if grid.is_file() else None,
+        examples_path=examples if examples.is_file() else None,
+        examples=_read_json(run_dir / EXAMPLES),
         files=tuple(p for p in found if p.is_file()),
     )
 
@@ -206,11 +216,23 @@ def results_table(art: RunArtifacts) -> pd.DataFrame:
         "FID samples": _int(_num(sc, "num_samples")),
         "FID floor (real vs real)": _float(_num(sc, "fid_floor")),
         "FID / floor": _float(_fid_over_floor(sc)),
+        "KID (± std over subsets)": _kid(sc),
+        "Inception score": _float(_num(sc, "inception_score")),
         "conditional accuracy": _float(_num(sc, "conditional_accuracy"), 3),
         "CLIP score": _float(_num(sc, "clip_score"), 3),
         "hardware": _text(t, "hardware") or DASH,
     }
     return pd.DataFrame([row])
+
+
+def _kid(score: dict | None) -> str:
+    """KID with its spread over subsets, in the artifact's own units (a KID near 0 within its std
+    means the sets are not told apart at this sample count)."""
+    k, std = _num(score, "kid"), _num(score, "kid_std")
+    if k is None:
+        return DASH
+    fmt = (lambda v: f"{v:.3g}") if abs(k) >= 1 else (lambda v: f"{v:.2e}")  # noqa: E731
+    return fmt(k) + (f" ± {fmt(std)}" if std is not None else "")
 
 
 def _paper_params(params: Any, extra: Any) -> str:
@@ -300,7 +322,11 @@ def _description(art: RunArtifacts) -> str:
             f"{_int(_num(s, 'steps'))} steps ({_int(_num(s, 'nfe'))} NFE), guidance scale "
             f"{_general(_num(s, 'guidance_scale'))}, {_text(s, 'weights') or DASH} weights, seed "
             f"{_int(_num(s, 'seed'))}, in {_duration(_num(s, 'wall_time_s'))} "
-            f"({_float(_num(s, 'images_per_s'))} images/s)."
+            f"({_float(_num(s, 'images_per_s'))} images/s)"
+            + (f", as {_int(_num(s, 'shards_computed') + _num(s, 'shards_reused'))} resumable shards on "
+               f"{_int(_num(s, 'num_workers'))} worker(s)"
+               if None not in (_num(s, "shards_computed"), _num(s, "shards_reused"), _num(s, "num_workers")) else "")
+            + "."
         )
     if sc is not None:
         line = (
@@ -312,6 +338,12 @@ def _description(art: RunArtifacts) -> str:
             extras.append(f"real-vs-real floor {_float(_num(sc, 'fid_floor'))} at the same sample count")
         if _num(sc, "fid_ceiling") is not None:
             extras.append(f"untrained-model ceiling {_float(_num(sc, 'fid_ceiling'))}")
+        if _num(sc, "kid") is not None:
+            extras.append(f"KID {_kid(sc)} on subsets of {_int(_num(sc, 'kid_subset_size'))}"
+                          + (f", real-vs-real {_kid({'kid': _num(sc, 'kid_floor')})}"
+                             if _num(sc, "kid_floor") is not None else ""))
+        if _num(sc, "clip_score") is not None:
+            extras.append(f"CLIP score {_float(_num(sc, 'clip_score'), 3)} with {_text(sc, 'clip_model') or DASH}")
         if _num(sc, "classifier_test_accuracy") is not None:
             extras.append(
                 f"the classifier behind the conditional accuracy scores "
@@ -359,7 +391,7 @@ def write_benchmark_report(benchmark: str, run_dir: str | Path, reports_dir: str
     page = reports_dir / f"{benchmark}.md"
     assets = reports_dir / benchmark
     if not art.ran:
-        for stale in ("samples.png", "loss.png"):
+        for stale in ("samples.png", "loss.png", "examples.png"):
             (assets / stale).unlink(missing_ok=True)
         page.write_text(_not_run_page(benchmark), encoding="utf-8")
         return page
@@ -393,6 +425,18 @@ def write_benchmark_report(benchmark: str, run_dir: str | Path, reports_dir: str
         md.append(f"![sample grid]({benchmark}/samples.png)")
     else:
         md.append(f"_{NOT_RUN}: no `{SAMPLE_GRID}`._")
+    if benchmark in TEXT_TO_IMAGE:
+        md += ["", "## The paper's example captions", ""]
+        if _asset(art.examples_path, assets / "examples.png") and art.examples:
+            caps = art.examples.get("captions") or []
+            md.append(f"One row per caption ({_int(_num(art.examples, 'per_caption'))} samples each), top to bottom:")
+            md.append("")
+            md += [f"{i + 1}. {c}" for i, c in enumerate(caps)]
+            md += ["", f"![samples for the paper's example captions]({benchmark}/examples.png)"]
+        else:
+            md.append(f"_{NOT_RUN}: no `{EXAMPLES_GRID}` (the sample stage writes it for text-to-image runs)._")
+    else:
+        (assets / "examples.png").unlink(missing_ok=True)
     md += ["", "## Training loss", ""]
     loss_png = assets / "loss.png"
     metrics = art.train_metrics
@@ -446,6 +490,8 @@ def index_table(run_root: str | Path, benchmarks: tuple[str, ...] = BENCHMARKS,
                 "guidance": _general(_num(s, "guidance_scale")),
                 "FID (ours)": _float(_num(art.score, "fid")) if art.score is not None else NOT_RUN,
                 "FID (paper's U-ViT)": _paper_uvit_cell(b),
+                "CLIP score (ours)": (_float(_num(art.score, "clip_score"), 3) if art.score is not None else NOT_RUN)
+                if b in TEXT_TO_IMAGE else DASH,
                 "status": art.status,
                 "report": f"[{b}]({b}.md)" if reports_dir is None or (Path(reports_dir) / f"{b}.md").is_file()
                 else f"`{run_command(b)}`",

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Sampling throughput (images/s) of U-ViT presets per sampler: batched CFG vs two passes.
+
+For each preset and sampler, three variants sample one batch from noise with the same model:
+
+    no_cfg        one forward of batch B per network evaluation (conditional only): the baseline
+    cfg_batched   classifier-free guidance as the official scripts and uvit.diffusion.guidance
+                  do it: ONE forward of the doubled batch 2B (conditional ‖ unconditional)
+    cfg_two_pass  guidance with two separate forwards of batch B (conditional, then unconditional)
+
+Each variant's images/s is reported as a ratio against the baseline measured in the same run,
+so figures from different machines or loads are never compared directly. Weights are random
+(speed does not depend on them); labels / CLIP contexts are random too. The VAE decoder of the
+latent presets is not included (as in the paper's GFLOPs). Pixel presets without classes have no
+guidance: only no_cfg is run for them.
+
+    python benchmarks/sampling_throughput.py                      # U-ViT-H/2, 50 DPM-Solver++ steps, batch 256
+    python benchmarks/sampling_throughput.py --device cuda --dtype bf16 --json h2.json
+    python benchmarks/sampling_throughput.py --presets digits_uvit_tiny,mscoco256_uvit_s2 \
+        --samplers dpm_solver_pp,dpm_solver_pp_2m --steps 10 --batch-size 4 --device cpu --threads 1
+
+Imports only torch, uvit.models, uvit.diffusion and the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from uvit.diffusion import SAMPLERS, classifier_free_guidance, count_nfe, make_schedule, sample, wrap_model
+from uvit.models import PRESETS, UViT, UViTConfig, get_preset
+
+BASELINE = "no_cfg"
+VARIANTS = ("no_cfg", "cfg_batched", "cfg_two_pass")
+NoiseModel = Callable[[Tensor, Tensor], Tensor]
+
+
+def schedule_for(preset: str) -> str:
+    """The diffusion schedule a preset is trained with: discrete for latent models, VP SDE for pixels."""
+    return "discrete" if get_preset(preset).config.in_chans == 4 else "vpsde"
+
+
+def conditions(config: UViTConfig, batch_size: int, device: torch.device | str,
+               seed: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+    """(cond, uncond) model keyword tensors of a random batch, or None for an unconditional model.
+    Class models: y (B,) real classes vs the null class (the last); text models: context
+    (B, 77, D) vs one empty context (1, 77, D), broadcast by the guidance wrapper."""
+    g = torch.Generator().manual_seed(seed)
+    if config.num_classes > 0:
+        y = torch.randint(0, config.num_classes - 1, (batch_size,), generator=g)
+        return {"y": y.to(device)}, {"y": torch.full_like(y, config.num_classes - 1).to(device)}
+    if config.clip_dim is not None:
+        shape = (config.num_text_tokens, config.clip_dim)
+        return ({"context": torch.randn(batch_size, *shape, generator=g).to(device)},
+                {"context": torch.randn(1, *shape, generator=g).to(device)})
+    return None
+
+
+def guided_net(model: UViT, variant: str, scale: float, cond: dict[str, Tensor] | None,
+               uncond: dict[str, Tensor] | None) -> NoiseModel:
+    """NoiseModel(x, model_time) -> eps for one variant (VARIANTS)."""
+    if variant == "no_cfg":
+        return (lambda x, t: model(x, t, **cond)) if cond is not None else model
+    if cond is None:
+        raise ValueError("guidance needs a conditional model")
+    if variant == "cfg_batched":
+        return classifier_free_guidance(model, scale, cond, uncond)
+    if variant == "cfg_two_pass":
+        def two_pass(x: Tensor, t: Tensor) -> Tensor:
+            b = x.shape[0]
+            u = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in uncond.items()}
+            eps_c = model(x, t, **cond)
+            eps_u = model(x, t, **u)
+            return eps_c + scale * (eps_c - eps_u)
+        return two_pass
+    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_sampling(model: UViT, *, variant: str, sampler: str, steps: int, batch_size: int, scale: float,
+                  schedule: str, device: torch.device, dtype: str = "fp32", iters: int = 3, warmup: int = 1,
+                  seed: int = 0) -> dict:
+    """Median seconds to sample one batch (all `steps`), images/s, NFE, and peak CUDA memory."""
+    c = model.config
+    cond = conditions(c, batch_size, device, seed)
+    net = guided_net(model, variant, scale, *(cond or (None, None)))
+    sched = make_schedule(schedule)
+    x_T = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size,
+                      generator=torch.Generator().manual_seed(seed)).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def run() -> Tensor:
+        with autocast:
+            return sample(sampler, wrap_model(net, sched), sched, x_T, steps)
+
+    for _ in range(warmup):
+        run()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        x = run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if not torch.isfinite(x.float()).all():
+        raise RuntimeError(f"{variant}: non-finite samples")
+    med = statistics.median(times)
+    nfe = count_nfe(sampler, steps)
+    forwards = nfe * (2 if variant == "cfg_two_pass" else 1)
+    return {"variant": variant, "sampler": sampler, "steps": steps, "nfe": nfe, "forwards": forwards,
+            "forward_batch": batch_size * (2 if variant == "cfg_batched" else 1), "batch_size": batch_size,
+            "batch_s_median": med, "batch_s_all": times, "images_per_s": batch_size / med,
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
+
+def build_model(preset: str, device: torch.device, seed: int = 0) -> UViT:
+    torch.manual_seed(seed)
+    return UViT(get_preset(preset).config).to(device).eval().requires_grad_(False)
+
+
+def run_preset(preset: str, samplers: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every sampler x variant of one preset; ratios against no_cfg of the same preset and sampler."""
+    model = build_model(preset, device, args.seed)
+    schedule = schedule_for(preset)
+    conditional = conditions(model.config, 1, "cpu") is not None
+    rows = []
+    for sampler in samplers:
+        if sampler == "euler_maruyama" and schedule == "discrete":
+            continue  # the SDE sampler belongs to the continuous (pixel) models
+        base = None
+        for variant in VARIANTS if conditional else (BASELINE,):
+            row = {"preset": preset, "schedule": schedule, "dtype": args.dtype}
+            try:
+                row.update(time_sampling(model, variant=variant, sampler=sampler, steps=args.steps,
+                                         batch_size=args.batch_size, scale=args.guidance_scale, schedule=schedule,
+                                         device=device, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
+                                         seed=args.seed))
+                row["error"] = None
+            except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory: report, go on
+                row.update({"variant": variant, "sampler": sampler, "images_per_s": None, "error": str(e)[:200]})
+            if variant == BASELINE:
+                base = row.get("images_per_s")
+            ips = row.get("images_per_s")
+            row[f"ratio_vs_{BASELINE}"] = ips / base if ips and base else None
+            rows.append(row)
+            print(f"  {preset} {sampler} {variant}: "
+                  + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"), file=sys.stderr)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'preset':<24} {'sampler':<17} {'NFE':>4} {'variant':<13} {'fwd batch':>9} {'s/batch':>9} " \
+           f"{'img/s':>9} {'x no_cfg':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['preset']:<24} {r['sampler']:<17} {'':>4} {r['variant']:<13} error: {r['error']}")
+            continue
+        ratio = r[f"ratio_vs_{BASELINE}"]
+        lines.append(f"{r['preset']:<24} {r['sampler']:<17} {r['nfe']:>4} {r['variant']:<13} {r['forward_batch']:>9} "
+                     f"{r['batch_s_median']:>9.3f} {r['images_per_s']:>9.3g} {ratio:>8.2f}x")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--presets", default="imagenet256_uvit_h2", help="comma-separated preset names")
+    p.add_argument("--samplers", default="dpm_solver_pp", help=f"comma-separated, from {sorted(SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (DPM-Solver: NFE 50 at 50 steps)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (CFG doubles the forward batch)")
+    p.add_argument("--guidance-scale", type=float, default=0.4, help="s in (1+s)·eps_c − s·eps_u")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (CUDA)")
+    p.add_argument("--iters", type=int, default=3, help="timed batches per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches per variant")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all results as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 variants: TF32 matmuls, as training does on GPU
+    presets = [s.strip() for s in args.presets.split(",") if s.strip()]
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    for name in presets:
+        if name not in PRESETS:
+            raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+    for name in samplers:
+        if name not in SAMPLERS:
+            raise SystemExit(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLERS))}")
+    rows = [r for preset in presets for r in run_preset(preset, samplers, args, device)]
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "steps": args.steps, "guidance_scale": args.guidance_scale, "dtype": args.dtype, "iters": args.iters,
+            "warmup": args.warmup, "argv": sys.argv[1:] if argv is None else argv}
+    result = {"meta": meta, "results": rows}
+    print(f"sampling throughput on {meta['device']} ({meta['threads']} threads), batch {args.batch_size}, "
+          f"{args.steps} steps, guidance {args.guidance_scale}, {args.dtype}")
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -65,6 +65,11 @@ def train(root: Path, tmp: Path, workers: int, **kw) -> dict:
     (run_root / "data").mkdir(parents=True)
     (run_root / "data" / "digits").symlink_to(root / "data" / "digits")
     cfg = tiny_config(workers, **kw.pop("train", {}))
+    if kw.pop("classifier", False):  # a random-weight FID feature extractor where `uvit classifier` puts it
+        from uvit.evaluate.classifier import ClassifierConfig, DigitClassifier, save_classifier
+
+        torch.manual_seed(0)
+        save_classifier(DigitClassifier(ClassifierConfig()), run_root / "runs" / "digits" / "classifier")
     summary = run_training(cfg, BenchmarkPaths("digits", run_root), **kw)
     return {"summary": summary, "dir": run_root / "runs" / "digits" / "train"}
 
@@ -153,8 +158,9 @@ def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers,
         assert first["summary"]["ray_run"].startswith("s3://uvit-ray/ckpt/")
         assert not list((first["dir"].parent / "ray").glob("*/*/checkpoint_*"))  # none kept locally
 
-        resumed = train(digits_data, tmp_path, workers=2, train={"steps": 12, "strategy": "fsdp",
-                                                                 "sample_every": 2, **s3})
+        resumed = train(digits_data, tmp_path, workers=2, classifier=True,
+                        train={"steps": 12, "strategy": "fsdp", "sample_every": 2, "fid_every": 4, "fid_samples": 40,
+                               **s3})
         assert resumed["summary"]["steps"] == 12
         rows = list(csv.DictReader((resumed["dir"] / "metrics.csv").open()))
         assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]  # steps 2-8 came from S3
@@ -188,3 +194,6 @@ def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers,
     events = EventAccumulator(str(run_local / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [10, 12]  # this invocation's steps
     assert len(events.Images("samples/ema")) == 2
+    fid = [line.split(",") for line in (run_local / "fid.csv").read_text().split()]
+    assert [int(step) for step, _ in fid] == [12] and float(fid[0][1]) > 0  # fid_every 4, from step 8
+    assert [e.step for e in events.Scalars("eval/fid")] == [12]

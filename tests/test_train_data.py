@@ -146,3 +146,25 @@ def test_sample_grid_and_tensorboard(tmp_path) -> None:
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(10, 0.5), (20, 0.25)]
     assert "train/peak_mem_gib" not in events.Tags()["scalars"]
     assert events.Images("samples/ema")[0].width == 10 * 66 + 2
+
+
+def test_periodic_fid_against_training_images(tmp_path) -> None:
+    from uvit.data.sources.digits import prepare_digits
+    from uvit.evaluate.classifier import ClassifierConfig, DigitClassifier, save_classifier
+    from uvit.models import UViT
+    from uvit.train.monitor import PeriodicFID, reference_images
+
+    prepare_digits(tmp_path / "digits")
+    torch.manual_seed(0)
+    save_classifier(DigitClassifier(ClassifierConfig()), tmp_path / "classifier")
+    cfg = digits_cfg()
+    with pytest.raises(FileNotFoundError, match="uvit classifier digits"):
+        PeriodicFID(cfg, 200, tmp_path / "digits" / "train", tmp_path / "missing")
+    fid = PeriodicFID(cfg, 200, tmp_path / "digits" / "train", tmp_path / "classifier")
+    real = reference_images(tmp_path / "digits" / "train", 200)
+    assert real.shape == (200, 1, 8, 8) and real.dtype == np.uint8
+    assert abs(fid.score(real)) < 1e-3  # the reference against itself
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    untrained = fid(UViT(cfg.uvit_config()).eval())  # samples of an untrained model: far off
+    # (A random-weight classifier has small features: the scale is arbitrary, the order is not.)
+    assert fid.score(noise) > 0.05 and untrained > 0.05

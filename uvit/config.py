@@ -101,6 +101,10 @@ class TrainConfig(_Section):
     prefetch: PositiveInt = 2  # batches gathered ahead of the step by the loader thread
     sample_every: int = Field(0, ge=0)  # EMA sample grid (PNG + TensorBoard) every N steps; 0 = off
     tensorboard: bool = True  # rank 0 logs scalars (and grids) under runs/<benchmark>/ray/<fingerprint>/
+    # FID of fid_samples EMA samples every fid_every steps (0 = off), with score.feature_extractor
+    # against the training images (or score.reference_stats): a cheap trend, not the paper's 50k FID.
+    fid_every: int = Field(0, ge=0)
+    fid_samples: PositiveInt = 1000
 
 
 class SampleConfig(_Section):

@@ -11,6 +11,7 @@ checkpoint (`train.max_failures`); `resume=True` continues a previous invocation
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -93,7 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from uvit.models import UViT
     from uvit.train.checkpoint import TrainingState, read_checkpoint, save_checkpoint
     from uvit.train.data import ShardGather, StreamingLoader, training_field
-    from uvit.train.monitor import MetricsLog, TensorBoard, peak_memory_gib, sample_grid
+    from uvit.train.monitor import MetricsLog, PeriodicFID, TensorBoard, peak_memory_gib, sample_grid
     from uvit.train.step import build_optimizer, train_step, warmup_lambda
     from uvit.train.strategy import Strategy
 
@@ -119,7 +120,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint() or loop_config.get("resume_from")  # a Ray Checkpoint
     ckpt = None
     if restored is not None:
-        with restored.as_directory() as d:
+        with _local_copy(restored, scratch / "restore") as d:
             ckpt = read_checkpoint(d, device)
             if (Path(d) / "metrics.csv").is_file():
                 shutil.copy2(Path(d) / "metrics.csv", metrics_path)
@@ -144,6 +145,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     log = MetricsLog(metrics_path, resume_step=start) if rank == 0 else None
     tb = TensorBoard(loop_config.get("tensorboard_dir") if rank == 0 else None, resume_step=start)
     samples_dir = Path(loop_config["samples_dir"]) if loop_config.get("samples_dir") else None
+    fid_inputs = loop_config.get("fid")
+    periodic_fid = None
+    if fid_inputs and rank == 0:  # the reference statistics are computed once, here
+        periodic_fid = PeriodicFID(cfg, tc.fid_samples, fid_inputs["images"], fid_inputs["classifier"],
+                                   device="cuda" if device.type == "cuda" else "cpu")
     schedule = make_schedule(cfg.diffusion.schedule)
     p_uncond = cfg.diffusion.p_uncond if uconf.num_classes > 0 else 0.0
     null_class = uconf.num_classes - 1 if p_uncond > 0 else None
@@ -191,6 +197,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ema_full.cpu()  # the full copy lives on the host between grids
         tb.image("samples/ema", path, step)
 
+    def fid(step: int) -> None:
+        ema_full = full_copy("ema", ema.model)
+        if periodic_fid is None:
+            return
+        value = periodic_fid(ema_full.to(device))
+        if strategy.sharded:
+            ema_full.cpu()
+        tb.scalars(step, {"fid": value}, prefix="eval")
+        with open(fid_inputs["log"], "a") as f:
+            f.write(f"{step},{value}\n")
+        print(f"step {step}: FID ({tc.fid_samples} samples, {cfg.score.feature_extractor}) {value:.3f}")
+
     bar = tqdm(total=tc.steps, initial=start, disable=rank != 0, desc=f"train {cfg.name}",
                unit="step", mininterval=3.0, ascii=True)
     window_start, window_images, t_start = time.perf_counter(), 0, time.perf_counter()
@@ -220,11 +238,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window_start, window_images = now, 0
             if tc.sample_every and done % tc.sample_every == 0:
                 grid(done)
+            if fid_inputs and done % tc.fid_every == 0:
+                fid(done)
             if done % tc.checkpoint_every == 0 or done == tc.steps:
                 report({"step": done, "loss": stats.loss}, done)
     bar.close()
     tb.close()
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _local_copy(checkpoint, target: Path):
+    """A Ray Checkpoint as a local directory: in place when it is on a local filesystem, else
+    downloaded into this worker's own `target` (Checkpoint.as_directory shares one temp folder
+    between the workers of a node, and a second reader saw half-deleted files)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    try:
+        yield checkpoint.to_directory(str(target))
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -250,7 +286,7 @@ def _init_ray(cfg: BenchmarkConfig) -> None:
 # (the strategy changes only float summation order: DDP and FSDP checkpoints are interchangeable).
 _RUN_LENGTH_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "strategy",
                     "storage_path", "storage_endpoint", "async_checkpoint", "prefetch", "sample_every",
-                    "tensorboard"}
+                    "tensorboard", "fid_every", "fid_samples"}
 
 
 def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path) -> str:
@@ -322,6 +358,8 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
         "tensorboard_dir": str(local / "tensorboard") if tc.tensorboard else None,
         "samples_dir": str(local / "samples") if tc.sample_every else None,
     }
+    if tc.fid_every:
+        loop_config["fid"] = _fid_inputs(cfg, paths, local)
     last = latest_checkpoint(storage, max_step=tc.steps) if resume else None
     if last is not None:
         last_ckpt = ray.train.Checkpoint(last, filesystem=storage.fs)
@@ -356,6 +394,24 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
         raise RuntimeError(f"training {cfg.name} finished without a checkpoint under {storage.uri}/{run_name}")
     with result.checkpoint.as_directory() as d:
         return _export(cfg, paths, Path(d), wall=wall, run_dir=storage.child(run_name).uri)
+
+
+def _fid_inputs(cfg: BenchmarkConfig, paths: BenchmarkPaths, local: Path) -> dict[str, str]:
+    """What periodic FID reads, checked before any worker starts (a missing extractor fails now)."""
+    classifier = paths.classifier.resolve()
+    if cfg.score.feature_extractor == "digits-classifier" and not classifier.is_dir():
+        raise FileNotFoundError(f"{cfg.name}.train.fid_every: the FID feature extractor (the digits classifier) "
+                                f"is not at {classifier}; run `uvit classifier {cfg.name}` first")
+    if cfg.score.feature_extractor == "inception":
+        from uvit.evaluate.fid import inception_weights_path
+
+        inception_weights_path(cfg.score.inception_weights)  # raises with what to fetch
+    images = (paths.data / "train").resolve()
+    if not cfg.score.reference_stats and not (images / "manifest.json").is_file():
+        raise FileNotFoundError(f"{cfg.name}.train.fid_every: no training images at {images} to compare with "
+                                "(or set score.reference_stats)")
+    local.mkdir(parents=True, exist_ok=True)
+    return {"images": str(images), "classifier": str(classifier), "log": str(local / "fid.csv")}
 
 
 def _uri(storage, path: str) -> str:

@@ -1,4 +1,5 @@
-"""uvit.evaluate: scoring generated samples (FID through torch-fidelity, a digit classifier)."""
+"""uvit.evaluate: sampling at scale and scoring generated samples (FID, KID, IS through torch-fidelity;
+a digit classifier; the CLIP score in uvit.evaluate.clip_score)."""
 
 from uvit.evaluate.classifier import (
     ClassifierConfig,
@@ -10,10 +11,14 @@ from uvit.evaluate.classifier import (
     train_classifier,
 )
 from uvit.evaluate.fid import (
+    extract_features,
     fid,
     fid_from_statistics,
     fid_statistics,
+    inception_score_from_logits,
     inception_weights_path,
+    kid,
+    kid_from_features,
     load_fid_statistics,
     save_fid_statistics,
 )
@@ -23,10 +28,14 @@ __all__ = [
     "DigitClassifier",
     "accuracy",
     "conditional_accuracy",
+    "extract_features",
     "fid",
     "fid_from_statistics",
     "fid_statistics",
+    "inception_score_from_logits",
     "inception_weights_path",
+    "kid",
+    "kid_from_features",
     "load_classifier",
     "load_fid_statistics",
     "save_classifier",

@@ -120,7 +120,7 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
 
         shutil.rmtree(out / "png", ignore_errors=True)
     images = merge_shards(out / "shards", out / "samples.npz")
-    if t2i:  # eight rows of eight samples, one row per caption
+    if t2i:  # the first 64 samples, eight per row
         save_grid(images[:64], out / "grid.png", nrow=8)
         examples = sample_paper_captions(cfg, paths, weights)
     else:
@@ -249,7 +249,8 @@ def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
     (score.reference_stats, e.g. ADM's ImageNet statistics: kid_features None unless the file has a
     `kid_features` array), else computed once from the training images and cached in
     runs/<benchmark>/reference/stats-<manifest digest>.npz (new data recomputes), with the 2048-d
-    features of up to KID_REFERENCE_ROWS evenly spaced images for KID."""
+    features of up to KID_REFERENCE_ROWS evenly spaced images for KID. Text-to-image benchmarks
+    use the validation images (the official reference), the others the training images."""
     import hashlib
 
     from uvit.data.shards import ShardedArrays
@@ -260,7 +261,7 @@ def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
         with np.load(cfg.score.reference_stats) as f:
             kid_features = f["kid_features"] if "kid_features" in f.files else None
         return mu, sigma, kid_features
-    split = paths.data / "train"
+    split = _reference_split(cfg, paths)
     digest = hashlib.sha256((split / "manifest.json").read_bytes()).hexdigest()[:16]
     cache = paths.run / "reference" / f"stats-{digest}.npz"
     if cache.is_file():
@@ -276,6 +277,16 @@ def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
     with open(cache, "wb") as f:  # a file object: numpy appends no second ".npz"
         np.savez(f, mu=mu, sigma=sigma, kid_features=kid_features)
     return mu, sigma, kid_features
+
+
+def _reference_split(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path:
+    """The real images our reference statistics come from. Text-to-image samples follow validation
+    captions, and the official reference is COCO val (fid_stats_mscoco256_val.npz); class and
+    unconditional benchmarks use the training images."""
+    val = paths.data / "val"
+    if cfg.uvit_config().clip_dim is not None and (val / "manifest.json").is_file():
+        return val
+    return paths.data / "train"
 
 
 def _fid_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -307,7 +318,8 @@ def _score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.nd
     if cfg.uvit_config().clip_dim is not None:
         metrics.update(_score_clip(cfg, paths, samples))
     metrics.update({"feature_extractor": "inception", "num_samples": int(len(samples)),
-                    "reference": cfg.score.reference_stats or "training images (runs/<benchmark>/reference/)"})
+                    "reference": cfg.score.reference_stats
+                    or f"{_reference_split(cfg, paths).name} images (runs/<benchmark>/reference/)"})
     _write_json(paths.score / "metrics.json", metrics)
     return metrics
 

@@ -77,7 +77,7 @@ def test_repro_trains_through_ray_and_logs_every_step(reproduced: Path) -> None:
     assert summary["steps"] == 60 and summary["images_seen"] == 60 * 128
     assert summary["params"] == 731_406
     rows = (reproduced / "runs/digits/train/metrics.csv").read_text().strip().splitlines()
-    assert rows[0] == "step,loss,lr,grad_norm,images_per_s,elapsed_s"
+    assert rows[0] == "step,loss,lr,grad_norm,images_per_s,elapsed_s,peak_mem_gib"  # peak GPU memory: empty on CPU
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(5, 61, 5))
     checkpoints = list((reproduced / "runs/digits/ray").glob("*/*/checkpoint_*/state.json"))  # <config-hash>/<run>/
     assert len(checkpoints) == 2  # every 30 steps, kept by Ray's CheckpointConfig

@@ -168,3 +168,15 @@ def test_periodic_fid_against_training_images(tmp_path) -> None:
     untrained = fid(UViT(cfg.uvit_config()).eval())  # samples of an untrained model: far off
     # (A random-weight classifier has small features: the scale is arbitrary, the order is not.)
     assert fid.score(noise) > 0.05 and untrained > 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_batches_reach_the_gpu_unchanged(split) -> None:
+    with loader(split, 0, 3) as stream:
+        on_cpu = list(stream)
+    with loader(split, 0, 3, device="cuda") as stream:
+        on_gpu = list(stream)
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert b.x.is_cuda and b.draws.noise.is_cuda and not b.draws.drop.is_cuda
+        assert torch.equal(a.x, b.x.cpu()) and torch.equal(a.y, b.y.cpu())

@@ -42,7 +42,8 @@ class Batch:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         d = self.draws
-        draws = replace(d, t=move(d.t), noise=move(d.noise), drop=move(d.drop), latent_noise=move(d.latent_noise))
+        # idx and drop stay on the host: train_step tests `drop.any()`, which would sync a GPU.
+        draws = replace(d, t=move(d.t), noise=move(d.noise), latent_noise=move(d.latent_noise))
         return Batch(self.step, move(self.x), move(self.y), draws)
 
     def pin_memory(self) -> Batch:
@@ -52,7 +53,7 @@ class Batch:
         def pin(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.pin_memory()
 
-        draws = replace(d, t=pin(d.t), noise=pin(d.noise), drop=pin(d.drop), latent_noise=pin(d.latent_noise))
+        draws = replace(d, t=pin(d.t), noise=pin(d.noise), latent_noise=pin(d.latent_noise))
         return Batch(self.step, pin(self.x), pin(self.y), draws)
 
 

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import random
+import shutil
 import uuid
 from pathlib import Path
 
@@ -201,8 +202,6 @@ def test_without_ray_checkpoint_and_missing_outputs(project):
     assert ray == "checkpoints/ray/checkpoint_000020" and "checkpoints/ray/checkpoint_000010/state.json" not in files
 
     for sub in ("train/ema", "samples"):
-        import shutil
-
         shutil.rmtree(project / "runs/digits" / sub)
         with pytest.raises(FileNotFoundError, match="uvit (train|sample) digits"):
             run_publish(config("artifacts"), paths)

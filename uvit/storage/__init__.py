@@ -7,7 +7,8 @@
 - :mod:`uvit.storage.s3server`: :func:`local_s3`, a loopback moto S3 server for tests and demos.
 
 Datasets and pipeline outputs are versioned by DVC (its S3 remote: ``infra/README.md``); this
-store is for publishing and fetching whole runs (checkpoints, samples, metrics) by id.
+store is for publishing and fetching whole runs (checkpoints, samples, metrics) by id: the
+pipeline's `publish` stage (:mod:`uvit.stages.publish`, `uvit publish` / `uvit fetch`) uses it.
 Importing this package imports neither boto3 nor moto.
 """
 

@@ -339,7 +339,11 @@ def _description(art: RunArtifacts) -> str:
         if _num(sc, "fid_ceiling") is not None:
             extras.append(f"untrained-model ceiling {_float(_num(sc, 'fid_ceiling'))}")
         if _num(sc, "kid") is not None:
+            k, std = _num(sc, "kid"), _num(sc, "kid_std")
+            within = std is not None and abs(k) <= std
             extras.append(f"KID {_kid(sc)} on subsets of {_int(_num(sc, 'kid_subset_size'))}"
+                          + (", within its spread of 0 (not told apart from real images at this count)"
+                             if within else "")
                           + (f", real-vs-real {_kid({'kid': _num(sc, 'kid_floor')})}"
                              if _num(sc, "kid_floor") is not None else ""))
         if _num(sc, "clip_score") is not None:

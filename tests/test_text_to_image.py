@@ -189,3 +189,24 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     assert np.isfinite(metrics["fid"]) and metrics["inception_score"] >= 1.0
     assert metrics["kid"] is not None and metrics["kid_subset_size"] == 3
     assert json.loads((paths.score / "metrics.json").read_text())["clip_score"] == metrics["clip_score"]
+
+
+@pytest.mark.slow
+def test_text_to_image_shards_through_ray_workers(t2i_run, tmp_path):
+    """Two Ray workers (caption rows and the VAE spec travel into the tasks) give the same samples."""
+    import ray
+
+    from uvit.evaluate.sharded import merge_shards, sample_to_shards
+    from uvit.stages.evaluate import _decoder, caption_set
+
+    cfg, paths = t2i_run
+    kw = dict(schedule="discrete", sampler="dpm_solver_pp", steps=3, num_samples=5, shard_size=2, seed=0,
+              guidance_scale=1.0, num_classes_for_labels=None, batch_size=5, captions=caption_set(cfg, paths, 5),
+              decoder=_decoder(cfg), progress=False)
+    try:
+        sample_to_shards(paths.train / "ema", tmp_path / "ray", num_workers=2, **kw)
+    finally:
+        ray.shutdown()
+    sample_to_shards(paths.train / "ema", tmp_path / "one", num_workers=1, **kw)
+    np.testing.assert_array_equal(merge_shards(tmp_path / "ray"), merge_shards(tmp_path / "one"))
+    assert load_sample_extras(tmp_path / "ray" / "samples.npz")["captions"].tolist() == FLAT[:5]

@@ -105,9 +105,23 @@ def gather_rows(images: Tensor, labels: Tensor | None, idx: Tensor) -> tuple[Ten
 
 @dataclass
 class StepStats:
-    loss: float
-    grad_norm: float
+    """A step's loss and gradient norm as 0-d tensors on the model's device, and its lr.
+
+    Reading `loss` / `grad_norm` as floats waits for the GPU, so the trainer does it only at
+    log and checkpoint steps: the other steps queue their kernels without a host sync.
+    """
+
+    loss_t: Tensor
+    grad_norm_t: Tensor
     lr: float
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_t)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_t)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ema: EMA | None,
@@ -155,9 +169,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, em
     scheduler.step()
     if ema is not None:
         ema.update(unwrap(model))
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor (every rank calls this)
         grad_norm = grad_norm.full_tensor()
-    return StepStats(loss=loss.item(), grad_norm=float(grad_norm), lr=lr)
+    return StepStats(loss_t=loss.detach(), grad_norm_t=grad_norm.detach(), lr=lr)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,12 +1,16 @@
-"""Distributed U-ViT training through Ray Train's TorchTrainer (DDP; gloo on CPU, NCCL on GPU).
+"""Distributed U-ViT training through Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU).
 
 The driver (`run_training`) starts or joins Ray, launches `train_loop_per_worker` on
 `train.num_workers` workers and, when it finishes, exports the final weights, EMA weights,
 per-step metrics and a summary into `runs/<benchmark>/train/`.
 
-Checkpoints go through Ray's checkpointing to `runs/<benchmark>/ray/` (or any storage path,
-`s3://` included). A worker that dies is replaced and the run continues from the last
-checkpoint (`train.max_failures`); `resume=True` continues a previous invocation's run.
+Each worker streams its share of every step's batch from the memory-mapped shards
+(uvit/train/data.py), holds the model with DDP or FSDP2 (uvit/train/strategy.py) and, on rank 0,
+logs metrics, TensorBoard, sample grids and periodic FID (uvit/train/monitor.py).
+Checkpoints go through Ray's checkpointing to `runs/<benchmark>/ray/<config-hash>/`, or to
+`train.storage_path` (a directory or `s3://`, uvit/train/storage.py), uploaded in the
+background. A worker that dies is replaced and the run continues from the last checkpoint
+(`train.max_failures`); `resume=True` continues a previous invocation's run.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from uvit.evaluate.fid import (  # noqa: E402
     kid,
     kid_from_features,
     load_fid_statistics,
+    precision_recall_from_features,
     save_fid_statistics,
 )
 
@@ -190,6 +191,22 @@ def test_kid_digits_classifier(classifier, classifier_dir, digits):
     # Smaller subsets: the mean is still an unbiased estimate of the same MMD²; the std is > 0.
     sub_mean, sub_std = kid_from_features(fa, fb, subset_size=100, subsets=50)
     assert sub_std > 0 and sub_mean == pytest.approx(real_kid, abs=3 * sub_std)
+
+
+def test_precision_recall_from_features():
+    rng = np.random.default_rng(0)
+    a, c = rng.normal(size=(60, 8)), rng.normal(size=(40, 8)) * 1.5 + 0.5
+    assert precision_recall_from_features(a, a) == (1.0, 1.0)  # every point lies in its own ball
+    assert precision_recall_from_features(a, a + 100) == (0.0, 0.0)  # disjoint supports
+
+    def direct(gen, real, k=3):  # Kynkaanniemi et al.: k-NN radii (self excluded), ball membership
+        d = lambda x, y: np.linalg.norm(x[:, None] - y[None], axis=-1)  # noqa: E731
+        r_real, r_gen = np.sort(d(real, real), 1)[:, k], np.sort(d(gen, gen), 1)[:, k]
+        return (d(gen, real) <= r_real[None]).any(1).mean(), (d(real, gen) <= r_gen[None]).any(1).mean()
+
+    p, r = precision_recall_from_features(c, a)
+    assert 0 < p < 1 and 0 < r < 1
+    assert (p, r) == pytest.approx(direct(c, a), abs=1e-6)
 
 
 def test_inception_score_from_logits():

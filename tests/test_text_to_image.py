@@ -188,6 +188,7 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     assert metrics["clip_score"] == pytest.approx(clip_score(images, FLAT[:5], m, proc), rel=1e-6)
     assert np.isfinite(metrics["fid"]) and metrics["inception_score"] >= 1.0
     assert metrics["kid"] is not None and metrics["kid_subset_size"] == 3
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert json.loads((paths.score / "metrics.json").read_text())["clip_score"] == metrics["clip_score"]
 
 

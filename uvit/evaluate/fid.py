@@ -49,6 +49,7 @@ __all__ = [
     "kid",
     "kid_from_features",
     "inception_score_from_logits",
+    "precision_recall_from_features",
 ]
 
 EXTRACTORS = ("inception", "digits-classifier")
@@ -372,3 +373,18 @@ def inception_score_from_logits(logits: np.ndarray | Tensor, splits: int = 10, s
     # Fewer samples than splits would leave empty splits (NaN): small test runs use one per sample.
     m = isc_features_to_metric(logits, splits=min(splits, len(logits)), shuffle=True, rng_seed=seed)
     return float(m[KEY_METRIC_ISC_MEAN]), float(m[KEY_METRIC_ISC_STD])
+
+
+def precision_recall_from_features(generated: np.ndarray | Tensor, real: np.ndarray | Tensor,
+                                   neighborhood: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of float features (N, D), (M, D):
+    precision = share of generated samples inside some real sample's k-NN ball (k = neighborhood),
+    recall = share of real samples inside some generated sample's ball. torch-fidelity's
+    ``prc_features_to_metric`` (memory-saving path). Both depend on the set sizes: compare runs
+    at equal counts."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    g, r = torch.as_tensor(generated).float(), torch.as_tensor(real).float()
+    m = prc_features_to_metric(g, r, prc_neighborhood=neighborhood, prc_batch_size=10_000, save_cpu_ram=True,
+                               verbose=False)
+    return float(m[KEY_METRIC_PRECISION]), float(m[KEY_METRIC_RECALL])

@@ -218,6 +218,8 @@ def results_table(art: RunArtifacts) -> pd.DataFrame:
         "FID / floor": _float(_fid_over_floor(sc)),
         "KID (± std over subsets)": _kid(sc),
         "Inception score": _float(_num(sc, "inception_score")),
+        "precision / recall": DASH if _num(sc, "precision") is None
+        else f"{_float(_num(sc, 'precision'), 3)} / {_float(_num(sc, 'recall'), 3)}",
         "conditional accuracy": _float(_num(sc, "conditional_accuracy"), 3),
         "CLIP score": _float(_num(sc, "clip_score"), 3),
         "hardware": _text(t, "hardware") or DASH,

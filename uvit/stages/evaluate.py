@@ -221,6 +221,7 @@ def run_score(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     classifier = load_classifier(paths.classifier)
     kid_mean, kid_std = kid(samples, train_x, subset_size=cfg.score.kid_subset_size, **kw)
     kid_floor, _ = kid(test_x[: len(samples)], train_x, subset_size=cfg.score.kid_subset_size, **kw)
+    precision, recall = _precision_recall(samples, train_x, **kw)
     metrics = {
         "fid": fid_samples,
         "fid_floor": floor,
@@ -230,6 +231,8 @@ def run_score(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         "kid_std": kid_std,
         "kid_floor": kid_floor,
         "kid_subset_size": min(cfg.score.kid_subset_size, len(samples)),
+        "precision": precision,  # against the whole train split, in the classifier's feature space
+        "recall": recall,
         "conditional_accuracy": conditional_accuracy(classifier, samples, labels) if labels is not None else None,
         "classifier_test_accuracy": json.loads((paths.classifier / "metrics.json").read_text())["test_accuracy"],
         "feature_extractor": "digits-classifier",
@@ -242,6 +245,16 @@ def run_score(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
 
 # Reference features kept for KID (a fixed, evenly spaced subset: KID needs features, not statistics).
 KID_REFERENCE_ROWS = 10_000
+
+
+def _precision_recall(generated: np.ndarray, real: np.ndarray, **kw) -> tuple[float, float]:
+    """Improved precision/recall of uint8 image sets in the feature space of `fid(..., **kw)`."""
+    from uvit.evaluate.fid import extract_features, precision_recall_from_features
+
+    layer = ("features",) if kw.get("extractor") == "digits-classifier" else ("2048",)
+    fg = extract_features(generated, layer, **kw)[layer[0]]
+    fr = extract_features(real, layer, **kw)[layer[0]]
+    return precision_recall_from_features(fg, fr)
 
 
 def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
@@ -300,7 +313,13 @@ def _fid_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def _score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.ndarray) -> dict:
     """FID against the reference statistics, IS, KID (when reference features exist) and, for
     text-to-image, the CLIP score; one Inception pass over the samples."""
-    from uvit.evaluate.fid import extract_features, fid_from_statistics, inception_score_from_logits, kid_from_features
+    from uvit.evaluate.fid import (
+        extract_features,
+        fid_from_statistics,
+        inception_score_from_logits,
+        kid_from_features,
+        precision_recall_from_features,
+    )
 
     ref_mu, ref_sigma, ref_kid = reference_statistics(cfg, paths)
     feats = extract_features(samples, ("2048", "logits_unbiased"), extractor="inception",
@@ -313,6 +332,8 @@ def _score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.nd
         metrics["kid"], metrics["kid_std"] = kid_from_features(feats["2048"], ref_kid,
                                                                subset_size=cfg.score.kid_subset_size)
         metrics["kid_subset_size"] = min(cfg.score.kid_subset_size, len(samples), len(ref_kid))
+        # Against the same reference features (up to KID_REFERENCE_ROWS images).
+        metrics["precision"], metrics["recall"] = precision_recall_from_features(feats["2048"], ref_kid)
     else:
         metrics["kid"] = None  # a statistics-only reference (mu, sigma) has no features to compare with
     if cfg.uvit_config().clip_dim is not None:

@@ -20,6 +20,7 @@ from uvit.evaluate.fid import (
     kid,
     kid_from_features,
     load_fid_statistics,
+    precision_recall_from_features,
     save_fid_statistics,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "kid_from_features",
     "load_classifier",
     "load_fid_statistics",
+    "precision_recall_from_features",
     "save_classifier",
     "save_fid_statistics",
     "train_classifier",

@@ -180,3 +180,25 @@ def test_pinned_batches_reach_the_gpu_unchanged(split) -> None:
     for a, b in zip(on_cpu, on_gpu, strict=True):
         assert b.x.is_cuda and b.draws.noise.is_cuda and not b.draws.drop.is_cuda
         assert torch.equal(a.x, b.x.cpu()) and torch.equal(a.y, b.y.cpu())
+
+
+def test_truncated_checkpoint_is_skipped_when_choosing_where_to_resume(tmp_path) -> None:
+    """The driver picks the newest checkpoint whose files have the sizes state.json recorded."""
+    from uvit.models import UViT
+    from uvit.train.checkpoint import TrainingState, save_checkpoint
+    from uvit.train.step import EMA, build_optimizer, warmup_lambda
+    from uvit.train.storage import find_checkpoints, resolve_storage
+
+    model = UViT(digits_cfg().uvit_config())
+    opt = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999))
+    state = TrainingState(model, EMA(model, 0.9).model, opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(0)), 4)
+    save_checkpoint(tmp_path / "fp/run/checkpoint_a", state)
+    state.step = 8
+    save_checkpoint(tmp_path / "fp/run/checkpoint_b", state)
+    storage = resolve_storage(tmp_path / "fp")
+    assert [s for s, _, _ in find_checkpoints(storage)] == [8, 4]
+    weights = tmp_path / "fp/run/checkpoint_b/ema/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an upload cut short
+    with pytest.warns(UserWarning, match="ema/model.safetensors is 1000 bytes.*falling back"):
+        found = find_checkpoints(storage)
+    assert [(s, Path(p).name) for s, _, p in found] == [(4, "checkpoint_a")]

@@ -4,7 +4,7 @@ Layout of a checkpoint directory:
     model/       UViT.save_pretrained of the raw weights   (config.json + model.safetensors)
     ema/         UViT.save_pretrained of the EMA weights
     optimizer.pt AdamW + LR-scheduler state (tensors and numbers only: loaded weights_only)
-    state.json   {"step": int, "format_version": 1}
+    state.json   {"step": int, "format_version": 1, "files": {relative path: byte size}}
     metrics.csv  the per-step metrics so far (so they travel with the checkpoint to storage)
 
 No RNG state is needed: every step's randomness is a function of (seed, step, rank).
@@ -50,8 +50,11 @@ def save_checkpoint(directory: str | Path, state: TrainingState, metrics_csv: st
                    tmp / "optimizer.pt")
         if metrics_csv is not None and Path(metrics_csv).is_file():
             shutil.copy2(metrics_csv, tmp / "metrics.csv")
-        # state.json last: its presence marks a complete checkpoint.
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "format_version": FORMAT_VERSION}) + "\n")
+        # state.json last: its presence marks a complete checkpoint, and the byte size of every
+        # other file lets a reader spot a truncated copy (a crash mid-upload) without reading it.
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "format_version": FORMAT_VERSION,
+                                                    "files": files}) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -86,12 +87,33 @@ def find_checkpoints(storage: Storage) -> list[tuple[int, float, str]]:
                 continue
             try:
                 with storage.fs.open_input_stream(info.path) as f:
-                    step = int(json.loads(f.read())["step"])
+                    state = json.loads(f.read())
+                step = int(state["step"])
             except (OSError, ValueError, KeyError, TypeError):
+                continue
+            problem = _size_mismatch(storage.fs, ckpt.path, state.get("files") or {})
+            if problem:
+                warnings.warn(f"skipping checkpoint {ckpt.path} (step {step}): {problem}; "
+                              "falling back to an older one", stacklevel=2)
                 continue
             mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
             found.append((step, mtime, ckpt.path))
     return sorted(found, key=lambda c: (c[0], c[1]), reverse=True)
+
+
+def _size_mismatch(fs, root: str, files: dict[str, int]) -> str | None:
+    """What is wrong with a checkpoint's files against the sizes its state.json records, or None."""
+    import pyarrow.fs
+
+    if not files:  # written before sizes were recorded: nothing to compare
+        return None
+    infos = fs.get_file_info([f"{root}/{name}" for name in files])
+    for (name, size), info in zip(files.items(), infos):
+        if info.type != pyarrow.fs.FileType.File:
+            return f"{name} is missing"
+        if info.size != size:
+            return f"{name} is {info.size} bytes, {size} expected (truncated?)"
+    return None
 
 
 def ensure_dir(storage: Storage) -> None:

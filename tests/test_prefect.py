@@ -222,12 +222,20 @@ def prefect_api(server_env):
         yield server_env["PREFECT_API_URL"]
 
 
-def task_runs(flow_state) -> dict[str, object]:
-    """The task runs of a flow run, by task name, read back from the API."""
+def task_runs(flow_state, expect: int = 0, timeout: float = 30.0) -> dict[str, object]:
+    """The task runs of a flow run, by task name, read back from the API.
+
+    Task-run states reach the server as events, after the flow has returned, so wait (up to
+    `timeout`) until at least `expect` runs are recorded and every one is in a final state."""
     flow_run_id = flow_state.state_details.flow_run_id
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run for run in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            settled = len(runs) >= expect and all(r.state is not None and r.state.is_final() for r in runs)
+            if settled or time.monotonic() > deadline:
+                return {run.name: run for run in runs}
+            time.sleep(0.25)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ def test_cache_across_flow_runs(prefect_api, tmp_path):
     # 2. Nothing changed: every task is served from the cache, no stage function runs.
     state = uvit_flow(**run, return_state=True)
     assert set(state.result()["states"].values()) == {"Cached"}
-    assert {name: r.state.name for name, r in task_runs(state).items()} == dict.fromkeys(ALL, "Cached")
+    assert {name: r.state.name for name, r in task_runs(state, expect=len(ALL)).items()} == dict.fromkeys(ALL, "Cached")
     assert call_counts(root) == dict.fromkeys(ALL, 1)
 
     # 3. A changed parameter recomputes its stage and what its outputs change downstream.
@@ -335,7 +343,7 @@ def test_retry_then_success(prefect_api, tmp_path):
     state = uvit_flow(benchmark="digits", root=str(root), return_state=True)
     assert state.is_completed()
     assert call_counts(root)["flaky"] == 2 and call_counts(root)["data"] == 1
-    data_run = task_runs(state)["data"]
+    data_run = task_runs(state, expect=1)["data"]
     assert data_run.run_count == 2 and data_run.state.name == "Completed"
 
 
@@ -389,12 +397,19 @@ def run_deployment(name: str, params: dict, env: dict, cwd: Path) -> str:
     return match.group(1)
 
 
-def flow_run_states(flow_run_id: str) -> tuple[str, dict[str, str]]:
-    """(flow run state, {task name: state}) from the API in the current settings."""
+def flow_run_states(flow_run_id: str, expect: int = 0, timeout: float = 30.0) -> tuple[str, dict[str, str]]:
+    """(flow run state, {task name: state}) from the API in the current settings, once the flow
+    run and at least `expect` task runs are recorded in final states (states arrive as events)."""
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run_id)
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-    return run.state.name, {t.name: t.state.name for t in tasks}
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            final = [run.state, *(t.state for t in tasks)]
+            if (len(tasks) >= expect and all(s is not None and s.is_final() for s in final)) \
+                    or time.monotonic() > deadline:
+                return run.state.name, {t.name: t.state.name for t in tasks}
+            time.sleep(0.25)
 
 
 @pytest.mark.slow
@@ -442,7 +457,7 @@ def test_real_digits_deployment_on_a_local_server(prefect_api, server_env, tmp_p
         t1 = time.monotonic()
         first = run_deployment("uvit/digits", params, env, tmp_path)
         took["first run"] = time.monotonic() - t1
-        state, tasks = flow_run_states(first)
+        state, tasks = flow_run_states(first, expect=len(REAL_STAGES))
         assert state == "Completed" and tasks == dict.fromkeys(REAL_STAGES, "Completed"), (state, tasks)
 
         metrics = json.loads((root / "runs/digits/score/metrics.json").read_text())
@@ -472,7 +487,7 @@ def test_real_digits_deployment_on_a_local_server(prefect_api, server_env, tmp_p
         t1 = time.monotonic()
         second = run_deployment("uvit/digits", params, env, tmp_path)
         took["cached run"] = time.monotonic() - t1
-        state, tasks = flow_run_states(second)
+        state, tasks = flow_run_states(second, expect=len(REAL_STAGES))
         assert state == "Completed" and tasks == dict.fromkeys(REAL_STAGES, "Cached"), (state, tasks)
         assert store.list_runs("digits") == [published["run_id"]]
     print("real digits deployment:", ", ".join(f"{k} {v:.0f} s" for k, v in took.items()))

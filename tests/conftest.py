@@ -48,3 +48,58 @@ def random_inception_weights(tmp_path_factory) -> str:
     path = empty.parent / INCEPTION_WEIGHTS_FILE
     torch.save(model.state_dict(), path)
     return str(path)
+
+
+# -- S3 on loopback (moto's server mode) with throwaway credentials ------------------------------
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """URL of a moto S3 server on 127.0.0.1, up for the module's tests."""
+    from uvit.storage.s3server import local_s3
+
+    with local_s3() as url:
+        yield url
+
+
+@pytest.fixture
+def fake_aws(tmp_path) -> dict[str, str]:
+    """Environment variables with test credentials and no user AWS config or instance metadata,
+    so nothing but the loopback endpoint is ever asked for credentials or contacted."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
+
+
+@pytest.fixture
+def offline_aws_env(monkeypatch, fake_aws) -> None:
+    """`fake_aws` set in this process's environment, with profiles and endpoint overrides removed."""
+    from uvit.storage.s3server import AWS_OVERRIDE_VARS
+
+    for var in AWS_OVERRIDE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in fake_aws.items():
+        monkeypatch.setenv(var, value)
+
+
+# -- a tiny CLIP tokenizer (no hub): a hand-written BPE vocabulary ---------------------------------
+@pytest.fixture(scope="session")
+def write_tiny_clip_vocab():
+    """A function that writes a CLIP BPE vocabulary (letters plus the words "at", "cat", "dog")
+    as vocab.json + merges.txt into a directory and returns the vocabulary {token: id}; the
+    directory then loads with `transformers.CLIPTokenizer.from_pretrained`."""
+    import json
+
+    def write(d) -> dict[str, int]:
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+        for c in letters:
+            vocab[c] = len(vocab)
+        for c in letters:
+            vocab[c + "</w>"] = len(vocab)
+        merges = ["a t</w>", "c at</w>", "d o", "do g</w>"]
+        for tok in ("at</w>", "cat</w>", "do", "dog</w>"):
+            vocab[tok] = len(vocab)
+        (d / "vocab.json").write_text(json.dumps(vocab))
+        (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return vocab
+
+    return write

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from uvit.storage.s3server import local_s3
 
 pytestmark = pytest.mark.slow
 
@@ -19,30 +18,19 @@ DVC = Path(sys.executable).parent / "dvc"
 BUCKET = "uvit-dvc"
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    with local_s3() as url:
-        yield url
-
-
 def tree(root: Path) -> dict[str, bytes]:
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
 
 
-def test_dvc_push_pull_through_s3_remote(endpoint, tmp_path):
+def test_dvc_push_pull_through_s3_remote(s3_endpoint, fake_aws, tmp_path):
     import boto3
 
     repo = tmp_path / "repo"
     repo.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
     env.update(
-        AWS_ACCESS_KEY_ID="testing",  # credentials from the environment only
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
-        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
+        **fake_aws,  # credentials from the environment only
         DVC_NO_ANALYTICS="1",
         DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site-cache"),
         XDG_CONFIG_HOME=str(tmp_path / "xdg-config"),  # no user-level dvc/git config leaks in
@@ -53,7 +41,7 @@ def test_dvc_push_pull_through_s3_remote(endpoint, tmp_path):
         assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")
     s3.create_bucket(Bucket=BUCKET)
 
@@ -68,9 +56,9 @@ def test_dvc_push_pull_through_s3_remote(endpoint, tmp_path):
     run(str(DVC), "init", "-q")
     run(str(DVC), "add", "-q", "data")
     run(str(DVC), "remote", "add", "-d", "s3remote", f"s3://{BUCKET}/dvc")
-    run(str(DVC), "remote", "modify", "s3remote", "endpointurl", endpoint)
+    run(str(DVC), "remote", "modify", "s3remote", "endpointurl", s3_endpoint)
     config = (repo / ".dvc" / "config").read_text()
-    assert endpoint in config and "testing" not in config  # no secret in the committed config
+    assert s3_endpoint in config and "testing" not in config  # no secret in the committed config
     run(str(DVC), "push", "-q")
 
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="dvc/")["Contents"]]

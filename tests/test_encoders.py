@@ -85,20 +85,10 @@ def _x(images: np.ndarray) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
+def clip(tmp_path_factory, write_tiny_clip_vocab):
     """A CLIP tokenizer from a hand-written vocab.json + merges.txt and a tiny CLIPTextModel."""
     d = tmp_path_factory.mktemp("clip")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in letters:
-        vocab[c] = len(vocab)
-    for c in letters:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["a t</w>", "c at</w>", "d o", "do g</w>"]
-    for tok in ("at</w>", "cat</w>", "do", "dog</w>"):
-        vocab[tok] = len(vocab)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    vocab = write_tiny_clip_vocab(d)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(d))
     torch.manual_seed(0)
     config = transformers.CLIPTextConfig(

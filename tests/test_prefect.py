@@ -413,22 +413,14 @@ def flow_run_states(flow_run_id: str, expect: int = 0, timeout: float = 30.0) ->
 
 
 @pytest.mark.slow
-def test_real_digits_deployment_on_a_local_server(prefect_api, server_env, tmp_path, monkeypatch):
+def test_real_digits_deployment_on_a_local_server(prefect_api, server_env, tmp_path, offline_aws_env, fake_aws):
     from uvit.storage.artifacts import ArtifactStore
-    from uvit.storage.s3server import local_s3
+    from uvit.storage.s3server import AWS_OVERRIDE_VARS, local_s3
 
     # S3 (the publish stage, a loopback moto server): credentials from the environment only, here
-    # and in the worker's flow-run processes.
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "UVIT_S3_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
-    for var, value in aws.items():
-        monkeypatch.setenv(var, value)
-    env = {**{k: v for k, v in server_env.items() if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                                                               "AWS_ENDPOINT_URL_S3", "UVIT_S3_ENDPOINT_URL")},
-           **aws, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # (offline_aws_env) and in the worker's flow-run processes.
+    env = {**{k: v for k, v in server_env.items() if k not in AWS_OVERRIDE_VARS},
+           **fake_aws, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     root = new_project(tmp_path / "project")  # params.yaml only: the flow writes everything else here
     t0 = time.monotonic()
     took = {}

@@ -17,28 +17,13 @@ from uvit.config import load_benchmark, load_params
 from uvit.paths import BenchmarkPaths
 from uvit.stages.publish import collect, run_fetch, run_publish
 from uvit.storage.artifacts import ArtifactIntegrityError
-from uvit.storage.s3server import local_s3
 
 PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    with local_s3() as url:
-        yield url
-
-
 @pytest.fixture(autouse=True)
-def aws_env(monkeypatch, tmp_path):
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                "UVIT_S3_ENDPOINT_URL", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+def _aws(offline_aws_env):
+    """Test credentials only; nothing but the loopback endpoint is contacted."""
 
 
 def write(path: Path, data: bytes | str) -> None:
@@ -94,18 +79,18 @@ def expected_run(root: Path) -> dict[str, bytes]:
     return t
 
 
-def s3_config(endpoint: str):
+def s3_config(s3_endpoint: str):
     bucket = f"uvit-{uuid.uuid4().hex[:12]}"
-    cfg = config(f"s3://{bucket}/artifacts", endpoint)
+    cfg = config(f"s3://{bucket}/artifacts", s3_endpoint)
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint)
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket=bucket)
     return cfg, bucket, client
 
 
-def test_publish_to_s3_and_fetch_identical_files(endpoint, project, tmp_path):
-    cfg, bucket, client = s3_config(endpoint)
+def test_publish_to_s3_and_fetch_identical_files(s3_endpoint, project, tmp_path):
+    cfg, bucket, client = s3_config(s3_endpoint)
     paths = BenchmarkPaths("digits", project)
     out = run_publish(cfg, paths)
 
@@ -143,12 +128,12 @@ def test_publish_to_s3_and_fetch_identical_files(endpoint, project, tmp_path):
     assert (tmp_path / "latest/score/metrics.json").read_text() == '{"fid": 9.0}\n'
 
 
-def test_corrupted_object_is_refused_on_fetch(endpoint, project, tmp_path):
+def test_corrupted_object_is_refused_on_fetch(s3_endpoint, project, tmp_path):
     from typer.testing import CliRunner
 
     from uvit.cli import app
 
-    cfg, bucket, client = s3_config(endpoint)
+    cfg, bucket, client = s3_config(s3_endpoint)
     run_id = run_publish(cfg, BenchmarkPaths("digits", project))["run_id"]
     key = f"artifacts/digits/{run_id}/checkpoints/ema/model.safetensors"
     client.put_object(Bucket=bucket, Key=key, Body=b"bit rot")  # same key, other bytes

@@ -16,29 +16,15 @@ MiB = 2**20
 BIG = 11 * MiB + 123  # three parts of 5 MiB (the S3 minimum part size)
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    with local_s3() as url:
-        yield url
-
-
 @pytest.fixture(autouse=True)
-def aws_env(monkeypatch, tmp_path):
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                "UVIT_S3_ENDPOINT_URL", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+def _aws(offline_aws_env):
+    """Test credentials only; nothing but the loopback endpoint is contacted."""
 
 
 @pytest.fixture
-def store(endpoint) -> ArtifactStore:
+def store(s3_endpoint) -> ArtifactStore:
     bucket = f"uvit-{uuid.uuid4().hex[:12]}"
-    s = ArtifactStore(f"s3://{bucket}/artifacts", endpoint_url=endpoint,
+    s = ArtifactStore(f"s3://{bucket}/artifacts", endpoint_url=s3_endpoint,
                       multipart_threshold=5 * MiB, part_size=5 * MiB, max_concurrency=1)
     s.client.create_bucket(Bucket=bucket)
     s.bucket = bucket  # for the tests' own boto3 calls
@@ -183,7 +169,7 @@ def test_resume_reuploads_parts_that_do_not_match(store, monkeypatch, tmp_path, 
     assert store.client.get_object(Bucket=store.bucket, Key=full)["Body"].read() == big_bytes
 
 
-def test_small_file_single_put_and_bad_part_size(store, tmp_path, endpoint):
+def test_small_file_single_put_and_bad_part_size(store, tmp_path, s3_endpoint):
     local = tmp_path / "small.txt"
     local.write_bytes(b"hello")
     store.upload_file(local, "misc/small.txt")
@@ -191,7 +177,7 @@ def test_small_file_single_put_and_bad_part_size(store, tmp_path, endpoint):
     assert head["ETag"].strip('"') == hashlib.md5(b"hello").hexdigest()
     assert head["Metadata"]["sha256"] == hashlib.sha256(b"hello").hexdigest()
     with pytest.raises(ValueError):
-        ArtifactStore("s3://bucket/x", endpoint_url=endpoint, part_size=MiB)
+        ArtifactStore("s3://bucket/x", endpoint_url=s3_endpoint, part_size=MiB)
 
 
 def test_run_without_manifest_is_not_listed(store, run_dir, tmp_path):
@@ -202,8 +188,8 @@ def test_run_without_manifest_is_not_listed(store, run_dir, tmp_path):
         store.download_run("digits", "partial", tmp_path / "dest")
 
 
-def test_endpoint_from_environment_and_parallel_parts(endpoint, monkeypatch, run_dir, tmp_path):
-    monkeypatch.setenv("UVIT_S3_ENDPOINT_URL", endpoint)
+def test_endpoint_from_environment_and_parallel_parts(s3_endpoint, monkeypatch, run_dir, tmp_path):
+    monkeypatch.setenv("UVIT_S3_ENDPOINT_URL", s3_endpoint)
     s = ArtifactStore("s3://uvit-env-bucket", part_size=5 * MiB)  # 4 parts at a time by default
     s.client.create_bucket(Bucket="uvit-env-bucket")
     ref = s.upload_run(run_dir, "celeba64")

@@ -33,21 +33,11 @@ FLAT = [c for caps in CAPTIONS for c in caps]
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
+def clip_dir(tmp_path_factory, write_tiny_clip_vocab) -> Path:
     """A tiny CLIPModel + CLIPProcessor (hand-written BPE vocabulary) saved as a hub-style directory:
     it serves as the text encoder (CLIPTextModel reads its text half) and as the CLIP-score model."""
     d = tmp_path_factory.mktemp("clip")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in letters:
-        vocab[c] = len(vocab)
-    for c in letters:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["a t</w>", "c at</w>", "d o", "do g</w>"]
-    for tok in ("at</w>", "cat</w>", "do", "dog</w>"):
-        vocab[tok] = len(vocab)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    vocab = write_tiny_clip_vocab(d)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(d))
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(d))

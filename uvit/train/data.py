@@ -29,13 +29,16 @@ class Batch:
     """One rank's share of one step: the training rows and that step's random draws.
 
     x: (b, C, H, W) float32 images in [-1, 1], or (b, 2C, h, w) float32 VAE moments;
-    y: (b,) int64 labels or None; draws: the rank's `StepDraws` (idx are global row ids).
+    y: (b,) int64 labels or None; draws: the rank's `StepDraws` (idx are global row ids);
+    context: text-to-image, (b, 77, D) float32 CLIP features of caption rows `draws.caption_rows`
+    as stored (condition dropout is applied by `train_step`), else None.
     """
 
     step: int
     x: Tensor
     y: Tensor | None
     draws: StepDraws
+    context: Tensor | None = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         def move(t: Tensor | None) -> Tensor | None:
@@ -44,7 +47,7 @@ class Batch:
         d = self.draws
         # idx and drop stay on the host: train_step tests `drop.any()`, which would sync a GPU.
         draws = replace(d, t=move(d.t), noise=move(d.noise), latent_noise=move(d.latent_noise))
-        return Batch(self.step, move(self.x), move(self.y), draws)
+        return Batch(self.step, move(self.x), move(self.y), draws, move(self.context))
 
     def pin_memory(self) -> Batch:
         """Page-locked copies, so `to(cuda, non_blocking=True)` overlaps with compute."""
@@ -54,7 +57,7 @@ class Batch:
             return None if t is None else t.pin_memory()
 
         draws = replace(d, t=pin(d.t), noise=pin(d.noise), latent_noise=pin(d.latent_noise))
-        return Batch(self.step, pin(self.x), pin(self.y), draws)
+        return Batch(self.step, pin(self.x), pin(self.y), draws, pin(self.context))
 
 
 class ShardGather:
@@ -62,9 +65,15 @@ class ShardGather:
 
     `field` is "images" (uint8, scaled to [-1, 1] float32) or "moments" (any float dtype, cast to
     float32); labels (int64) come along when `with_labels`.
+
+    Text-to-image: `contexts_dir` is the encode stage's caption split of the same images
+    (`contexts` (M, 77, D), `caption_offsets.npy`, `empty_context.npy`, uvit.data.encode);
+    `caption_offsets` (N+1,) and `empty_context` (77, D) float32 are then loaded (checksums
+    checked) and `gather_contexts` reads caption rows.
     """
 
-    def __init__(self, split_dir: str | Path, field: str, with_labels: bool):
+    def __init__(self, split_dir: str | Path, field: str, with_labels: bool,
+                 contexts_dir: str | Path | None = None):
         from uvit.data.shards import ShardedArrays
 
         self.split = ShardedArrays(split_dir)
@@ -76,20 +85,33 @@ class ShardGather:
         dtype = self.split.manifest.fields[field].np_dtype
         if field == "images" and dtype != np.uint8:
             raise ValueError(f"{split_dir}: expected uint8 images, got {dtype}")
+        self.contexts = self.caption_offsets = self.empty_context = None
+        if contexts_dir is not None:
+            from uvit.data.encode import load_caption_index, load_empty_context
+
+            self.contexts = ShardedArrays(contexts_dir)
+            offsets = load_caption_index(contexts_dir)
+            if len(offsets) != len(self.split) + 1:
+                raise ValueError(f"{contexts_dir}: captions of {len(offsets) - 1} images, but {split_dir} has "
+                                 f"{len(self.split)} rows (re-run the encode stage)")
+            if (np.diff(offsets) <= 0).any():
+                raise ValueError(f"{contexts_dir}: images without captions, rows "
+                                 f"{np.nonzero(np.diff(offsets) <= 0)[0][:10].tolist()}")
+            self.caption_offsets = torch.from_numpy(offsets.astype(np.int64))
+            self.empty_context = torch.from_numpy(load_empty_context(contexts_dir)).float()
 
     def __len__(self) -> int:
         return len(self.split)
 
     def rows(self, name: str, idx: np.ndarray) -> np.ndarray:
         """Rows `idx` (global ids, any order, repeats allowed) of field `name`, (len(idx), *shape)."""
-        shard = np.searchsorted(self.offsets, idx, side="right") - 1
-        spec = self.split.manifest.fields[name]
-        out = np.empty((len(idx), *spec.shape), dtype=spec.np_dtype)
-        for k in np.unique(shard):
-            sel = np.nonzero(shard == k)[0]
-            # Fancy indexing on a memmap reads just these rows (sorted reads would not change values).
-            out[sel] = self.split.shard(name, int(k))[idx[sel] - self.offsets[k]]
-        return out
+        return _rows(self.split, name, idx)
+
+    def gather_contexts(self, caption_rows: Tensor) -> Tensor:
+        """(b, 77, D) float32 contexts of caption rows (b,) (text-to-image)."""
+        if self.contexts is None:
+            raise ValueError("this gather has no caption split (contexts_dir)")
+        return torch.from_numpy(_rows(self.contexts, "contexts", caption_rows.numpy())).float()
 
     def gather(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """(x, y) for global row ids idx (b,): x float32 as `load_training_data` returns it."""
@@ -99,6 +121,19 @@ class ShardGather:
         x = raw.float().div_(127.5).sub_(1.0) if self.field == "images" else raw.float()
         y = torch.from_numpy(self.rows("labels", ids)).long() if self.with_labels else None
         return x, y
+
+
+def _rows(split, name: str, idx: np.ndarray) -> np.ndarray:
+    """Rows `idx` (global ids, any order, repeats allowed) of field `name` of a ShardedArrays."""
+    offsets = split.manifest.offsets
+    shard = np.searchsorted(offsets, idx, side="right") - 1
+    spec = split.manifest.fields[name]
+    out = np.empty((len(idx), *spec.shape), dtype=spec.np_dtype)
+    for k in np.unique(shard):
+        sel = np.nonzero(shard == k)[0]
+        # Fancy indexing on a memmap reads just these rows (sorted reads would not change values).
+        out[sel] = split.shard(name, int(k))[idx[sel] - offsets[k]]
+    return out
 
 
 class StreamingLoader:
@@ -115,7 +150,8 @@ class StreamingLoader:
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", prefetch: int = 2):
         self.gather = gather
         self.kw = dict(num_rows=len(gather), global_batch=global_batch, sample_shape=sample_shape,
-                       schedule=schedule, p_uncond=p_uncond, rank=rank, world_size=world_size, latent=latent)
+                       schedule=schedule, p_uncond=p_uncond, rank=rank, world_size=world_size, latent=latent,
+                       caption_offsets=getattr(gather, "caption_offsets", None))
         self.seed, self.start, self.end = seed, start_step, end_step
         self.device = torch.device(device)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -127,7 +163,8 @@ class StreamingLoader:
         """The batch of `step` on the CPU (what the thread produces; also usable directly)."""
         draws = draw_step(self.seed, step, **self.kw)
         x, y = self.gather.gather(draws.idx)
-        return Batch(step, x, y, draws)
+        context = None if draws.caption_rows is None else self.gather.gather_contexts(draws.caption_rows)
+        return Batch(step, x, y, draws, context)
 
     def _produce(self) -> None:
         pin = self.device.type == "cuda"

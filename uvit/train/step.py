@@ -38,12 +38,18 @@ class StepDraws:
     noise: Tensor  # (b, *sample_shape)
     drop: Tensor  # (b,) bool: condition replaced by the null condition
     latent_noise: Tensor | None = None  # (b, *sample_shape): draws z from stored VAE moments
+    caption_rows: Tensor | None = None  # (b,) int64 text-to-image: the caption row (context) of each image row
 
 
 def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_shape: tuple[int, ...],
               schedule: NoiseSchedule, p_uncond: float, rank: int = 0, world_size: int = 1,
-              latent: bool = False) -> StepDraws:
+              latent: bool = False, caption_offsets: Tensor | None = None) -> StepDraws:
     """Draw the whole global batch's randomness, then keep this worker's slice.
+
+    Text-to-image (`caption_offsets` (num_rows + 1,) int64: image i's captions are caption rows
+    [offsets[i], offsets[i+1])): each drawn image row also gets one of its captions uniformly at
+    random, as the official MS-COCO dataset does per item. That draw comes after all the others,
+    so every other benchmark draws exactly what it drew before.
 
     Every worker draws the same global batch, so N workers compute exactly the step that one
     worker with the same global batch would (up to float summation order), and a resumed run
@@ -57,9 +63,15 @@ def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_sha
     noise = torch.randn(global_batch, *sample_shape, generator=g)
     drop = torch.rand(global_batch, generator=g) < p_uncond
     latent_noise = torch.randn(global_batch, *sample_shape, generator=g) if latent else None  # drawn last
+    caption_rows = None
+    if caption_offsets is not None:  # drawn last: the draws above are unchanged
+        u = torch.rand(global_batch, generator=g, dtype=torch.float64)
+        first, count = caption_offsets[idx], caption_offsets[idx + 1] - caption_offsets[idx]
+        caption_rows = first + torch.minimum((u * count).long(), count - 1)
     local = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
     return StepDraws(idx[local], t[local], noise[local], drop[local],
-                     None if latent_noise is None else latent_noise[local])
+                     None if latent_noise is None else latent_noise[local],
+                     None if caption_rows is None else caption_rows[local])
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -103,6 +115,20 @@ def gather_rows(images: Tensor, labels: Tensor | None, idx: Tensor) -> tuple[Ten
     return images[idx], None if labels is None else labels[idx]
 
 
+def condition_context(context: Tensor, drop: Tensor, empty_context: Tensor | None) -> Tensor:
+    """Condition dropout for text: rows with `drop` get the empty prompt's context, not zeros.
+
+    context: (b, L, D) the captions' CLIP features; drop: (b,) bool; empty_context: (L, D), the
+    encoding of "" (what classifier-free guidance pairs with at sampling time).
+    """
+    if not bool(drop.any()):
+        return context
+    if empty_context is None:
+        raise ValueError("condition dropout needs the empty context (empty_context.npy of the caption split)")
+    keep = ~drop.to(context.device).view(-1, *([1] * (context.dim() - 1)))
+    return torch.where(keep, context, empty_context.to(context.device, context.dtype).unsqueeze(0))
+
+
 @dataclass
 class StepStats:
     """A step's loss and gradient norm as 0-d tensors on the model's device, and its lr.
@@ -128,13 +154,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, em
                x: Tensor, labels: Tensor | None, draws: StepDraws, schedule: NoiseSchedule, *,
                null_class: int | None = None, grad_clip: float | None = None,
                autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-               latent_scale: float | None = None) -> StepStats:
+               latent_scale: float | None = None, context: Tensor | None = None,
+               empty_context: Tensor | None = None) -> StepStats:
     """Noise-prediction loss on one batch, backward, (clip), AdamW, LR schedule, EMA.
 
     x: (b, C, H, W) the batch's rows `draws.idx` in [-1, 1] on the model's device, or (b, 2C, h, w)
     VAE moments when `latent_scale` is given (z is re-sampled from them with
     `draws.latent_noise`); labels: (b,) class labels or None. `gather_rows` picks them from
-    in-memory tensors, `uvit.train.data.StreamingLoader` from shards on disk.
+    in-memory tensors, `uvit.train.data.StreamingLoader` from shards on disk. Text-to-image:
+    context (b, 77, D) the chosen captions' CLIP features (`draws.caption_rows`) and empty_context
+    (77, D), which replaces the context of the rows `draws.drop` marks.
     """
     device = x.device
     x0 = x
@@ -150,6 +179,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, em
                 raise ValueError("condition dropout needs the null class index")
             y = torch.where(draws.drop.to(device), torch.full_like(y, null_class), y)
         cond["y"] = y
+    if context is not None:
+        cond["context"] = condition_context(context, draws.drop, empty_context)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss = noise_prediction_loss(model, x0, schedule, t=draws.t.to(device),
                                      noise=draws.noise.to(device, x0.dtype), **cond).mean()

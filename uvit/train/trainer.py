@@ -42,21 +42,25 @@ def training_data_dir(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path:
     return paths.latents if cfg.encode is not None else paths.data
 
 
+def contexts_data_dir(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path | None:
+    """The training captions' CLIP contexts (encode stage), for text-to-image presets; else None."""
+    return paths.contexts if cfg.uvit_config().clip_dim is not None else None
+
+
 def load_training_data(cfg: BenchmarkConfig, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The whole training split in memory as tensors, and labels (N,) or None (small data and
     tests; training streams batches from the shards instead: uvit/train/data.py).
 
     Pixel benchmarks: images (N, C, H, W) float32 in [-1, 1]. Latent benchmarks: the stored VAE
-    moments (N, 2C, h, w) float32, from which every step samples its latents.
+    moments (N, 2C, h, w) float32, from which every step samples its latents. Text-to-image
+    (MS-COCO): the moments and None; the captions' CLIP contexts stay in their caption split
+    (`contexts_data_dir`), from which `ShardGather` reads each step's chosen captions.
     """
     from uvit.data.shards import ShardedArrays
 
     split = ShardedArrays(data_dir / "train")
     labels = split.field("labels") if "labels" in split.field_names and cfg.validate_.num_classes > 0 else None
     y = torch.from_numpy(np.array(labels)).long() if labels is not None else None
-    if cfg.uvit_config().clip_dim is not None:
-        raise NotImplementedError(f"{cfg.name}: text-to-image training (contexts per caption) is not wired into "
-                                  "the trainer yet; the encode stage writes the CLIP features it will read")
     if "moments" in split.field_names:
         return torch.from_numpy(np.array(split.field("moments"))).float(), y
     images = np.array(split.field("images"))
@@ -112,11 +116,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     uconf = cfg.uvit_config()
-    if uconf.clip_dim is not None:
-        raise NotImplementedError(f"{cfg.name}: text-to-image training (contexts per caption) is not wired into "
-                                  "the trainer yet; the encode stage writes the CLIP features it will read")
+    text = uconf.clip_dim is not None
     split = Path(loop_config["data_dir"]) / "train"
-    gather = ShardGather(split, training_field(split), with_labels=cfg.validate_.num_classes > 0)
+    contexts = Path(loop_config["contexts_dir"]) / "train" if text else None
+    gather = ShardGather(split, training_field(split), with_labels=cfg.validate_.num_classes > 0 and not text,
+                         contexts_dir=contexts)
 
     # Restore (if any) into the plain model first, then wrap: both strategies load full state dicts.
     scratch = Path(tempfile.mkdtemp(prefix=f"uvit-rank{rank}-"))
@@ -155,8 +159,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         periodic_fid = PeriodicFID(cfg, tc.fid_samples, fid_inputs["images"], fid_inputs["classifier"],
                                    device="cuda" if device.type == "cuda" else "cpu")
     schedule = make_schedule(cfg.diffusion.schedule)
-    p_uncond = cfg.diffusion.p_uncond if uconf.num_classes > 0 else 0.0
-    null_class = uconf.num_classes - 1 if p_uncond > 0 else None
+    p_uncond = cfg.diffusion.p_uncond if uconf.num_classes > 0 or text else 0.0
+    null_class = uconf.num_classes - 1 if p_uncond > 0 and not text else None
+    empty_context = gather.empty_context.to(device) if text else None  # dropout's stand-in (not zeros)
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
     scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
     latent_scale = cfg.encode.scale_factor if cfg.encode is not None else None
@@ -226,7 +231,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _maybe_die(loop_config, step, rank)
             stats = train_step(net, optimizer, scheduler, ema, batch.x, batch.y, batch.draws, schedule,
                                null_class=null_class, grad_clip=tc.grad_clip, autocast_dtype=autocast,
-                               scaler=scaler, latent_scale=latent_scale)
+                               scaler=scaler, latent_scale=latent_scale, context=batch.context,
+                               empty_context=empty_context)
             done = step + 1
             window_images += tc.batch_size
             bar.update(1)
@@ -293,7 +299,7 @@ _RUN_LENGTH_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "max_failur
                     "tensorboard", "fid_every", "fid_samples"}
 
 
-def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path) -> str:
+def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path, contexts_dir: Path | None = None) -> str:
     """Hash of everything that determines the training trajectory: model, diffusion and train
     parameters (except run-length knobs such as `steps`) and the training split's manifest.
 
@@ -309,6 +315,8 @@ def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path) -> str:
     manifest = data_dir / "train" / "manifest.json"
     if manifest.is_file():
         h.update(manifest.read_bytes())
+    if contexts_dir is not None and (contexts_dir / "train" / "manifest.json").is_file():  # text-to-image
+        h.update((contexts_dir / "train" / "manifest.json").read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -350,8 +358,13 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
     from uvit.train.storage import ensure_dir, resolve_storage
 
     tc = cfg.train
+    if cfg.uvit_config().clip_dim is not None and (tc.sample_every or tc.fid_every):
+        raise NotImplementedError(f"{cfg.name}.train: sample grids and periodic FID during text-to-image training "
+                                  "(they need captions) are not supported; set sample_every and fid_every to 0")
     data_dir = training_data_dir(cfg, paths).resolve()
-    fingerprint = train_fingerprint(cfg, data_dir)
+    contexts_dir = contexts_data_dir(cfg, paths)
+    contexts_dir = contexts_dir.resolve() if contexts_dir is not None else None
+    fingerprint = train_fingerprint(cfg, data_dir, contexts_dir)
     where = storage_path or tc.storage_path or paths.ray_storage.resolve()
     storage = resolve_storage(where, tc.storage_endpoint).child(fingerprint)
     ensure_dir(storage)
@@ -359,6 +372,7 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
     loop_config: dict[str, Any] = {
         "benchmark": cfg.model_dump(by_alias=True, mode="json", exclude={"name"}) | {"name": cfg.name},
         "data_dir": str(data_dir),
+        "contexts_dir": str(contexts_dir) if contexts_dir is not None else None,
         "tensorboard_dir": str(local / "tensorboard") if tc.tensorboard else None,
         "samples_dir": str(local / "samples") if tc.sample_every else None,
     }

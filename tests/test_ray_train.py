@@ -95,6 +95,13 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, di
     assert all(not torch.equal(w1[k], init[k]) for k in ("pos_embed", "decoder_pred.weight"))  # it trained
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=2e-5, rtol=1e-4, msg=k)
+    # The logged loss is the whole global batch's, not rank 0's half of it.
+    def losses(run: dict) -> list[float]:
+        return [float(r["loss"]) for r in csv.DictReader((run["dir"] / "metrics.csv").open())]
+
+    l1, l2 = losses(one), losses(two)
+    assert len(l1) == len(l2) == 6
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), atol=1e-5, rtol=1e-4)
 
 
 def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session, digits_data, two_workers,

@@ -236,25 +236,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             done = step + 1
             window_images += tc.batch_size
             bar.update(1)
-            if done % tc.log_every == 0 or done == tc.steps:
+            logging_step = done % tc.log_every == 0 or done == tc.steps
+            checkpoint_step = done % tc.checkpoint_every == 0 or done == tc.steps
+            if logging_step or checkpoint_step:  # the same steps on every rank: a collective is safe
+                loss = global_mean_loss(stats.loss_t, len(batch.x))
+            if logging_step:
                 now = time.perf_counter()
-                row = {"step": done, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                row = {"step": done, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                        "images_per_s": window_images / (now - window_start), "elapsed_s": now - t_start,
                        "peak_mem_gib": peak_memory_gib(device)}
                 if log is not None:
                     log.append(row)
                     tb.scalars(done, {k: v for k, v in row.items() if k != "step"})
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 window_start, window_images = now, 0
             if tc.sample_every and done % tc.sample_every == 0:
                 grid(done)
             if fid_inputs and done % tc.fid_every == 0:
                 fid(done)
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
-                report({"step": done, "loss": stats.loss}, done)
+            if checkpoint_step:
+                report({"step": done, "loss": loss}, done)
     bar.close()
     tb.close()
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def global_mean_loss(loss: torch.Tensor, rows: int) -> float:
+    """The step's loss over the whole global batch: each rank's mean `loss` (0-d) weighted by its
+    `rows`, summed across ranks (a collective: every rank calls it at the same steps)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(loss)
+    both = torch.stack([loss.detach().float() * rows, torch.tensor(float(rows), device=loss.device)])
+    dist.all_reduce(both)
+    return float(both[0] / both[1])
 
 
 @contextlib.contextmanager

@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
-__all__ = ["WeightsNotAvailableError", "hub_offline", "is_hub_id", "missing_weights_message"]
+__all__ = ["WeightsNotAvailableError", "from_hub", "hub_offline", "is_hub_id", "missing_weights_message"]
 
 # "org/name" (optionally "name" alone is also a valid hub id, but a bare word is far more likely
 # a mistyped local path, so only the org/name form is treated as a hub id).
@@ -60,3 +61,17 @@ def missing_weights_message(what: str, hub_id: str, params_key: str, cause: Base
         f"(or `hf download {hub_id} --local-dir {local_dir_hint}`), copy that directory to this "
         f"machine, and set `{params_key}: {local_dir_hint}` in params.yaml (a local path is loaded "
         f"without any network access).")
+
+
+def from_hub(source: str, loaders: Sequence[Callable[..., Any]], what: str, params_key: str, *,
+             note: str = "", **kwargs: Any) -> list[Any]:
+    """`load(source, local_files_only=<offline>, **kwargs)` for each loader (e.g. a class's
+    ``from_pretrained``), from the hub or, offline, the local cache only. Any failure (not cached,
+    offline, no network) means "get the files": a WeightsNotAvailableError saying what and where."""
+    try:
+        offline = hub_offline()
+        return [load(str(source), local_files_only=offline, **kwargs) for load in loaders]
+    except Exception as e:
+        hint = f"models/{str(source).split('/')[-1]}"
+        raise WeightsNotAvailableError(
+            missing_weights_message(what, str(source), params_key, e, local_dir_hint=hint) + note) from e

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from uvit.encoders import WeightsNotAvailableError, hub_offline, is_hub_id, missing_weights_message
+from uvit.encoders import from_hub, is_hub_id
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -58,14 +58,8 @@ def load_text_encoder(
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
     elif is_hub_id(source):
-        try:
-            offline = hub_offline()
-            tokenizer = CLIPTokenizer.from_pretrained(str(source), local_files_only=offline)
-            model = CLIPTextModel.from_pretrained(str(source), local_files_only=offline)
-        except Exception as e:  # not cached / offline / no network: all mean "get the files"
-            hint = f"models/{str(source).split('/')[-1]}"
-            raise WeightsNotAvailableError(missing_weights_message(
-                "CLIP text encoder", str(source), params_key, e, local_dir_hint=hint)) from e
+        tokenizer, model = from_hub(source, [CLIPTokenizer.from_pretrained, CLIPTextModel.from_pretrained],
+                                    "CLIP text encoder", params_key)
     else:
         raise FileNotFoundError(f"text encoder source {str(source)!r} is neither an existing "
                                 f"directory nor a hub id of the form org/name")

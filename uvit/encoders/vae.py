@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from uvit.encoders import WeightsNotAvailableError, hub_offline, is_hub_id, missing_weights_message
+from uvit.encoders import from_hub, is_hub_id
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -324,13 +324,8 @@ def load_vae(
                              f"({', '.join(sorted(_PTH_SUFFIXES))}, .safetensors)")
         vae = _load_from_ldm_file(path, norm_num_groups, sample_size)
     elif is_hub_id(source):
-        try:
-            vae = AutoencoderKL.from_pretrained(str(source), subfolder=subfolder,
-                                                local_files_only=hub_offline())
-        except Exception as e:  # not cached / offline / no network: all mean "get the files"
-            hint = f"models/{str(source).split('/')[-1]}"
-            raise WeightsNotAvailableError(missing_weights_message(
-                "autoencoder (VAE)", str(source), params_key, e, local_dir_hint=hint)) from e
+        [vae] = from_hub(source, [AutoencoderKL.from_pretrained], "autoencoder (VAE)", params_key,
+                         subfolder=subfolder)
     else:
         raise FileNotFoundError(f"VAE source {str(source)!r} is neither an existing file or "
                                 f"directory nor a hub id of the form org/name")

@@ -41,7 +41,7 @@ def load_clip(source: str | Path = DEFAULT_CLIP_MODEL, *, device: str | torch.de
     :data:`REQUIRED_FILES` or a hub id (local cache only when offline)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from uvit.encoders import WeightsNotAvailableError, hub_offline, is_hub_id, missing_weights_message
+    from uvit.encoders import WeightsNotAvailableError, from_hub, is_hub_id
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -55,15 +55,9 @@ def load_clip(source: str | Path = DEFAULT_CLIP_MODEL, *, device: str | torch.de
                 f"`huggingface-cli download {DEFAULT_CLIP_MODEL} --local-dir {path}`; "
                 f"`{params_key}` names the directory.") from e
     elif is_hub_id(source):
-        try:
-            offline = hub_offline()
-            model = CLIPModel.from_pretrained(str(source), local_files_only=offline)
-            processor = CLIPProcessor.from_pretrained(str(source), local_files_only=offline)
-        except Exception as e:  # not cached / offline / no network: all mean "get the files"
-            hint = f"models/{str(source).split('/')[-1]}"
-            raise WeightsNotAvailableError(
-                missing_weights_message("CLIP model (CLIP score)", str(source), params_key, e, local_dir_hint=hint)
-                + f" The directory must hold {', '.join(REQUIRED_FILES)}.") from e
+        model, processor = from_hub(source, [CLIPModel.from_pretrained, CLIPProcessor.from_pretrained],
+                                    "CLIP model (CLIP score)", params_key,
+                                    note=f" The directory must hold {', '.join(REQUIRED_FILES)}.")
     else:
         raise FileNotFoundError(f"CLIP model source {str(source)!r} is neither an existing directory nor a hub "
                                 f"id of the form org/name (set `{params_key}`)")

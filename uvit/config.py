@@ -29,6 +29,13 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: str
     root: str | None = None  # where a user-supplied dataset lives (ImageNet, COCO); None for downloadable ones
+    # The checksum of an archive root of your own (a subset, a miniature, a re-packed copy): when
+    # either is set the archive must match it instead of the official checksum; unset, the
+    # official one guards the official archive (CIFAR-10's MD5, ILSVRC2012_img_train.tar's MD5).
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
+    # Where archives are downloaded and extracted; None: $UVIT_DOWNLOAD_DIR, else ~/.cache/uvit/downloads.
+    download_dir: str | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     shard_size: PositiveInt = 50_000

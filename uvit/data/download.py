@@ -36,8 +36,11 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
+from uvit.data.shards import DataIntegrityError
+
 __all__ = [
     "BACKOFF_S",
+    "BadSourceError",
     "ChecksumMismatch",
     "DiskFullError",
     "DownloadError",
@@ -58,7 +61,15 @@ _HASH_BLOCK = 1 << 22
 _REMOTE_SCHEMES = ("http://", "https://", "s3://")
 
 
-class ChecksumMismatch(ValueError):
+class BadSourceError(DataIntegrityError, ValueError):
+    """A dataset file or folder that is not what its source expects: corrupt, truncated, another
+    version or layout. The message names the file and says what to provide instead.
+
+    A :class:`~uvit.data.shards.DataIntegrityError` (so the CLI reports it in one line, without a
+    traceback) and a ``ValueError`` (what the sources raised before this class existed)."""
+
+
+class ChecksumMismatch(BadSourceError):
     """A file's digest is not the expected one. ``path``, ``algorithm``, ``expected``, ``actual``."""
 
     def __init__(self, message: str, *, path: Path, algorithm: str, expected: str, actual: str):
@@ -66,7 +77,7 @@ class ChecksumMismatch(ValueError):
         self.path, self.algorithm, self.expected, self.actual = path, algorithm, expected, actual
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DataIntegrityError):
     """A transfer failed (network, missing object, permissions); the message names the URL and
     where to place the file by hand."""
 

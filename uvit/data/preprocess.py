@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from uvit.data.download import BadSourceError
+
 __all__ = [
     "BadImageError",
     "CELEBA_ALIGNED_SIZE",
@@ -54,7 +56,7 @@ _SKIP_HINT = ("Remove or replace the file (e.g. re-extract it from the original 
               "manifest's meta.")
 
 
-class BadImageError(ValueError):
+class BadImageError(BadSourceError):
     """An image file that cannot be used (missing, truncated, corrupt, too small). ``path``."""
 
     def __init__(self, message: str, path: str | Path | None = None):
@@ -367,7 +369,7 @@ def write_image_split(
     check_splits_absent(root.parent, [root.name], overwrite)
     n = len(paths)
     if n == 0:
-        raise ValueError(f"no images to write for {name}/{split}")
+        raise BadSourceError(f"no images to write for {name}/{split}")
     copies = 2 if flip else 1
     row_bytes = int(np.prod(image_shape))
     # scratch + the shards written from it, on the same filesystem

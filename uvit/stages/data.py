@@ -3,11 +3,20 @@
 Pixel benchmarks (digits, cifar10, celeba64, imagenet64) store their training images here
 directly. Latent benchmarks (imagenet256/512, mscoco256) store the preprocessed images at the
 VAE's input resolution (8x the latent size); the `encode` stage turns them into latents.
+
+All splits are written into a scratch folder beside data/<benchmark>/ and renamed into place
+together, so a bad input (a wrong checksum, another archive version or layout, a missing file,
+an unreadable image) leaves no data/<benchmark>/ behind. Such failures are raised as the
+exceptions the CLI reports in one line (DataIntegrityError, FileNotFoundError, ConfigError),
+their message prefixed with the params key to fix (`<benchmark>.data.root`, `.sha256`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
+from pathlib import Path
 
 from uvit.config import BenchmarkConfig, ConfigError
 from uvit.paths import BenchmarkPaths
@@ -28,37 +37,92 @@ def _root(cfg: BenchmarkConfig, what: str) -> str:
     return cfg.data.root
 
 
-def run_data(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
-    source, out = cfg.data.source, paths.data
-    if out.exists():  # DVC removes outputs before a run; a manual re-run replaces them
-        shutil.rmtree(out)
-    kw = {"shard_size": cfg.data.shard_size}
+def _declared(cfg: BenchmarkConfig) -> bool:
+    return cfg.data.sha256 is not None or cfg.data.md5 is not None
+
+
+def _no_checksum_for_folders(cfg: BenchmarkConfig, what: str) -> None:
+    if _declared(cfg):
+        key = "sha256" if cfg.data.sha256 is not None else "md5"
+        raise ConfigError(f"{cfg.name}.data.{key}: {what} is read from a folder, and a checksum applies to an "
+                          f"archive only (the CIFAR-10 tarball, an ImageNet tar); remove {cfg.name}.data.{key}")
+
+
+def _prepare(cfg: BenchmarkConfig, out: Path) -> dict:
+    source, d = cfg.data.source, cfg.data
+    kw = {"shard_size": d.shard_size}
     if source == "digits":
         from uvit.data.sources.digits import prepare_digits
 
-        manifests = prepare_digits(out, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed)
-    elif source == "cifar10":
-        from uvit.data.sources.cifar10 import prepare_cifar10
+        _no_checksum_for_folders(cfg, "digits (scikit-learn's copy)")
+        return prepare_digits(out, test_fraction=d.test_fraction, seed=d.seed)
+    if source == "cifar10":
+        from uvit.data.sources.cifar10 import MD5, prepare_cifar10
 
         # data.root may point at an already-downloaded cifar-10-binary.tar.gz (or an s3:// copy).
-        manifests = prepare_cifar10(out, archive=cfg.data.root, **kw)
-    elif source == "celeba":
+        # A declared checksum replaces the official MD5; otherwise the official one guards it.
+        md5 = d.md5 if _declared(cfg) else MD5
+        return prepare_cifar10(out, archive=d.root, download_dir=d.download_dir, md5=md5, sha256=d.sha256, **kw)
+    if source == "celeba":
         from uvit.data.sources.celeba import prepare_celeba
 
-        manifests = prepare_celeba(out, _root(cfg, "CelebA (img_align_celeba + list_eval_partition.txt)"),
-                                   size=image_resolution(cfg), **kw)
-    elif source == "imagenet":
+        root = _root(cfg, "CelebA (img_align_celeba + list_eval_partition.txt)")
+        _no_checksum_for_folders(cfg, "CelebA")
+        return prepare_celeba(out, root, size=image_resolution(cfg), **kw)
+    if source == "imagenet":
         from uvit.data.sources.imagenet import prepare_imagenet
 
         latent = cfg.uvit_config().in_chans == 4
+        checks = {"md5": d.md5, "sha256": d.sha256} if _declared(cfg) else {}  # else: "auto", the official MD5
         # The latent benchmarks bake the flip augmentation into stored latents (the official recipe).
-        manifests = prepare_imagenet(out, _root(cfg, "ILSVRC2012 (needs an image-net.org account)"),
-                                     image_resolution(cfg), flip=latent, **kw)
-    elif source == "coco":
+        return prepare_imagenet(out, _root(cfg, "ILSVRC2012 (needs an image-net.org account)"),
+                                image_resolution(cfg), flip=latent, download_dir=d.download_dir, **checks, **kw)
+    if source == "coco":
         from uvit.data.sources.coco import prepare_coco
 
-        manifests = prepare_coco(out, _root(cfg, "MS-COCO 2014 (train2014, val2014, annotations)"),
-                                 image_resolution(cfg), **kw)
+        root = _root(cfg, "MS-COCO 2014 (train2014, val2014, annotations)")
+        _no_checksum_for_folders(cfg, "MS-COCO")
+        return prepare_coco(out, root, image_resolution(cfg), **kw)
+    raise ConfigError(f"{cfg.name}.data.source: unknown source {source!r}")
+
+
+def _name_the_key(cfg: BenchmarkConfig, e: BaseException) -> None:
+    """Prefix the message of a bad-input error with the params key that points at the input."""
+    from uvit.data.download import ChecksumMismatch
+
+    name, d = cfg.name, cfg.data
+    where = f"{name}.data.root={d.root}" if d.root else f"{name}.data.root (unset: the official download)"
+    if isinstance(e, ChecksumMismatch):
+        if _declared(cfg):
+            prefix = (f"{where} does not match the checksum declared in {name}.data.{e.algorithm} "
+                      f"({e.algorithm} {e.actual}, declared {e.expected}): ")
+        else:
+            prefix = (f"{where} is not the official archive (if it is a copy of your own, e.g. a subset or a "
+                      f"miniature, declare its checksum as {name}.data.sha256 in params.yaml): ")
     else:
-        raise ConfigError(f"{cfg.name}.data.source: unknown source {source!r}")
+        prefix = f"{where}: "
+    if isinstance(e, OSError) and e.errno is not None:  # str() comes from strerror, not args
+        e.strerror = prefix + str(e.strerror)
+    else:
+        e.args = (prefix + str(e),)
+
+
+def run_data(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
+    from uvit.data.shards import DataIntegrityError
+
+    out = paths.data
+    if out.exists():  # DVC removes outputs before a run; a manual re-run replaces them
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        manifests = _prepare(cfg, scratch)
+        os.rename(scratch, out)
+    except (DataIntegrityError, FileNotFoundError) as e:  # bad input: say which key, leave nothing
+        shutil.rmtree(scratch, ignore_errors=True)
+        _name_the_key(cfg, e)
+        raise
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     return {split: m.count for split, m in manifests.items()}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from uvit.data.download import BadSourceError
 from uvit.data.preprocess import (
     CELEBA_ALIGNED_SIZE,
     CELEBA_CROP_BOX,
@@ -81,11 +82,11 @@ def read_partition(path: str | Path) -> list[tuple[str, int]]:
             continue  # csv header
         if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) not in PARTITIONS.values() \
                 or "/" in parts[0] or parts[0].startswith("."):
-            raise ValueError(f"{path}:{lineno}: expected '<image file> <0|1|2>', got {line!r}. The "
+            raise BadSourceError(f"{path}:{lineno}: expected '<image file> <0|1|2>', got {line!r}. The "
                              f"partition file is damaged: download list_eval_partition.txt again.")
         rows.append((parts[0], int(parts[1])))
     if not rows:
-        raise ValueError(f"{path} lists no images; download list_eval_partition.txt again.")
+        raise BadSourceError(f"{path} lists no images; download list_eval_partition.txt again.")
     return rows
 
 
@@ -130,7 +131,8 @@ def prepare_celeba(
     for split in splits:
         files = [f for f, p in rows if split == "all" or p == PARTITIONS[split]]
         if not files:
-            raise ValueError(f"{partition_file} lists no images for split {split!r}")
+            raise BadSourceError(f"{partition_file} lists no images for split {split!r}; download "
+                                 f"list_eval_partition.txt again.")
         meta = {
             "source": "CelebA img_align_celeba (aligned & cropped, 178x218)",
             "root": str(root),

@@ -13,11 +13,12 @@ at training time; the splits store the raw pixels.
 from __future__ import annotations
 
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import default_download_dir, fetch, is_remote, verify_file
+from uvit.data.download import BadSourceError, default_download_dir, fetch, is_remote, verify_file
 from uvit.data.preprocess import check_splits_absent
 from uvit.data.shards import Manifest, write_split
 
@@ -41,13 +42,13 @@ __all__ = ["ARCHIVE_NAME", "CLASSES", "EXPECTED_COUNTS", "MD5", "NAME", "NUM_CLA
 def parse_records(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     """One ``.bin`` batch -> images uint8 (N, 3, 32, 32), labels int64 (N,)."""
     if len(data) == 0 or len(data) % RECORD_BYTES:
-        raise ValueError(f"{source}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte "
+        raise BadSourceError(f"{source}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte "
                          f"CIFAR-10 records; the archive is corrupt or not the binary version.")
     rec = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
     labels = rec[:, 0].astype(np.int64)
     if labels.max() >= NUM_CLASSES:
         bad = int(np.argmax(labels >= NUM_CLASSES))
-        raise ValueError(f"{source}: record {bad} has label {labels[bad]}, expected 0..9; the "
+        raise BadSourceError(f"{source}: record {bad} has label {labels[bad]}, expected 0..9; the "
                          f"archive is corrupt or not the CIFAR-10 binary version.")
     return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), labels
 
@@ -60,40 +61,50 @@ def read_cifar10_binary(
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{archive}: cannot open as a tar archive ({e}); expected {ARCHIVE_NAME} "
+        raise BadSourceError(f"{archive}: cannot open as a tar archive ({e}); expected {ARCHIVE_NAME} "
                          f"from {URL}. Delete it and run again to re-download.") from e
     with tar:
-        members = {PurePosixPath(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        try:
+            members = {PurePosixPath(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise BadSourceError(f"{archive}: cannot list the archive ({type(e).__name__}: {e}); it is "
+                                 f"truncated or corrupt: fetch {ARCHIVE_NAME} from {URL} again.") from e
         wanted = [f for s in splits for f in SPLIT_FILES[s]]
         missing = [f for f in wanted if f not in members]
         if missing:
             hint = (" This looks like the Python (pickle) version, which is not accepted: use "
                     f"{ARCHIVE_NAME}." if "data_batch_1" in members else "")
-            raise ValueError(f"{archive} lacks {', '.join(missing)}; expected the CIFAR-10 binary "
+            raise BadSourceError(f"{archive} lacks {', '.join(missing)}; expected the CIFAR-10 binary "
                              f"archive {ARCHIVE_NAME} from {URL}.{hint}")
         out = {}
         for split in splits:
             parts = []
             for fname in SPLIT_FILES[split]:
-                with tar.extractfile(members[fname]) as f:
-                    parts.append(parse_records(f.read(), f"{archive}:{members[fname].name}"))
+                try:
+                    with tar.extractfile(members[fname]) as f:
+                        data = f.read()
+                except (tarfile.TarError, EOFError, zlib.error) as e:  # truncated or damaged gzip/tar
+                    raise BadSourceError(f"{archive}: cannot read {members[fname].name} ({type(e).__name__}: "
+                                         f"{e}); the archive is truncated or corrupt: fetch {ARCHIVE_NAME} "
+                                         f"from {URL} again.") from e
+                parts.append(parse_records(data, f"{archive}:{members[fname].name}"))
             out[split] = (np.concatenate([p[0] for p in parts]),
                           np.concatenate([p[1] for p in parts]))
     return out
 
 
 def _locate_archive(archive: str | Path | None, download_dir: Path, md5: str | None,
-                    url: str, progress: bool) -> Path:
+                    sha256: str | None, url: str, progress: bool) -> Path:
     if archive is None:
-        return fetch(url, download_dir / ARCHIVE_NAME, md5=md5, progress=progress)
+        return fetch(url, download_dir / ARCHIVE_NAME, md5=md5, sha256=sha256, progress=progress)
     if is_remote(archive):
         name = PurePosixPath(str(archive).split("?")[0]).name or ARCHIVE_NAME
-        return fetch(str(archive), download_dir / name, md5=md5, progress=progress)
+        return fetch(str(archive), download_dir / name, md5=md5, sha256=sha256, progress=progress)
     path = Path(archive)
     if not path.is_file():
-        raise FileNotFoundError(f"CIFAR-10 archive {path} does not exist. Pass archive=None to "
-                                f"download {URL}, or place {ARCHIVE_NAME} there.")
-    return verify_file(path, md5=md5) if md5 is not None else path
+        raise FileNotFoundError(f"CIFAR-10 archive {path} does not exist (or is not a file). Leave "
+                                f"the root unset to download {URL}, or place {ARCHIVE_NAME} there.")
+    return verify_file(path, md5=md5, sha256=sha256) if md5 or sha256 else path
 
 
 def prepare_cifar10(
@@ -103,6 +114,7 @@ def prepare_cifar10(
     overwrite: bool = False,
     *,
     md5: str | None = MD5,
+    sha256: str | None = None,
     url: str = URL,
     splits: tuple[str, ...] = ("train", "test"),
     shard_size: int = 50_000,
@@ -115,7 +127,9 @@ def prepare_cifar10(
     :func:`~uvit.data.download.default_download_dir`) with :func:`~uvit.data.download.fetch`
     (resumable; skipped when the verified file is already there); an ``http(s)://`` / ``s3://`` URL
     is fetched the same way; a local path is read in place. The archive's MD5 must be ``md5``
-    (the official one by default); only an explicit ``md5=None`` skips the check (test fixtures).
+    (the official one by default) and its SHA-256 ``sha256`` when given: a copy of your own (a
+    subset, a miniature) passes with ``md5=None, sha256=<its digest>``; only ``md5=None`` without
+    ``sha256`` skips the check (test fixtures).
     """
     unknown = set(splits) - set(SPLIT_FILES)
     if unknown:
@@ -123,12 +137,12 @@ def prepare_cifar10(
     out_dir = Path(out_dir)
     check_splits_absent(out_dir, splits, overwrite)
     download_dir = Path(download_dir) if download_dir is not None else default_download_dir()
-    path = _locate_archive(archive, download_dir, md5, url, progress)
+    path = _locate_archive(archive, download_dir, md5, sha256, url, progress)
     data = read_cifar10_binary(path, splits)
     if md5 == MD5:  # the verified official archive: its counts are known
         for split, (images, _) in data.items():
             if len(images) != EXPECTED_COUNTS[split]:
-                raise ValueError(f"{path}: {split} has {len(images)} images, expected "
+                raise BadSourceError(f"{path}: {split} has {len(images)} images, expected "
                                  f"{EXPECTED_COUNTS[split]}")
     manifests = {}
     for split, (images, labels) in data.items():
@@ -137,6 +151,8 @@ def prepare_cifar10(
             "archive": path.name,
             "archive_md5": md5,
             "md5_verified": md5 is not None,
+            "archive_sha256": sha256,
+            "sha256_verified": sha256 is not None,
             "files": list(SPLIT_FILES[split]),
             "num_classes": NUM_CLASSES,
             "classes": list(CLASSES),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uvit.data.download import BadSourceError
 from uvit.data.preprocess import BadImageError, check_splits_absent, coco_crop, write_image_split
 from uvit.data.shards import Manifest
 
@@ -40,7 +41,7 @@ __all__ = ["AnnotationError", "EXPECTED_COUNTS", "URLS", "load_captions", "missi
            "prepare_coco"]
 
 
-class AnnotationError(ValueError):
+class AnnotationError(BadSourceError):
     """A COCO annotation file that does not parse or is inconsistent; names the file."""
 
 

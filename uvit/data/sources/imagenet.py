@@ -15,7 +15,8 @@ points at a copy you have. Accepted forms of ``root``:
    local path or an ``s3://`` / ``http(s)://`` URL: a URL is fetched into ``download_dir`` first
    (resumable, MD5-checked for the official name), then the tar is extracted once into
    ``extract_dir/train/<synset>/`` (one class at a time, each renamed into place when complete, so
-   an interrupted extraction resumes) and used as in 1.
+   an interrupted extraction resumes; another tar, by name, size or modification time, is
+   extracted afresh) and used as in 1. A tar of your own (a subset) passes with its ``sha256``.
 
 Labels are the index of the class folder name in the sorted list of train class folders (for the
 official data identical to ADM/U-ViT's sorted synset prefixes of the file names). Images go through
@@ -31,6 +32,7 @@ filesystem needs about twice the split's size free (64px: 15.7 GB per copy; 256p
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -40,7 +42,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import default_download_dir, fetch, is_remote, verify_file
+from uvit.data.download import BadSourceError, default_download_dir, fetch, is_remote, verify_file
 from uvit.data.preprocess import center_crop_arr, check_splits_absent, write_image_split
 from uvit.data.shards import Manifest
 
@@ -51,6 +53,7 @@ NUM_CLASSES = 1000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # ADM's _list_image_files_recursively
 SYNSET = re.compile(r"^n\d{8}$")
 _EXTRACTED_MARKER = ".extracted"
+_SOURCE_RECORD = ".source"  # the tar being extracted (an interrupted extraction resumes only from it)
 _AUTO = "auto"
 
 __all__ = ["EXPECTED_COUNTS", "IMAGE_EXTENSIONS", "TRAIN_TAR", "TRAIN_TAR_MD5",
@@ -80,28 +83,64 @@ def _safe_name(name: str) -> bool:
     return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
 
 
+def _tar_identity(tar_path: Path) -> dict:
+    """What tells one tar from another without reading it: name, size, modification time."""
+    st = tar_path.stat()
+    return {"name": tar_path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _members(tar: tarfile.TarFile, tar_path: Path):
+    """The tar's members; a truncated or damaged tar is a BadSourceError naming it."""
+    it = iter(tar)
+    while True:
+        try:
+            member = next(it)
+        except StopIteration:
+            return
+        except (tarfile.TarError, EOFError) as e:
+            raise BadSourceError(f"{tar_path}: cannot read the archive past {tar.offset} bytes ({e}); it is "
+                                 f"truncated or corrupt: fetch {TRAIN_TAR} again.") from e
+        yield member
+
+
 def extract_train_tar(tar_path: str | Path, extract_dir: str | Path, progress: bool = True) -> Path:
     """Extract the official tar of per-class tars into ``extract_dir/train/<synset>/`` and return
     ``extract_dir``. Only regular image files are written, under their base names (no paths from
-    the archive are trusted). Finished classes are kept across interruptions; a marker file records
-    a complete extraction, after which this returns at once."""
+    the archive are trusted). Finished classes are kept across interruptions of the same tar; a
+    marker file records a complete extraction of this tar (name, size, modification time), after
+    which this returns at once. Classes extracted from another tar are removed first."""
     from tqdm.auto import tqdm
 
     tar_path, extract_dir = Path(tar_path), Path(extract_dir)
     marker = extract_dir / _EXTRACTED_MARKER
-    if marker.is_file():
+    identity = _tar_identity(tar_path)
+    done = _read_json(marker) if marker.is_file() else None
+    if done is not None and done.get("tar") == identity:
         return extract_dir
     train = extract_dir / "train"
+    source = extract_dir / _SOURCE_RECORD
+    if (_read_json(source) or {}).get("tar") != identity:  # another tar's classes: start over
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(train, ignore_errors=True)
+        extract_dir.mkdir(parents=True, exist_ok=True)
+        source.write_text(json.dumps({"tar": identity}) + "\n")
     train.mkdir(parents=True, exist_ok=True)
     classes = 0
     try:
         outer = tarfile.open(tar_path, "r:*")
     except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"{tar_path}: cannot open as a tar archive ({e}). Expected {TRAIN_TAR}, a "
-                         f"tar of per-class tars; delete it and fetch it again.") from e
+        raise BadSourceError(f"{tar_path}: cannot open as a tar archive ({e}). Expected {TRAIN_TAR}, a "
+                             f"tar of per-class tars; delete it and fetch it again.") from e
     with outer, tqdm(desc=f"extract {tar_path.name}", unit="class", disable=not progress,
                      leave=False) as bar:
-        for member in outer:
+        for member in _members(outer, tar_path):
             name = PurePosixPath(member.name).name
             synset = name[: -len(".tar")] if name.endswith(".tar") else ""
             if not member.isfile() or not SYNSET.match(synset):
@@ -123,32 +162,38 @@ def extract_train_tar(tar_path: str | Path, extract_dir: str | Path, progress: b
                         with inner.extractfile(item) as src, open(tmp / iname, "wb") as dst:
                             shutil.copyfileobj(src, dst, 1 << 20)
                 os.rename(tmp, final)
-            except tarfile.TarError as e:
-                raise ValueError(f"{tar_path}: the class archive {member.name} is corrupt ({e}); "
+            except (tarfile.TarError, EOFError) as e:
+                raise BadSourceError(f"{tar_path}: the class archive {member.name} is corrupt ({e}); "
                                  f"fetch {TRAIN_TAR} again.") from e
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     if classes == 0:
-        raise ValueError(f"{tar_path} contains no per-class tars nXXXXXXXX.tar; expected the "
-                         f"official {TRAIN_TAR}.")
-    marker.write_text(f"{tar_path.name}: {classes} classes\n")
+        raise BadSourceError(f"{tar_path} contains no per-class tars nXXXXXXXX.tar; expected the "
+                             f"official {TRAIN_TAR}.")
+    marker.write_text(json.dumps({"tar": identity, "classes": classes}) + "\n")
     return extract_dir
 
 
+def _official_md5(md5: str | None, name: str, sha256: str | None) -> str | None:
+    """``"auto"``: the official MD5 for the official file name, unless a SHA-256 is declared."""
+    if md5 != _AUTO:
+        return md5
+    return TRAIN_TAR_MD5 if name == TRAIN_TAR and sha256 is None else None
+
+
 def _resolve_root(root, resolution: int, download_dir: Path, extract_dir: Path | None,
-                  md5: str | None, progress: bool) -> Path:
+                  md5: str | None, progress: bool, sha256: str | None = None) -> Path:
     if root is None or str(root) == "":
         raise FileNotFoundError(f"No ImageNet root given. {missing_root_help(resolution)}")
     tar_path: Path | None = None
     if is_remote(root):
         name = PurePosixPath(str(root).split("?")[0]).name
         if not name.endswith(".tar"):
-            raise ValueError(f"ImageNet root {root} is a URL but not of a .tar; only the "
-                             f"{TRAIN_TAR} archive can be fetched. {missing_root_help(resolution)}")
-        if md5 == _AUTO:
-            md5 = TRAIN_TAR_MD5 if name == TRAIN_TAR else None
-        tar_path = fetch(str(root), download_dir / name, md5=md5, progress=progress)
-        md5 = None  # fetch verified it
+            raise BadSourceError(f"ImageNet root {root} is a URL but not of a .tar; only the "
+                                 f"{TRAIN_TAR} archive can be fetched. {missing_root_help(resolution)}")
+        md5 = _official_md5(md5, name, sha256)
+        tar_path = fetch(str(root), download_dir / name, md5=md5, sha256=sha256, progress=progress)
+        md5 = sha256 = None  # fetch verified it
     else:
         root = Path(root)
         if not root.exists():
@@ -157,13 +202,17 @@ def _resolve_root(root, resolution: int, download_dir: Path, extract_dir: Path |
         if root.is_file():
             tar_path = root
     if tar_path is None:
+        if md5 not in (None, _AUTO) or sha256 is not None:
+            raise BadSourceError(f"ImageNet root {root} is a folder, but a checksum was given for it; "
+                                 f"checksums apply to a tar root only (drop them, or point the root at "
+                                 f"the tar).")
         return Path(root)
     extract_dir = extract_dir or download_dir / tar_path.name.removesuffix(".tar")
-    if not (extract_dir / _EXTRACTED_MARKER).is_file():
-        if md5 == _AUTO:
-            md5 = TRAIN_TAR_MD5 if tar_path.name == TRAIN_TAR else None
-        if md5 is not None:
-            verify_file(tar_path, md5=md5)
+    # Verified on every run, extracted or not (a full read: minutes, next to hours of decoding),
+    # so a replaced or damaged tar never passes on the strength of an earlier extraction.
+    md5 = _official_md5(md5, tar_path.name, sha256)
+    if md5 is not None or sha256 is not None:
+        verify_file(tar_path, md5=md5, sha256=sha256)
     return extract_train_tar(tar_path, extract_dir, progress=progress)
 
 
@@ -202,7 +251,7 @@ def list_class_folder(
     classes = list(classes) if classes is not None else found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{folder} has class folders not among the train classes: {unknown[:5]}"
+        raise BadSourceError(f"{folder} has class folders not among the train classes: {unknown[:5]}"
                          f"{' ...' if len(unknown) > 5 else ''}")
     index = {c: i for i, c in enumerate(classes)}
     paths: list[Path] = []
@@ -237,13 +286,15 @@ def prepare_imagenet(
     download_dir: str | Path | None = None,
     extract_dir: str | Path | None = None,
     md5: str | None = _AUTO,
+    sha256: str | None = None,
     progress: bool = True,
 ) -> dict[str, Manifest]:
     """Write ``out_dir/<split>``: images uint8 (N, 3, resolution, resolution), labels int64
     (plus ``flipped`` uint8 with ``flip=True``: rows [N, 2N) mirror rows [0, N)).
 
     ``root``: see the module docstring. ``md5`` checks a tar ``root`` (``"auto"``: the official MD5
-    when the file is named ``ILSVRC2012_img_train.tar``, else none). A corrupt image raises
+    when the file is named ``ILSVRC2012_img_train.tar`` and no ``sha256`` is given, else none);
+    ``sha256`` too (a tar of your own passes with its digest). A folder root takes no checksum. A corrupt image raises
     :class:`~uvit.data.preprocess.BadImageError`; ``skip_bad=True`` skips and lists it. Images
     smaller than ``resolution`` are upsampled, as in ADM (counted in ``meta["num_upsampled"]``).
     """
@@ -255,7 +306,8 @@ def prepare_imagenet(
     check_splits_absent(out_dir, splits, overwrite)
     download_dir = Path(download_dir) if download_dir is not None else default_download_dir()
     base = _resolve_root(root, resolution, download_dir,
-                         Path(extract_dir) if extract_dir is not None else None, md5, progress)
+                         Path(extract_dir) if extract_dir is not None else None, md5, progress,
+                         sha256=sha256)
     folders = _split_folders(base, tuple(splits), resolution)
     train_classes = _class_dirs(base / "train") if (base / "train").is_dir() else None
     transform = functools.partial(center_crop_arr, image_size=resolution)

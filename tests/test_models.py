@@ -177,8 +177,13 @@ def test_state_dict_keys_and_shapes_are_official(name: str) -> None:
 
 
 def test_official_tensor_counts() -> None:
+    """Our models hold the official number of tensors, and the table above (the reference of the
+    key test) adds up to the official parameter count."""
     for name, n in {"cifar10_uvit_s2": 164, "mscoco256_uvit_s2": 166, "imagenet256_uvit_h2": 355}.items():
-        assert len(official_key_shapes(get_preset(name).config)) == n
+        c = get_preset(name).config
+        assert len(meta_model(c).state_dict()) == n, name
+        table = official_key_shapes(c)
+        assert len(table) == n and sum(math.prod(s) for s in table.values()) == OFFICIAL_COUNTS[name], name
 
 
 @pytest.mark.parametrize("name", ["cifar10_uvit_s2", "mscoco256_uvit_s2"])
@@ -208,16 +213,24 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path) -> None:
 
 
 class _Exploit:
+    """Unpickling this runs open(marker, "w"): the file appears only if the pickle is executed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("pwned",))
+        return (open, (str(self.marker), "w"))
 
 
 def test_malicious_pickle_is_refused(tmp_path) -> None:
-    path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        pickle.dump({"pos_embed": _Exploit()}, f)
-    with pytest.raises(ValueError, match="refusing to load"):
+    path, marker = tmp_path / "evil.pth", tmp_path / "pwned"
+    # A well-formed torch file: a full (unsafe) load would succeed, run the payload and fail only
+    # later ("not a state dict of tensors"); the weights-only unpickler refuses it at load.
+    torch.save({"pos_embed": _Exploit(marker)}, path)
+    with pytest.raises(ValueError, match="refusing to load .*Weights only load failed") as err:
         read_state_dict(path)
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
+    assert not marker.exists()
 
 
 def test_save_pretrained_round_trip_is_bit_identical(tmp_path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from uvit.train.checkpoint import (
     CheckpointError,
     TrainingState,
     load_checkpoint,
-    load_latest_good,
     save_checkpoint,
 )
 from uvit.train.step import EMA, build_optimizer, draw_step, gather_rows, train_step, warmup_lambda
@@ -133,7 +131,7 @@ def test_resume_continues_exactly(tmp_path) -> None:
     assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path) -> None:
+def test_truncated_checkpoint_is_refused_and_the_previous_one_still_loads(tmp_path) -> None:
     state, ema = make_state()
     run_steps(state, ema, toy_data(), 0, 2)
     save_checkpoint(tmp_path / "a", state)
@@ -145,11 +143,8 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path) -> None:
     fresh, _ = make_state(seed=5)
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         load_checkpoint(tmp_path / "b", fresh)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        used = load_latest_good([tmp_path / "a", tmp_path / "b"], fresh)
-    assert used == tmp_path / "a" and fresh.step == 2
-    assert any("falling back" in str(w.message) for w in caught)
+    load_checkpoint(tmp_path / "a", fresh)
+    assert fresh.step == 2
 
 
 def test_incomplete_checkpoint_is_not_taken_for_a_good_one(tmp_path) -> None:
@@ -161,17 +156,27 @@ def test_incomplete_checkpoint_is_not_taken_for_a_good_one(tmp_path) -> None:
 
 
 class _Exploit:
+    """Unpickling this runs open(marker, "w"): the file appears only if the pickle is executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (exec, ("open('/tmp/uvit-pwned', 'w').write('x')",))
+        return (open, (str(self.marker), "w"))
 
 
 def test_malicious_optimizer_pickle_is_refused(tmp_path) -> None:
     state, _ = make_state()
     save_checkpoint(tmp_path / "c", state)
-    with open(tmp_path / "c" / "optimizer.pt", "wb") as f:
-        pickle.dump({"optimizer": _Exploit()}, f)
-    with pytest.raises(CheckpointError, match="cannot be loaded"):
+    marker = tmp_path / "pwned"
+    # A well-formed torch file with both keys, so a full (unsafe) load would succeed and execute
+    # the payload: only the weights-only unpickler stops it, at load time.
+    torch.save({"optimizer": _Exploit(marker), "scheduler": {}}, tmp_path / "c" / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="cannot be loaded .*UnpicklingError") as err:
         load_checkpoint(tmp_path / "c", state)
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
+    assert "Weights only load failed" in str(err.value.__cause__)
+    assert not marker.exists()
 
 
 def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch) -> None:

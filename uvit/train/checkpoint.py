@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,22 +109,3 @@ def load_checkpoint(directory: str | Path, state: TrainingState, device: str | t
         raise CheckpointError(f"{directory}: cannot be loaded ({type(e).__name__}: {e})") from e
     state.step = ckpt["step"]
     return state
-
-
-def load_latest_good(candidates: list[Path], state: TrainingState, device: str | torch.device = "cpu") -> Path | None:
-    """Try checkpoints newest first; skip broken ones with a warning. Returns the one loaded."""
-    ordered = sorted(candidates, key=_step_or_minus_one, reverse=True)
-    for directory in ordered:
-        try:
-            load_checkpoint(directory, state, device)
-            return directory
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint: {e}; falling back to an older one", stacklevel=2)
-    return None
-
-
-def _step_or_minus_one(directory: Path) -> int:
-    try:
-        return checkpoint_step(directory)
-    except CheckpointError:
-        return -1

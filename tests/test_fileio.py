@@ -122,3 +122,15 @@ def test_atomic_open_refuses_append_and_read_modes(tmp_path):
         with pytest.raises(ValueError):
             with fileio.atomic_open(tmp_path / "x", mode):
                 pass
+
+
+def test_temp_path_and_commit_file_put_a_memmap_written_in_place(tmp_path):
+    final = tmp_path / "latents-00000.npy"
+    tmp = fileio.temp_path(final)
+    assert tmp.parent == tmp_path and fileio.is_temp_name(tmp.name) and tmp != fileio.temp_path(final)
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(4, 2))
+    arr[:] = np.arange(8).reshape(4, 2)
+    arr.flush()
+    del arr
+    assert fileio.commit_file(tmp, final) == final and not tmp.exists()
+    assert np.load(final).tolist() == np.arange(8, dtype=np.float16).reshape(4, 2).tolist()

@@ -30,12 +30,14 @@ import numpy as np
 
 __all__ = [
     "atomic_open",
+    "commit_file",
     "is_temp_name",
     "remove_temps",
     "sha256_dir",
     "sha256_file",
     "sha256_listing",
     "sha256_state_dict",
+    "temp_path",
     "update_with_state_dict",
     "write_bytes",
     "write_json",
@@ -131,6 +133,23 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: str | Path) -> Path:
+    """A fresh temporary name next to ``path`` (``.<name>.tmp-<random hex>``, same directory, so
+    the final rename stays on one filesystem)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{_TEMP_MARK}{uuid.uuid4().hex}")
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> Path:
+    """Make a finished temporary ``tmp`` durable and rename it to ``path``: fsync the file,
+    ``os.replace``, fsync the directory."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary next to ``path`` for writing; on a clean exit it is fsynced and renamed to
@@ -140,7 +159,7 @@ def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[I
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_TEMP_MARK}{uuid.uuid4().hex}")
+    tmp = temp_path(path)
     try:
         with open(tmp, mode.replace("w", "x"), **kwargs) as f:
             yield f

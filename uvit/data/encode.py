@@ -46,13 +46,10 @@ one-process path on CPU, and the Ray path was run once by hand with CPU tasks
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,6 +71,7 @@ from uvit.data.shards import (
     move_into_place,
     shard_file_name,
 )
+from uvit.fileio import commit_file, remove_temps, sha256_file, temp_path, write_json, write_npy
 from uvit.parallel import for_each_completed, init_ray_for_tasks
 
 __all__ = [
@@ -93,7 +91,6 @@ FORMAT = "uvit-encode/1"
 CAPTION_OFFSETS_NAME = "caption_offsets.npy"
 EMPTY_CONTEXT_NAME = "empty_context.npy"
 _JOB_NAME = "job.json"
-_HASH_CHUNK = 1 << 22
 _STAT_ROWS = 1024  # rows per block when computing statistics of a memory-mapped chunk
 
 
@@ -108,38 +105,9 @@ def partial_dir(out_root: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> FileEntry:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        entry = FileEntry(name=path.name, sha256=_sha256_file(tmp), bytes=tmp.stat().st_size)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return entry
+    write_npy(path, arr)
+    return FileEntry(name=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +195,7 @@ class _ChunkOut:
     def big(self, name: str, dtype, row_shape: tuple[int, ...]) -> np.memmap:
         if name not in self._big:
             final = self.data / shard_file_name(name, self.k)
-            tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+            tmp = temp_path(final)
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype),
                                             shape=(self.count, *row_shape))
             self._big[name] = (tmp, arr)
@@ -252,11 +220,8 @@ class _ChunkOut:
             stats = _partial_stats(arr)
             spec = (dtype_name(arr.dtype), list(arr.shape[1:]))
             del arr
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            final = self.data / shard_file_name(name, self.k)
-            entry = FileEntry(final.name, _sha256_file(tmp), tmp.stat().st_size)
-            os.replace(tmp, final)
+            final = commit_file(tmp, self.data / shard_file_name(name, self.k))
+            entry = FileEntry(final.name, sha256_file(final), final.stat().st_size)
             fields[name] = {"file": entry.name, "sha256": entry.sha256, "bytes": entry.bytes,
                             "dtype": spec[0], "shape": spec[1], "stats": stats}
         self._big.clear()
@@ -266,7 +231,7 @@ class _ChunkOut:
                             "dtype": dtype_name(arr.dtype), "shape": list(arr.shape[1:]),
                             "stats": _partial_stats(arr)}
         sidecar = {"index": self.k, "start": self.start, "count": self.count, "fields": fields}
-        _write_json_atomic(_sidecar(self.partial, self.k), sidecar)  # last: marks the chunk done
+        write_json(_sidecar(self.partial, self.k), sidecar, indent=1)  # last: marks the chunk done
         return sidecar
 
 
@@ -281,7 +246,7 @@ def _chunk_done(partial: Path, k: int, start: int, count: int) -> dict[str, Any]
             return None
         for entry in side["fields"].values():
             f = partial / "split" / entry["file"]
-            if not f.is_file() or f.stat().st_size != entry["bytes"] or _sha256_file(f) != entry["sha256"]:
+            if not f.is_file() or f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
                 log.warning("chunk %d: %s missing or damaged, encoding the chunk again", k, f.name)
                 return None
     except (ValueError, KeyError, TypeError) as e:
@@ -454,9 +419,8 @@ def _run_chunks(
                             "changed); starting over", partial)
             shutil.rmtree(partial)
     (partial / "split").mkdir(parents=True, exist_ok=True)
-    for stale in (partial / "split").glob(".*.tmp-*"):  # left by an interrupted chunk
-        stale.unlink(missing_ok=True)
-    _write_json_atomic(partial / _JOB_NAME, job)
+    remove_temps(partial / "split")  # left by an interrupted chunk
+    write_json(partial / _JOB_NAME, job, indent=1)
 
     ranges = _chunk_ranges(total, shard_size)
     sidecars: dict[int, dict] = {}
@@ -538,7 +502,7 @@ def _run_chunks(
 
 
 def _source_manifest_sha(root: Path) -> str:
-    return _sha256_file(root / MANIFEST_NAME)
+    return sha256_file(root / MANIFEST_NAME)
 
 
 def _precision_label(device: torch.device, model_dtype: torch.dtype, autocast_dtype) -> str:
@@ -823,7 +787,7 @@ def _load_extra(root: str | Path, fname: str) -> np.ndarray:
     if entry is None:
         raise DataIntegrityError(f"{root} lists no {fname} in its manifest: not a caption split "
                                  f"written by encode_captions")
-    if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256_file(path) != entry["sha256"]:
+    if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
         raise DataIntegrityError(f"{path} is missing or does not match its sha256 in "
                                  f"{root / MANIFEST_NAME}; re-run the encode stage")
     return np.load(path, allow_pickle=False)

@@ -17,7 +17,7 @@ Writes are atomic: :func:`write_split` builds the split in a temporary directory
 destination and renames it into place, so an interrupted write never leaves a directory that
 looks complete. :func:`verify_split` recomputes every checksum; :class:`ShardedArrays` reads.
 
-Only numpy is imported here, so ``import uvit.data.shards`` is cheap.
+Only numpy (and :mod:`uvit.fileio`) is imported here, so ``import uvit.data.shards`` is cheap.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from uvit.fileio import sha256_file, write_json
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Per-value counts (class counts) are only recorded for integer row fields with at most this many
@@ -42,7 +44,6 @@ MANIFEST_NAME = "manifest.json"
 MAX_COUNTED_VALUES = 10_000
 # Field names become file names.
 _FIELD_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-_HASH_CHUNK = 1 << 22  # 4 MiB
 
 __all__ = [
     "DataIntegrityError",
@@ -187,19 +188,8 @@ class Manifest:
                                      f"{_FIX_HINT}") from e
 
     def save(self, root: str | Path) -> Path:
-        """Write ``root/manifest.json`` atomically (temp file + ``os.replace``)."""
-        path = Path(root) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        """Write ``root/manifest.json`` atomically (:func:`uvit.fileio.write_json`)."""
+        return write_json(Path(root) / MANIFEST_NAME, self.to_dict())
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -417,14 +407,6 @@ def move_into_place(tmp: Path, root: Path, *, overwrite: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_split(root: str | Path) -> Manifest:
     """Check every shard file of the split at ``root`` against its manifest; return the manifest.
 
@@ -447,7 +429,7 @@ def verify_split(root: str | Path) -> Manifest:
                 problems.append(f"{path}: size mismatch, expected {entry.bytes} bytes, "
                                 f"actual {size}")
                 continue
-            actual = _sha256_file(path)
+            actual = sha256_file(path)
             if actual != entry.sha256:
                 problems.append(f"{path}: sha256 mismatch, expected {entry.sha256}, "
                                 f"actual {actual}")

@@ -212,9 +212,9 @@ def validate_latent_split(
             source_rows = src.count
             recorded = meta.get("source", {}).get("manifest_sha256")
             if recorded is not None:
-                from uvit.data.encode import _sha256_file
+                from uvit.fileio import sha256_file
 
-                actual = _sha256_file(Path(source_root) / "manifest.json")
+                actual = sha256_file(Path(source_root) / "manifest.json")
                 outcomes.append(ExpectationOutcome(
                     "encoded from this source split", actual == recorded,
                     f"source manifest sha256 {actual[:12]}…, recorded at encode time "

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from uvit.fileio import write_npz
+
 __all__ = [
     "EXTRACTORS",
     "DIGITS_EXTRACTOR",
@@ -282,11 +284,7 @@ def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, si
 
 def save_fid_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
     """Write reference statistics as ``.npz`` with keys ``mu`` and ``sigma`` (U-ViT's format)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:  # a file object stops numpy from appending a second ".npz"
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-    return path
+    return write_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
 def load_fid_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

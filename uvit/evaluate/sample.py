@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from uvit.diffusion import PerSampleNoise, classifier_free_guidance, make_schedule, sample, wrap_model
+from uvit.fileio import write_npz
 from uvit.models import UViT
 
 SEED_STRIDE = 10_000_000  # sample i of a run with seed s uses seed s * SEED_STRIDE + i
@@ -104,8 +105,6 @@ def save_samples(path: str | Path, images: np.ndarray, labels: np.ndarray | None
                  extras: dict[str, np.ndarray] | None = None) -> Path:
     """`.npz` with `arr_0` uint8 NHWC (the layout the reference evaluation suites read), labels,
     and any per-sample `extras` (N, ...) such as text-to-image `caption_rows` and `captions`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"arr_0": images.transpose(0, 2, 3, 1)}
     if labels is not None:
         arrays["labels"] = labels
@@ -113,10 +112,7 @@ def save_samples(path: str | Path, images: np.ndarray, labels: np.ndarray | None
         if k in arrays or len(v) != len(images):
             raise ValueError(f"extra {k!r}: a reserved name or not one row per sample")
         arrays[k] = v
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-    return path
+    return write_npz(path, **arrays)
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -30,13 +30,10 @@ loading the model from `model_dir`; the driver keeps the manifest and a tqdm bar
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +51,7 @@ from uvit.evaluate.sample import (
     save_samples,
     to_uint8,
 )
+from uvit.fileio import remove_temps, sha256_dir, sha256_file, sha256_listing, write_json
 from uvit.models import UViT
 from uvit.models.uvit import CONFIG_NAME, WEIGHTS_NAME
 from uvit.parallel import for_each_completed, init_ray_for_tasks
@@ -85,20 +83,6 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(shard_size, num_samples - s)) for s in range(0, num_samples, shard_size)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(out_dir: str | Path) -> dict | None:
     p = Path(out_dir) / MANIFEST_NAME
     if not p.is_file():
@@ -113,25 +97,19 @@ def read_manifest(out_dir: str | Path) -> dict | None:
 
 def _model_fingerprint(model_dir: Path) -> str:
     """sha256 over the model's config and weights: shards of another model are never reused."""
-    h = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        p = model_dir / name
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: model_dir must be written by UViT.save_pretrained")
-        h.update(name.encode() + b"\0" + _sha256(p).encode() + b"\0")
-    return h.hexdigest()
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"{model_dir / name} not found: model_dir must be written by UViT.save_pretrained")
+    return sha256_listing(model_dir, [CONFIG_NAME, WEIGHTS_NAME])
 
 
 def _source_fingerprint(source: str) -> str:
     """sha256 of a VAE file or directory (its files in name order); a hub id stands for itself."""
     p = Path(source).expanduser()
     if p.is_file():
-        return _sha256(p)
+        return sha256_file(p)
     if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            h.update(str(f.relative_to(p)).encode() + b"\0" + _sha256(f).encode() + b"\0")
-        return h.hexdigest()
+        return sha256_dir(p)
     return source
 
 
@@ -169,7 +147,7 @@ def _sample_shard(model: UViT, out_dir: Path, k: int, start: int, count: int, ru
         save_pngs(images, png_dir, start)
     extras = captions.metadata(start, count) if captions is not None else None
     path = save_samples(out_dir / shard_name(k), images, None if labels is None else labels.numpy(), extras)
-    return {"file": path.name, "start": start, "count": count, "sha256": _sha256(path)}
+    return {"file": path.name, "start": start, "count": count, "sha256": sha256_file(path)}
 
 
 def _shard_task(model_dir: str, out_dir: str, k: int, start: int, count: int, run: dict,
@@ -247,8 +225,7 @@ def sample_to_shards(
                                                  "scale_factor": float(decoder["scale_factor"])},
     }
     run = json.loads(json.dumps(run))  # the form it takes in the manifest (tuples -> lists, ...)
-    for tmp in out_dir.glob("samples-*.tmp.npz"):  # left by an interrupted run
-        tmp.unlink()
+    remove_temps(out_dir, "samples-*.npz")  # left by an interrupted run
 
     manifest = read_manifest(out_dir)
     if manifest is not None and manifest.get("run") != run:
@@ -261,14 +238,14 @@ def sample_to_shards(
         entry = manifest["shards"].get(str(k))
         path = out_dir / shard_name(k)
         if (entry and entry.get("start") == start and entry.get("count") == count and path.is_file()
-                and _sha256(path) == entry.get("sha256")):
+                and sha256_file(path) == entry.get("sha256")):
             done.append(k)
         else:
             if entry:
                 log.warning("shard %d: missing or does not match its sha256, recomputing", k)
             manifest["shards"].pop(str(k), None)
     manifest["shards"] = {str(k): manifest["shards"][str(k)] for k in done}
-    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    write_json(out_dir / MANIFEST_NAME, manifest, sort_keys=True)
     todo = [k for k in range(len(ranges)) if k not in set(done)]
     if todo:
         (out_dir / MERGED_NAME).unlink(missing_ok=True)  # it would no longer match the shards
@@ -290,7 +267,7 @@ def sample_to_shards(
         nonlocal new_images
         manifest["shards"][str(k)] = entry
         manifest["shards"] = dict(sorted(manifest["shards"].items(), key=lambda kv: int(kv[0])))
-        _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+        write_json(out_dir / MANIFEST_NAME, manifest, sort_keys=True)
         new_images += entry["count"]
         bar.update(entry["count"])
         bar.set_postfix(img_per_s=f"{new_images / max(time.perf_counter() - t0, 1e-9):.1f}", refresh=False)
@@ -344,7 +321,7 @@ def verify_shards(out_dir: str | Path) -> dict:
             raise ShardIntegrityError(f"shard {k} is not complete: run sample_to_shards again to finish it")
         if not path.is_file():
             raise ShardIntegrityError(f"{path} is missing")
-        if (entry["start"], entry["count"]) != (start, count) or _sha256(path) != entry["sha256"]:
+        if (entry["start"], entry["count"]) != (start, count) or sha256_file(path) != entry["sha256"]:
             raise ShardIntegrityError(f"{path} does not match its manifest entry (sha256 or range)")
     return manifest
 

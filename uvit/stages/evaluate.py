@@ -22,14 +22,8 @@ import numpy as np
 import torch
 
 from uvit.config import BenchmarkConfig
+from uvit.fileio import sha256_file, write_json, write_npz
 from uvit.paths import BenchmarkPaths
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _device(cfg: BenchmarkConfig) -> str:
@@ -142,7 +136,7 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     if t2i:
         summary["captions"] = s.captions
         summary["examples"] = examples
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -171,7 +165,7 @@ def sample_paper_captions(cfg: BenchmarkConfig, paths: BenchmarkPaths, weights: 
     vae = load_vae(decoder["vae"], scale_factor=decoder["scale_factor"], device=dev)
     images = to_uint8(decode(vae, x.to(dev), batch_size=50).cpu())
     save_grid(images, paths.samples / "examples.png", nrow=per_caption)
-    _write_json(paths.samples / "examples.json", {"captions": list(PAPER_CAPTIONS), "per_caption": per_caption,
+    write_json(paths.samples / "examples.json", {"captions": list(PAPER_CAPTIONS), "per_caption": per_caption,
                                                   "seed": s.seed + 1})
     return "examples.png"
 
@@ -191,7 +185,7 @@ def run_classifier(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     model = train_classifier(train_x, train_y, config, epochs=cfg.score.classifier_epochs, seed=cfg.data.seed)
     save_classifier(model, paths.classifier)
     result = {"test_accuracy": accuracy(model, test_x, test_y)}
-    _write_json(paths.classifier / "metrics.json", result)
+    write_json(paths.classifier / "metrics.json", result)
     return result
 
 
@@ -239,7 +233,7 @@ def run_score(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         "num_samples": int(len(samples)),
         "num_reference": int(len(train_x)),
     }
-    _write_json(paths.score / "metrics.json", metrics)
+    write_json(paths.score / "metrics.json", metrics)
     return metrics
 
 
@@ -264,8 +258,6 @@ def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
     runs/<benchmark>/reference/stats-<manifest digest>.npz (new data recomputes), with the 2048-d
     features of up to KID_REFERENCE_ROWS evenly spaced images for KID. Text-to-image benchmarks
     use the validation images (the official reference), the others the training images."""
-    import hashlib
-
     from uvit.data.shards import ShardedArrays
     from uvit.evaluate.fid import extract_features, load_fid_statistics
 
@@ -275,7 +267,7 @@ def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
             kid_features = f["kid_features"] if "kid_features" in f.files else None
         return mu, sigma, kid_features
     split = _reference_split(cfg, paths)
-    digest = hashlib.sha256((split / "manifest.json").read_bytes()).hexdigest()[:16]
+    digest = sha256_file(split / "manifest.json")[:16]
     cache = paths.run / "reference" / f"stats-{digest}.npz"
     if cache.is_file():
         with np.load(cache) as f:
@@ -286,9 +278,7 @@ def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
     mu, sigma = _fid_stats(feats)
     rows = np.linspace(0, len(feats) - 1, min(len(feats), KID_REFERENCE_ROWS)).round().astype(np.int64)
     kid_features = feats[rows].numpy().astype(np.float32)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache, "wb") as f:  # a file object: numpy appends no second ".npz"
-        np.savez(f, mu=mu, sigma=sigma, kid_features=kid_features)
+    write_npz(cache, mu=mu, sigma=sigma, kid_features=kid_features)
     return mu, sigma, kid_features
 
 
@@ -341,7 +331,7 @@ def _score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.nd
     metrics.update({"feature_extractor": "inception", "num_samples": int(len(samples)),
                     "reference": cfg.score.reference_stats
                     or f"{_reference_split(cfg, paths).name} images (runs/<benchmark>/reference/)"})
-    _write_json(paths.score / "metrics.json", metrics)
+    write_json(paths.score / "metrics.json", metrics)
     return metrics
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import uvit
 from uvit.config import BenchmarkConfig
+from uvit.fileio import is_temp_name, write_json
 from uvit.paths import BenchmarkPaths
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def _tree(src: Path, prefix: str) -> dict[str, Path]:
     if src.is_file():
         return {prefix: src}
     return {f"{prefix}/{p.relative_to(src).as_posix()}": p for p in sorted(src.rglob("*"))
-            if p.is_file() and not p.name.endswith((".tmp", ".part"))}
+            if p.is_file() and not p.name.endswith((".tmp", ".part")) and not is_temp_name(p.name)}
 
 
 def final_ray_checkpoint(paths: BenchmarkPaths, summary: dict) -> Path | None:
@@ -136,7 +137,7 @@ def run_publish(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     store = open_store(cfg, paths)
     with tempfile.TemporaryDirectory(prefix="uvit-publish-") as tmp:
         record = Path(tmp) / "run.json"
-        record.write_text(json.dumps(run_record(cfg, paths), indent=2, sort_keys=True) + "\n")
+        write_json(record, run_record(cfg, paths), sort_keys=True)
         ref = store.upload_files({**files, "run.json": record}, cfg.name)
     manifest = store.manifest(cfg.name, ref.run_id)
     result = {
@@ -147,9 +148,7 @@ def run_publish(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         "total_size": manifest["total_size"],
         "ray_checkpoint": ray_prefix,
     }
-    out = paths.run / "publish.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(paths.run / "publish.json", result)
     return result
 
 

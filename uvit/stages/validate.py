@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from uvit.config import BenchmarkConfig
+from uvit.fileio import write_json
 from uvit.paths import BenchmarkPaths
 
 
@@ -28,8 +27,7 @@ def run_validate(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
             failed.append((split, report))
     if not reports:
         raise FileNotFoundError(f"no splits under {paths.data}: run the data stage first (`uvit data {cfg.name}`)")
-    paths.validate.mkdir(parents=True, exist_ok=True)
-    (paths.validate / "report.json").write_text(json.dumps(reports, indent=2, default=str) + "\n")
+    write_json(paths.validate / "report.json", reports, default=str)
     if failed:
         split, report = failed[0]
         print(f"validation of {paths.data / split} failed; the pipeline stops here")

@@ -86,13 +86,15 @@ def test_roundtrip_pipeline_equals_generate(class_model, saved_class_pipe, scale
     want = generate(class_model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=sample_seeds(0, 7),
                     labels=labels, guidance_scale=scale, batch_size=4, progress=False)
     assert torch.equal(got, want)
-    # explicit seeds, a different batch split: per-sample determinism
-    seeds = [11, 5, 42]
-    got = pipe(class_labels=[2, 2, 0], seeds=seeds, guidance_scale=scale, num_inference_steps=STEPS,
+    # explicit seeds, a different batch split (pipeline: [2, 1]; reference: one sample per call):
+    # sample i depends only on seeds[i] and its label
+    seeds, classes = [11, 5, 42], [2, 2, 0]
+    got = pipe(class_labels=classes, seeds=seeds, guidance_scale=scale, num_inference_steps=STEPS,
                output_type="latent", batch_size=2).images
-    want = generate(class_model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=seeds,
-                    labels=torch.tensor([2, 2, 0]), guidance_scale=scale, batch_size=2, progress=False)
-    assert torch.allclose(got, want, atol=1e-6)
+    want = torch.cat([generate(class_model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=[s],
+                               labels=torch.tensor([c]), guidance_scale=scale, batch_size=1, progress=False)
+                      for s, c in zip(seeds, classes, strict=True)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_scheduler_swap_changes_result_and_matches_generate(class_model, saved_class_pipe):
@@ -269,8 +271,16 @@ def test_text_pipeline_with_guidance_roundtrips(tmp_path):
     # reference: the same sampler, with context = CLIP(prompt) and the unconditional CLIP("")
     from uvit.diffusion import classifier_free_guidance
 
-    ctx, empty = pipe.encode_prompt(prompts), pipe.encode_prompt([""])
+    # CLIP's last hidden state, computed here with the tokenizer and text model themselves.
+    def clip(texts: list[str]) -> torch.Tensor:
+        ids = tok(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return enc(input_ids=ids).last_hidden_state
+
+    ctx, empty = clip(prompts), clip([""])
     assert ctx.shape == (3, 16, 32) and empty.shape == (1, 16, 32)
+    with torch.no_grad():
+        assert torch.equal(pipe.encode_prompt(prompts), ctx)
     sched = make_schedule("discrete")
     net = classifier_free_guidance(model, 1.0, {"context": ctx}, {"context": empty})
     with torch.no_grad():

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -56,19 +57,33 @@ def models(
 def _stage(name: str, benchmark: str, params: Path, root: Path, fn=None, **kwargs) -> None:
     from uvit.config import ConfigError, load_benchmark
     from uvit.paths import BenchmarkPaths
-    from uvit.stages import STAGES
+    from uvit.stages.table import get_stage
 
     try:
         cfg = load_benchmark(benchmark, params)
+        if os.environ.get("DVC_STAGE"):  # run by DVC: its stage must be the one the table declares now
+            _check_dvc_files(root, params)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     try:
-        result = (fn or STAGES[name])(cfg, BenchmarkPaths(benchmark, root), **kwargs)
+        result = (fn or get_stage(name).function())(cfg, BenchmarkPaths(benchmark, root), **kwargs)
     except _user_errors() as e:  # bad input the user can fix: say what, without a traceback
         typer.echo(f"error: [{name} {benchmark}] {type(e).__name__}: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"[{name} {benchmark}] {json.dumps(result, default=str)}")
+
+
+def _check_dvc_files(root: Path, params: Path) -> None:
+    from uvit.config import ConfigError
+    from uvit.stages import dvcfile
+
+    params_path = params if params.is_absolute() else Path(os.environ.get("DVC_ROOT", root)) / params
+    dvc_root = params_path.parent
+    behind = dvcfile.stale(dvc_root, params_path.name)
+    if behind:
+        raise ConfigError(f"{', '.join(map(str, behind))} no longer match(es) params.yaml and the stage table "
+                          "(a parameter naming a file changed?): run `uvit pipeline write`, then `dvc repro` again")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -93,18 +108,15 @@ def _make_stage_command(name: str, doc: str):
     app.command(name=name)(command)
 
 
-for _name, _doc in {
-    "data": "Download/locate and preprocess a benchmark's data into shards + manifest (data/<benchmark>/).",
-    "validate": "Check the data with great-expectations suites; exit non-zero with a summary on failure.",
-    "encode": "Latent benchmarks: SD-VAE moments and CLIP text features of the data, validated (pixel ones skip).",
-    "sample": "Draw samples from the trained EMA weights (runs/<benchmark>/samples/).",
-    "classifier": "Train the digits feature extractor used for FID and conditional accuracy.",
-    "score": "FID (torch-fidelity) and conditional accuracy of the samples (runs/<benchmark>/score/metrics.json).",
-    "report": "Write reports/<benchmark>.md and the reports/README.md index from the artifacts.",
-    "publish": "Upload the run (checkpoints, samples, reference, score, report) to <benchmark>.artifacts.url, "
-               "content-addressed with a sha256 manifest; records the run id in runs/<benchmark>/publish.json.",
-}.items():
-    _make_stage_command(_name, _doc)
+def _register_stage_commands() -> None:
+    from uvit.stages.table import STAGES
+
+    for stage in STAGES:
+        if stage.name != "train":  # train has its own command (--resume/--fresh)
+            _make_stage_command(stage.name, stage.help)
+
+
+_register_stage_commands()
 
 
 @app.command()
@@ -145,13 +157,71 @@ def run(
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
 ) -> None:
-    """Run every stage of a benchmark in order, without DVC (prefer `dvc repro` for caching)."""
-    from uvit.stages import STAGES
+    """Run every stage of a benchmark in the stage table's order, without DVC (prefer `dvc repro`,
+    which skips what is up to date)."""
+    from uvit.config import ConfigError, load_benchmark
+    from uvit.stages.table import chain
 
-    for name in STAGES:
-        if name == "classifier" and benchmark != "digits":
-            continue  # the digits FID feature extractor
-        _stage(name, benchmark, params, root)
+    try:
+        stages = chain(load_benchmark(benchmark, params))
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    for stage in stages:
+        _stage(stage.name, benchmark, params, root)
+
+
+pipeline_app = typer.Typer(no_args_is_help=True, help="The stage table and the DVC files generated from it.")
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("write")
+def pipeline_write(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Generate dvc.yaml (the default benchmark) and paper/dvc.yaml (every other block of
+    params.yaml) from the stage table. Run it after changing a parameter that names a file."""
+    from uvit.config import ConfigError
+    from uvit.stages import dvcfile
+
+    try:
+        changed = dvcfile.write(root, params)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {', '.join(map(str, changed))}" if changed else "up to date")
+
+
+@pipeline_app.command("check")
+def pipeline_check(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Exit 1 when dvc.yaml or paper/dvc.yaml differ from what `uvit pipeline write` would write."""
+    from uvit.stages import dvcfile
+
+    behind = dvcfile.stale(root, params)
+    if behind:
+        typer.echo(f"out of date: {', '.join(map(str, behind))} (run `uvit pipeline write`)", err=True)
+        raise typer.Exit(1)
+    typer.echo("up to date")
+
+
+@pipeline_app.command("show")
+def pipeline_show(
+    benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits).")],
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """List a benchmark's stages in order with their DVC addresses (for `dvc repro <address>`)."""
+    from uvit.config import ConfigError, load_params
+    from uvit.stages import dvcfile
+
+    try:
+        where = dvcfile.addresses(load_params(root / params), root)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if benchmark not in where:
+        typer.echo(f"error: unknown benchmark {benchmark!r}; params define: {', '.join(where)}", err=True)
+        raise typer.Exit(2)
+    for stage, address in where[benchmark].items():
+        typer.echo(f"{stage:<11} {address.target()}")
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,130 @@
+"""The stage table (uvit.stages.table) and the DVC files generated from it (uvit.stages.dvcfile)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uvit.config import load_benchmark, load_params
+from uvit.stages import dvcfile
+from uvit.stages.table import STAGE_NAMES, STAGES, chain, external_path
+
+ROOT = Path(__file__).resolve().parents[1]
+UVIT = str(Path(sys.executable).parent / "uvit")
+
+
+def params() -> dict:
+    return copy.deepcopy(load_params(ROOT / "params.yaml"))
+
+
+def test_committed_dvc_files_are_what_the_table_generates():
+    for rel, text in dvcfile.render(ROOT / "params.yaml", ROOT).items():
+        assert (ROOT / rel).read_text() == text, f"{rel} is stale: run `uvit pipeline write`"
+
+
+def test_every_code_dependency_exists_and_every_stage_function_imports():
+    for stage in STAGES:
+        for path in stage.code:
+            assert (ROOT / path).exists(), f"{stage.name}: {path}"
+        assert callable(stage.function())
+
+
+@pytest.mark.parametrize(("benchmark", "expected"), [
+    ("digits", ["data", "validate", "classifier", "train", "sample", "score", "report", "publish"]),
+    ("cifar10", ["data", "validate", "train", "sample", "score", "report", "publish"]),
+    ("imagenet256", ["data", "validate", "encode", "train", "sample", "score", "report", "publish"]),
+])
+def test_chain_of_a_benchmark(benchmark, expected):
+    assert [s.name for s in chain(load_benchmark(benchmark, params()))] == expected
+
+
+def _expanded(text: str) -> dict[str, dict]:
+    """{stage address: body} of a DVC file, foreach groups expanded the way DVC does."""
+    out = {}
+    for name, body in yaml.safe_load(text)["stages"].items():
+        if "foreach" not in body:
+            out[name] = body
+            continue
+        items = body["foreach"]
+        for key, item in (items.items() if isinstance(items, dict) else ((i, i) for i in items)):
+            blob = yaml.safe_dump(body["do"])
+            blob = blob.replace("${key}", key) if isinstance(items, dict) else blob.replace("${item}", key)
+            for slot, value in (item.items() if isinstance(item, dict) else ()):
+                blob = blob.replace(f"${{item.{slot}}}", value)
+            out[f"{name}@{key}"] = yaml.safe_load(blob)
+    return out
+
+
+def test_addresses_name_the_generated_stages_with_the_external_files_as_deps():
+    p = params()
+    p["imagenet256"]["encode"]["vae"] = "/weights/other-vae.pth"
+    files = dvcfile.render(p, ROOT)
+    stages = {f: _expanded(t) for f, t in files.items()}
+    where = dvcfile.addresses(p, ROOT)
+    assert set(where) == set(p)
+    for benchmark, addrs in where.items():
+        for stage, addr in addrs.items():
+            body = stages[addr.file][addr.name]
+            assert body["cmd"] == f"uvit {stage} {benchmark}"
+    enc = stages[dvcfile.PAPER_FILE][where["imagenet256"]["encode"].name]
+    assert "/weights/other-vae.pth" in enc["deps"] and "data/imagenet256" in enc["deps"]
+    enc512 = stages[dvcfile.PAPER_FILE][where["imagenet512"]["encode"].name]
+    assert "models/autoencoder_kl.pth" in enc512["deps"] and "/weights/other-vae.pth" not in enc512["deps"]
+    score = stages[dvcfile.PAPER_FILE][where["cifar10"]["score"].name]
+    assert "models/weights-inception-2015-12-05-6726825d.pth" in score["deps"]
+    text_train = stages[dvcfile.PAPER_FILE][where["mscoco256"]["train"].name]
+    assert {"data/mscoco256-latents", "data/mscoco256-contexts"} <= set(text_train["deps"])
+    text_sample = stages[dvcfile.PAPER_FILE][where["mscoco256"]["sample"].name]
+    assert {"data/mscoco256-contexts", "models/autoencoder_kl.pth", "uvit/stages/evaluate.py"} <= set(text_sample["deps"])
+    # Which keys each stage reads are DVC params: a VAE swap re-runs encode, sample (decoding) and train.
+    assert "imagenet256.encode" in enc["params"][0]["params.yaml"]
+    assert "imagenet256.encode.vae" in stages[dvcfile.PAPER_FILE][where["imagenet256"]["sample"].name]["params"][0]["params.yaml"]
+
+
+def test_external_path_tells_files_from_hub_ids(tmp_path):
+    assert external_path("models/autoencoder_kl.pth", tmp_path) == "models/autoencoder_kl.pth"
+    assert external_path("s3://bucket/cifar.tar.gz", tmp_path) == "s3://bucket/cifar.tar.gz"
+    assert external_path("/data/imagenet", tmp_path) == "/data/imagenet"
+    assert external_path("openai/clip-vit-large-patch14", tmp_path) is None  # a hub id
+    (tmp_path / "openai" / "clip-vit-large-patch14").mkdir(parents=True)
+    assert external_path("openai/clip-vit-large-patch14", tmp_path) == "openai/clip-vit-large-patch14"  # a local copy
+    assert external_path(None, tmp_path) is None
+
+
+def test_only_the_table_lists_the_stages():
+    """The CLI, Prefect and the DVC files all come from the table: no module spells the chain out."""
+    chain_text = " -> ".join(STAGE_NAMES)
+    for path in [*(ROOT / "uvit").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py")]:
+        text = path.read_text()
+        if path.name == "table.py":
+            continue
+        listed = [n for n in STAGE_NAMES if f'"{n}":' in text or f"'{n}':" in text]
+        assert len(listed) < 4, f"{path.relative_to(ROOT)} lists stages {listed}: derive them from the table"
+        assert chain_text not in text
+
+
+def _run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([UVIT, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_pipeline_cli_write_check_and_the_stale_guard(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    assert _run(["pipeline", "check"], tmp_path).returncode == 1  # nothing generated yet
+    assert _run(["pipeline", "write"], tmp_path).returncode == 0
+    assert _run(["pipeline", "check"], tmp_path).returncode == 0
+    assert (tmp_path / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
+    shown = _run(["pipeline", "show", "mscoco256"], tmp_path).stdout.split()
+    assert "paper/dvc.yaml:encode-text@mscoco256" in shown and "paper/dvc.yaml:publish@mscoco256" in shown
+    # A parameter that names a file changes without regenerating: a stage run by DVC refuses.
+    p = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    p["imagenet256"]["encode"]["vae"] = "models/another-vae.pth"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    proc = _run(["validate", "digits"], tmp_path, env={"DVC_STAGE": "validate", "DVC_ROOT": str(tmp_path)})
+    assert proc.returncode == 2 and "uvit pipeline write" in proc.stderr and "Traceback" not in proc.stderr

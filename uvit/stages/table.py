@@ -1,0 +1,281 @@
+"""THE stage table: every stage of the pipeline, declared once.
+
+Each `Stage` says what its command runs, which code and artifacts it depends on, which external
+files its parameters name (the VAE, the text encoder, Inception weights, reference statistics, a
+user-supplied archive or folder), which parameter keys it reads, what it writes, and which
+benchmarks it applies to. Everything else is derived from this table:
+
+- `uvit pipeline write` generates `dvc.yaml` (the default benchmark) and `paper/dvc.yaml` (every
+  other block of params.yaml) from it (uvit.stages.dvcfile), and a test holds the committed files
+  equal to what it would write;
+- `uvit run <benchmark>` calls the stage functions in table order;
+- the Prefect flow (pipelines/flows.py) runs the same stages through `dvc repro`, so DVC alone
+  decides what is up to date.
+
+A new stage or benchmark is one entry here (or one block of params.yaml).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from uvit.config import BenchmarkConfig
+from uvit.paths import BenchmarkPaths
+
+# The benchmarks `dvc repro` (no target) runs: the root dvc.yaml. Every other block goes to paper/dvc.yaml.
+DEFAULT_BENCHMARKS = ("digits",)
+
+
+@dataclass(frozen=True)
+class Out:
+    """One output of a stage: a path, and how DVC keeps it."""
+
+    path: str
+    cache: bool = True
+    persist: bool = False  # kept across runs (resumable shards carry their own fingerprints)
+    kind: str = "outs"  # "outs", "metrics" or "plots"
+    plot: tuple[tuple[str, str], ...] = ()  # plots: (("x", "step"), ("y", "loss"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    `run` is "module:function", a function (cfg, paths, **kw) -> dict. The callables take the
+    validated config and the benchmark's paths and return what the stage reads or writes:
+    `deps` upstream artifacts, `params` dotted keys relative to the benchmark block,
+    `externals` {dotted param key: value} for the files the parameters name, `outs` its outputs.
+    """
+
+    name: str
+    run: str
+    help: str
+    code: tuple[str, ...]
+    params: Callable[[BenchmarkConfig], list[str]]
+    deps: Callable[[BenchmarkConfig, BenchmarkPaths], list[Path]]
+    outs: Callable[[BenchmarkConfig, BenchmarkPaths], list[Out]]
+    externals: Callable[[BenchmarkConfig], dict[str, str | None]] = field(default=lambda cfg: {})
+    applies: Callable[[BenchmarkConfig], bool] = field(default=lambda cfg: True)
+    retries: int = 0  # for network stages, under orchestrators that retry (Prefect)
+
+    def function(self) -> Callable[..., dict]:
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# -- facts about a benchmark that decide its chain --------------------------------------------------
+def kind(cfg: BenchmarkConfig) -> str:
+    """"pixel", "latent" (SD-VAE latents) or "text" (text-to-image on latents)."""
+    model = cfg.uvit_config()
+    if model.clip_dim is not None:
+        return "text"
+    return "latent" if model.in_chans == 4 else "pixel"
+
+
+def uses_classifier(cfg: BenchmarkConfig) -> bool:
+    return cfg.score.feature_extractor == "digits-classifier"
+
+
+def training_split(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> list[Path]:
+    """What the train stage reads: pixel shards, or VAE moments (+ CLIP contexts for text)."""
+    k = kind(cfg)
+    if k == "pixel":
+        return [paths.data, paths.validate]
+    return [paths.latents, *([paths.contexts] if k == "text" else [])]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_SUFFIX = re.compile(r"\.(pth|pt|ckpt|bin|safetensors|npz|npy|tar|tgz|gz|zip|json)$")
+
+
+def external_path(value: str | None, root: Path = Path(".")) -> str | None:
+    """The dependency a parameter value names, or None when it names no file.
+
+    A value is a file (or folder) dependency when it is an s3:// URL, an absolute or ./-relative
+    path, has a file suffix, or exists under `root`; an "owner/name" value that is none of these
+    is a model-hub id, resolved from the hub's cache and not tracked.
+    """
+    if not value:
+        return None
+    if value.startswith(("s3://", "/", "./", "../", "~")) or _FILE_SUFFIX.search(value):
+        return value
+    if (root / value).exists() or not _HUB_ID.match(value):
+        return value
+    return None
+
+
+# -- the table ----------------------------------------------------------------------------------------
+def _sections(*names: str) -> Callable[[BenchmarkConfig], list[str]]:
+    return lambda cfg: list(names)
+
+
+def _train_params(cfg: BenchmarkConfig) -> list[str]:
+    keys = ["model", "diffusion", "train", "validate.num_classes"]
+    if cfg.encode is not None:
+        keys.append("encode.scale_factor")
+    if cfg.train.fid_every:
+        keys += ["score.feature_extractor", "score.inception_weights", "score.reference_stats"]
+    return keys
+
+
+def _train_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
+    deps = training_split(cfg, p)
+    if cfg.train.fid_every:  # periodic FID compares with the training images (or reference stats)
+        deps += [p.data] if p.data not in deps else []
+        deps += [p.classifier] if uses_classifier(cfg) else []
+    return deps
+
+
+def _sample_params(cfg: BenchmarkConfig) -> list[str]:
+    keys = ["sample", "model", "diffusion", "validate.num_classes", "train.use_gpu", "train.threads_per_worker"]
+    if cfg.encode is not None:
+        keys += ["encode.vae", "encode.scale_factor", "encode.text_encoder"]
+    return keys
+
+
+def _sample_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
+    deps = [p.train / ("ema" if cfg.sample.use_ema else "model")]
+    if kind(cfg) == "text":  # validation captions and their contexts
+        deps += [p.data, p.contexts]
+    return deps
+
+
+def _decoder_externals(cfg: BenchmarkConfig) -> dict[str, str | None]:
+    if cfg.encode is None:
+        return {}
+    return {"encode.vae": cfg.encode.vae, "encode.text_encoder": cfg.encode.text_encoder}
+
+
+def _score_params(cfg: BenchmarkConfig) -> list[str]:
+    return ["score", "sample", "train.seed", "train.use_gpu", "train.threads_per_worker", "validate.num_classes"]
+
+
+def _score_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
+    return [p.samples, p.data, *([p.classifier] if uses_classifier(cfg) else [])]
+
+
+def _score_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
+    outs = [Out(f"{p.score}/metrics.json", cache=False, kind="metrics")]
+    if not uses_classifier(cfg):  # Inception statistics of the reference split, cached by content
+        outs.append(Out(str(p.run / "reference"), persist=True))
+    return outs
+
+
+def _score_externals(cfg: BenchmarkConfig) -> dict[str, str | None]:
+    s = cfg.score
+    if uses_classifier(cfg):
+        return {}
+    return {"score.inception_weights": s.inception_weights, "score.reference_stats": s.reference_stats,
+            "score.clip_model": s.clip_model if kind(cfg) == "text" else None}
+
+
+def _report_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
+    return [p.train / "summary.json", p.train / "metrics.csv", p.samples, p.score / "metrics.json"]
+
+
+def _report_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
+    outs = [Out(f"{p.reports}/{p.benchmark}.md", cache=False), Out(f"{p.reports}/{p.benchmark}", cache=False)]
+    if cfg.name in DEFAULT_BENCHMARKS:  # the index is the default chain's output (others refresh it)
+        outs.append(Out(f"{p.reports}/README.md", cache=False))
+    return outs
+
+
+def _publish_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
+    deps = [p.train / "model", p.train / "ema", p.train / "summary.json", p.train / "metrics.csv", p.samples]
+    deps += [p.classifier] if uses_classifier(cfg) else [p.run / "reference"]
+    return deps + [p.score / "metrics.json", p.reports / f"{p.benchmark}.md", p.reports / p.benchmark]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "uvit.stages.data:run_data",
+          "Download/locate and preprocess a benchmark's data into shards + manifest (data/<benchmark>/).",
+          code=("uvit/data", "uvit/stages/data.py"),
+          params=_sections("data", "model"),  # the model's resolution decides the crop size
+          deps=lambda cfg, p: [],
+          outs=lambda cfg, p: [Out(str(p.data))],
+          externals=lambda cfg: {"data.root": cfg.data.root},
+          retries=3),
+    Stage("validate", "uvit.stages.validate:run_validate",
+          "Check the data with great-expectations suites; exit non-zero with a summary on failure.",
+          code=("uvit/data/validate.py", "uvit/stages/validate.py"),
+          params=_sections("validate"),
+          deps=lambda cfg, p: [p.data],
+          outs=lambda cfg, p: [Out(str(p.validate))]),
+    Stage("encode", "uvit.stages.encode:run_encode",
+          "Latent benchmarks: SD-VAE moments (and CLIP text features) of the data, validated.",
+          code=("uvit/encoders", "uvit/data/encode.py", "uvit/data/validate_latents.py", "uvit/stages/encode.py"),
+          params=_sections("encode", "data.shard_size", "validate.num_classes"),
+          deps=lambda cfg, p: [p.data, p.validate],
+          outs=lambda cfg, p: [Out(str(p.latents)), *([Out(str(p.contexts))] if kind(cfg) == "text" else [])],
+          externals=lambda cfg: {"encode.vae": cfg.encode.vae, "encode.text_encoder": cfg.encode.text_encoder},
+          applies=lambda cfg: cfg.encode is not None),
+    Stage("classifier", "uvit.stages.evaluate:run_classifier",
+          "Train the digits feature extractor used for FID and conditional accuracy.",
+          code=("uvit/evaluate/classifier.py", "uvit/stages/evaluate.py"),
+          params=_sections("score.classifier_epochs", "data.seed", "validate.num_classes", "train.threads_per_worker"),
+          deps=lambda cfg, p: [p.data],
+          outs=lambda cfg, p: [Out(str(p.classifier))],
+          applies=uses_classifier),
+    Stage("train", "uvit.stages.train:run_train",
+          "Train with Ray Train (TorchTrainer, DDP or FSDP over train.num_workers workers); resumes by default.",
+          code=("uvit/models", "uvit/diffusion", "uvit/train", "uvit/stages/train.py"),
+          params=_train_params,
+          deps=_train_deps,
+          outs=lambda cfg, p: [Out(str(p.train / "model")), Out(str(p.train / "ema")),
+                               Out(str(p.train / "summary.json"), cache=False),
+                               Out(str(p.train / "metrics.csv"), cache=False, kind="plots",
+                                   plot=(("x", "step"), ("y", "loss")))],
+          externals=lambda cfg: {"score.inception_weights": cfg.score.inception_weights,
+                                 "score.reference_stats": cfg.score.reference_stats} if cfg.train.fid_every else {}),
+    Stage("sample", "uvit.stages.evaluate:run_sample",
+          "Draw samples from the trained EMA weights in resumable shards (runs/<benchmark>/samples/).",
+          code=("uvit/models", "uvit/diffusion", "uvit/evaluate/sample.py", "uvit/evaluate/sharded.py",
+                "uvit/evaluate/captions.py", "uvit/stages/evaluate.py"),
+          params=_sample_params,
+          deps=_sample_deps,
+          outs=lambda cfg, p: [Out(str(p.samples), persist=True)],
+          externals=_decoder_externals),
+    Stage("score", "uvit.stages.evaluate:run_score",
+          "FID, KID, precision/recall (torch-fidelity), conditional accuracy or CLIP score of the samples.",
+          code=("uvit/evaluate", "uvit/stages/evaluate.py"),
+          params=_score_params,
+          deps=_score_deps,
+          outs=_score_outs,
+          externals=_score_externals,
+          retries=1),
+    Stage("report", "uvit.stages.report:run_report",
+          "Write reports/<benchmark>.md and the reports/README.md index from the artifacts.",
+          code=("uvit/report", "uvit/stages/report.py"),
+          params=_sections(),
+          deps=_report_deps,
+          outs=_report_outs),
+    Stage("publish", "uvit.stages.publish:run_publish",
+          "Upload the run to <benchmark>.artifacts.url (S3 or a folder), content-addressed with a sha256 "
+          "manifest; records the run id in runs/<benchmark>/publish.json.",
+          code=("uvit/storage", "uvit/stages/publish.py"),
+          params=_sections("artifacts"),
+          deps=_publish_deps,
+          outs=lambda cfg, p: [Out(str(p.run / "publish.json"), cache=False)],
+          retries=3),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+def chain(cfg: BenchmarkConfig) -> list[Stage]:
+    """The stages that apply to a benchmark, in order."""
+    return [s for s in STAGES if s.applies(cfg)]
+
+
+def posix(path: Path | str) -> str:
+    return PurePosixPath(Path(path)).as_posix()

@@ -202,3 +202,49 @@ def test_truncated_checkpoint_is_skipped_when_choosing_where_to_resume(tmp_path)
     with pytest.warns(UserWarning, match="ema/model.safetensors is 1000 bytes.*falling back"):
         found = find_checkpoints(storage)
     assert [(s, Path(p).name) for s, _, p in found] == [(4, "checkpoint_a")]
+
+
+# -- random horizontal flips (the official CIFAR-10 / CelebA 64 / ImageNet 64 recipes) ------------
+def test_flips_mirror_exactly_the_drawn_rows_and_leave_other_draws_unchanged(split) -> None:
+    x_all, y_all = load_training_data(digits_cfg(), split)
+    flipped_rows = total = 0
+    for step in range(8):
+        plain = draw_step(3, step, 53, 16, (1, 8, 8), SCHEDULE, 0.1)
+        with loader(split, step, step + 1, random_flip=True) as stream:
+            (b,) = list(stream)
+        for f in ("idx", "t", "noise", "drop"):  # drawn before the flips: identical to a no-flip run
+            assert torch.equal(getattr(b.draws, f), getattr(plain, f))
+        x, _ = gather_rows(x_all, y_all, plain.idx)
+        flip = b.draws.flip
+        assert flip.dtype == torch.bool and flip.shape == (16,)
+        assert torch.equal(b.x[flip], x[flip].flip(-1)) and torch.equal(b.x[~flip], x[~flip])
+        flipped_rows += int(flip.sum())
+        total += 16
+    assert 0.3 < flipped_rows / total < 0.7  # p = 0.5 over 128 rows
+    assert plain.flip is None  # off by default (digits)
+
+
+def test_flips_split_across_ranks_and_resume_exactly(split) -> None:
+    with loader(split, 0, 5, random_flip=True) as stream:
+        whole = list(stream)
+    with loader(split, 3, 5, random_flip=True) as stream:  # resumed at step 3
+        resumed = list(stream)
+    for a, b in zip(whole[3:], resumed):
+        assert torch.equal(a.x, b.x) and torch.equal(a.draws.flip, b.draws.flip)
+    halves = []
+    for rank in range(2):
+        with loader(split, 0, 5, rank=rank, world=2, random_flip=True) as stream:
+            halves.append(list(stream))
+    for step in range(5):
+        joined = torch.cat([halves[0][step].x, halves[1][step].x])
+        assert torch.equal(joined, whole[step].x)
+        assert torch.equal(torch.cat([halves[0][step].draws.flip, halves[1][step].draws.flip]), whole[step].draws.flip)
+
+
+def test_latent_benchmarks_refuse_training_time_flips() -> None:
+    from uvit.config import ConfigError
+
+    params = copy.deepcopy(load_params(ROOT / "params.yaml"))
+    params["imagenet256"]["train"]["random_flip"] = True
+    with pytest.raises(ConfigError, match="imagenet256.train.random_flip"):
+        load_benchmark("imagenet256", params)

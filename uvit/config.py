@@ -97,6 +97,9 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     log_every: PositiveInt = 10
     seed: int = 0
+    # Mirror each training image horizontally with p = 0.5, drawn from (seed, step): the official
+    # CIFAR-10, CelebA 64 and ImageNet 64 recipes. Latent benchmarks store flipped copies instead.
+    random_flip: bool = False
     # ddp (replicated weights) or fsdp (torch FSDP2 fully_shard: weights, grads and optimizer state
     # sharded across workers; for the H presets). Checkpoints are full state dicts either way.
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -236,6 +239,9 @@ def load_benchmark(name: str, params: str | Path | dict[str, Any] = DEFAULT_PARA
     if model.in_chans == 4 and cfg.encode is None:
         raise ConfigError(f"{name}.encode: preset {cfg.model.preset} is a latent model and needs an encode "
                           "section (vae, scale_factor)")
+    if model.in_chans == 4 and cfg.train.random_flip:
+        raise ConfigError(f"{name}.train.random_flip: latent benchmarks cannot flip at training time (the latents "
+                          "are stored already; the data stage stores mirrored copies where the recipe flips)")
     if model.clip_dim is not None and (cfg.encode is None or not cfg.encode.text_encoder):
         raise ConfigError(f"{name}.encode.text_encoder: a text-to-image preset needs a CLIP text encoder")
     return cfg

@@ -139,6 +139,9 @@ def _rows(split, name: str, idx: np.ndarray) -> np.ndarray:
 class StreamingLoader:
     """Iterates `Batch`es for steps [start_step, end_step) of one rank, `prefetch` steps ahead.
 
+    With `random_flip`, each row is mirrored horizontally with p = 0.5 (the draw is part of the
+    step's randomness, so resuming and splitting across ranks stay exact).
+
     A daemon thread draws each step's randomness and gathers the rank's rows (numpy releases
     the GIL while copying from the memmaps), pins them when `device` is CUDA, and queues them;
     iteration moves each batch to `device` (non-blocking from pinned memory). Errors in the
@@ -147,11 +150,12 @@ class StreamingLoader:
 
     def __init__(self, gather: ShardGather, *, seed: int, global_batch: int, sample_shape: tuple[int, ...],
                  schedule: NoiseSchedule, p_uncond: float, latent: bool, start_step: int, end_step: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", prefetch: int = 2):
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", prefetch: int = 2,
+                 random_flip: bool = False):
         self.gather = gather
         self.kw = dict(num_rows=len(gather), global_batch=global_batch, sample_shape=sample_shape,
                        schedule=schedule, p_uncond=p_uncond, rank=rank, world_size=world_size, latent=latent,
-                       caption_offsets=getattr(gather, "caption_offsets", None))
+                       caption_offsets=getattr(gather, "caption_offsets", None), flip=random_flip)
         self.seed, self.start, self.end = seed, start_step, end_step
         self.device = torch.device(device)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -163,6 +167,8 @@ class StreamingLoader:
         """The batch of `step` on the CPU (what the thread produces; also usable directly)."""
         draws = draw_step(self.seed, step, **self.kw)
         x, y = self.gather.gather(draws.idx)
+        if draws.flip is not None:  # mirror the width axis of the drawn rows
+            x = torch.where(draws.flip[:, None, None, None], x.flip(-1), x)
         context = None if draws.caption_rows is None else self.gather.gather_contexts(draws.caption_rows)
         return Batch(step, x, y, draws, context)
 

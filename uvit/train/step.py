@@ -39,17 +39,19 @@ class StepDraws:
     drop: Tensor  # (b,) bool: condition replaced by the null condition
     latent_noise: Tensor | None = None  # (b, *sample_shape): draws z from stored VAE moments
     caption_rows: Tensor | None = None  # (b,) int64 text-to-image: the caption row (context) of each image row
+    flip: Tensor | None = None  # (b,) bool: mirror the image horizontally (pixel recipes with random flips)
 
 
 def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_shape: tuple[int, ...],
               schedule: NoiseSchedule, p_uncond: float, rank: int = 0, world_size: int = 1,
-              latent: bool = False, caption_offsets: Tensor | None = None) -> StepDraws:
+              latent: bool = False, caption_offsets: Tensor | None = None, flip: bool = False) -> StepDraws:
     """Draw the whole global batch's randomness, then keep this worker's slice.
 
     Text-to-image (`caption_offsets` (num_rows + 1,) int64: image i's captions are caption rows
     [offsets[i], offsets[i+1])): each drawn image row also gets one of its captions uniformly at
     random, as the official MS-COCO dataset does per item. That draw comes after all the others,
-    so every other benchmark draws exactly what it drew before.
+    so every other benchmark draws exactly what it drew before. Random horizontal flips (`flip`,
+    p = 0.5 per row, the official CIFAR-10 / CelebA / ImageNet 64 recipes) are drawn after that.
 
     Every worker draws the same global batch, so N workers compute exactly the step that one
     worker with the same global batch would (up to float summation order), and a resumed run
@@ -68,10 +70,14 @@ def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_sha
         u = torch.rand(global_batch, generator=g, dtype=torch.float64)
         first, count = caption_offsets[idx], caption_offsets[idx + 1] - caption_offsets[idx]
         caption_rows = first + torch.minimum((u * count).long(), count - 1)
+    flips = torch.rand(global_batch, generator=g) < 0.5 if flip else None  # drawn last
     local = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
-    return StepDraws(idx[local], t[local], noise[local], drop[local],
-                     None if latent_noise is None else latent_noise[local],
-                     None if caption_rows is None else caption_rows[local])
+
+    def mine(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[local]
+
+    return StepDraws(idx[local], t[local], noise[local], drop[local], mine(latent_noise), mine(caption_rows),
+                     mine(flips))
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],

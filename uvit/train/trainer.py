@@ -189,6 +189,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             directory = Path(tempfile.mkdtemp(dir=scratch)) / "checkpoint"
             state = TrainingState(model_full, ema_full, _Frozen(optim_state), scheduler, step)
             save_checkpoint(directory, state, metrics_path)
+            (directory / WORKER_FILE).write_text(json.dumps(worker_hardware(device, world, tc), indent=2) + "\n")
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
         # Asynchronous upload lets training go on while the files travel; the last one is
         # synchronous, which also waits for the earlier uploads (reports commit in order).
@@ -224,7 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loader = StreamingLoader(gather, seed=tc.seed, global_batch=tc.batch_size, sample_shape=sample_shape,
                              schedule=schedule, p_uncond=p_uncond, latent=latent_scale is not None,
                              start_step=start, end_step=tc.steps, rank=rank, world_size=world, device=device,
-                             prefetch=tc.prefetch)
+                             prefetch=tc.prefetch, random_flip=tc.random_flip)
     with loader:
         for batch in loader:
             step = batch.step
@@ -350,11 +351,29 @@ def latest_checkpoint(storage, max_step: int | None = None) -> str | None:
     return None
 
 
-def hardware_description(cfg: BenchmarkConfig) -> str:
-    if cfg.train.use_gpu and torch.cuda.is_available():
-        return f"{cfg.train.num_workers}x {torch.cuda.get_device_name(0)}"
+WORKER_FILE = "worker.json"  # in every checkpoint: the hardware rank 0 trained on
+
+
+def worker_hardware(device: torch.device, world_size: int, tc) -> dict[str, Any]:
+    """What the workers run on, as rank 0 sees it (the driver may be another machine)."""
     cpu = platform.processor() or platform.machine()
-    return f"CPU ({os.cpu_count()} cores, {cpu}), {cfg.train.num_workers} worker(s) x {cfg.train.threads_per_worker} thread(s)"
+    info: dict[str, Any] = {"device": device.type, "num_workers": world_size, "host_cpus": os.cpu_count(),
+                            "cpu": cpu, "threads_per_worker": tc.threads_per_worker}
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), gpus_on_host=torch.cuda.device_count())
+        info["description"] = f"{world_size}x {info['gpu']} ({info['gpus_on_host']} GPU(s) on rank 0's host)"
+    else:
+        info["description"] = (f"CPU ({info['host_cpus']} cores, {cpu}), {world_size} worker(s) x "
+                               f"{tc.threads_per_worker} thread(s)")
+    return info
+
+
+def hardware_description(cfg: BenchmarkConfig, checkpoint: Path | None = None) -> str:
+    """The workers' hardware from a checkpoint's worker.json; this process's, for older checkpoints."""
+    if checkpoint is not None and (checkpoint / WORKER_FILE).is_file():
+        return json.loads((checkpoint / WORKER_FILE).read_text())["description"]
+    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+    return worker_hardware(device, cfg.train.num_workers, cfg.train)["description"]
 
 
 def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = True,
@@ -487,7 +506,7 @@ def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall:
         "final_loss": sum(tail) / len(tail),
         "num_workers": tc.num_workers,
         "precision": tc.precision,
-        "hardware": hardware_description(cfg),
+        "hardware": hardware_description(cfg, checkpoint),
         "ray_run": _relative(run_dir, paths.root),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -53,15 +53,16 @@ def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
 
 
-def count_calls(monkeypatch, client, method: str, fail_after: int | None = None) -> list:
-    """Wrap client.<method>: record each call's PartNumber; raise after `fail_after` calls."""
+def count_calls(monkeypatch, client, method: str, fail_after: int | None = None, record: str = "PartNumber") -> list:
+    """Wrap client.<method>: record each call's `record` argument (Key, Range, ...); raise after
+    `fail_after` calls."""
     calls: list = []
     real = getattr(client, method)
 
     def wrapper(**kw):
         if fail_after is not None and len(calls) >= fail_after:
             raise ConnectionError("simulated network failure")
-        calls.append(kw.get("PartNumber"))
+        calls.append(kw.get(record))
         return real(**kw)
 
     monkeypatch.setattr(client, method, wrapper)
@@ -128,7 +129,9 @@ def test_corrupted_object_is_refused(store, run_dir, tmp_path):
     assert not [p for p in dest.rglob("*") if p.name.startswith(".")]  # no temp files left
 
 
-def test_interrupted_multipart_upload_resumes(store, monkeypatch, tmp_path, big_bytes):
+def test_interrupted_multipart_upload_rerun_completes(store, monkeypatch, tmp_path, big_bytes):
+    """A multipart upload cut off after its first part leaves no object and no open upload
+    behind; the next call uploads the file whole and it verifies."""
     local = tmp_path / "big.bin"
     local.write_bytes(big_bytes)
     key = "checkpoints/big.bin"
@@ -137,36 +140,80 @@ def test_interrupted_multipart_upload_resumes(store, monkeypatch, tmp_path, big_
     with pytest.raises(ConnectionError):
         store.upload_file(local, key)
     assert first == [1]
-    uploads = store.client.list_multipart_uploads(Bucket=store.bucket)["Uploads"]
-    assert [u["Key"] for u in uploads] == [f"artifacts/{key}"]
+    assert "Uploads" not in store.client.list_multipart_uploads(Bucket=store.bucket)  # aborted
+    assert "Contents" not in store.client.list_objects_v2(Bucket=store.bucket, Prefix=f"artifacts/{key}")
 
     monkeypatch.undo()
     second = count_calls(monkeypatch, store.client, "upload_part")
     store.upload_file(local, key)
-    assert second == [2, 3]  # only the missing parts
+    assert sorted(second) == [1, 2, 3]
+    head = store.client.head_object(Bucket=store.bucket, Key=f"artifacts/{key}")
+    assert head["Metadata"]["sha256"] == hashlib.sha256(big_bytes).hexdigest()
     body = store.client.get_object(Bucket=store.bucket, Key=f"artifacts/{key}")["Body"].read()
     assert body == big_bytes
     assert "Uploads" not in store.client.list_multipart_uploads(Bucket=store.bucket)
 
 
-def test_resume_reuploads_parts_that_do_not_match(store, monkeypatch, tmp_path, big_bytes):
-    """An upload started elsewhere: part 1 right, part 2 wrong bytes -> parts 2 and 3 are sent."""
-    local = tmp_path / "big.bin"
-    local.write_bytes(big_bytes)
-    full = "artifacts/other/big.bin"
-    upload_id = store.client.create_multipart_upload(
-        Bucket=store.bucket, Key=full, Metadata={"sha256": hashlib.sha256(big_bytes).hexdigest()}
-    )["UploadId"]
-    part = 5 * MiB
-    store.client.upload_part(Bucket=store.bucket, Key=full, UploadId=upload_id, PartNumber=1,
-                             Body=big_bytes[:part])
-    store.client.upload_part(Bucket=store.bucket, Key=full, UploadId=upload_id, PartNumber=2,
-                             Body=bytes(part))
+def test_interrupted_publish_rerun_sends_only_the_missing_files(store, monkeypatch, run_dir, tmp_path):
+    """upload_run dies after some files: the run stays invisible; the re-run skips the files the
+    store already holds (size and metadata sha256), sends the rest, then the manifest."""
+    # Sorted order: big.bin (multipart), metrics.json, sub/deep/notes.txt, then the failure.
+    first = count_calls(monkeypatch, store.client, "put_object", fail_after=2, record="Key")
+    with pytest.raises(ConnectionError):
+        store.upload_run(run_dir, "digits", run_id="r1")
+    assert [k.rsplit("/r1/", 1)[1] for k in first] == ["metrics.json", "sub/deep/notes.txt"]
+    assert store.list_runs("digits") == []
+    with pytest.raises(FileNotFoundError):
+        store.download_run("digits", "r1", tmp_path / "early")
 
-    calls = count_calls(monkeypatch, store.client, "upload_part")
-    store.upload_file(local, "other/big.bin")
-    assert calls == [2, 3]
-    assert store.client.get_object(Bucket=store.bucket, Key=full)["Body"].read() == big_bytes
+    monkeypatch.undo()
+    puts = count_calls(monkeypatch, store.client, "put_object", record="Key")
+    parts = count_calls(monkeypatch, store.client, "upload_part")
+    ref = store.upload_run(run_dir, "digits", run_id="r1")
+    assert [k.rsplit("/r1/", 1)[1] for k in puts] == ["sub/empty", "sub/weights.bin", "manifest.json"]
+    assert parts == []  # big.bin was already complete
+    assert store.list_runs("digits") == ["r1"]
+    assert tree(store.download_run("digits", ref.run_id, tmp_path / "dest")) == tree(run_dir)
+
+
+def test_stale_object_under_the_same_key_is_replaced(store, run_dir, tmp_path, big_bytes):
+    """An object left by another tool (right size, no sha256 metadata; or a bit flipped) is
+    not taken for the file: it is uploaded again and the run verifies."""
+    base = "artifacts/digits/r1"
+    store.client.put_object(Bucket=store.bucket, Key=f"{base}/big.bin", Body=bytes(len(big_bytes)))
+    weights = (run_dir / "sub" / "weights.bin").read_bytes()
+    store.client.put_object(Bucket=store.bucket, Key=f"{base}/sub/weights.bin", Body=weights[:-1] + b"\0",
+                            Metadata={"sha256": hashlib.sha256(b"other").hexdigest()})
+    store.upload_run(run_dir, "digits", run_id="r1")
+    head = store.client.head_object(Bucket=store.bucket, Key=f"{base}/big.bin")
+    assert head["Metadata"]["sha256"] == hashlib.sha256(big_bytes).hexdigest()
+    assert tree(store.download_run("digits", "r1", tmp_path / "dest")) == tree(run_dir)
+
+
+def test_large_file_goes_up_in_parts_and_comes_down_in_parallel_ranges(s3_endpoint, monkeypatch, tmp_path):
+    """~12 MiB with 5 MiB parts and 4 threads: a 3-part multipart upload, three ranged GETs, the
+    sha256 intact at both ends."""
+    bucket = f"uvit-{uuid.uuid4().hex[:12]}"
+    s = ArtifactStore(f"s3://{bucket}", endpoint_url=s3_endpoint, multipart_threshold=5 * MiB,
+                      part_size=5 * MiB, max_concurrency=4)
+    s.client.create_bucket(Bucket=bucket)
+    data = random.Random(2).randbytes(12 * MiB + 7)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.bin").write_bytes(data)
+    parts = count_calls(monkeypatch, s.client, "upload_part")
+    ref = s.upload_run(tmp_path / "run", "imagenet64")
+    assert sorted(parts) == [1, 2, 3]
+    head = s.client.head_object(Bucket=bucket, Key=f"imagenet64/{ref.run_id}/ckpt.bin")
+    assert head["ETag"].strip('"').endswith("-3") and head["ContentLength"] == len(data)
+    assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+    ranges = count_calls(monkeypatch, s.client, "get_object", record="Range")
+    out = s.download_run("imagenet64", ref.run_id, tmp_path / "dest")
+    got = (out / "ckpt.bin").read_bytes()
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    starts = sorted(int(r.removeprefix("bytes=").split("-")[0]) for r in ranges if r is not None)
+    assert starts == [0, 5 * MiB, 10 * MiB]  # the manifest came as one plain GET
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.bin"]
 
 
 def test_small_file_single_put_and_bad_part_size(store, tmp_path, s3_endpoint):
@@ -235,3 +282,43 @@ def test_local_directory_backend(run_dir, tmp_path, as_uri):
         s.download_run("digits", ref.run_id, dest)
     assert not (dest / "sub" / "weights.bin").exists()
     assert not [p for p in dest.rglob("*") if p.name.startswith(".")]
+
+
+def test_one_endpoint_rule(monkeypatch):
+    """endpoint_url, else $UVIT_S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL,
+    else AWS (None); empty variables count as unset."""
+    from uvit.storage.s3 import s3_endpoint_url
+
+    assert s3_endpoint_url() is None
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:3")
+    assert s3_endpoint_url() == "http://127.0.0.1:3"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")
+    assert s3_endpoint_url() == "http://127.0.0.1:2"
+    monkeypatch.setenv("UVIT_S3_ENDPOINT_URL", "")
+    assert s3_endpoint_url() == "http://127.0.0.1:2"
+    monkeypatch.setenv("UVIT_S3_ENDPOINT_URL", "http://127.0.0.1:1")
+    assert s3_endpoint_url() == "http://127.0.0.1:1"
+    assert s3_endpoint_url("http://127.0.0.1:9000") == "http://127.0.0.1:9000"
+    store = ArtifactStore("s3://uvit-rule/x")
+    assert store.client.meta.endpoint_url == "http://127.0.0.1:1"
+    assert ArtifactStore("s3://uvit-rule/x", endpoint_url="http://127.0.0.1:9000").client.meta.endpoint_url == \
+        "http://127.0.0.1:9000"
+
+
+def test_training_storage_follows_the_same_endpoint_rule(s3_endpoint, monkeypatch):
+    """Ray Train's pyarrow S3 filesystem honours $UVIT_S3_ENDPOINT_URL too (it once read only the
+    AWS_* variables): a file written through it is there for boto3 at the same endpoint."""
+    from uvit.storage.s3 import s3_client
+    from uvit.train.storage import resolve_storage
+
+    bucket = f"uvit-{uuid.uuid4().hex[:12]}"
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # loses to the uvit variable
+    monkeypatch.setenv("UVIT_S3_ENDPOINT_URL", s3_endpoint)
+    storage = resolve_storage(f"s3://{bucket}/ray", None)
+    with storage.fs.open_output_stream(f"{storage.path}/state.json") as f:
+        f.write(b'{"step": 3}')
+    assert client.get_object(Bucket=bucket, Key="ray/state.json")["Body"].read() == b'{"step": 3}'
+    with pytest.raises(ValueError, match="http"):
+        resolve_storage(f"s3://{bucket}/ray", "127.0.0.1:9000")

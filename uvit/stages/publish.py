@@ -2,7 +2,8 @@
 
 Where: `<benchmark>.artifacts.url` in params.yaml (`s3://bucket/prefix`, `file:///dir` or a directory
 relative to the project root; digits uses the git-ignored `artifacts/`). Credentials only from the
-environment (the boto3 chain); the endpoint from `artifacts.endpoint_url` or `$UVIT_S3_ENDPOINT_URL`.
+environment (the boto3 chain); the endpoint from `artifacts.endpoint_url`, else the environment
+(`uvit.storage.s3.s3_endpoint_url`).
 
     <url>/<benchmark>/<run-id>/
         checkpoints/model/, ema/, summary.json, metrics.csv   final weights (train stage)

@@ -2,8 +2,10 @@
 
 - :mod:`uvit.storage.artifacts`: :class:`ArtifactStore`, a versioned, content-addressed store of
   runs (``<root>/<benchmark>/<run_id>/...`` + ``manifest.json`` with sha256 and size of every
-  file) on S3 (AWS, MinIO, moto) or a local directory, verified on upload and on download,
-  with resumable multipart uploads.
+  file) on S3 (AWS, MinIO, moto) or a local directory, verified on upload and on download;
+  transfers through boto3's managed transfer (multipart uploads, parallel ranged downloads).
+- :mod:`uvit.storage.s3`: the one rule for the S3 endpoint (:func:`~uvit.storage.s3.s3_endpoint_url`)
+  and the one boto3 client factory (:func:`~uvit.storage.s3.s3_client`).
 - :mod:`uvit.storage.s3server`: :func:`local_s3`, a loopback moto S3 server for tests and demos.
 
 Datasets and pipeline outputs are versioned by DVC (its S3 remote: ``infra/README.md``); this

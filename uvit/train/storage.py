@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from uvit.storage.s3 import s3_endpoint_url
+
 
 @dataclass
 class Storage:
@@ -33,13 +35,10 @@ class Storage:
         return Storage(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.uri.rstrip('/')}/{name}")
 
 
-def s3_endpoint(endpoint: str | None = None) -> str | None:
-    """The S3 endpoint URL to use: the parameter, else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL."""
-    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
 def resolve_storage(location: str | Path, endpoint: str | None = None) -> Storage:
-    """`s3://bucket/prefix` -> S3FileSystem ("bucket/prefix"); anything else -> a local directory."""
+    """`s3://bucket/prefix` -> S3FileSystem ("bucket/prefix"); anything else -> a local directory.
+    The endpoint is `endpoint` (train.storage_endpoint), else the environment's
+    (:func:`uvit.storage.s3.s3_endpoint_url`), else AWS."""
     import pyarrow.fs
 
     location = str(location)
@@ -48,7 +47,7 @@ def resolve_storage(location: str | Path, endpoint: str | None = None) -> Storag
         if not bucket_prefix:
             raise ValueError(f"{location!r} names no bucket")
         kwargs: dict = {}
-        url = s3_endpoint(endpoint)
+        url = s3_endpoint_url(endpoint)
         if url:
             u = urlparse(url)
             if u.scheme not in ("http", "https") or not u.netloc:

@@ -193,14 +193,23 @@ def diffusers_to_ldm_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def vae_config_from_ldm(state: dict[str, torch.Tensor], *, norm_num_groups: int = 32,
+def _default_groups(channels: list[int]) -> int:
+    """GroupNorm groups of an LDM autoencoder: the official 32 when every level's channel count
+    divides by 32, else the largest count below 32 that divides them all (a small autoencoder,
+    e.g. 8 channels per level: 8 groups; such a file could not be loaded with 32 at all)."""
+    return next(g for g in range(32, 0, -1) if all(c % g == 0 for c in channels))
+
+
+def vae_config_from_ldm(state: dict[str, torch.Tensor], *, norm_num_groups: int | None = None,
                         sample_size: int = 256,
                         scaling_factor: float = SCALE_FACTORS["imagenet"]) -> dict[str, Any]:
     """diffusers ``AutoencoderKL`` config for an LDM-named state dict, read from its shapes.
 
     Levels, channels per level, blocks per level, in/out/latent channels, quant convs and the
     mid-block attention come from the weights; the GroupNorm group count and ``sample_size``
-    cannot (no weights hold them) and default to the official values (32, 256).
+    cannot (no weights hold them): ``sample_size`` defaults to the official 256 and
+    ``norm_num_groups=None`` to the official 32 whenever the channels allow it (see
+    :func:`_default_groups`).
     """
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
@@ -219,6 +228,8 @@ def vae_config_from_ldm(state: dict[str, torch.Tensor], *, norm_num_groups: int 
                          f"expected 2 x z_channels = {2 * latent} (double_z)")
     if "post_quant_conv.weight" in state and shape("post_quant_conv.weight")[0] != latent:
         raise ValueError("embed_dim != z_channels: diffusers AutoencoderKL needs them equal")
+    if norm_num_groups is None:
+        norm_num_groups = _default_groups(channels)
     if any(c % norm_num_groups for c in channels):
         raise ValueError(f"channels {channels} are not divisible by norm_num_groups={norm_num_groups}")
     return {
@@ -260,7 +271,7 @@ def _read_ldm_state(path: Path) -> dict[str, torch.Tensor]:
             f"Use the official autoencoder_kl.pth (or a diffusers directory) instead.") from e
 
 
-def _load_from_ldm_file(path: Path, norm_num_groups: int, sample_size: int) -> AutoencoderKL:
+def _load_from_ldm_file(path: Path, norm_num_groups: int | None, sample_size: int) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     state = _read_ldm_state(path)
@@ -295,7 +306,7 @@ def load_vae(
     device: str | torch.device = "cpu",
     *,
     subfolder: str | None = None,
-    norm_num_groups: int = 32,
+    norm_num_groups: int | None = None,
     sample_size: int = 256,
     params_key: str = _DEFAULT_PARAMS_KEY,
 ) -> AutoencoderKL:
@@ -307,8 +318,9 @@ def load_vae(
     the local Hugging Face cache only when offline — if it is not there,
     :class:`~uvit.encoders.WeightsNotAvailableError` says what to download and which
     ``params.yaml`` key (``params_key``) to set. ``scale_factor`` overrides
-    ``config.scaling_factor`` (:data:`SCALE_FACTORS`). ``norm_num_groups`` and ``sample_size``
-    only matter for a converted ``.pth`` (they are not stored in its weights).
+    ``config.scaling_factor`` (:data:`SCALE_FACTORS`). ``norm_num_groups`` (None: 32, or the
+    largest count below 32 that divides every level's channels) and ``sample_size`` only matter
+    for a converted ``.pth`` (they are not stored in its weights).
     """
     from diffusers import AutoencoderKL
 

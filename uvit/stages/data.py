@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -50,12 +51,13 @@ def _no_checksum_for_folders(cfg: BenchmarkConfig, what: str) -> None:
 
 def _prepare(cfg: BenchmarkConfig, out: Path) -> dict:
     source, d = cfg.data.source, cfg.data
-    kw = {"shard_size": d.shard_size}
+    # Progress bars only on a terminal: in logs (CI, DVC output captured) they are noise.
+    kw = {"shard_size": d.shard_size, "progress": sys.stderr.isatty()}
     if source == "digits":
         from uvit.data.sources.digits import prepare_digits
 
         _no_checksum_for_folders(cfg, "digits (scikit-learn's copy)")
-        return prepare_digits(out, test_fraction=d.test_fraction, seed=d.seed)
+        return prepare_digits(out, test_fraction=d.test_fraction, seed=d.seed)  # no files, no progress
     if source == "cifar10":
         from uvit.data.sources.cifar10 import MD5, prepare_cifar10
 

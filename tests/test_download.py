@@ -157,6 +157,9 @@ def test_checksum_mismatch_keeps_no_file(server, tmp_path):
     assert "run again" in msg.lower()
     assert (ei.value.expected, ei.value.actual, ei.value.algorithm) == (wrong, SHA, "sha256")
     assert not dest.exists() and not (tmp_path / "data.bin.part").exists()
+    from uvit.cli import _user_errors
+
+    assert isinstance(ei.value, _user_errors()) and isinstance(ei.value, ValueError)
 
 
 def test_existing_verified_dest_is_not_downloaded(server, tmp_path):
@@ -181,6 +184,9 @@ def test_http_404_names_url_and_manual_placement(server, tmp_path):
     assert f"{server.url}/missing.bin" in str(ei.value) and "404" in str(ei.value)
     assert str(dest) in str(ei.value)
     assert len(server.requests) == 1  # a 404 is not retried
+    from uvit.cli import _user_errors
+
+    assert isinstance(ei.value, _user_errors())  # the CLI reports it in one line, without a traceback
 
 
 def test_unreachable_host_is_retried_then_explained(tmp_path, monkeypatch):

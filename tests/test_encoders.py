@@ -196,6 +196,29 @@ def test_official_size_config_is_inferred_from_ldm_names() -> None:
     assert len([k for k in ldm if k.startswith("decoder.up.0.block.")]) == 3 * 8 + 2
 
 
+def test_small_ldm_file_infers_its_group_count(tmp_path: Path, images) -> None:
+    """GroupNorm groups are not in the weights: 32 whenever the channels allow it (the official
+    file), else the largest count below 32 dividing every level (8 channels: 8 groups)."""
+    from uvit.encoders.vae import vae_config_from_ldm
+
+    torch.manual_seed(1)
+    small = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 24), layers_per_block=1, latent_channels=4, norm_num_groups=8).eval()
+    ldm = diffusers_to_ldm_vae(small.state_dict())
+    assert vae_config_from_ldm(ldm)["norm_num_groups"] == 8  # 8 and 24: 8 is the largest common divisor <= 32
+    assert vae_config_from_ldm(ldm, norm_num_groups=4)["norm_num_groups"] == 4  # explicit wins
+    with pytest.raises(ValueError, match="norm_num_groups=32"):
+        vae_config_from_ldm(ldm, norm_num_groups=32)
+    torch.save(ldm, tmp_path / "small.pth")
+    loaded = load_vae(tmp_path / "small.pth")
+    assert loaded.config.norm_num_groups == 8
+    x = _x(images[:2])
+    with torch.no_grad():  # the same function as the model it was written from, bit for bit
+        torch.testing.assert_close(encode_moments(loaded, x), small.encode(x).latent_dist.parameters,
+                                   rtol=0, atol=0)
+
+
 class _Payload:
     def __init__(self, marker: Path):
         self.marker = marker

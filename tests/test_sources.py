@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uvit.data.download import ChecksumMismatch
+from uvit.data.download import BadSourceError, ChecksumMismatch
 from uvit.data.preprocess import (
     BadImageError,
     celeba_crop,
@@ -567,3 +567,160 @@ def test_coco_missing_image_error_and_skip(coco_root, tmp_path):
     np.testing.assert_array_equal(ShardedArrays(tmp_path / "out" / "train").field("image_ids"), [3])
     with pytest.raises(FileNotFoundError, match="mscoco256.data.root"):
         prepare_coco(tmp_path / "o2", tmp_path / "nope", progress=False)
+
+
+# =============================================================================================
+# Bad inputs through the data stage: one CLI error line naming the key, nothing half-written
+# =============================================================================================
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stage_params(benchmark: str, data: dict) -> dict:
+    from uvit.config import load_params
+    from uvit.miniature import merge_params
+
+    return merge_params({benchmark: load_params(REPO / "params.yaml")[benchmark]}, {benchmark: {"data": data}})
+
+
+def _cli_data(benchmark: str, data: dict, tmp: Path) -> str:
+    """`uvit data <benchmark>` (the console script) in tmp; returns its one stderr line."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp / "params.yaml").write_text(yaml.safe_dump(_stage_params(benchmark, data)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "uvit"), "data", benchmark, "--params",
+                           str(tmp / "params.yaml"), "--root", str(tmp / "project")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: [data {benchmark}] "), proc.stderr
+    data_dir = tmp / "project" / "data"
+    assert not data_dir.exists() or not list(data_dir.iterdir())  # no split, no scratch folder
+    return lines[0]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_wrong_archive_version_is_one_line(tmp_path):
+    py = tmp_path / "cifar-10-python.tar.gz"  # the pickle version, its checksum declared: right file, wrong format
+    with tarfile.open(py, "w:gz") as tar:
+        for name in ("data_batch_1", "test_batch", "batches.meta"):
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    line = _cli_data("cifar10", {"root": str(py), "sha256": _sha256(py)}, tmp_path)
+    assert "BadSourceError" in line and f"cifar10.data.root={py}" in line and "pickle" in line
+
+
+def test_cli_unreadable_image_is_one_line(imagenet_root, tmp_path):
+    root, _, _ = imagenet_root  # holds a truncated JPEG
+    line = _cli_data("imagenet64", {"root": str(root)}, tmp_path)
+    assert "BadImageError" in line and "n01484850_9.JPEG" in line and "imagenet64.data.root=" in line
+
+
+def test_cli_missing_root_is_one_line(tmp_path):
+    line = _cli_data("celeba64", {"root": str(tmp_path / "nowhere")}, tmp_path)
+    assert "FileNotFoundError" in line and f"celeba64.data.root={tmp_path / 'nowhere'}" in line
+    assert "img_align_celeba" in line  # says what to provide
+
+
+def test_data_stage_bad_inputs_are_user_errors(coco_root, tmp_path):
+    from uvit.cli import _user_errors
+    from uvit.config import ConfigError, load_benchmark
+    from uvit.paths import BenchmarkPaths
+    from uvit.stages.data import run_data
+
+    root, _ = coco_root
+    (root / "val2014" / "COCO_val2014_000000000042.jpg").unlink()  # listed in captions_val2014.json
+    cfg = load_benchmark("mscoco256", _stage_params("mscoco256", {"root": str(root)}))
+    paths = BenchmarkPaths("mscoco256", tmp_path)
+    with pytest.raises(BadImageError) as ei:  # train is written first, then val fails
+        run_data(cfg, paths)
+    assert isinstance(ei.value, _user_errors()) and str(ei.value).startswith(f"mscoco256.data.root={root}: ")
+    assert "image id 42" in str(ei.value)
+    assert not list((tmp_path / "data").iterdir())  # train, written before val failed, is gone too
+    # a checksum declared for a folder root is a parameter error, before anything is read
+    cfg = load_benchmark("mscoco256", _stage_params("mscoco256", {"root": str(root), "sha256": "a" * 64}))
+    with pytest.raises(ConfigError, match="mscoco256.data.sha256"):
+        run_data(cfg, paths)
+    with pytest.raises(ConfigError, match="sha256"):  # not a hex digest
+        load_benchmark("cifar10", _stage_params("cifar10", {"sha256": "abc"}))
+
+
+def test_truncated_cifar_archive_is_a_bad_source(tmp_path):
+    from uvit.data.download import BadSourceError
+    from uvit.data.shards import DataIntegrityError
+
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    _cifar_tarball(archive)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(BadSourceError, match="truncated or corrupt") as ei:
+        prepare_cifar10(tmp_path / "out", archive=archive, md5=None, progress=False)
+    assert isinstance(ei.value, DataIntegrityError) and isinstance(ei.value, ValueError)
+
+
+def test_cifar_declared_sha256_replaces_the_official_md5(tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    _cifar_tarball(archive)
+    ms = prepare_cifar10(tmp_path / "out", archive=archive, md5=None, sha256=_sha256(archive), progress=False)
+    assert ms["train"].meta["sha256_verified"] is True and ms["train"].meta["archive_sha256"] == _sha256(archive)
+    with pytest.raises(ChecksumMismatch) as ei:
+        prepare_cifar10(tmp_path / "out2", archive=archive, md5=None, sha256="1" * 64, progress=False)
+    assert ei.value.expected == "1" * 64
+
+
+def _class_tar(path: Path, classes: dict[str, list[np.ndarray]]) -> Path:
+    with tarfile.open(path, "w") as outer:
+        for wnid, images in classes.items():
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for i, img in enumerate(images):
+                    data = io.BytesIO()
+                    Image.fromarray(img).save(data, "PNG")
+                    info = tarfile.TarInfo(f"{wnid}_{i}.png")
+                    info.size = data.tell()
+                    data.seek(0)
+                    inner.addfile(info, data)
+            info = tarfile.TarInfo(f"{wnid}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            outer.addfile(info, buf)
+    return path
+
+
+def test_imagenet_tar_replaced_is_verified_and_extracted_afresh(tmp_path):
+    from uvit.data.sources.imagenet import TRAIN_TAR, TRAIN_TAR_MD5
+
+    tar = tmp_path / "in" / TRAIN_TAR
+    tar.parent.mkdir()
+    a = {"n00000001": [_rand_img(20, 20, 1), _rand_img(20, 20, 2)], "n00000002": [_rand_img(20, 20, 3)]}
+    _class_tar(tar, a)
+    dl = tmp_path / "dl"
+    with pytest.raises(ChecksumMismatch) as ei:  # the official name: the official MD5 unless one is declared
+        prepare_imagenet(tmp_path / "o0", tar, RES, download_dir=dl, progress=False)
+    assert ei.value.expected == TRAIN_TAR_MD5
+    m = prepare_imagenet(tmp_path / "o1", tar, RES, download_dir=dl, sha256=_sha256(tar), progress=False)["train"]
+    assert m.count == 3 and m.meta["classes"] == ["n00000001", "n00000002"]
+    # another tar at the same path: its classes replace the first one's (none left over)
+    b = {"n00000003": [_rand_img(20, 20, 4)], "n00000004": [_rand_img(20, 20, 5), _rand_img(20, 20, 6)]}
+    _class_tar(tar, b)
+    with pytest.raises(ChecksumMismatch):  # verified again although an extraction exists
+        prepare_imagenet(tmp_path / "o2", tar, RES, download_dir=dl, md5=None, sha256="2" * 64, progress=False)
+    m = prepare_imagenet(tmp_path / "o3", tar, RES, download_dir=dl, md5=None, sha256=_sha256(tar),
+                         progress=False)["train"]
+    assert m.meta["classes"] == ["n00000003", "n00000004"] and m.count == 3
+    images, labels = load_split_arrays(tmp_path / "o3" / "train")
+    np.testing.assert_array_equal(labels, [0, 1, 1])
+    np.testing.assert_array_equal(images[0], _chw(center_crop_arr(Image.fromarray(b["n00000003"][0]), RES)))
+    with pytest.raises(BadSourceError, match="folder"):  # a folder root takes no checksum
+        prepare_imagenet(tmp_path / "o4", dl / TRAIN_TAR.removesuffix(".tar"), RES, sha256=_sha256(tar),
+                         progress=False)

@@ -1,5 +1,6 @@
 """uvit.evaluate: sampling at scale and scoring generated samples (FID, KID, IS through torch-fidelity;
-a digit classifier; the CLIP score in uvit.evaluate.clip_score)."""
+a digit classifier; the CLIP score in uvit.evaluate.clip_score). A benchmark's sampling settings are
+in uvit.evaluate.draw, its scores (and reference statistics) in uvit.evaluate.score."""
 
 from uvit.evaluate.classifier import (
     ClassifierConfig,

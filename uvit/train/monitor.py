@@ -81,8 +81,8 @@ def sample_grid(cfg, ema_model: torch.nn.Module, path: Path, rows: int = 4) -> P
     """A small grid of EMA samples with the benchmark's sampler and guidance: one column per
     class (up to 10), `rows` rows, fixed seeds (so grids of successive steps are comparable).
     Latent benchmarks are decoded with the VAE (`encode.vae`). Written as a PNG to `path`."""
+    from uvit.evaluate.draw import draw_samples
     from uvit.evaluate.sample import save_grid
-    from uvit.stages.evaluate import draw_samples
 
     k = cfg.validate_.num_classes
     cols = min(k, 10) if k > 0 and ema_model.config.num_classes > 0 else 8
@@ -123,7 +123,7 @@ class PeriodicFID:
         return fid_from_statistics(*fid_statistics(images, **self.kw), self.mu, self.sigma)
 
     def __call__(self, ema_model: torch.nn.Module) -> float:
-        from uvit.stages.evaluate import draw_samples
+        from uvit.evaluate.draw import draw_samples
 
         images, _ = draw_samples(self.cfg, ema_model, num_samples=self.num_samples, progress=False)
         return self.score(images)

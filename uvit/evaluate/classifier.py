@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from uvit.fileio import commit_file, temp_path, write_json
+
 __all__ = [
     "ClassifierConfig",
     "DigitClassifier",
@@ -197,8 +199,13 @@ def save_classifier(model: DigitClassifier, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_FILE))
-    (path / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+    tmp = temp_path(path / WEIGHTS_FILE)
+    try:
+        save_file(state, str(tmp))
+        commit_file(tmp, path / WEIGHTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json(path / CONFIG_FILE, asdict(model.config))
     return path
 
 

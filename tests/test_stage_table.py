@@ -30,8 +30,9 @@ def test_committed_dvc_files_are_what_the_table_generates():
 
 def test_every_code_dependency_exists_and_every_stage_function_imports():
     for stage in STAGES:
-        for path in stage.code:
-            assert (ROOT / path).exists(), f"{stage.name}: {path}"
+        for cfg_name in ("digits", "imagenet256", "mscoco256"):
+            for path in stage.code_deps(load_benchmark(cfg_name, params())):
+                assert (ROOT / path).exists(), f"{stage.name}: {path}"
         assert callable(stage.function())
 
 

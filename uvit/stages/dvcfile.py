@@ -60,14 +60,25 @@ def _out_entry(out: Out) -> Any:
     return {posix(out.path): flags} if flags else posix(out.path)
 
 
-def _entry(stage: Stage, cfg: BenchmarkConfig, name: str, params_file: str | None,
+def _present(block: dict[str, Any], dotted: str) -> bool:
+    node: Any = block
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _entry(stage: Stage, cfg: BenchmarkConfig, block: dict[str, Any], name: str, params_file: str | None,
            slots: dict[str, str] | None, root: Path) -> dict[str, Any]:
     """The DVC stage of `cfg` for `stage`, paths written for benchmark `name` (a placeholder in templates).
 
+    Only the parameter keys present in the benchmark's `block` of params.yaml are listed (DVC
+    refuses absent ones; an absent key has its default, and adding it changes the generated file).
     With `slots` (templates), each external file becomes `${item.<slot>}` and its value is
     recorded in `slots`; without, the value is written in place."""
     paths = BenchmarkPaths(name, Path("."))
-    deps = [*stage.code, *(posix(p) for p in stage.deps(cfg, paths))]
+    deps = [*stage.code_deps(cfg), *(posix(p) for p in stage.deps(cfg, paths))]
     for key, value in stage.externals(cfg).items():
         dep = external_path(value, root)
         if dep is None:
@@ -79,7 +90,7 @@ def _entry(stage: Stage, cfg: BenchmarkConfig, name: str, params_file: str | Non
             slots[slot] = dep
             deps.append(f"${{item.{slot}}}")
     entry: dict[str, Any] = {"cmd": f"uvit {stage.name} {name}", "deps": deps}
-    keys = [f"{name}.{k}" for k in stage.params(cfg)]
+    keys = [f"{name}.{k}" for k in stage.params(cfg) if _present(block, k)]
     if keys:
         entry["params"] = [{params_file: keys}] if params_file else keys
     for out in stage.outs(cfg, paths):
@@ -87,29 +98,31 @@ def _entry(stage: Stage, cfg: BenchmarkConfig, name: str, params_file: str | Non
     return entry
 
 
-def _configs(params: dict[str, Any]) -> list[BenchmarkConfig]:
-    return [load_benchmark(name, params) for name in params]
+def _configs(params: dict[str, Any]) -> list[tuple[BenchmarkConfig, dict[str, Any]]]:
+    """(validated config, its raw block) of every benchmark of a parsed params.yaml."""
+    return [(load_benchmark(name, params), params[name]) for name in params]
 
 
-def root_stages(cfgs: list[BenchmarkConfig], root: Path) -> dict[str, Any]:
+def root_stages(cfgs: list[tuple[BenchmarkConfig, dict]], root: Path) -> dict[str, Any]:
     """The root file's stages: the default benchmark's chain, written out (no foreach)."""
     stages: dict[str, Any] = {}
-    for cfg in cfgs:
+    for cfg, block in cfgs:
         for stage in STAGES:
             if stage.applies(cfg):
-                stages[stage.name] = _entry(stage, cfg, cfg.name, None, None, root)
+                stages[stage.name] = _entry(stage, cfg, block, cfg.name, None, None, root)
     return stages
 
 
-def _groups(stage: Stage, cfgs: list[BenchmarkConfig], root: Path) -> list[tuple[str, dict, dict[str, dict]]]:
+def _groups(stage: Stage, cfgs: list[tuple[BenchmarkConfig, dict]],
+            root: Path) -> list[tuple[str, dict, dict[str, dict]]]:
     """Benchmarks whose entries differ only in their name and external files, grouped:
     [(kind label, template, {benchmark: slot values})], in first-seen order."""
     groups: dict[str, tuple[str, dict, dict[str, dict]]] = {}
-    for cfg in cfgs:
+    for cfg, block in cfgs:
         if not stage.applies(cfg):
             continue
         slots: dict[str, str] = {}
-        template = _entry(stage, cfg, _BM, "params.yaml", slots, root)
+        template = _entry(stage, cfg, block, _BM, "params.yaml", slots, root)
         key = yaml.safe_dump(template, sort_keys=True)
         label = kind(cfg)
         if key not in groups:
@@ -137,7 +150,7 @@ def _fill(template: Any, placeholder: str) -> Any:
     return template
 
 
-def paper_stages(cfgs: list[BenchmarkConfig], root: Path) -> dict[str, Any]:
+def paper_stages(cfgs: list[tuple[BenchmarkConfig, dict]], root: Path) -> dict[str, Any]:
     """The paper file's stages: one foreach group per stage and kind of inputs."""
     stages: dict[str, Any] = {}
     for stage in STAGES:
@@ -156,11 +169,11 @@ def paper_stages(cfgs: list[BenchmarkConfig], root: Path) -> dict[str, Any]:
 def addresses(params: dict[str, Any], root: Path = Path(".")) -> dict[str, dict[str, Address]]:
     """{benchmark: {stage: Address}} for every stage that applies to each benchmark."""
     cfgs = _configs(params)
-    out: dict[str, dict[str, Address]] = {c.name: {} for c in cfgs}
-    for cfg in cfgs:
+    out: dict[str, dict[str, Address]] = {c.name: {} for c, _ in cfgs}
+    for cfg, _ in cfgs:
         if cfg.name in DEFAULT_BENCHMARKS:
             out[cfg.name] = {s.name: Address(ROOT_FILE, s.name) for s in STAGES if s.applies(cfg)}
-    paper = [c for c in cfgs if c.name not in DEFAULT_BENCHMARKS]
+    paper = [c for c in cfgs if c[0].name not in DEFAULT_BENCHMARKS]
     for stage in STAGES:
         groups = _groups(stage, paper, root)
         for name, (_, _, members) in zip(_group_names(stage, groups), groups):
@@ -183,8 +196,8 @@ def render(params: dict[str, Any] | str | Path = "params.yaml", root: Path = Pat
     """{relative path: text} of both generated DVC files."""
     params = params if isinstance(params, dict) else load_params(params)
     cfgs = _configs(params)
-    default = [c for c in cfgs if c.name in DEFAULT_BENCHMARKS]
-    paper = [c for c in cfgs if c.name not in DEFAULT_BENCHMARKS]
+    default = [c for c in cfgs if c[0].name in DEFAULT_BENCHMARKS]
+    paper = [c for c in cfgs if c[0].name not in DEFAULT_BENCHMARKS]
     files = {ROOT_FILE: _dump(_ROOT_HEADER, root_stages(default, root))}
     if paper:
         files[PAPER_FILE] = _dump(_PAPER_HEADER, paper_stages(paper, root))

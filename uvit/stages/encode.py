@@ -36,7 +36,8 @@ def run_encode(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         out = paths.latents / split
         manifest = encode_image_split(paths.data / split, out, vae, batch_size=e.batch_size, flip=False,
                                       shard_size=cfg.data.shard_size, device=device, dtype=e.dtype)
-        report = validate_latent_split(out, LatentSplitExpectations(scale_factor=e.scale_factor,
+        # flip=False: this stage encodes each stored row once (ImageNet stores its mirrors as rows).
+        report = validate_latent_split(out, LatentSplitExpectations(scale_factor=e.scale_factor, flip=False,
                                                                     num_classes=cfg.validate_.num_classes),
                                        source_root=paths.data / split)
         print(f"[{split} latents]\n{report.summary()}")

@@ -26,6 +26,10 @@ from pathlib import Path, PurePosixPath
 from uvit.config import BenchmarkConfig
 from uvit.paths import BenchmarkPaths
 
+# Code every stage runs: the parameter schema (its defaults decide behaviour), the artifact layout,
+# file plumbing and the shard format.
+SHARED_CODE = ("uvit/config.py", "uvit/paths.py", "uvit/fileio.py", "uvit/data/shards.py")
+
 # The benchmarks `dvc repro` (no target) runs: the root dvc.yaml. Every other block goes to paper/dvc.yaml.
 DEFAULT_BENCHMARKS = ("digits",)
 
@@ -59,8 +63,13 @@ class Stage:
     deps: Callable[[BenchmarkConfig, BenchmarkPaths], list[Path]]
     outs: Callable[[BenchmarkConfig, BenchmarkPaths], list[Out]]
     externals: Callable[[BenchmarkConfig], dict[str, str | None]] = field(default=lambda cfg: {})
+    code_if: Callable[[BenchmarkConfig], tuple[str, ...]] = field(default=lambda cfg: ())  # code for some benchmarks
     applies: Callable[[BenchmarkConfig], bool] = field(default=lambda cfg: True)
     retries: int = 0  # for network stages, under orchestrators that retry (Prefect)
+
+    def code_deps(self, cfg: BenchmarkConfig) -> list[str]:
+        """The code this stage runs for `cfg`: its own, what every stage shares, and kind-specific code."""
+        return [*self.code, *self.code_if(cfg), *SHARED_CODE]
 
     def function(self) -> Callable[..., dict]:
         module, _, name = self.run.partition(":")
@@ -233,15 +242,16 @@ STAGES: tuple[Stage, ...] = (
                                  "score.reference_stats": cfg.score.reference_stats} if cfg.train.fid_every else {}),
     Stage("sample", "uvit.stages.evaluate:run_sample",
           "Draw samples from the trained EMA weights in resumable shards (runs/<benchmark>/samples/).",
-          code=("uvit/models", "uvit/diffusion", "uvit/evaluate/sample.py", "uvit/evaluate/sharded.py",
-                "uvit/evaluate/captions.py", "uvit/stages/evaluate.py"),
+          code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/evaluate.py"),
+          code_if=lambda cfg: ("uvit/encoders", "uvit/report/paper.py") if cfg.encode is not None else (),
           params=_sample_params,
           deps=_sample_deps,
           outs=lambda cfg, p: [Out(str(p.samples), persist=True)],
           externals=_decoder_externals),
     Stage("score", "uvit.stages.evaluate:run_score",
           "FID, KID, precision/recall (torch-fidelity), conditional accuracy or CLIP score of the samples.",
-          code=("uvit/evaluate", "uvit/stages/evaluate.py"),
+          code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/evaluate.py"),  # + the ceiling's samples
+          code_if=lambda cfg: ("uvit/encoders",) if kind(cfg) == "text" else (),  # CLIP score
           params=_score_params,
           deps=_score_deps,
           outs=_score_outs,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from uvit.report.paper import PAPER_CAPTIONS  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = [["a cat", "a dog"], ["the dog sat", "cat", "a dog at a cat"], ["dog"], ["cat sat", "at"]]
 FLAT = [c for caps in CAPTIONS for c in caps]
+VAL_IMAGES = np.random.default_rng(2).integers(0, 256, (4, 3, 8, 8), dtype=np.uint8)  # the FID/KID reference
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def t2i_run(tmp_path_factory, clip_dir, random_inception_weights):
     caps = np.full((len(CAPTIONS), 3), "", dtype=f"<U{width}")
     for i, c in enumerate(CAPTIONS):
         caps[i, :len(c)] = c
-    write_split(paths.data / "val", {"images": np.zeros((4, 3, 8, 8), np.uint8),
+    write_split(paths.data / "val", {"images": VAL_IMAGES,
                                      "num_captions": np.array([len(c) for c in CAPTIONS], dtype=np.int64),
                                      "captions": caps}, name="coco", split="val", shard_size=3)
     real = np.random.default_rng(1).integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
@@ -176,10 +178,68 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     metrics = run_score(cfg, paths)
     m, proc = load_clip(clip_dir)
     assert metrics["clip_score"] == pytest.approx(clip_score(images, FLAT[:5], m, proc), rel=1e-6)
-    assert np.isfinite(metrics["fid"]) and metrics["inception_score"] >= 1.0
-    assert metrics["kid"] is not None and metrics["kid_subset_size"] == 3
-    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert metrics["kid_subset_size"] == 3
+    fg, logits = _inception(images, cfg.score.inception_weights)
+    direct = _direct_metrics(fg, logits, _inception(VAL_IMAGES, cfg.score.inception_weights)[0],
+                             metrics["kid_subset_size"])
+    for key, want in direct.items():
+        assert metrics[key] == pytest.approx(want, rel=1e-3, abs=1e-9), key
+    # Against a reference of sample 0 and a white image, four copies each (every k = 3 ball shrinks to
+    # a point), precision and recall are neither 0 nor 1.
+    other = BenchmarkPaths("mscoco256", paths.root / "shared-reference")
+    shutil.copytree(paths.samples, other.samples)
+    shared = np.concatenate([images[[0, 0, 0, 0]], np.full((4, 3, 8, 8), 255, np.uint8)])
+    write_split(other.data / "val", {"images": shared}, name="coco", split="val")
+    again = run_score(cfg, other)
+    direct = _direct_metrics(fg, logits, _inception(shared, cfg.score.inception_weights)[0], again["kid_subset_size"])
+    assert 0 < direct["precision"] < 1 and 0 < direct["recall"] < 1
+    for key, want in direct.items():
+        assert again[key] == pytest.approx(want, rel=1e-3, abs=1e-9), key
     assert json.loads((paths.score / "metrics.json").read_text())["clip_score"] == metrics["clip_score"]
+
+
+def _inception(images: np.ndarray, weights: str) -> tuple[np.ndarray, np.ndarray]:
+    """(2048-d pool features, logits_unbiased) of uint8 images from torch-fidelity's InceptionV3 called directly."""
+    from torch_fidelity import FeatureExtractorInceptionV3
+
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                      feature_extractor_weights_path=weights).eval()
+    with torch.no_grad():
+        return tuple(t.double().numpy() for t in net(torch.from_numpy(images)))
+
+
+def _direct_metrics(fg: np.ndarray, logits: np.ndarray, fr: np.ndarray, kid_subset: int) -> dict:
+    """FID, IS, KID and precision/recall of sample features `fg` (+ their logits) against reference
+    features `fr`, written out in numpy: the Fréchet distance through symmetric eigenvalues; IS over
+    min(10, N) splits (one sample per split here, so exactly 1); KID as the mean/std of the unbiased
+    polynomial-kernel MMD² over 100 subsets drawn with RandomState(2020), the protocol's seed;
+    improved precision/recall with k = 3 nearest-neighbour radii."""
+    sg, sr = np.cov(fg, rowvar=False), np.cov(fr, rowvar=False)
+    w, v = np.linalg.eigh(sg)
+    root = (v * np.sqrt(w.clip(0))) @ v.T
+    fid = ((fg.mean(0) - fr.mean(0)) ** 2).sum() + np.trace(sg) + np.trace(sr) \
+        - 2 * np.sqrt(np.linalg.eigvalsh(root @ sr @ root).clip(0)).sum()
+
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = [np.exp((q * (np.log(q) - np.log(q.mean(0, keepdims=True)))).sum(1).mean())
+              for q in np.array_split(p, min(10, len(p)))]
+
+    def mmd2(a, b):
+        k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3  # noqa: E731
+        m = len(a)
+        kxx, kyy = k(a, a), k(b, b)
+        return (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * k(a, b).sum() / m**2
+
+    rng = np.random.RandomState(2020)
+    kids = [mmd2(fg[rng.choice(len(fg), kid_subset, replace=False)], fr[rng.choice(len(fr), kid_subset, replace=False)])
+            for _ in range(100)]
+
+    d = lambda x, y: np.linalg.norm(x[:, None] - y[None], axis=-1)  # noqa: E731
+    r_real, r_gen = np.sort(d(fr, fr), 1)[:, 3], np.sort(d(fg, fg), 1)[:, 3]
+    return {"fid": fid, "inception_score": np.mean(scores), "inception_score_std": np.std(scores),
+            "kid": np.mean(kids), "kid_std": np.std(kids),
+            "precision": (d(fg, fr) <= r_real[None]).any(1).mean(), "recall": (d(fr, fg) <= r_gen[None]).any(1).mean()}
 
 
 @pytest.mark.slow

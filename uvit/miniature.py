@@ -42,7 +42,7 @@ from PIL import Image
 __all__ = ["PAPER_BENCHMARKS", "merge_params", "write_miniature"]
 
 PAPER_BENCHMARKS = ("cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256")
-MARKER = "MINIATURE.json"  # written last; marks dest as ours, so a re-run may replace what it wrote
+MARKER = "MINIATURE.json"  # marks dest as ours (written first), so a re-run may replace what it wrote
 
 # Sizes of the miniature (rows the data stage writes).
 CIFAR_TRAIN_PER_CLASS, CIFAR_TEST_PER_CLASS = 3, 1  # 30 train, 10 test rows
@@ -407,10 +407,12 @@ def write_miniature(dest: str | Path, benchmarks: Iterable[str] = PAPER_BENCHMAR
     dest = Path(dest).resolve()
     if dest.exists() and any(dest.iterdir()) and not (dest / MARKER).is_file():
         raise FileExistsError(f"{dest} is not empty and was not written by write_miniature; choose another folder")
-    for sub in ("cifar10", "celeba", "imagenet", "imagenet-tar", "coco", "weights", "downloads", MARKER):
-        p = dest / sub
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for sub in ("cifar10", "celeba", "imagenet", "imagenet-tar", "coco", "weights", "downloads"):
+        if (dest / sub).is_dir():
+            shutil.rmtree(dest / sub)
     dest.mkdir(parents=True, exist_ok=True)
+    marker = {"benchmarks": list(benchmarks), "complete": False}  # an interrupted call may be re-run
+    (dest / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     latent = {"imagenet256", "imagenet512", "mscoco256"} & set(benchmarks)
 
     inception = _write_inception(dest)
@@ -474,7 +476,7 @@ def write_miniature(dest: str | Path, benchmarks: Iterable[str] = PAPER_BENCHMAR
             o["sample"] = _sample(8)
             o["score"]["clip_model"] = clip_model
         out[b] = o
-    (dest / MARKER).write_text(json.dumps({"benchmarks": list(benchmarks)}, indent=2) + "\n")
+    (dest / MARKER).write_text(json.dumps({**marker, "complete": True}, indent=2) + "\n")
     return out
 
 

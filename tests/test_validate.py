@@ -133,8 +133,22 @@ def test_validation_failed_carries_summary(tmp_path: Path, train_arrays) -> None
 
 def test_expectations_reject_nonsense() -> None:
     with pytest.raises(ValueError):
-        ImageSplitExpectations(num_classes=0)
+        ImageSplitExpectations(num_classes=-1)
     with pytest.raises(ValueError):
         ImageSplitExpectations(num_classes=10, min_class_share=0.5, max_class_share=0.1)
     with pytest.raises(ValueError):
         ImageSplitExpectations(num_classes=10, min_rows=10, max_rows=5)
+
+
+def test_unlabelled_split_checks_images_only(tmp_path: Path) -> None:
+    """num_classes=0 (CelebA, MS-COCO images): a split without labels validates on its pixels."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8)
+    root = tmp_path / "faces"
+    write_split(root, {"images": images}, name="faces", split="train", shard_size=16)
+    report = validate_image_split(root, ImageSplitExpectations(num_classes=0, min_rows=40))
+    assert report.success, report.summary()
+    names = [o.name for o in report.results]
+    assert not any("label" in n or "class" in n for n in names) and "pixels finite (no NaN/inf)" in names
+    too_few = validate_image_split(root, ImageSplitExpectations(num_classes=0, min_rows=41))
+    assert _failed_names(too_few) == ["row count in [41, inf]"]

@@ -17,6 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def workspace_root(root: Path) -> Path:
+    """`root`, or the workspace a DVC temporary experiment copy under .dvc/tmp/exps/ came from."""
+    resolved = Path(root).resolve()
+    parts = resolved.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return Path(root)
+
+
 @dataclass(frozen=True)
 class BenchmarkPaths:
     benchmark: str
@@ -50,7 +60,10 @@ class BenchmarkPaths:
 
     @property
     def ray_storage(self) -> Path:
-        return self.run / "ray"
+        """Ray Train's checkpoints of every run (git-ignored, not a DVC output). Inside a DVC
+        temporary experiment (`dvc exp run --temp` / `--queue` run in <workspace>/.dvc/tmp/exps/),
+        the workspace's folder, so an experiment continues the workspace's training runs."""
+        return workspace_root(self.root) / "runs" / self.benchmark / "ray"
 
     @property
     def samples(self) -> Path:

@@ -47,6 +47,7 @@ _MAX_EXAMPLES = 5
 class ImageSplitExpectations:
     """What an image-classification split must satisfy.
 
+    ``num_classes=0``: an unlabelled split (CelebA, MS-COCO images); no label is read or checked.
     Labels must lie in ``[0, num_classes - 1]`` and every class must occur; each class's share
     of the rows must lie in ``[min_class_share, max_class_share]``; every pixel must be finite and
     within ``[pixel_min, pixel_max]`` (0..255 for uint8 images); the row count must lie in
@@ -62,8 +63,8 @@ class ImageSplitExpectations:
     max_class_share: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unlabelled), got {self.num_classes}")
         if self.max_rows is not None and self.max_rows < self.min_rows:
             raise ValueError(f"max_rows ({self.max_rows}) < min_rows ({self.min_rows})")
         if self.pixel_max < self.pixel_min:
@@ -168,7 +169,7 @@ def image_split_frames(
     offset = 0
     for k, entry in enumerate(ds.manifest.shards):
         images = np.asarray(ds.shard(image_field, k)).reshape(entry.count, -1)
-        labels = np.asarray(ds.shard(label_field, k))
+        labels = np.asarray(ds.shard(label_field, k)) if num_classes else np.full(entry.count, -1, np.int64)
         if images.dtype.kind == "f":
             finite = np.isfinite(images).all(axis=1)
             # fmin/fmax skip NaN; a NaN/inf is reported by all_finite instead.
@@ -203,15 +204,18 @@ def _row_suite(e: ImageSplitExpectations, manifest: Manifest) -> list:
     import great_expectations.expectations as gxe
 
     upper = "inf" if e.max_rows is None else e.max_rows
+    labels = [
+        (f"labels in [0, {e.num_classes - 1}]",
+         gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0,
+                                           max_value=e.num_classes - 1)),
+        ("labels not null", gxe.ExpectColumnValuesToNotBeNull(column="label")),
+    ] if e.num_classes else []
     return [
         (f"row count = manifest count ({manifest.count})",
          gxe.ExpectTableRowCountToEqual(value=manifest.count)),
         (f"row count in [{e.min_rows}, {upper}]",
          gxe.ExpectTableRowCountToBeBetween(min_value=e.min_rows, max_value=e.max_rows)),
-        (f"labels in [0, {e.num_classes - 1}]",
-         gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0,
-                                           max_value=e.num_classes - 1)),
-        ("labels not null", gxe.ExpectColumnValuesToNotBeNull(column="label")),
+        *labels,
         (f"pixels >= {e.pixel_min:g}",
          gxe.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=e.pixel_min)),
         (f"pixels <= {e.pixel_max:g}",
@@ -320,7 +324,8 @@ def validate_image_split(
     artifact = f"{root} ({manifest.name}/{manifest.split})"
     outcomes = [checksums]
 
-    missing = [f for f in (image_field, label_field) if f not in manifest.fields]
+    needed = (image_field, label_field) if expectations.num_classes else (image_field,)
+    missing = [f for f in needed if f not in manifest.fields]
     if missing:
         outcomes.append(ExpectationOutcome(
             "fields present", False,
@@ -335,8 +340,8 @@ def validate_image_split(
         outcomes.append(ExpectationOutcome("readable", False, str(e)))
         return ValidationReport(artifact, False, outcomes)
 
-    outcomes += _run_suites({
-        "rows": (rows, _row_suite(expectations, manifest), "row"),
-        "classes": (classes, _class_suite(expectations), "class"),
-    })
+    suites = {"rows": (rows, _row_suite(expectations, manifest), "row")}
+    if expectations.num_classes:
+        suites["classes"] = (classes, _class_suite(expectations), "class")
+    outcomes += _run_suites(suites)
     return ValidationReport(artifact, all(o.success for o in outcomes), outcomes)

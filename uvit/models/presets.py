@@ -72,39 +72,3 @@ def get_preset(name: str) -> Preset:
 def preset_config(name: str, **overrides) -> UViTConfig:
     """The preset's config with fields replaced, e.g. preset_config("cifar10_uvit_s2", skip="add")."""
     return dataclasses.replace(get_preset(name).config, **overrides)
-
-
-def count_params(c: UViTConfig) -> int:
-    """Closed-form parameter count (no model is built), for any config."""
-    D, C, p = c.embed_dim, c.in_chans, c.patch_size
-    hidden = int(D * c.mlp_ratio)
-    block = 4 * D + (3 * D * D + (3 * D if c.qkv_bias else 0)) + (D * D + D) + (D * hidden + hidden) + (hidden * D + D)
-    skip = {"concat_linear": 2 * D * D + D, "add_linear_skip": D * D + D, "linear_add": D * D + D}.get(c.skip, 0)
-    n = (c.depth + 1) * block + (c.depth // 2) * skip
-    n += C * p * p * D + D  # patch_embed
-    n += c.num_tokens * D  # pos_embed
-    n += max(c.num_classes, 0) * D
-    n += (c.clip_dim * D + D) if c.clip_dim is not None else 0
-    n += (D * 4 * D + 4 * D + 4 * D * D + D) if c.mlp_time_embed else 0
-    n += 2 * D + D * p * p * C + p * p * C  # norm + decoder_pred
-    n += (9 * C * C + C) if c.conv else 0
-    return n
-
-
-def count_macs(c: UViTConfig) -> int:
-    """Multiply-accumulates of one forward for one image (matmuls and convolutions).
-
-    This is the paper's "GFLOPs" unit: its 133 GFLOPs for U-ViT-H/2 is 133.2 G MACs.
-    Attention's two L x L products are included; elementwise work is not.
-    """
-    D, C, p, L = c.embed_dim, c.in_chans, c.patch_size, c.num_tokens
-    hidden = int(D * c.mlp_ratio)
-    per_block = L * (3 * D * D + D * D + 2 * D * hidden) + 2 * L * L * D
-    skip = {"concat_linear": 2 * D * D, "add_linear_skip": D * D, "linear_add": D * D}.get(c.skip, 0)
-    macs = (c.depth + 1) * per_block + (c.depth // 2) * L * skip
-    macs += c.num_patches * C * p * p * D  # patch_embed
-    macs += c.num_text_tokens * c.clip_dim * D if c.clip_dim is not None else 0
-    macs += 5 * D * D if c.mlp_time_embed else 0
-    macs += L * D * p * p * C  # decoder_pred runs on every token before the condition tokens are dropped
-    macs += c.img_size**2 * 9 * C * C if c.conv else 0
-    return macs

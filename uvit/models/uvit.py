@@ -10,6 +10,10 @@ deep (out) blocks by long skip connections, U-Net style:
 
 Submodule names equal the official implementation's (baofff/U-ViT, libs/uvit.py and
 libs/uvit_t2i.py), so released `nnet.pth` / `nnet_ema.pth` state dicts load strictly.
+
+`UViTConfig` also carries the switches of the paper's design study (long skip, time
+conditioning, extra conv, patch embedding, position embedding); their defaults are the
+official architecture, which builds exactly the official modules and forward.
 Only torch and einops are needed here.
 """
 
@@ -30,6 +34,22 @@ from torch.utils.checkpoint import checkpoint
 
 SkipMode = Literal["concat_linear", "add", "add_linear_skip", "linear_add", "none"]
 SKIP_MODES: tuple[str, ...] = ("concat_linear", "add", "add_linear_skip", "linear_add", "none")
+TimeMode = Literal["token", "adaln"]
+TIME_MODES: tuple[str, ...] = ("token", "adaln")
+ConvPosition = Literal["after_unpatchify", "before_linear", "none"]
+CONV_POSITIONS: tuple[str, ...] = ("after_unpatchify", "before_linear", "none")
+PatchEmbedMode = Literal["linear", "conv_stem"]
+PATCH_EMBEDS: tuple[str, ...] = ("linear", "conv_stem")
+PosEmbedMode = Literal["learned", "sinusoidal_2d", "none"]
+POS_EMBEDS: tuple[str, ...] = ("learned", "sinusoidal_2d", "none")
+# The design-study switches and their values; the first value of each is the official one.
+SWITCHES: dict[str, tuple[str, ...]] = {
+    "skip": SKIP_MODES, "time": TIME_MODES, "conv_position": CONV_POSITIONS,
+    "patch_embed": PATCH_EMBEDS, "pos_embed": POS_EMBEDS,
+}
+# Switches added after the first release: left out of to_dict() at their default, so the
+# config.json of an official-architecture model is the same bytes as before they existed.
+_NEW_SWITCHES = ("conv_position", "time", "patch_embed", "pos_embed")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -42,7 +62,23 @@ class UViTConfig:
     `num_classes > 0` makes the model class-conditional; the official ImageNet-256/512 models
     use K+1 classes, the last being the "null" class for classifier-free guidance.
     `clip_dim` makes it text-conditional on `num_text_tokens` CLIP embeddings (the t2i variant).
-    `skip` selects the paper's long-skip ablation (default: Linear(Concat(h_m, h_s))).
+
+    The design-study switches (defaults = the official architecture):
+      skip           long skip: concat_linear (Linear(Concat(h_m, h_s))) | add | add_linear_skip |
+                     linear_add | none (see `Block`)
+      time           token: the time embedding is a token (and the label too, class models) |
+                     adaln: no time/label token; SiLU(time embedding [+ label embedding]) gives
+                     each LayerNorm a scale and shift (see `Block`)
+      conv           the official flag: False (the Huge models) means no extra 3x3 conv
+      conv_position  after_unpatchify: Conv2d(C, C, 3) on the output image |
+                     before_linear: Conv2d(D, D, 3) on the patch-token grid, between the final
+                     norm and decoder_pred | none. `extra_conv` is the resolved choice
+                     ("none" whenever conv=False).
+      patch_embed    linear: Conv2d(C, D, kernel=stride=p) | conv_stem (see `PatchEmbed`)
+      pos_embed      learned: a 1D parameter over all tokens | sinusoidal_2d: the fixed
+                     MAE/DiT 2D sin-cos table on the patch grid, zeros on condition tokens, a
+                     buffer outside the state dict | none
+    depth, embed_dim and patch_size are the scaling knobs.
     """
 
     img_size: int = 32
@@ -58,7 +94,11 @@ class UViTConfig:
     num_text_tokens: int = 77
     mlp_time_embed: bool = False
     conv: bool = True
+    conv_position: ConvPosition = "after_unpatchify"
     skip: SkipMode = "concat_linear"
+    time: TimeMode = "token"
+    patch_embed: PatchEmbedMode = "linear"
+    pos_embed: PosEmbedMode = "learned"
     use_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -71,8 +111,15 @@ class UViTConfig:
             raise bad("depth", "must be a non-negative even number (depth/2 in-blocks and out-blocks)")
         if self.embed_dim % self.num_heads:
             raise bad("embed_dim", f"must be divisible by num_heads={self.num_heads}")
-        if self.skip not in SKIP_MODES:
-            raise bad("skip", f"must be one of {SKIP_MODES}")
+        for key, values in SWITCHES.items():
+            if getattr(self, key) not in values:
+                raise bad(key, f"must be one of {values}")
+        if not self.conv and self.conv_position == "before_linear":
+            raise bad("conv_position", "conv=False means no extra conv; set conv=True to place it before_linear")
+        if self.patch_embed == "conv_stem" and self.patch_size & (self.patch_size - 1):
+            raise bad("patch_size", "the conv_stem patch embedding halves the image log2(p) times: p must be a power of 2")
+        if self.pos_embed == "sinusoidal_2d" and self.embed_dim % 4:
+            raise bad("embed_dim", "the 2D sin-cos position embedding needs a multiple of 4")
         if self.num_classes > 0 and self.clip_dim is not None:
             raise bad("clip_dim", "a model is class-conditional or text-conditional, not both")
 
@@ -82,17 +129,31 @@ class UViTConfig:
 
     @property
     def extras(self) -> int:
-        """Number of non-patch tokens in front of the patches: time (+ label) (+ text)."""
+        """Number of non-patch tokens in front of the patches: time (+ label) (+ text).
+
+        With time="adaln" time and label condition the norms instead: only text stays a token."""
+        time = 1 if self.time == "token" else 0
         if self.clip_dim is not None:
-            return 1 + self.num_text_tokens
-        return 2 if self.num_classes > 0 else 1
+            return time + self.num_text_tokens
+        return 2 * time if self.num_classes > 0 else time
+
+    @property
+    def extra_conv(self) -> ConvPosition:
+        """Where the extra 3x3 conv runs, `conv` and `conv_position` resolved."""
+        return self.conv_position if self.conv else "none"
 
     @property
     def num_tokens(self) -> int:
         return self.extras + self.num_patches
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a JSON-able dict; switches added later are left out at their default."""
+        d = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in _NEW_SWITCHES:
+            if d[key] == defaults[key]:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> UViTConfig:
@@ -114,15 +175,56 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
-class PatchEmbed(nn.Module):
-    """Image (B, C, H, W) -> patch tokens (B, H/p * W/p, D), row-major over (h, w)."""
+def sincos_2d_pos_embed(grid: int, dim: int) -> Tensor:
+    """The fixed 2D sin-cos position embedding of MAE/DiT for a grid x grid of patches, (grid*grid, dim).
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    Patches are row-major. The first dim/2 channels encode the column, the last dim/2 the row,
+    each as [sin(pos * w_i), cos(pos * w_i)] with w_i = 10000^(-i / (dim/4)), i < dim/4.
+    Computed in float64 and rounded once, so it is the same on every machine.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+
+    def encode(p: Tensor) -> Tensor:
+        args = p.reshape(-1, 1) * omega
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def conv_stem_strides(patch_size: int) -> list[int]:
+    """Strides of the conv_stem's 3x3 convs: log2(p) of stride 2, or one of stride 1 when p = 1."""
+    return [2] * (patch_size.bit_length() - 1) or [1]
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) -> patch tokens (B, H/p * W/p, D), row-major over (h, w).
+
+    linear (official): `proj` = Conv2d(C, D, kernel=stride=p), a linear map of each patch.
+    conv_stem: `stem` = log2(p) x [Conv2d(3x3, stride 2, padding 1, width D) -> SiLU] (one
+    stride-1 3x3 conv when p = 1), then `proj` = Conv2d(D, D, 1): the paper's stack of 3x3
+    convs followed by a 1x1 conv, the 3x3 convs doing the downsampling.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, mode: PatchEmbedMode = "linear"):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        if mode == "linear":
+            self.stem = None
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        else:
+            layers: list[nn.Module] = []
+            for i, stride in enumerate(conv_stem_strides(patch_size)):
+                layers += [nn.Conv2d(in_chans if i == 0 else embed_dim, embed_dim, 3, stride=stride, padding=1),
+                           nn.SiLU()]
+            self.stem = nn.Sequential(*layers)
+            self.proj = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.stem is not None:
+            x = self.stem(x)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -157,6 +259,11 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: normalised tokens h (B, L, D) scaled and shifted per sample ((B, 1, D) each)."""
+    return h * (1 + scale) + shift
+
+
 class Block(nn.Module):
     """Pre-LN transformer block; an out-block first merges its long-skip input.
 
@@ -166,28 +273,33 @@ class Block(nn.Module):
       add_linear_skip h_m + Linear(h_s)
       linear_add      Linear(h_m + h_s)
       none            h_m (no long skip)
+
+    With `adaln` the two LayerNorms lose their affine weights and `modulation` =
+    Linear(D, 4D) maps the condition vector `cond` (B, D) to (shift1, scale1, shift2, scale2):
+    x + Attn(LN(x)(1 + scale1) + shift1), then the same with the MLP (DiT's adaLN, no gates).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
-                 skip: SkipMode | None = None, use_checkpoint: bool = False):
+                 skip: SkipMode | None = None, use_checkpoint: bool = False, adaln: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=not adaln)
         self.attn = Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=not adaln)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.skip_mode = skip
         if skip == "concat_linear":
             self.skip_linear = nn.Linear(2 * dim, dim)
         elif skip in ("add_linear_skip", "linear_add"):
             self.skip_linear = nn.Linear(dim, dim)
+        self.modulation = nn.Linear(dim, 4 * dim) if adaln else None
         self.use_checkpoint = use_checkpoint
 
-    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, skip: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, skip, use_reentrant=False)
-        return self._forward(x, skip)
+            return checkpoint(self._forward, x, skip, cond, use_reentrant=False)
+        return self._forward(x, skip, cond)
 
-    def _forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
+    def _forward(self, x: Tensor, skip: Tensor | None, cond: Tensor | None = None) -> Tensor:
         mode = self.skip_mode
         if mode == "concat_linear":
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
@@ -197,8 +309,12 @@ class Block(nn.Module):
             x = x + self.skip_linear(skip)
         elif mode == "linear_add":
             x = self.skip_linear(x + skip)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        if self.modulation is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, shift2, scale2 = self.modulation(cond).unsqueeze(1).chunk(4, dim=-1)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class UViT(nn.Module):
@@ -213,8 +329,10 @@ class UViT(nn.Module):
     def __init__(self, config: UViTConfig):
         super().__init__()
         self.config = c = config
-        D = c.embed_dim
-        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D)
+        D, adaln = c.embed_dim, c.time == "adaln"
+        # Construction order is the official one: it fixes which random numbers each
+        # default-initialised convolution and embedding draws.
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D, c.patch_embed)
         self.time_embed = (
             nn.Sequential(nn.Linear(D, 4 * D), nn.SiLU(), nn.Linear(4 * D, D)) if c.mlp_time_embed else nn.Identity()
         )
@@ -222,30 +340,44 @@ class UViT(nn.Module):
             self.label_emb = nn.Embedding(c.num_classes, D)
         if c.clip_dim is not None:
             self.context_embed = nn.Linear(c.clip_dim, D)
-        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, D))
+        if c.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, D))
+        elif c.pos_embed == "sinusoidal_2d":
+            # Condition tokens get zeros (MAE's class token); not saved: it is a function of the config.
+            table = torch.zeros(1, c.num_tokens, D)
+            table[0, c.extras:] = sincos_2d_pos_embed(c.img_size // c.patch_size, D)
+            self.register_buffer("pos_embed", table, persistent=False)
 
         def block(skip: SkipMode | None = None) -> Block:
-            return Block(D, c.num_heads, c.mlp_ratio, c.qkv_bias, skip=skip, use_checkpoint=c.use_checkpoint)
+            return Block(D, c.num_heads, c.mlp_ratio, c.qkv_bias, skip=skip, use_checkpoint=c.use_checkpoint,
+                         adaln=adaln)
 
         self.in_blocks = nn.ModuleList([block() for _ in range(c.depth // 2)])
         self.mid_block = block()
         self.out_blocks = nn.ModuleList([block(c.skip) for _ in range(c.depth // 2)])
-        self.norm = nn.LayerNorm(D)
+        self.norm = nn.LayerNorm(D, elementwise_affine=not adaln)
+        if adaln:
+            self.final_modulation = nn.Linear(D, 2 * D)  # (shift, scale) of the final norm
+        if c.extra_conv == "before_linear":
+            self.token_conv = nn.Conv2d(D, D, 3, padding=1)
         self.patch_dim = c.patch_size**2 * c.in_chans
         self.decoder_pred = nn.Linear(D, self.patch_dim)
-        self.final_layer = nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1) if c.conv else nn.Identity()
+        self.final_layer = (nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1) if c.extra_conv == "after_unpatchify"
+                            else nn.Identity())
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The official init: trunc-normal(0.02) for Linear and pos_embed, LayerNorm (1, 0);
-        convolutions and the label embedding keep PyTorch's defaults. Nothing is zeroed."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        convolutions and the label embedding keep PyTorch's defaults. Nothing is zeroed.
+        The adaLN modulations are Linears too, so every norm starts close to a plain LayerNorm."""
+        if self.config.pos_embed == "learned":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -254,30 +386,50 @@ class UViT(nn.Module):
         tokens = self.patch_embed(x)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        time_token = self.time_embed(timestep_embedding(t, c.embed_dim).to(tokens.dtype)).unsqueeze(1)
+        time_emb = self.time_embed(timestep_embedding(t, c.embed_dim).to(tokens.dtype))  # (B, D)
+        text = label = None
         if c.clip_dim is not None:
             if context is None:
                 raise ValueError("this text-to-image U-ViT needs `context` (B, num_text_tokens, clip_dim)")
-            extra = [time_token, self.context_embed(context)]
+            text = self.context_embed(context)
         elif c.num_classes > 0:
             if y is None:
                 raise ValueError("this class-conditional U-ViT needs labels `y` (B,); use the null class "
                                  f"{c.num_classes - 1} for unconditional samples if it was trained with one")
-            extra = [self.label_emb(y).unsqueeze(1), time_token]
-        else:
-            extra = [time_token]
-        x = torch.cat([*extra, tokens], dim=1) + self.pos_embed
+            label = self.label_emb(y)
+
+        cond = None
+        if c.time == "token":  # official order: [label | time | text] + patches
+            extra = [time_emb.unsqueeze(1)]
+            if label is not None:
+                extra.insert(0, label.unsqueeze(1))
+            if text is not None:
+                extra.append(text)
+        else:  # adaln: time (+ label) condition every norm; text stays a sequence of tokens
+            cond = F.silu(time_emb if label is None else time_emb + label)
+            extra = [] if text is None else [text]
+        x = torch.cat([*extra, tokens], dim=1)
+        if c.pos_embed != "none":
+            x = x + self.pos_embed
 
         skips = []
         for blk in self.in_blocks:
-            x = blk(x)
+            x = blk(x, cond=cond)
             skips.append(x)
-        x = self.mid_block(x)
+        x = self.mid_block(x, cond=cond)
         for blk in self.out_blocks:
-            x = blk(x, skips.pop())
+            x = blk(x, skips.pop(), cond=cond)
 
-        x = self.decoder_pred(self.norm(x))[:, c.extras:]
+        x = self.norm(x)
+        if cond is not None:
+            x = modulate(x, *self.final_modulation(cond).unsqueeze(1).chunk(2, dim=-1))
         p, h = c.patch_size, c.img_size // c.patch_size
+        if c.extra_conv == "before_linear":
+            grid = rearrange(x[:, c.extras:], "b (h w) d -> b d h w", h=h)
+            x = self.decoder_pred(rearrange(self.token_conv(grid), "b d h w -> b (h w) d"))
+        else:
+            # The official head runs decoder_pred on every token, then drops the condition tokens.
+            x = self.decoder_pred(x)[:, c.extras:]
         # Channel-last inside each patch: the layout the official decoder_pred weights use.
         x = rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p, p2=p)
         return self.final_layer(x)

@@ -176,7 +176,7 @@ def _stage_task(stage: Stage, retry_delay: float | list[float] | None = None):
                 retry_jitter_factor=0.2 if stage.retries else None)
 
 
-@task(name="push", retries=3, retry_delay_seconds=BACKOFF)
+@task(name="push", task_run_name="push", retries=3, retry_delay_seconds=BACKOFF)
 def push(targets: list[str], root: str) -> bool:
     """The stages' outputs to the workspace's default DVC remote (if any)."""
     if not has_remote(Path(root)):

@@ -106,48 +106,12 @@ def write_tiny_clip_vocab():
 
 
 # -- a copy of the project as its own git + DVC repository ----------------------------------------
-PROJECT_FILES = ("dvc.yaml", "paper", ".dvcignore", "params.yaml", "pyproject.toml", "prefect.yaml", "uvit",
-                 "pipelines")
-
-
 @pytest.fixture(scope="session")
 def make_project():
-    """A function (dest, params_patch) -> dest: the project's pipeline files copied into `dest`,
-    params.yaml with `params_patch` ({benchmark: nested overrides}) merged in, the DVC files
-    regenerated for those parameters (`uvit pipeline write`), and `dest` made a git + DVC
-    repository with everything committed (so it can also be cloned)."""
-    import shutil
-    import subprocess
-    import sys
+    """A function (dest, params_patch) -> dest: `uvit.miniature.make_project` of this checkout."""
     from pathlib import Path
 
-    import yaml
-
-    from uvit.miniature import merge_params
-    from uvit.stages import dvcfile
+    from uvit.miniature import make_project as make
 
     root = Path(__file__).resolve().parents[1]
-    bin_dir = Path(sys.executable).parent
-
-    def git(*args, cwd):
-        subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
-
-    def make(dest: Path, params_patch: dict | None = None) -> Path:
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in PROJECT_FILES:
-            src = root / name
-            if src.is_dir():
-                shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, dest / name)
-        params = merge_params(yaml.safe_load((root / "params.yaml").read_text()), params_patch or {})
-        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        dvcfile.write(dest)
-        (dest / ".gitignore").write_text((root / ".gitignore").read_text())
-        git("init", "-q", "-b", "main", cwd=dest)
-        subprocess.run([str(bin_dir / "dvc"), "init", "-q"], cwd=dest, check=True, capture_output=True)
-        git("add", "-A", cwd=dest)
-        git("-c", "user.name=uvit-test", "-c", "user.email=test@localhost", "commit", "-q", "-m", "project", cwd=dest)
-        return dest
-
-    return make
+    return lambda dest, params_patch=None: make(root, dest, params_patch)

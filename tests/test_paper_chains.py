@@ -10,6 +10,7 @@ that depend on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from uvit.miniature import PAPER_BENCHMARKS, write_miniature
 
@@ -109,9 +111,22 @@ def test_what_reruns_after_which_change(inputs, project):
 
 
 def _set_and_repro(project: Path, benchmark: str, key: tuple[str, str], value) -> str:
-    import yaml
-
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[benchmark][key[0]][key[1]] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dvc(["repro", f"paper/dvc.yaml:publish@{benchmark}"], project)
+
+
+def test_miniature_command_makes_a_ready_project(tmp_path):
+    proc = subprocess.run([str(BIN / "uvit"), "miniature", str(tmp_path / "mini"), "--benchmarks", "cifar10"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    project = tmp_path / "mini" / "project"
+    block = yaml.safe_load((project / "params.yaml").read_text())["cifar10"]
+    archive = Path(block["data"]["root"])
+    assert archive.is_file() and archive.is_relative_to(tmp_path / "mini" / "inputs")
+    assert block["data"]["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    check = subprocess.run([str(BIN / "uvit"), "pipeline", "check"], cwd=project, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert archive.as_posix() in (project / "paper/dvc.yaml").read_text()  # the archive is a DVC dependency
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout == ""

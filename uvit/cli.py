@@ -224,5 +224,40 @@ def pipeline_show(
         typer.echo(f"{stage:<11} {address.target()}")
 
 
+@app.command()
+def miniature(
+    dest: Annotated[Path, typer.Argument(help="An empty folder: gets inputs/ (the miniature data and weights) and "
+                                              "project/ (a copy of this project pointed at them).")],
+    benchmarks: Annotated[str, typer.Option(help="Comma-separated paper benchmarks.")] =
+        "cifar10,celeba64,imagenet64,imagenet256,imagenet512,mscoco256",
+    root: RootOpt = Path("."),
+) -> None:
+    """A miniature of the paper chains, to check a machine or cluster before a multi-day run.
+
+    Writes small inputs in each source's real on-disk format and tiny random-weight stand-ins in
+    the real weight formats to DEST/inputs/, and DEST/project/: a git + DVC copy of this project
+    whose params.yaml points each benchmark at them (every check still runs). Then:
+    cd DEST/project && dvc repro paper/dvc.yaml:publish@cifar10
+    """
+    from uvit.miniature import PAPER_BENCHMARKS, make_project, write_miniature
+
+    names = [b.strip() for b in benchmarks.split(",") if b.strip()]
+    unknown = sorted(set(names) - set(PAPER_BENCHMARKS))
+    if unknown:
+        typer.echo(f"error: no miniature for {', '.join(unknown)}; choose from {', '.join(PAPER_BENCHMARKS)}", err=True)
+        raise typer.Exit(2)
+    if (dest / "project").exists():
+        typer.echo(f"error: {dest / 'project'} exists; choose an empty folder", err=True)
+        raise typer.Exit(2)
+    try:
+        overrides = write_miniature(dest / "inputs", names)
+    except FileExistsError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    project = make_project(root, dest / "project", overrides)
+    typer.echo(f"miniature inputs in {dest / 'inputs'}; project in {project}. Run one chain with:\n"
+               f"  cd {project} && dvc repro paper/dvc.yaml:publish@{names[0]}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

@@ -39,7 +39,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["PAPER_BENCHMARKS", "merge_params", "write_miniature"]
+__all__ = ["PAPER_BENCHMARKS", "PROJECT_FILES", "make_project", "merge_params", "write_miniature"]
+
+# What a copy of the project needs to run its DVC chains: the DVC files and params, the code they
+# depend on (paths in the stage table), and the Prefect files.
+PROJECT_FILES = ("dvc.yaml", "paper", ".dvcignore", ".gitignore", "params.yaml", "pyproject.toml", "prefect.yaml",
+                 "uvit", "pipelines")
 
 PAPER_BENCHMARKS = ("cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256")
 MARKER = "MINIATURE.json"  # marks dest as ours (written first), so a re-run may replace what it wrote
@@ -493,3 +498,38 @@ def merge_params(params: dict[str, Any], overrides: dict[str, dict]) -> dict[str
     for name, o in overrides.items():
         out[name] = merge(out.get(name, {}), o)
     return out
+
+
+def make_project(source: str | Path, dest: str | Path, params_patch: dict[str, dict] | None = None) -> Path:
+    """A copy of the project at `source` in `dest`, ready for `dvc repro`: its pipeline files
+    (PROJECT_FILES), params.yaml with `params_patch` ({benchmark: nested overrides}) merged in, the
+    DVC files regenerated for those parameters, and `dest` a git + DVC repository with everything
+    committed (so `dvc exp run` works and a Prefect pull step can clone it)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from uvit.config import load_params
+    from uvit.stages import dvcfile
+
+    source, dest = Path(source), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    params = merge_params(load_params(source / "params.yaml"), params_patch or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvcfile.write(dest)
+
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+
+    run("git", "init", "-q", "-b", "main")
+    run(str(Path(sys.executable).with_name("dvc")), "init", "-q")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=uvit", "-c", "user.email=uvit@localhost", "commit", "-q", "-m", "uvit project")
+    return dest

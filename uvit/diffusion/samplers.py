@@ -11,6 +11,12 @@ depend on how a set of seeds is split into batches.
   ("DPM-Solver") or data prediction (`predict_x0=True`, "DPM-Solver++").
 - `dpm_solver_pp`: the official discrete-time config (data prediction, time-uniform grid).
 - `dpm_solver_pp_2m`: multistep second-order DPM-Solver++ (not used by the paper; handy for CFG).
+- `dpm_solver_pp_3m`: multistep third-order DPM-Solver++ (for few steps).
+- `unipc` (`unipc_bh1`, `unipc_bh2` in LOW_NFE_SAMPLERS): UniPC, the multistep predictor-corrector of
+  Zhao et al. 2023 (data prediction, order 1-3, the corrector reusing the next step's model call).
+
+Grids: every sampler takes `skip_type` ("logSNR", "time_uniform", "time_quadratic"); the ODE
+samplers also take `denoise_final` (one more network call: return the x0 prediction at t_end).
 """
 
 from __future__ import annotations
@@ -29,13 +35,19 @@ __all__ = [
     "wrap_model",
     "PerSampleNoise",
     "get_time_steps",
+    "multistep_orders",
     "singlestep_orders",
     "singlestep_time_points",
     "euler_maruyama",
     "dpm_solver",
     "dpm_solver_pp",
     "dpm_solver_pp_2m",
+    "dpm_solver_pp_3m",
+    "unipc",
+    "SKIP_TYPES",
     "SAMPLERS",
+    "LOW_NFE_SAMPLERS",
+    "ALL_SAMPLERS",
     "sample",
     "count_nfe",
 ]
@@ -83,6 +95,9 @@ def _f64(fn: Callable[[Tensor], Tensor], t: float) -> float:
 def _time_vec(t: float, x: Tensor) -> Tensor:
     """The (B,) time tensor handed to noise_fn; at least float32 so e.g. bf16 x keeps t exact-ish."""
     return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+
+
+SKIP_TYPES: tuple[str, ...] = ("logSNR", "time_uniform", "time_quadratic")
 
 
 def get_time_steps(schedule: NoiseSchedule, skip_type: str, t_T: float, t_0: float, n: int) -> Tensor:
@@ -218,6 +233,26 @@ class _ExpIntegrator:
         phi1 = math.expm1(hh)
         return a * x - (m * phi1) * m_0 - (0.5 * m * phi1) * d1
 
+    def multistep_third(self, x: Tensor, hist: Sequence[tuple[float, Tensor]], t: float) -> Tensor:
+        """Multistep DPM-Solver++-3 (data form) from hist[-1] = (t_0, x0_0) to t, using
+        hist[-2], hist[-3]: divided differences in lambda estimate x0' and x0'' at t_0."""
+        (t_m2, m_m2), (t_m1, m_m1), (t_0, m_0) = hist[-3:]
+        lam_m2, lam_m1, lam_0 = self.lam(t_m2), self.lam(t_m1), self.lam(t_0)
+        h, h_0, h_1 = self.lam(t) - lam_0, lam_0 - lam_m1, lam_m1 - lam_m2
+        r0, r1 = h_0 / h, h_1 / h
+        d1_0, d1_1 = (m_0 - m_m1) * (1.0 / r0), (m_m1 - m_m2) * (1.0 / r1)
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) * (1.0 / (r0 + r1))
+        a, m, _ = self._coef(t_0, t, h)
+        phi1 = math.expm1(-h)  # e^{-h} - 1
+        return a * x - (m * phi1) * m_0 + (m * (phi1 / h + 1.0)) * d1 - (m * ((phi1 + h) / h**2 - 0.5)) * d2
+
+    def denoise(self, x: Tensor, t: float) -> Tensor:
+        """The final denoising step: x0_hat = (x - sigma_t eps_hat) / alpha_t (one call)."""
+        self.nfe += 1
+        eps = self.noise_fn(x, _time_vec(t, x))
+        return (x - _f64(self.schedule.sigma, t) * eps) / _f64(self.schedule.alpha, t)
+
 
 # ----------------------------------------------------------------------------- samplers
 
@@ -230,13 +265,17 @@ def euler_maruyama(
     steps: int = 1000,
     noise: PerSampleNoise | None = None,
     t_end: float = 1e-3,
+    skip_type: str = "time_uniform",
+    denoise_final: bool = False,
 ) -> Tensor:
     """Reverse-SDE Euler-Maruyama of U-ViT's sde.py (steps NFE), ending at t = 0.
 
-    Grid {0} U linspace(t_end, 1, steps), walked downward. From t to s < t:
+    Grid {0} U linspace(t_end, 1, steps), walked downward (other skip_types: the same `steps`
+    points from 1 to t_end spaced by `get_time_steps`). From t to s < t:
         x <- x + [f - g^2 score](s - t) + g sqrt(t - s) z,  f = -beta x / 2, g^2 = beta,
     score = -eps / sigma_t; no noise on the last step (s = 0). z comes from `noise`, so each
-    sample's path depends only on its own seed.
+    sample's path depends only on its own seed. denoise_final replaces that last Euler step
+    (t_end -> 0) by the x0 prediction at t_end, so the NFE stays `steps`.
     """
     if noise is None:
         raise ValueError("euler_maruyama needs `noise` (a PerSampleNoise) for its Brownian increments")
@@ -244,11 +283,18 @@ def euler_maruyama(
         raise TypeError(f"euler_maruyama needs a continuous VP SDE with beta(t), got {schedule!r}")
     if len(noise) != x_T.shape[0]:
         raise ValueError(f"noise has {len(noise)} generators for a batch of {x_T.shape[0]}")
-    grid = [0.0] + torch.linspace(t_end, schedule.t_max, steps, dtype=torch.float64).tolist()
+    if skip_type == "time_uniform":  # the official grid, bit for bit
+        grid = [0.0] + torch.linspace(t_end, schedule.t_max, steps, dtype=torch.float64).tolist()
+    elif steps < 2:
+        raise ValueError(f"skip_type {skip_type!r} needs steps >= 2 (1 to t_end, then 0)")
+    else:
+        grid = [0.0] + get_time_steps(schedule, skip_type, schedule.t_max, t_end, steps - 1).flip(0).tolist()
     x = x_T
     for i in range(steps, 0, -1):
         t, s = grid[i], grid[i - 1]
         eps = noise_fn(x, _time_vec(t, x))
+        if s == 0 and denoise_final:
+            return (x - _f64(schedule.sigma, t) * eps) / _f64(schedule.alpha, t)
         beta, sigma, dt = _f64(schedule.beta, t), _f64(schedule.sigma, t), t - s
         # (f - g^2 score)(s - t) = dt * (beta x / 2 - beta eps / sigma)
         x = x + (0.5 * beta * dt) * x - (beta * dt / sigma) * eps
@@ -267,8 +313,10 @@ def dpm_solver(
     skip_type: str = "logSNR",
     predict_x0: bool = False,
     t_end: float | None = None,
+    denoise_final: bool = False,
 ) -> Tensor:
-    """Singlestep DPM-Solver-fast from schedule.t_max to t_end (steps NFE, no final denoising).
+    """Singlestep DPM-Solver-fast from schedule.t_max to t_end (steps NFE, no final denoising
+    unless denoise_final: then one more call returns the x0 prediction at t_end).
 
     predict_x0=False is DPM-Solver (official continuous config: order 3, logSNR, t_end=1e-4);
     predict_x0=True is DPM-Solver++ without thresholding (see dpm_solver_pp).
@@ -291,7 +339,7 @@ def dpm_solver(
             x = solver.second(x, s, t, r1=r[0])
         else:
             x = solver.third(x, s, t, r1=r[0], r2=r[1])
-    return x
+    return solver.denoise(x, outer[-1]) if denoise_final else x
 
 
 def dpm_solver_pp(
@@ -302,10 +350,12 @@ def dpm_solver_pp(
     order: int = 3,
     skip_type: str = "time_uniform",
     t_end: float | None = None,
+    denoise_final: bool = False,
 ) -> Tensor:
     """Singlestep DPM-Solver++ (data prediction), the official discrete-time config:
     50 NFE on linspace(1, 1e-3, 51), orders [3]*16 + [2]."""
-    return dpm_solver(noise_fn, schedule, x_T, steps, order, skip_type, predict_x0=True, t_end=t_end)
+    return dpm_solver(noise_fn, schedule, x_T, steps, order, skip_type, predict_x0=True, t_end=t_end,
+                      denoise_final=denoise_final)
 
 
 @torch.no_grad()
@@ -317,8 +367,9 @@ def dpm_solver_pp_2m(
     skip_type: str = "logSNR",
     t_end: float | None = None,
     lower_order_final: bool = True,
+    denoise_final: bool = False,
 ) -> Tensor:
-    """Multistep DPM-Solver++(2M), data prediction, steps NFE.
+    """Multistep DPM-Solver++(2M), data prediction, steps NFE (+1 with denoise_final).
 
     The first step is first order (no history yet); with lower_order_final and steps < 10 the
     last one is too, as in the reference implementation (it stabilises very few steps).
@@ -337,7 +388,151 @@ def dpm_solver_pp_2m(
             x = solver.multistep_second(x, prev, last, t)
         if i < steps:  # the final model value is never needed
             prev, last = last, (t, solver.model(x, t))
-    return x
+    return solver.denoise(x, ts[-1]) if denoise_final else x
+
+
+def multistep_orders(steps: int, order: int, lower_order_final: bool, final_below: int | None) -> list[int]:
+    """Order of each of the `steps` steps of a multistep solver: warm-up 1, 2, ... (no history
+    yet), then `order`; with lower_order_final the last steps count down to 1 (for every step
+    count when final_below is None, else only when steps < final_below)."""
+    out = []
+    for i in range(1, steps + 1):
+        k = min(order, i)
+        if lower_order_final and (final_below is None or steps < final_below):
+            k = min(k, steps + 1 - i)
+        out.append(k)
+    return out
+
+
+@torch.no_grad()
+def dpm_solver_pp_3m(
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int = 20,
+    skip_type: str = "logSNR",
+    t_end: float | None = None,
+    lower_order_final: bool = True,
+    denoise_final: bool = False,
+) -> Tensor:
+    """Multistep DPM-Solver++(3M), data prediction, steps NFE (+1 with denoise_final).
+
+    Step orders 1, 2, 3, 3, ...; with lower_order_final and steps < 10 the last two steps are
+    orders 2 and 1, as in the reference implementation. The third-order update is the
+    reference's (and diffusers'), whose D2 is h^2 x0''/2 where its coefficient wants h^2 x0'',
+    so the local error stays O(h^3): against an exact ODE it converges at order 2, with a
+    smaller constant than 2M.
+    """
+    t_end = schedule.default_t_end if t_end is None else t_end
+    ts = get_time_steps(schedule, skip_type, schedule.t_max, t_end, steps).tolist()
+    solver = _ExpIntegrator(noise_fn, schedule, predict_x0=True)
+    x = x_T
+    hist = [(ts[0], solver.model(x, ts[0]))]  # (time, x0_hat), newest last
+    for i, k in enumerate(multistep_orders(steps, 3, lower_order_final, final_below=10), start=1):
+        t = ts[i]
+        if k == 1:
+            x = solver.first(x, hist[-1][0], t, m_s=hist[-1][1])
+        elif k == 2:
+            x = solver.multistep_second(x, hist[-2], hist[-1], t)
+        else:
+            x = solver.multistep_third(x, hist, t)
+        if i < steps:
+            hist = hist[-2:] + [(t, solver.model(x, t))]
+    return solver.denoise(x, ts[-1]) if denoise_final else x
+
+
+def _unipc_coefficients(h: float, rks: Sequence[float], variant: str) -> tuple[float, Tensor]:
+    """UniPC's B(h) and the right-hand side b of R rho = b for p = len(rks) points (data form,
+    hh = -h); rks are the history's lambda offsets over h, the last one 1 (the target point)."""
+    hh = -h
+    if variant == "bh1":
+        b_h = hh
+    elif variant == "bh2":
+        b_h = math.expm1(hh)
+    else:
+        raise ValueError(f"unknown UniPC variant {variant!r}; valid: 'bh1', 'bh2'")
+    h_phi_k = math.expm1(hh) / hh - 1.0  # h phi_{k+1}(h) recursion, k! factors folded in
+    factorial, b = 1, []
+    for i in range(1, len(rks) + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    return b_h, torch.tensor(b, dtype=torch.float64)
+
+
+def _unipc_rhos(rks: Sequence[float], b: Tensor) -> list[float]:
+    """rho solving R rho = b, R[i, j] = rks[j] ** i (the reference hard-codes 0.5 for one unknown)."""
+    if len(rks) == 1:
+        return [0.5]
+    r = torch.tensor(rks, dtype=torch.float64)
+    vander = torch.stack([r**i for i in range(len(rks))])
+    return torch.linalg.solve(vander, b).tolist()
+
+
+@torch.no_grad()
+def unipc(
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int = 20,
+    order: int = 2,
+    variant: str = "bh2",
+    skip_type: str = "logSNR",
+    t_end: float | None = None,
+    lower_order_final: bool = True,
+    denoise_final: bool = False,
+) -> Tensor:
+    """UniPC multistep (data prediction): predictor UniP-p and corrector UniC, steps NFE (+1
+    with denoise_final).
+
+    Step orders as `multistep_orders(steps, order, lower_order_final, None)` (the reference
+    lowers the final orders at any step count). After each step but the last, the model call
+    at the predicted point serves the corrector, which refines the point (order p + 1), and is
+    kept as history: the corrector costs no extra NFE. variant "bh1" (B(h) = h, for unconditional
+    sampling) or "bh2" (B(h) = e^h - 1, for guided sampling).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+    t_end = schedule.default_t_end if t_end is None else t_end
+    ts = get_time_steps(schedule, skip_type, schedule.t_max, t_end, steps).tolist()
+    solver = _ExpIntegrator(noise_fn, schedule, predict_x0=True)
+    sc = schedule
+    x = x_T
+    hist = [(ts[0], solver.model(x, ts[0]))]  # (time, x0_hat), newest last
+    for i, p in enumerate(multistep_orders(steps, order, lower_order_final, None), start=1):
+        t = ts[i]
+        t_0, m_0 = hist[-1]
+        lam_0 = solver.lam(t_0)
+        h = solver.lam(t) - lam_0
+        older = hist[-p:-1][::-1]  # hist[-2], hist[-3], ... (p - 1 of them)
+        rks = [(solver.lam(t_k) - lam_0) / h for t_k, _ in older] + [1.0]
+        d1s = [(m_k - m_0) * (1.0 / r) for (_, m_k), r in zip(older, rks)]
+        b_h, b = _unipc_coefficients(h, rks, variant)
+        alpha_t = _f64(sc.alpha, t)
+        # DDIM part (first order) of both the predictor and the corrector
+        x_ddim = (_f64(sc.sigma, t) / _f64(sc.sigma, t_0)) * x - (alpha_t * math.expm1(-h)) * m_0
+        x_pred = x_ddim
+        if p >= 2:  # the predictor solves the system without the (unknown) target point
+            rhos_p = _unipc_rhos(rks[:-1], b[:-1])
+            x_pred = x_ddim - (alpha_t * b_h) * sum(r * d for r, d in zip(rhos_p, d1s))
+        if i == steps:  # no model call at the end, so no corrector
+            x = x_pred
+            break
+        m_t = solver.model(x_pred, t)
+        rhos_c = _unipc_rhos(rks, b)
+        corr = sum((r * d for r, d in zip(rhos_c[:-1], d1s)), torch.zeros_like(x)) + rhos_c[-1] * (m_t - m_0)
+        x = x_ddim - (alpha_t * b_h) * corr
+        hist = hist[-(order - 1):] + [(t, m_t)] if order > 1 else [(t, m_t)]
+    return solver.denoise(x, ts[-1]) if denoise_final else x
+
+
+def _unipc_variant(variant: str) -> Callable[..., Tensor]:
+    def run(noise_fn: NoiseFn, schedule: NoiseSchedule, x_T: Tensor, steps: int = 20, **kwargs) -> Tensor:
+        return unipc(noise_fn, schedule, x_T, steps, variant=variant, **kwargs)
+
+    run.__name__ = f"unipc_{variant}"
+    run.__doc__ = f"UniPC with variant {variant!r} (see `unipc`)."
+    return run
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -346,6 +541,13 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_solver_pp": dpm_solver_pp,
     "dpm_solver_pp_2m": dpm_solver_pp_2m,
 }
+# Samplers for few steps (not in the paper's protocols); `sample` and `count_nfe` take both sets.
+LOW_NFE_SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "dpm_solver_pp_3m": dpm_solver_pp_3m,
+    "unipc_bh1": _unipc_variant("bh1"),
+    "unipc_bh2": _unipc_variant("bh2"),
+}
+ALL_SAMPLERS: dict[str, Callable[..., Tensor]] = {**SAMPLERS, **LOW_NFE_SAMPLERS}
 
 
 def sample(
@@ -357,18 +559,20 @@ def sample(
     noise: PerSampleNoise | None = None,
     **kwargs,
 ) -> Tensor:
-    """Dispatch to SAMPLERS[name]; `noise` is used only by the stochastic euler_maruyama."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid choices: {sorted(SAMPLERS)}")
+    """Dispatch to ALL_SAMPLERS[name]; `noise` is used only by the stochastic euler_maruyama."""
+    if name not in ALL_SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {sorted(ALL_SAMPLERS)}")
     if name == "euler_maruyama":
         kwargs["noise"] = noise
-    return SAMPLERS[name](noise_fn, schedule, x_T, steps=steps, **kwargs)
+    return ALL_SAMPLERS[name](noise_fn, schedule, x_T, steps=steps, **kwargs)
 
 
-def count_nfe(name: str, steps: int, order: int = 3) -> int:
-    """Network evaluations of `sample(name, ..., steps)` (before CFG doubling of the batch)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid choices: {sorted(SAMPLERS)}")
-    if name in ("dpm_solver", "dpm_solver_pp"):
-        return sum(singlestep_orders(steps, order))
-    return steps
+def count_nfe(name: str, steps: int, order: int = 3, denoise_final: bool = False, **sampler_kwargs) -> int:
+    """Network evaluations of `sample(name, ..., steps, order=order, denoise_final=...,
+    **sampler_kwargs)` (before CFG doubling of the batch). `order` matters only to the singlestep
+    solvers; the multistep ones and UniPC (its corrector reuses the next step's call) cost `steps`;
+    denoise_final adds one call, except for euler_maruyama where it replaces the last step."""
+    if name not in ALL_SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {sorted(ALL_SAMPLERS)}")
+    nfe = sum(singlestep_orders(steps, order)) if name in ("dpm_solver", "dpm_solver_pp") else steps
+    return nfe + int(bool(denoise_final) and name != "euler_maruyama")

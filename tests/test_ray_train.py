@@ -128,9 +128,17 @@ def test_raising_steps_continues_a_previous_run(ray_session, digits_data, tmp_pa
 
     summary = run_training(tiny_config(1), BenchmarkPaths("digits", run_root))  # resumes by default
     assert summary["steps"] == 12
-    # Asking again for 12 steps finds the step-12 checkpoint and exports it without training.
+    # Asking again for 12 steps finds the step-12 checkpoint and exports it without training: no new
+    # Ray run or checkpoint appears, the export comes from the run above, and the logged steps and
+    # weights are those of the first 12.
+    ray_dir = run_root / "runs/digits/ray"
+    before = sorted(p.relative_to(ray_dir) for p in ray_dir.glob("*/*/checkpoint_*/state.json"))
+    exported = {f: (first["dir"] / f).read_bytes() for f in ("metrics.csv", "model/model.safetensors",
+                                                              "ema/model.safetensors")}
     again = run_training(tiny_config(1), BenchmarkPaths("digits", run_root))
-    assert again["steps"] == 12 and again["wall_time_s"] == 0.0
+    assert sorted(p.relative_to(ray_dir) for p in ray_dir.glob("*/*/checkpoint_*/state.json")) == before
+    assert again["steps"] == 12 and again["ray_run"] == summary["ray_run"]
+    assert {f: (first["dir"] / f).read_bytes() for f in exported} == exported
     # Other parameters never resume from these checkpoints: their trajectory differs.
     from uvit.train.trainer import train_fingerprint
 

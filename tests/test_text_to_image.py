@@ -183,7 +183,7 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     direct = _direct_metrics(fg, logits, _inception(VAL_IMAGES, cfg.score.inception_weights)[0],
                              metrics["kid_subset_size"])
     for key, want in direct.items():
-        assert metrics[key] == pytest.approx(want, rel=1e-3, abs=1e-9), key
+        assert metrics[key] == _close(key, want), key
     # Against a reference of sample 0 and a white image, four copies each (every k = 3 ball shrinks to
     # a point), precision and recall are neither 0 nor 1.
     other = BenchmarkPaths("mscoco256", paths.root / "shared-reference")
@@ -194,8 +194,14 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     direct = _direct_metrics(fg, logits, _inception(shared, cfg.score.inception_weights)[0], again["kid_subset_size"])
     assert 0 < direct["precision"] < 1 and 0 < direct["recall"] < 1
     for key, want in direct.items():
-        assert again[key] == pytest.approx(want, rel=1e-3, abs=1e-9), key
+        assert again[key] == _close(key, want), key
     assert json.loads((paths.score / "metrics.json").read_text())["clip_score"] == metrics["clip_score"]
+
+
+def _close(key: str, want: float):
+    """IS is exact here (1 per one-sample split; a random Inception puts one split over all samples
+    only ~1e-4 above it); the feature metrics differ from the direct float64 ones by float32 rounding."""
+    return pytest.approx(want, abs=1e-9) if key.startswith("inception_score") else pytest.approx(want, rel=1e-4)
 
 
 def _inception(images: np.ndarray, weights: str) -> tuple[np.ndarray, np.ndarray]:

@@ -39,27 +39,28 @@ OFFICIAL = {
                    "sample.sampler": "dpm_solver", "sample.steps": 50, "sample.guidance_scale": 0.0,
                    "sample.num_samples": 50_000},
     # imagenet256_uvit_huge: discrete schedule, DPM-Solver++ 50 NFE, CFG 0.4; flips baked into the
-    # stored features (no training-time flip), autoencoder_kl.pth features at scale 0.18215.
+    # stored features (no training-time flip), autoencoder_kl.pth features at scale 0.18215, decoded
+    # with autoencoder_kl_ema.pth (the huge configs' decoder).
     "imagenet256": {"model.preset": "imagenet256_uvit_h2", "diffusion.schedule": "discrete", "diffusion.p_uncond": 0.1,
                     "train.batch_size": 1024, "train.steps": 500_000, "train.lr": 2e-4, "train.betas": (0.99, 0.99),
                     "train.warmup_steps": 5000, "train.random_flip": False,
                     "sample.sampler": "dpm_solver_pp", "sample.steps": 50, "sample.guidance_scale": 0.4,
                     "sample.num_samples": 50_000, "encode.scale_factor": 0.18215,
-                    "encode.vae": "models/autoencoder_kl.pth"},
+                    "encode.vae": "models/autoencoder_kl.pth", "sample.vae": "models/autoencoder_kl_ema.pth"},
     # imagenet512_uvit_huge: as imagenet256, CFG 0.7.
     "imagenet512": {"model.preset": "imagenet512_uvit_h4", "diffusion.schedule": "discrete", "diffusion.p_uncond": 0.1,
                     "train.batch_size": 1024, "train.steps": 500_000, "train.lr": 2e-4, "train.betas": (0.99, 0.99),
                     "train.warmup_steps": 5000, "train.random_flip": False,
                     "sample.sampler": "dpm_solver_pp", "sample.steps": 50, "sample.guidance_scale": 0.7,
                     "sample.num_samples": 50_000, "encode.scale_factor": 0.18215,
-                    "encode.vae": "models/autoencoder_kl.pth"},
+                    "encode.vae": "models/autoencoder_kl.pth", "sample.vae": "models/autoencoder_kl_ema.pth"},
     # mscoco_uvit_small: betas (0.9, 0.9), 1M steps, CFG 1.0, 30k samples, scale 0.23010, no flip.
     "mscoco256": {"model.preset": "mscoco256_uvit_s2", "diffusion.schedule": "discrete", "diffusion.p_uncond": 0.1,
                   "train.batch_size": 256, "train.steps": 1_000_000, "train.lr": 2e-4, "train.betas": (0.9, 0.9),
                   "train.warmup_steps": 5000, "train.random_flip": False,
                   "sample.sampler": "dpm_solver_pp", "sample.steps": 50, "sample.guidance_scale": 1.0,
                   "sample.num_samples": 30_000, "encode.scale_factor": 0.2301,
-                  "encode.vae": "models/autoencoder_kl.pth",
+                  "encode.vae": "models/autoencoder_kl.pth", "sample.vae": None,
                   "encode.text_encoder": "openai/clip-vit-large-patch14"},
 }
 

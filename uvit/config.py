@@ -132,6 +132,9 @@ class SampleConfig(_Section):
     # Text-to-image: which validation captions (uvit.evaluate.captions): "first" N caption rows, or
     # "one_per_image" (the first caption of each of the first N images).
     captions: Literal["first", "one_per_image"] = "first"
+    # Latent benchmarks: the VAE that decodes samples; None = encode.vae. The official H/2 and H/4
+    # ImageNet configs decode with autoencoder_kl_ema.pth and extract features with autoencoder_kl.pth.
+    vae: str | None = None
 
 
 class ScoreConfig(_Section):
@@ -196,6 +199,14 @@ class BenchmarkConfig(_Section):
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def decoder_vae(self) -> tuple[str, str]:
+        """(the VAE that decodes samples, the params key naming it): sample.vae, else encode.vae."""
+        if self.encode is None:
+            raise ConfigError(f"{self.name}: a pixel benchmark has no VAE")
+        if self.sample.vae:
+            return self.sample.vae, f"{self.name}.sample.vae"
+        return self.encode.vae, f"{self.name}.encode.vae"
 
     def uvit_config(self):
         """The model's UViTConfig: the preset with this benchmark's overrides applied."""

@@ -473,7 +473,7 @@ def write_miniature(dest: str | Path, benchmarks: Iterable[str] = PAPER_BENCHMAR
             o["encode"] = {"vae": vae, "batch_size": 8}
             # flips are stored for the latent benchmarks: 2 rows per image
             o["validate"] = {"num_classes": len(IMAGENET_CLASSES), "min_rows": 2 * imagenet_train}
-            o["sample"] = _sample(8)
+            o["sample"] = {**_sample(8), "vae": vae}  # the H configs decode with a second (EMA) VAE file
         elif b == "mscoco256":
             o["data"] = {"root": str(made["coco"])}
             o["encode"] = {"vae": vae, "text_encoder": text_encoder, "batch_size": 8}

@@ -37,7 +37,7 @@ def decoder_spec(cfg: BenchmarkConfig) -> dict | None:
     """The VAE that turns latent samples into images (latent benchmarks), as sharded sampling takes it."""
     if cfg.encode is None:
         return None
-    return {"vae": cfg.encode.vae, "scale_factor": cfg.encode.scale_factor, "batch_size": 50}
+    return {"vae": cfg.decoder_vae()[0], "scale_factor": cfg.encode.scale_factor, "batch_size": 50}
 
 
 def caption_set(cfg: BenchmarkConfig, paths: BenchmarkPaths, num_samples: int):
@@ -75,8 +75,8 @@ def draw_samples(cfg: BenchmarkConfig, model, num_samples: int | None = None, pr
     if cfg.encode is not None:  # latent benchmarks: decode with the VAE, in chunks of 50 as the official code
         from uvit.encoders.vae import decode, load_vae
 
-        vae = load_vae(cfg.encode.vae, scale_factor=cfg.encode.scale_factor, device=device_for(cfg),
-                       params_key=f"{cfg.name}.encode.vae")
+        path, key = cfg.decoder_vae()
+        vae = load_vae(path, scale_factor=cfg.encode.scale_factor, device=device_for(cfg), params_key=key)
         x = decode(vae, x.to(device_for(cfg)), batch_size=50).cpu()
     return to_uint8(x), None if labels is None else labels.numpy()
 

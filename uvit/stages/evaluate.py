@@ -55,7 +55,8 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     if cfg.encode is not None:  # fail before sampling, not after, when the VAE is not there
         from uvit.encoders.vae import load_vae
 
-        load_vae(cfg.encode.vae, scale_factor=cfg.encode.scale_factor, params_key=f"{cfg.name}.encode.vae")
+        path, key = cfg.decoder_vae()
+        load_vae(path, scale_factor=cfg.encode.scale_factor, params_key=key)
     result = sample_to_shards(
         weights, out / "shards", schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
         num_samples=s.num_samples, shard_size=s.shard_size, seed=s.seed, guidance_scale=s.guidance_scale,

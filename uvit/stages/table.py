@@ -156,7 +156,8 @@ def _sample_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
 def _decoder_externals(cfg: BenchmarkConfig) -> dict[str, str | None]:
     if cfg.encode is None:
         return {}
-    return {"encode.vae": cfg.encode.vae, "encode.text_encoder": cfg.encode.text_encoder}
+    vae, key = cfg.decoder_vae()
+    return {key.split(".", 1)[1]: vae, "encode.text_encoder": cfg.encode.text_encoder}
 
 
 def _score_params(cfg: BenchmarkConfig) -> list[str]:

@@ -80,7 +80,7 @@ class TensorBoard:
 def sample_grid(cfg, ema_model: torch.nn.Module, path: Path, rows: int = 4) -> Path:
     """A small grid of EMA samples with the benchmark's sampler and guidance: one column per
     class (up to 10), `rows` rows, fixed seeds (so grids of successive steps are comparable).
-    Latent benchmarks are decoded with the VAE (`encode.vae`). Written as a PNG to `path`."""
+    Latent benchmarks are decoded with the VAE (`sample.vae`, else `encode.vae`). Written as a PNG to `path`."""
     from uvit.evaluate.draw import draw_samples
     from uvit.evaluate.sample import save_grid
 

@@ -56,11 +56,11 @@ def numel(model: UViT) -> int:
 CONDITIONING = {"uncond": {}, "class": dict(num_classes=5), "text": dict(clip_dim=16, num_text_tokens=3)}
 SINGLE = [(key, value) for key, values in SWITCHES.items() for value in values[1:]]
 COMBOS = [
-    dict(time="adaln", conv_position="before_linear", patch_embed="conv_stem", pos_embed="sinusoidal_2d"),
-    dict(time="adaln", skip="none", conv=False, pos_embed="none"),
-    dict(patch_embed="conv_stem", conv_position="before_linear", skip="add_linear_skip", qkv_bias=True),
-    dict(img_size=16, patch_size=4, in_chans=1, patch_embed="conv_stem", time="adaln", mlp_time_embed=True),
-    dict(patch_size=1, patch_embed="conv_stem", pos_embed="sinusoidal_2d", depth=2),
+    dict(time="adaln", conv_position="before_linear", patch_embedding="conv_stem", position_embedding="sinusoidal_2d"),
+    dict(time="adaln", skip="none", conv=False, position_embedding="none"),
+    dict(patch_embedding="conv_stem", conv_position="before_linear", skip="add_linear_skip", qkv_bias=True),
+    dict(img_size=16, patch_size=4, in_chans=1, patch_embedding="conv_stem", time="adaln", mlp_time_embed=True),
+    dict(patch_size=1, patch_embedding="conv_stem", position_embedding="sinusoidal_2d", depth=2),
 ]
 CASES = [tiny(**CONDITIONING[k], **{key: value}) for k in CONDITIONING for key, value in SINGLE]
 CASES += [tiny(**CONDITIONING[k], **combo) for k in CONDITIONING for combo in COMBOS]
@@ -115,8 +115,8 @@ def official_forward(model: UViT, x, t, y=None, context=None):
 @pytest.mark.parametrize("kind", sorted(CONDITIONING))
 def test_defaults_are_the_official_forward_bit_for_bit(kind: str) -> None:
     c = tiny(**CONDITIONING[kind])
-    explicit = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embed="linear",
-                                   pos_embed="learned", skip="concat_linear")
+    explicit = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embedding="linear",
+                                   position_embedding="learned", skip="concat_linear")
     assert explicit == c and c.extra_conv == "after_unpatchify"
     model = build(c)
     x, t, kw = inputs(c)
@@ -130,7 +130,7 @@ def test_default_config_json_has_only_the_original_keys() -> None:
                 "num_classes", "clip_dim", "num_text_tokens", "mlp_time_embed", "conv", "skip", "use_checkpoint"]
     assert list(tiny().to_dict()) == original
     assert list(tiny(conv=False, skip="none").to_dict()) == original
-    assert tiny(time="adaln", pos_embed="none").to_dict() == {**tiny().to_dict(), "time": "adaln", "pos_embed": "none"}
+    assert tiny(time="adaln", position_embedding="none").to_dict() == {**tiny().to_dict(), "time": "adaln", "position_embedding": "none"}
 
 
 def test_an_old_config_json_loads_as_the_official_architecture(tmp_path) -> None:
@@ -139,7 +139,7 @@ def test_an_old_config_json_loads_as_the_official_architecture(tmp_path) -> None
            "mlp_ratio": 4.0, "qkv_bias": False, "num_classes": 11, "clip_dim": None, "num_text_tokens": 77,
            "mlp_time_embed": False, "conv": False, "skip": "concat_linear", "use_checkpoint": False}
     c = UViTConfig.from_dict(old)
-    assert (c.time, c.extra_conv, c.patch_embed, c.pos_embed) == ("token", "none", "linear", "learned")
+    assert (c.time, c.extra_conv, c.patch_embedding, c.position_embedding) == ("token", "none", "linear", "learned")
     assert c.to_dict() == old
     model = build(c)
     model.save_pretrained(tmp_path / "m")
@@ -250,7 +250,7 @@ def test_conv_none_and_conv_false_are_the_same_model() -> None:
 @pytest.mark.parametrize("p, strides", [(1, [1]), (2, [2]), (4, [2, 2])])
 def test_conv_stem_layers(p: int, strides: list[int]) -> None:
     """conv_stem = [3x3 conv (stride 2, padding 1) -> SiLU] x log2(p), then a 1x1 conv to D."""
-    c = tiny(img_size=8, patch_size=p, patch_embed="conv_stem")
+    c = tiny(img_size=8, patch_size=p, patch_embedding="conv_stem")
     pe = build(c).patch_embed
     convs = [m for m in pe.stem if isinstance(m, torch.nn.Conv2d)]
     assert [m.stride[0] for m in convs] == strides and all(m.kernel_size == (3, 3) for m in convs)
@@ -267,7 +267,7 @@ def test_conv_stem_layers(p: int, strides: list[int]) -> None:
 
 
 def mae_2d_sincos(dim: int, grid: int) -> np.ndarray:
-    """MAE's get_2d_sincos_pos_embed (facebookresearch/mae, util/pos_embed.py), restated in numpy."""
+    """MAE's 2D sin-cos position embedding (its get_2d_sincos_pos_embed), restated in numpy."""
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
@@ -280,7 +280,7 @@ def mae_2d_sincos(dim: int, grid: int) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", sorted(CONDITIONING))
 def test_sinusoidal_2d_is_the_fixed_mae_table_and_not_saved(kind: str) -> None:
-    c = tiny(pos_embed="sinusoidal_2d", img_size=12, **CONDITIONING[kind])
+    c = tiny(position_embedding="sinusoidal_2d", img_size=12, **CONDITIONING[kind])
     model = build(c)
     table = model.pos_embed
     assert not isinstance(table, torch.nn.Parameter) and "pos_embed" not in model.state_dict()
@@ -289,7 +289,7 @@ def test_sinusoidal_2d_is_the_fixed_mae_table_and_not_saved(kind: str) -> None:
     torch.testing.assert_close(table[0, c.extras:], want, atol=1e-6, rtol=0)
     assert torch.equal(table, build(c, seed=1).pos_embed)  # independent of the seed
     # The forward adds exactly this table: a learned model holding it gives the same output.
-    learned = build(dataclasses.replace(c, pos_embed="learned"))
+    learned = build(dataclasses.replace(c, position_embedding="learned"))
     learned.load_state_dict({**model.state_dict(), "pos_embed": table.clone()})
     x, t, kw = inputs(c)
     with torch.no_grad():
@@ -297,10 +297,10 @@ def test_sinusoidal_2d_is_the_fixed_mae_table_and_not_saved(kind: str) -> None:
 
 
 def test_no_position_embedding_equals_a_zero_learned_one() -> None:
-    c = tiny(pos_embed="none", num_classes=5)
+    c = tiny(position_embedding="none", num_classes=5)
     model = build(c)
     assert not hasattr(model, "pos_embed") or model.pos_embed is None
-    learned = build(dataclasses.replace(c, pos_embed="learned"))
+    learned = build(dataclasses.replace(c, position_embedding="learned"))
     learned.load_state_dict({**model.state_dict(), "pos_embed": torch.zeros(1, c.num_tokens, D)})
     x, t, kw = inputs(c)
     with torch.no_grad():
@@ -312,18 +312,18 @@ def expected_param_delta(c: UViTConfig) -> int:
     """Parameters a config has beyond the same config with every new switch at its default,
     written from each switch's definition (independently of count_params)."""
     Dm, C, p = c.embed_dim, c.in_chans, c.patch_size
-    base = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embed="linear",
-                               pos_embed="learned", conv=True)
+    base = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embedding="linear",
+                               position_embedding="learned", conv=True)
     delta = 0
     if c.time == "adaln":
         blocks = c.depth + 1
         delta += blocks * (4 * Dm * Dm + 4 * Dm) - blocks * 4 * Dm  # modulation in, norm affines out
         delta += (2 * Dm * Dm + 2 * Dm) - 2 * Dm  # final norm
-    tokens = c.num_tokens if c.pos_embed == "learned" else 0
+    tokens = c.num_tokens if c.position_embedding == "learned" else 0
     delta += tokens * Dm - base.num_tokens * Dm
     delta += {"after_unpatchify": 0, "before_linear": 9 * Dm * Dm + Dm - (9 * C * C + C),
               "none": -(9 * C * C + C)}[c.extra_conv]
-    if c.patch_embed == "conv_stem":
+    if c.patch_embedding == "conv_stem":
         k = max(1, int(math.log2(p)))
         stem = (9 * C * Dm + Dm) + (k - 1) * (9 * Dm * Dm + Dm) + (Dm * Dm + Dm)
         delta += stem - (C * p * p * Dm + Dm)
@@ -333,8 +333,8 @@ def expected_param_delta(c: UViTConfig) -> int:
 @pytest.mark.parametrize("c", CASES, ids=case_id)
 def test_param_count_is_exact_for_every_switch(c: UViTConfig) -> None:
     model = build(c)
-    base = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embed="linear",
-                               pos_embed="learned", conv=True)
+    base = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embedding="linear",
+                               position_embedding="learned", conv=True)
     assert count_params(c) == numel(model)
     assert numel(model) - numel(build(base)) == expected_param_delta(c)
 
@@ -365,8 +365,8 @@ def test_mac_deltas_of_the_switches() -> None:
     assert count_macs(dataclasses.replace(c, conv_position="before_linear")) - base == (
         N * 9 * D * D - c.img_size**2 * 9 * C * C - (L - N) * D * 12)
     assert base - count_macs(dataclasses.replace(c, conv=False)) == c.img_size**2 * 9 * C * C
-    assert count_macs(dataclasses.replace(c, pos_embed="sinusoidal_2d")) == base
-    assert count_macs(dataclasses.replace(c, patch_embed="conv_stem")) - base == (
+    assert count_macs(dataclasses.replace(c, position_embedding="sinusoidal_2d")) == base
+    assert count_macs(dataclasses.replace(c, patch_embedding="conv_stem")) - base == (
         N * 9 * C * D + N * D * D - N * C * 4 * D)
 
 
@@ -381,7 +381,7 @@ def test_save_pretrained_round_trips_every_switch(c: UViTConfig, tmp_path) -> No
     assert loaded.config == c
     saved = load_file(str(tmp_path / "m" / "model.safetensors"))
     assert saved.keys() == model.state_dict().keys()
-    assert ("pos_embed" in saved) == (c.pos_embed == "learned")
+    assert ("pos_embed" in saved) == (c.position_embedding == "learned")
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     x, t, kw = inputs(c)
@@ -405,8 +405,19 @@ def test_switch_state_dict_keys() -> None:
     assert keys(conv_position="before_linear") == official - final | {"token_conv.weight", "token_conv.bias"}
     assert keys(conv_position="none") == keys(conv=False) == official - final
     stem = {"patch_embed.stem.0.weight", "patch_embed.stem.0.bias"}
-    assert keys(patch_embed="conv_stem") == official | stem  # proj stays, now the 1x1 conv
-    assert keys(pos_embed="sinusoidal_2d") == keys(pos_embed="none") == official - {"pos_embed"}
+    assert keys(patch_embedding="conv_stem") == official | stem  # proj stays, now the 1x1 conv
+    assert keys(position_embedding="sinusoidal_2d") == keys(position_embedding="none") == official - {"pos_embed"}
+
+
+def test_no_config_field_is_named_like_a_submodule_or_weight() -> None:
+    """The diffusers wrapper exposes config fields as model attributes, which would shadow these."""
+    fields = {f.name for f in dataclasses.fields(UViTConfig)}
+    for c in (tiny(), tiny(num_classes=3, **COMBOS[0]), tiny(clip_dim=8, **COMBOS[2])):
+        model = build(c)
+        top = {n.split(".")[0] for n, _ in model.named_parameters()} | {n for n, _ in model.named_children()}
+        top |= {n.split(".")[0] for n, _ in model.named_buffers()}
+        assert "patch_embed" in top and "pos_embed" in top
+        assert not fields & top
 
 
 def test_switch_validation_names_the_key() -> None:
@@ -416,6 +427,6 @@ def test_switch_validation_names_the_key() -> None:
     with pytest.raises(ValueError, match="conv_position.*conv=False"):
         tiny(conv=False, conv_position="before_linear")
     with pytest.raises(ValueError, match="patch_size.*power of 2"):
-        tiny(img_size=9, patch_size=3, patch_embed="conv_stem")
+        tiny(img_size=9, patch_size=3, patch_embedding="conv_stem")
     with pytest.raises(ValueError, match="embed_dim.*multiple of 4"):
-        tiny(embed_dim=30, num_heads=3, pos_embed="sinusoidal_2d")
+        tiny(embed_dim=30, num_heads=3, position_embedding="sinusoidal_2d")

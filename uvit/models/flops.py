@@ -14,7 +14,7 @@ _SKIP_PARAMS = {"concat_linear": (2, 1), "add_linear_skip": (1, 1), "linear_add"
 
 def _patch_embed_params(c: UViTConfig) -> int:
     D, C, p = c.embed_dim, c.in_chans, c.patch_size
-    if c.patch_embed == "linear":
+    if c.patch_embedding == "linear":
         return C * p * p * D + D
     n_convs = len(conv_stem_strides(p))
     return (9 * C * D + D) + (n_convs - 1) * (9 * D * D + D) + (D * D + D)  # 3x3 convs, then the 1x1
@@ -22,7 +22,7 @@ def _patch_embed_params(c: UViTConfig) -> int:
 
 def _patch_embed_macs(c: UViTConfig) -> int:
     D, C, p = c.embed_dim, c.in_chans, c.patch_size
-    if c.patch_embed == "linear":
+    if c.patch_embedding == "linear":
         return c.num_patches * C * p * p * D
     macs, side, cin = 0, c.img_size, C
     for stride in conv_stem_strides(p):
@@ -55,7 +55,7 @@ def count_params(c: UViTConfig) -> int:
     w, b = _SKIP_PARAMS.get(c.skip, (0, 0))
     n = (c.depth + 1) * block + (c.depth // 2) * (w * D * D + b * D)
     n += _patch_embed_params(c)
-    n += c.num_tokens * D if c.pos_embed == "learned" else 0
+    n += c.num_tokens * D if c.position_embedding == "learned" else 0
     n += max(c.num_classes, 0) * D
     n += (c.clip_dim * D + D) if c.clip_dim is not None else 0
     n += (D * 4 * D + 4 * D + 4 * D * D + D) if c.mlp_time_embed else 0

@@ -45,11 +45,13 @@ POS_EMBEDS: tuple[str, ...] = ("learned", "sinusoidal_2d", "none")
 # The design-study switches and their values; the first value of each is the official one.
 SWITCHES: dict[str, tuple[str, ...]] = {
     "skip": SKIP_MODES, "time": TIME_MODES, "conv_position": CONV_POSITIONS,
-    "patch_embed": PATCH_EMBEDS, "pos_embed": POS_EMBEDS,
+    "patch_embedding": PATCH_EMBEDS, "position_embedding": POS_EMBEDS,
 }
 # Switches added after the first release: left out of to_dict() at their default, so the
 # config.json of an official-architecture model is the same bytes as before they existed.
-_NEW_SWITCHES = ("conv_position", "time", "patch_embed", "pos_embed")
+# No field shares a name with a submodule or parameter (`patch_embed`, `pos_embed`): the
+# diffusers wrapper exposes config fields as attributes of the model.
+_NEW_SWITCHES = ("conv_position", "time", "patch_embedding", "position_embedding")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -64,20 +66,20 @@ class UViTConfig:
     `clip_dim` makes it text-conditional on `num_text_tokens` CLIP embeddings (the t2i variant).
 
     The design-study switches (defaults = the official architecture):
-      skip           long skip: concat_linear (Linear(Concat(h_m, h_s))) | add | add_linear_skip |
-                     linear_add | none (see `Block`)
-      time           token: the time embedding is a token (and the label too, class models) |
-                     adaln: no time/label token; SiLU(time embedding [+ label embedding]) gives
-                     each LayerNorm a scale and shift (see `Block`)
-      conv           the official flag: False (the Huge models) means no extra 3x3 conv
-      conv_position  after_unpatchify: Conv2d(C, C, 3) on the output image |
-                     before_linear: Conv2d(D, D, 3) on the patch-token grid, between the final
-                     norm and decoder_pred | none. `extra_conv` is the resolved choice
-                     ("none" whenever conv=False).
-      patch_embed    linear: Conv2d(C, D, kernel=stride=p) | conv_stem (see `PatchEmbed`)
-      pos_embed      learned: a 1D parameter over all tokens | sinusoidal_2d: the fixed
-                     MAE/DiT 2D sin-cos table on the patch grid, zeros on condition tokens, a
-                     buffer outside the state dict | none
+      skip                long skip: concat_linear (Linear(Concat(h_m, h_s))) | add |
+                          add_linear_skip | linear_add | none (see `Block`)
+      time                token: the time embedding is a token (and the label too, class
+                          models) | adaln: no time/label token; SiLU(time embedding [+ label
+                          embedding]) gives each LayerNorm a scale and shift (see `Block`)
+      conv                the official flag: False (the Huge models) means no extra 3x3 conv
+      conv_position       after_unpatchify: Conv2d(C, C, 3) on the output image |
+                          before_linear: Conv2d(D, D, 3) on the patch-token grid, between the
+                          final norm and decoder_pred | none. `extra_conv` is the resolved
+                          choice ("none" whenever conv=False).
+      patch_embedding     linear: Conv2d(C, D, kernel=stride=p) | conv_stem (see `PatchEmbed`)
+      position_embedding  learned: a 1D parameter over all tokens | sinusoidal_2d: the fixed
+                          MAE/DiT 2D sin-cos table on the patch grid, zeros on condition
+                          tokens, a buffer outside the state dict | none
     depth, embed_dim and patch_size are the scaling knobs.
     """
 
@@ -97,8 +99,8 @@ class UViTConfig:
     conv_position: ConvPosition = "after_unpatchify"
     skip: SkipMode = "concat_linear"
     time: TimeMode = "token"
-    patch_embed: PatchEmbedMode = "linear"
-    pos_embed: PosEmbedMode = "learned"
+    patch_embedding: PatchEmbedMode = "linear"
+    position_embedding: PosEmbedMode = "learned"
     use_checkpoint: bool = False
 
     def __post_init__(self) -> None:
@@ -116,9 +118,9 @@ class UViTConfig:
                 raise bad(key, f"must be one of {values}")
         if not self.conv and self.conv_position == "before_linear":
             raise bad("conv_position", "conv=False means no extra conv; set conv=True to place it before_linear")
-        if self.patch_embed == "conv_stem" and self.patch_size & (self.patch_size - 1):
+        if self.patch_embedding == "conv_stem" and self.patch_size & (self.patch_size - 1):
             raise bad("patch_size", "the conv_stem patch embedding halves the image log2(p) times: p must be a power of 2")
-        if self.pos_embed == "sinusoidal_2d" and self.embed_dim % 4:
+        if self.position_embedding == "sinusoidal_2d" and self.embed_dim % 4:
             raise bad("embed_dim", "the 2D sin-cos position embedding needs a multiple of 4")
         if self.num_classes > 0 and self.clip_dim is not None:
             raise bad("clip_dim", "a model is class-conditional or text-conditional, not both")
@@ -329,10 +331,13 @@ class UViT(nn.Module):
     def __init__(self, config: UViTConfig):
         super().__init__()
         self.config = c = config
+        # The forward reads the UViTConfig itself: a subclass may present `config` in another
+        # form (the diffusers wrapper's is a dict of the fields it registers).
+        self._arch = config
         D, adaln = c.embed_dim, c.time == "adaln"
         # Construction order is the official one: it fixes which random numbers each
         # default-initialised convolution and embedding draws.
-        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D, c.patch_embed)
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D, c.patch_embedding)
         self.time_embed = (
             nn.Sequential(nn.Linear(D, 4 * D), nn.SiLU(), nn.Linear(4 * D, D)) if c.mlp_time_embed else nn.Identity()
         )
@@ -340,9 +345,9 @@ class UViT(nn.Module):
             self.label_emb = nn.Embedding(c.num_classes, D)
         if c.clip_dim is not None:
             self.context_embed = nn.Linear(c.clip_dim, D)
-        if c.pos_embed == "learned":
+        if c.position_embedding == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, D))
-        elif c.pos_embed == "sinusoidal_2d":
+        elif c.position_embedding == "sinusoidal_2d":
             # Condition tokens get zeros (MAE's class token); not saved: it is a function of the config.
             table = torch.zeros(1, c.num_tokens, D)
             table[0, c.extras:] = sincos_2d_pos_embed(c.img_size // c.patch_size, D)
@@ -370,7 +375,7 @@ class UViT(nn.Module):
         """The official init: trunc-normal(0.02) for Linear and pos_embed, LayerNorm (1, 0);
         convolutions and the label embedding keep PyTorch's defaults. Nothing is zeroed.
         The adaLN modulations are Linears too, so every norm starts close to a plain LayerNorm."""
-        if self.config.pos_embed == "learned":
+        if self._arch.position_embedding == "learned":
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -382,7 +387,7 @@ class UViT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None) -> Tensor:
-        c = self.config
+        c = self._arch
         tokens = self.patch_embed(x)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -409,7 +414,7 @@ class UViT(nn.Module):
             cond = F.silu(time_emb if label is None else time_emb + label)
             extra = [] if text is None else [text]
         x = torch.cat([*extra, tokens], dim=1)
-        if c.pos_embed != "none":
+        if c.position_embedding != "none":
             x = x + self.pos_embed
 
         skips = []

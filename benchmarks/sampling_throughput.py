@@ -19,6 +19,14 @@ guidance: only no_cfg is run for them.
     python benchmarks/sampling_throughput.py --presets digits_uvit_tiny,mscoco256_uvit_s2 \
         --samplers dpm_solver_pp,dpm_solver_pp_2m --steps 10 --batch-size 4 --device cpu --threads 1
 
+With --nfe-sweep, each preset instead samples once per (sampler, NFE) with the paper's guidance
+(cfg_batched for a conditional preset, else no_cfg), and each images/s is a ratio against the
+preset's paper protocol (PAPER_PROTOCOL: Euler-Maruyama x1000 for CIFAR-10 / CelebA, DPM-Solver x50
+for the other pixel models, DPM-Solver++ x50 for the latent ones) measured in the same run:
+
+    python benchmarks/sampling_throughput.py --nfe-sweep --presets imagenet256_uvit_h2 \
+        --samplers dpm_solver_pp_2m,dpm_solver_pp_3m,unipc_bh2 --nfe 8,12,25,50 --device cuda
+
 Imports only torch, uvit.models, uvit.diffusion and the standard library.
 """
 
@@ -36,17 +44,28 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from uvit.diffusion import SAMPLERS, classifier_free_guidance, count_nfe, make_schedule, sample, wrap_model
+from uvit.diffusion import (ALL_SAMPLERS, PerSampleNoise, classifier_free_guidance, count_nfe, make_schedule,
+                            sample, wrap_model)
 from uvit.models import PRESETS, UViT, UViTConfig, get_preset
 
 BASELINE = "no_cfg"
 VARIANTS = ("no_cfg", "cfg_batched", "cfg_two_pass")
 NoiseModel = Callable[[Tensor, Tensor], Tensor]
+# The official evaluation sampler and steps per benchmark (pixel models not listed: DPM-Solver x50).
+PAPER_PROTOCOL: dict[str, tuple[str, int]] = {"cifar10": ("euler_maruyama", 1000),
+                                              "celeba64": ("euler_maruyama", 1000)}
 
 
 def schedule_for(preset: str) -> str:
     """The diffusion schedule a preset is trained with: discrete for latent models, VP SDE for pixels."""
     return "discrete" if get_preset(preset).config.in_chans == 4 else "vpsde"
+
+
+def paper_protocol(preset: str) -> tuple[str, int]:
+    """(sampler, steps) of the paper's evaluation of a preset's benchmark."""
+    if get_preset(preset).benchmark in PAPER_PROTOCOL:
+        return PAPER_PROTOCOL[get_preset(preset).benchmark]
+    return ("dpm_solver_pp", 50) if schedule_for(preset) == "discrete" else ("dpm_solver", 50)
 
 
 def conditions(config: UViTConfig, batch_size: int, device: torch.device | str,
@@ -104,8 +123,10 @@ def time_sampling(model: UViT, *, variant: str, sampler: str, steps: int, batch_
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     def run() -> Tensor:
+        # Euler-Maruyama draws its increments per sample on CPU, as the sampling stage does
+        noise = PerSampleNoise(range(seed, seed + batch_size), device) if sampler == "euler_maruyama" else None
         with autocast:
-            return sample(sampler, wrap_model(net, sched), sched, x_T, steps)
+            return sample(sampler, wrap_model(net, sched), sched, x_T, steps, noise=noise)
 
     for _ in range(warmup):
         run()
@@ -167,6 +188,65 @@ def run_preset(preset: str, samplers: list[str], args: argparse.Namespace, devic
     return rows
 
 
+def sweep_variant(config: UViTConfig, scale: float) -> str:
+    """The paper's guidance for a sweep: one batched CFG forward when there is a condition."""
+    return "cfg_batched" if conditions(config, 1, "cpu") is not None and scale > 0 else BASELINE
+
+
+def run_nfe_sweep(preset: str, samplers: list[str], nfes: list[int], args: argparse.Namespace,
+                  device: torch.device) -> list[dict]:
+    """The paper protocol first, then every sampler at every NFE (steps = NFE: no final denoising);
+    ratio_vs_paper = images/s over the protocol's images/s from this same run."""
+    model = build_model(preset, device, args.seed)
+    schedule = schedule_for(preset)
+    variant = sweep_variant(model.config, args.guidance_scale)
+    protocol = tuple(args.protocol.split(":")) if args.protocol else paper_protocol(preset)
+    jobs = [("paper", protocol[0], int(protocol[1]))]
+    jobs += [("sweep", s, n) for s in samplers for n in nfes
+             if not (s == "euler_maruyama" and schedule == "discrete")]  # SDE: continuous models only
+    rows, base = [], None
+    for role, sampler, steps in jobs:
+        row = {"preset": preset, "schedule": schedule, "dtype": args.dtype, "role": role}
+        try:
+            row.update(time_sampling(model, variant=variant, sampler=sampler, steps=steps, batch_size=args.batch_size,
+                                     scale=args.guidance_scale, schedule=schedule, device=device, dtype=args.dtype,
+                                     iters=args.iters, warmup=args.warmup, seed=args.seed))
+            row["error"] = None
+        except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory: report, go on
+            row.update({"variant": variant, "sampler": sampler, "steps": steps, "nfe": None, "images_per_s": None,
+                        "error": str(e)[:200]})
+        ips = row.get("images_per_s")
+        if role == "paper":
+            base = ips
+        row["ratio_vs_paper"] = ips / base if ips and base else None
+        rows.append(row)
+        print(f"  {preset} {sampler} x{steps} {variant}: "
+              + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"), file=sys.stderr)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_sweep_table(rows: list[dict]) -> str:
+    head = f"{'preset':<24} {'sampler':<17} {'NFE':>5} {'variant':<12} {'s/batch':>9} {'img/s':>9} " \
+           f"{'x paper':>8} {'paper NFE/NFE':>13}"
+    lines = [head, "-" * len(head)]
+    paper_nfe = None
+    for r in rows:
+        name = r["sampler"] + (" (paper)" if r["role"] == "paper" else "")
+        if r.get("error"):
+            lines.append(f"{r['preset']:<24} {name:<17} {r['steps']:>5} {r['variant']:<12} error: {r['error']}")
+            continue
+        if r["role"] == "paper":
+            paper_nfe = r["nfe"]
+        ratio = r["ratio_vs_paper"]
+        ideal = f"{paper_nfe / r['nfe']:>12.2f}x" if paper_nfe else f"{'':>13}"
+        lines.append(f"{r['preset']:<24} {name:<17} {r['nfe']:>5} {r['variant']:<12} {r['batch_s_median']:>9.3f} "
+                     f"{r['images_per_s']:>9.3g} " + (f"{ratio:>7.2f}x" if ratio else f"{'-':>8}") + f" {ideal}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'preset':<24} {'sampler':<17} {'NFE':>4} {'variant':<13} {'fwd batch':>9} {'s/batch':>9} " \
            f"{'img/s':>9} {'x no_cfg':>9}"
@@ -185,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--presets", default="imagenet256_uvit_h2", help="comma-separated preset names")
-    p.add_argument("--samplers", default="dpm_solver_pp", help=f"comma-separated, from {sorted(SAMPLERS)}")
+    p.add_argument("--samplers", default="dpm_solver_pp", help=f"comma-separated, from {sorted(ALL_SAMPLERS)}")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (DPM-Solver: NFE 50 at 50 steps)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (CFG doubles the forward batch)")
     p.add_argument("--guidance-scale", type=float, default=0.4, help="s in (1+s)·eps_c − s·eps_u")
@@ -196,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all results as JSON here")
+    p.add_argument("--nfe-sweep", action="store_true",
+                   help="images/s of each sampler at each --nfe, as ratios against the paper protocol")
+    p.add_argument("--nfe", default="8,12,25,50", help="--nfe-sweep: comma-separated NFEs (= steps)")
+    p.add_argument("--protocol", default=None, metavar="SAMPLER:STEPS",
+                   help="--nfe-sweep: the baseline instead of the preset's paper protocol (e.g. for a quick CPU run)")
     return p
 
 
@@ -212,18 +297,38 @@ def main(argv: list[str] | None = None) -> dict:
     for name in presets:
         if name not in PRESETS:
             raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
-    for name in samplers:
-        if name not in SAMPLERS:
-            raise SystemExit(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLERS))}")
-    rows = [r for preset in presets for r in run_preset(preset, samplers, args, device)]
+    protocol_sampler = []
+    if args.protocol:
+        name, _, steps = args.protocol.partition(":")
+        if not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"--protocol must be SAMPLER:STEPS, got {args.protocol!r}")
+        protocol_sampler = [name]
+    for name in samplers + protocol_sampler:
+        if name not in ALL_SAMPLERS:
+            raise SystemExit(f"unknown sampler {name!r}; choose from {', '.join(sorted(ALL_SAMPLERS))}")
+    nfes = [int(n) for n in args.nfe.split(",") if n.strip()]
+    if args.nfe_sweep:
+        if not nfes or min(nfes) < 1:
+            raise SystemExit(f"--nfe must list positive integers, got {args.nfe!r}")
+        rows = [r for preset in presets for r in run_nfe_sweep(preset, samplers, nfes, args, device)]
+    else:
+        rows = [r for preset in presets for r in run_preset(preset, samplers, args, device)]
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "steps": args.steps, "guidance_scale": args.guidance_scale, "dtype": args.dtype, "iters": args.iters,
             "warmup": args.warmup, "argv": sys.argv[1:] if argv is None else argv}
+    if args.nfe_sweep:
+        meta.update(mode="nfe_sweep", nfe=nfes, protocol={p: list(paper_protocol(p)) for p in presets}
+                    if not args.protocol else args.protocol)
     result = {"meta": meta, "results": rows}
-    print(f"sampling throughput on {meta['device']} ({meta['threads']} threads), batch {args.batch_size}, "
-          f"{args.steps} steps, guidance {args.guidance_scale}, {args.dtype}")
-    print(format_table(rows))
+    if args.nfe_sweep:
+        print(f"sampling throughput vs NFE on {meta['device']} ({meta['threads']} threads), batch {args.batch_size}, "
+              f"guidance {args.guidance_scale}, {args.dtype}")
+        print(format_sweep_table(rows))
+    else:
+        print(f"sampling throughput on {meta['device']} ({meta['threads']} threads), batch {args.batch_size}, "
+              f"{args.steps} steps, guidance {args.guidance_scale}, {args.dtype}")
+        print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

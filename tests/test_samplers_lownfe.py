@@ -7,6 +7,7 @@ the closed-form probability-flow ODE of Gaussian data (observed convergence orde
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -387,3 +388,59 @@ def test_euler_maruyama_default_grid_is_the_official_one():
     euler_maruyama(rec_a, v, x_T, steps=20, noise=PerSampleNoise(range(8)))
     euler_maruyama(rec_b, v, x_T, steps=20, noise=PerSampleNoise(range(8)), skip_type="time_uniform")
     assert rec_a.ts == rec_b.ts == torch.linspace(1e-3, 1.0, 20, dtype=F64).flip(0).tolist()
+
+
+# ----------------------------------------------------------------------------- --nfe-sweep benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling_throughput.py"
+    spec = importlib.util.spec_from_file_location("sampling_throughput_sweep", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_paper_protocols(bench):
+    from uvit.models import get_preset
+
+    assert bench.paper_protocol("cifar10_uvit_s2") == bench.paper_protocol("celeba64_uvit_s4") == ("euler_maruyama", 1000)
+    assert bench.paper_protocol("imagenet64_uvit_l4") == bench.paper_protocol("digits_uvit_tiny") == ("dpm_solver", 50)
+    for p in ("imagenet256_uvit_h2", "imagenet512_uvit_l4", "mscoco256_uvit_s2"):
+        assert bench.paper_protocol(p) == ("dpm_solver_pp", 50)
+    assert bench.sweep_variant(get_preset("cifar10_uvit_s2").config, 0.4) == "no_cfg"  # unconditional
+    assert bench.sweep_variant(get_preset("imagenet256_uvit_h2").config, 0.4) == "cfg_batched"
+    assert bench.sweep_variant(get_preset("imagenet256_uvit_h2").config, 0.0) == "no_cfg"
+
+
+def test_nfe_sweep_rows(bench, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    result = bench.main(["--nfe-sweep", "--presets", "digits_uvit_tiny", "--samplers",
+                         "dpm_solver_pp_3m,unipc_bh2,euler_maruyama", "--nfe", "2,3", "--protocol", "dpm_solver:4", "--batch-size", "2", "--iters", "1",
+                         "--warmup", "0", "--device", "cpu", "--guidance-scale", "0.5", "--json", str(out)])
+    rows = result["results"]
+    assert [(r["role"], r["sampler"], r["nfe"]) for r in rows] == [
+        ("paper", "dpm_solver", 4), ("sweep", "dpm_solver_pp_3m", 2), ("sweep", "dpm_solver_pp_3m", 3),
+        ("sweep", "unipc_bh2", 2), ("sweep", "unipc_bh2", 3),
+        ("sweep", "euler_maruyama", 2), ("sweep", "euler_maruyama", 3)]  # with its per-sample noise
+    assert all(r["error"] is None and r["variant"] == "cfg_batched" for r in rows)
+    assert [r["forwards"] for r in rows] == [4, 2, 3, 2, 3, 2, 3] and all(r["forward_batch"] == 4 for r in rows)
+    base = rows[0]["images_per_s"]
+    assert rows[0]["ratio_vs_paper"] == 1.0
+    assert all(r["ratio_vs_paper"] == pytest.approx(r["images_per_s"] / base, rel=1e-12) for r in rows)
+    written = json.loads(out.read_text())
+    assert written["meta"]["mode"] == "nfe_sweep" and written["meta"]["nfe"] == [2, 3]
+    assert len(written["results"]) == 7
+    printed = capsys.readouterr().out
+    assert "x paper" in printed and "dpm_solver (paper)" in printed
+    with pytest.raises(SystemExit, match="SAMPLER:STEPS"):
+        bench.main(["--nfe-sweep", "--presets", "digits_uvit_tiny", "--protocol", "dpm_solver"])

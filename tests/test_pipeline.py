@@ -1,8 +1,10 @@
 """The main job end to end: `dvc repro` of the digits benchmark on a cut-down configuration.
 
 Runs the real stack (DVC, great-expectations, Ray Train, torch-fidelity, pandas report) in a
-copy of the project, then checks the artifacts hold numbers in range, that a second
-`dvc repro` does nothing, and that corrupted data stops the pipeline with a clear error.
+copy of the project with every outbound connection refused except loopback (the README's "no
+downloads"), then checks the metrics against a direct recomputation from the written samples and
+classifier, that a second `dvc repro` does nothing, and that corrupted data stops the pipeline
+with a clear error.
 """
 
 from __future__ import annotations
@@ -13,14 +15,73 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
+
+IP = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if Path(p).exists()), None)
+# Imported by every Python process when no network namespace can be made: connect() or sendto()
+# to anything but loopback (or a Unix socket) fails before a packet leaves. It cannot see lookups
+# made inside libc (getaddrinfo), which is why the namespace is preferred.
+SOCKET_GUARD = textwrap.dedent("""\
+    import ipaddress, socket
+
+    def _loopback(address):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is None:
+            return True  # AF_UNIX and friends
+        try:
+            return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:
+            return host == "localhost"
+
+    def _guard(method):
+        def guarded(self, address, *args):
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address):
+                raise OSError(101, f"network access refused by the test guard: {address}")
+            return method(self, address, *args)
+        return guarded
+
+    def _guard_sendto(method):
+        def guarded(self, data, *args):
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(args[-1]):
+                raise OSError(101, f"network access refused by the test guard: {args[-1]}")
+            return method(self, data, *args)
+        return guarded
+
+    socket.socket.connect = _guard(socket.socket.connect)
+    socket.socket.connect_ex = _guard(socket.socket.connect_ex)
+    socket.socket.sendto = _guard_sendto(socket.socket.sendto)
+""")
+
+
+def network_guard(scratch: str) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(kind, command prefix, extra environment) that runs a command with outbound network refused
+    except loopback. "netns": a fresh network namespace holding only `lo` (as root, or through an
+    unprivileged user namespace); else "socket-guard": a sitecustomize on PYTHONPATH (`scratch`)."""
+    unshare = shutil.which("unshare")
+    if sys.platform.startswith("linux") and IP and unshare:
+        for flags in (["--net"], ["--user", "--map-root-user", "--net"]):
+            prefix = (unshare, *flags, "sh", "-c", f'{IP} link set lo up && exec "$@"', "sh")
+            if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+                return "netns", prefix, ()
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    (Path(scratch) / "sitecustomize.py").write_text(SOCKET_GUARD)
+    path = os.pathsep.join(p for p in (scratch, os.environ.get("PYTHONPATH")) if p)
+    return "socket-guard", (), (("PYTHONPATH", path),)
+
+
+@pytest.fixture(scope="module")
+def guard(tmp_path_factory) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    return network_guard(str(tmp_path_factory.mktemp("socket-guard")))
+
 
 # The real stack on a cut-down run. Sample quality needs the full 2,000 steps (the committed
 # runs/digits/score/metrics.json holds that run's figures); this checks the plumbing and ranges.
@@ -31,9 +92,13 @@ CUT_DOWN = {
 }
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, check: bool = True, guard=None) -> subprocess.CompletedProcess:
+    """Run `cmd` with the venv first on PATH; inside the network guard when one is given."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    if guard is not None:
+        _, prefix, extra = guard
+        cmd, env = [*prefix, *cmd], {**env, **dict(extra)}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -41,35 +106,86 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A fresh copy of the project's pipeline files in its own git + DVC repository."""
-    dest = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", ".dvcignore", "params.yaml", "pyproject.toml"):
-        shutil.copy2(ROOT / name, dest / name)
-    shutil.copytree(ROOT / "uvit", dest / "uvit", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    for section, values in CUT_DOWN.items():
-        params["digits"][section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], dest)
-    run(["dvc", "init", "-q"], dest)
-    return dest
+def project(tmp_path_factory, make_project) -> Path:
+    """A fresh copy of the project's pipeline files (DVC files regenerated for the cut-down
+    parameters) in its own git + DVC repository."""
+    return make_project(tmp_path_factory.mktemp("project") / "project", {"digits": CUT_DOWN})
 
 
 @pytest.fixture(scope="module")
-def reproduced(project: Path) -> Path:
-    run(["dvc", "repro"], project)
+def reproduced(project: Path, guard) -> Path:
+    run(["dvc", "repro"], project, guard=guard)
     return project
 
 
-def test_repro_writes_metrics_in_range(reproduced: Path) -> None:
+PROBE = textwrap.dedent("""\
+    import json, socket, threading, time
+    server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: server.accept()[0].sendall(b"ok"), daemon=True).start()
+    with socket.create_connection(server.getsockname(), timeout=5) as c:
+        loopback = c.recv(2).decode()
+    t0, error = time.perf_counter(), None
+    try:
+        socket.create_connection(("192.0.2.1", 80), timeout=5).close()  # TEST-NET-1: never routed
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    print(json.dumps({"loopback": loopback, "error": error, "seconds": time.perf_counter() - t0}))
+""")
+
+
+def test_the_network_guard_refuses_all_but_loopback(guard, tmp_path) -> None:
+    """Inside the guard the pipeline runs in, loopback works and any other address fails at once."""
+    kind = guard[0]
+    print(f"network guard: {kind}")
+    assert kind in ("netns", "socket-guard")
+    if kind == "netns":
+        ip_out = run([IP, "-o", "link"], tmp_path, guard=guard).stdout.splitlines()
+        assert len(ip_out) == 1 and ": lo:" in ip_out[0]  # the namespace holds loopback only
+    result = json.loads(run([sys.executable, "-c", PROBE], tmp_path, guard=guard).stdout)
+    assert result["loopback"] == "ok"
+    assert result["error"] is not None and result["seconds"] < 2, result
+    assert ("unreachable" in result["error"].lower()) if kind == "netns" else ("refused by the test guard"
+                                                                                in result["error"])
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of two feature sets, tr sqrt(S_a S_b) from symmetric eigenvalues."""
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(sa)
+    root = (v * np.sqrt(w.clip(0))) @ v.T
+    covmean = np.sqrt(np.linalg.eigvalsh(root @ sb @ root).clip(0)).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * covmean)
+
+
+def test_repro_metrics_equal_a_direct_recomputation(reproduced: Path) -> None:
+    """FID, its floor and the conditional accuracy recomputed here from the written samples, data
+    splits and classifier (features and logits called directly, numpy for the rest)."""
+    import torch
+
+    from uvit.data.shards import load_split_arrays
+    from uvit.evaluate.classifier import load_classifier
+
     metrics = json.loads((reproduced / "runs/digits/score/metrics.json").read_text())
-    for key in ("fid", "fid_floor", "fid_ceiling", "fid_over_floor"):
-        assert math.isfinite(metrics[key]) and metrics[key] > 0, key
-    assert metrics["fid_over_floor"] == pytest.approx(metrics["fid"] / metrics["fid_floor"])
-    assert 0.0 <= metrics["conditional_accuracy"] <= 1.0
-    assert metrics["classifier_test_accuracy"] > 0.8
-    assert metrics["num_samples"] == 100
+    assert metrics["num_samples"] == 100 and metrics["classifier_test_accuracy"] > 0.8
+    with np.load(reproduced / "runs/digits/samples/samples.npz") as f:
+        samples, labels = f["arr_0"].transpose(0, 3, 1, 2), f["labels"]  # stored NHWC uint8
+    train_x, _ = load_split_arrays(reproduced / "data/digits/train")
+    test_x, _ = load_split_arrays(reproduced / "data/digits/test")
+    clf = load_classifier(reproduced / "runs/digits/classifier").eval()
+
+    def features(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return clf.features(torch.from_numpy(x).float() / 127.5 - 1).double().numpy()
+
+    f_train = features(train_x)
+    fid, floor = _frechet(features(samples), f_train), _frechet(features(test_x[:100]), f_train)
+    assert metrics["fid"] == pytest.approx(fid, rel=1e-3) and metrics["fid_floor"] == pytest.approx(floor, rel=1e-3)
+    assert metrics["fid_over_floor"] == pytest.approx(fid / floor, rel=2e-3)
+    with torch.no_grad():
+        predicted = clf(torch.from_numpy(samples).float() / 127.5 - 1).argmax(1).numpy()
+    assert metrics["conditional_accuracy"] == pytest.approx(float((predicted == labels).mean()), abs=1e-9)
+    # The untrained model's samples are further from the data than the trained model's.
+    assert metrics["fid_floor"] < metrics["fid"] < metrics["fid_ceiling"] and math.isfinite(metrics["fid_ceiling"])
 
 
 def test_repro_trains_through_ray_and_logs_every_step(reproduced: Path) -> None:
@@ -99,8 +215,8 @@ def test_dvc_lists_the_metrics(reproduced: Path) -> None:
     assert "fid_over_floor" in shown and "conditional_accuracy" in shown
 
 
-def test_second_repro_does_nothing(reproduced: Path) -> None:
-    out = run(["dvc", "repro"], reproduced).stdout
+def test_second_repro_does_nothing(reproduced: Path, guard) -> None:
+    out = run(["dvc", "repro"], reproduced, guard=guard).stdout
     assert "Running stage" not in out
     assert "up to date" in out
 
@@ -135,8 +251,9 @@ def test_manifest_checksum_mismatch_stops_the_pipeline(reproduced: Path) -> None
 
 
 def test_committed_digits_run_meets_the_bars() -> None:
-    """The full run's figures, as committed by `dvc repro` (never edited by hand): conditional
-    accuracy >= 0.90 and FID <= 4x the real-vs-real floor (issue #3's bars)."""
+    """The full run's figures, as committed by `dvc repro` (tests/test_committed_results.py ties the
+    file to dvc.lock's hash): conditional accuracy >= 0.90 and FID <= 4x the real-vs-real floor
+    (issue #3's bars)."""
     committed = json.loads((ROOT / "runs/digits/score/metrics.json").read_text())
     assert committed["conditional_accuracy"] >= 0.90
     assert committed["fid"] <= 4 * committed["fid_floor"]

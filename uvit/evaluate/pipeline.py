@@ -101,13 +101,19 @@ class UViTTransformer(ModelMixin, UViT, ConfigMixin):
         num_text_tokens: int = 77,
         mlp_time_embed: bool = False,
         conv: bool = True,
+        conv_position: str = "after_unpatchify",
         skip: str = "concat_linear",
+        time: str = "token",
+        patch_embedding: str = "linear",
+        position_embedding: str = "learned",
         use_checkpoint: bool = False,
     ):
         cfg = UViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                          num_classes=num_classes, clip_dim=clip_dim, num_text_tokens=num_text_tokens,
-                         mlp_time_embed=mlp_time_embed, conv=conv, skip=skip, use_checkpoint=use_checkpoint)
+                         mlp_time_embed=mlp_time_embed, conv=conv, conv_position=conv_position, skip=skip,
+                         time=time, patch_embedding=patch_embedding, position_embedding=position_embedding,
+                         use_checkpoint=use_checkpoint)
         # In this MRO UViT.__init__'s super().__init__() is nn.Module.__init__, while ModelMixin.__init__
         # would reach UViT.__init__ with no config: so call UViT's and set ModelMixin's one attribute.
         UViT.__init__(self, cfg)

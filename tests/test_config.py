@@ -109,3 +109,17 @@ def test_flow_command_rejects_bad_overrides_before_any_work(tmp_path, capsys) ->
     assert main(["mnist", "--root", str(tmp_path)]) == 2
     assert "unknown benchmark 'mnist'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was written
+
+
+def test_few_step_sampler_options_reach_the_samplers():
+    from uvit.diffusion import count_nfe
+
+    params = copy.deepcopy(load_params(PARAMS))
+    params["digits"]["sample"].update(sampler="unipc_bh2", steps=10, order=3, skip_type="logSNR", denoise_final=True)
+    s = load_benchmark("digits", params).sample
+    assert s.sampler_kwargs() == {"skip_type": "logSNR", "order": 3, "denoise_final": True}
+    assert count_nfe(s.sampler, s.steps, **s.sampler_kwargs()) == 11  # 10 steps + the denoising step
+    assert load_benchmark("digits", load_params(PARAMS)).sample.sampler_kwargs() == {}  # the protocol
+    params["digits"]["sample"]["sampler"] = "dpm_solver_pp_2m"  # a multistep solver has no order to set
+    with pytest.raises(ConfigError, match="digits.sample.order"):
+        load_benchmark("digits", params)

@@ -47,7 +47,7 @@ def project(tmp_path) -> Path:
         write(ckpt / "state.json", json.dumps({"step": step, "format_version": 1}))
         write(ckpt / "optimizer.pt", rnd.randbytes(500))
     write(root / "runs/digits/samples/samples.npz", rnd.randbytes(2000))
-    write(root / "runs/digits/samples/summary.json", '{"num_samples": 40}\n')
+    write(root / "runs/digits/sample-summary/summary.json", '{"num_samples": 40}\n')
     write(root / "runs/digits/classifier/model.safetensors", rnd.randbytes(800))
     write(root / "runs/digits/score/metrics.json", '{"fid": 12.5}\n')
     write(root / "reports/digits.md", "# digits\n")
@@ -72,6 +72,7 @@ def expected_run(root: Path) -> dict[str, bytes]:
     t |= {f"checkpoints/ray/checkpoint_000020/{k}": v
           for k, v in tree(root / "runs/digits/ray/0123456789abcdef/digits-run/checkpoint_000020").items()}
     t |= {f"samples/{k}": v for k, v in tree(root / "runs/digits/samples").items()}
+    t |= {f"sample-summary/{k}": v for k, v in tree(root / "runs/digits/sample-summary").items()}
     t |= {f"reference/classifier/{k}": v for k, v in tree(root / "runs/digits/classifier").items()}
     t |= {"score/metrics.json": (root / "runs/digits/score/metrics.json").read_bytes(),
           "reports/digits.md": (root / "reports/digits.md").read_bytes(),

@@ -59,12 +59,12 @@ def make_run(
         lines += [f"{s},{1.0 / (1 + s):.6f},{1e-4 * min(1, s / 10):.2e},1.0,100.0,{s * 0.1:.1f}" for s in range(0, 200, 2)]
         (run / "train/metrics.csv").write_text("\n".join(lines) + "\n")
     if samples:
-        (run / "samples").mkdir(parents=True)
-        (run / "samples/summary.json").write_text(json.dumps({
+        (run / "sample-summary").mkdir(parents=True)
+        (run / "sample-summary/summary.json").write_text(json.dumps({
             "sampler": "dpm_solver", "steps": 25, "nfe": 50, "guidance_scale": 0.0,
             "num_samples": 1000, "wall_time_s": 30.0, "images_per_s": 33.3, "seed": 7, "weights": "ema",
         }))
-        _png(run / "samples/grid.png")
+        _png(run / "sample-summary/grid.png")
     if score is not None:
         (run / "score").mkdir(parents=True)
         (run / "score/metrics.json").write_text(json.dumps(score))
@@ -294,9 +294,9 @@ def test_text_to_image_page_clip_score_kid_and_example_captions(tmp_path: Path) 
     reports = tmp_path / "reports"
     # No examples yet: the section says so.
     text = write_benchmark_report("mscoco256", run, reports).read_text()
-    assert "## The paper's example captions" in text and "not run: no `samples/examples.png`" in text
-    _png(run / "samples/examples.png")
-    (run / "samples/examples.json").write_text(json.dumps({"captions": list(PAPER_CAPTIONS), "per_caption": 4}))
+    assert "## The paper's example captions" in text and "not run: no `sample-summary/examples.png`" in text
+    _png(run / "sample-summary/examples.png")
+    (run / "sample-summary/examples.json").write_text(json.dumps({"captions": list(PAPER_CAPTIONS), "per_caption": 4}))
     text = write_benchmark_report("mscoco256", run, reports).read_text()
     assert "(mscoco256/examples.png)" in text and _is_png(reports / "mscoco256/examples.png")
     for i, caption in enumerate(PAPER_CAPTIONS):

@@ -41,14 +41,14 @@ def test_sample_stage_equals_in_memory_sampling(tmp_path, shard_size):
     np.testing.assert_array_equal(labels, want_labels)
     assert labels.tolist() == [i % 10 for i in range(23)]
     assert summary["shards_computed"] == -(-23 // shard_size) and summary["shards_reused"] == 0
-    assert len(list((paths.samples / "png").glob("*.png"))) == 23 and (paths.samples / "grid.png").is_file()
+    assert len(list((paths.samples / "png").glob("*.png"))) == 23 and (paths.sample_summary / "grid.png").is_file()
 
     # A re-run reuses every shard and keeps the timing of the run that sampled.
     again = run_sample(cfg, paths)
     assert again["shards_computed"] == 0 and again["shards_reused"] == summary["shards_computed"]
     assert again["wall_time_s"] == summary["wall_time_s"]
     np.testing.assert_array_equal(load_samples(paths.samples / "samples.npz")[0], want)
-    assert json.loads((paths.samples / "summary.json").read_text())["num_samples"] == 23
+    assert json.loads((paths.sample_summary / "summary.json").read_text())["num_samples"] == 23
 
 
 def test_png_off_removes_the_folder(tmp_path):

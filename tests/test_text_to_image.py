@@ -171,8 +171,8 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     zeros = to_uint8(decode(vae, generate(model, empty_context=torch.zeros(77, 32), **kw), batch_size=50))
     assert not np.array_equal(images, zeros)  # the null context is the encoding of "", not zeros
 
-    ex = json.loads((paths.samples / "examples.json").read_text())
-    assert ex["captions"] == list(PAPER_CAPTIONS) and (paths.samples / "examples.png").is_file()
+    ex = json.loads((paths.sample_summary / "examples.json").read_text())
+    assert ex["captions"] == list(PAPER_CAPTIONS) and (paths.sample_summary / "examples.png").is_file()
     assert run_sample(cfg, paths)["shards_reused"] == 3  # resumed: nothing sampled again
 
     metrics = run_score(cfg, paths)

@@ -118,8 +118,13 @@ class TrainConfig(_Section):
 
 
 class SampleConfig(_Section):
-    sampler: Literal["euler_maruyama", "dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m"]
+    sampler: Literal["euler_maruyama", "dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "dpm_solver_pp_3m",
+                     "unipc_bh1", "unipc_bh2"]
     steps: PositiveInt
+    # Few-step options (uvit.diffusion.samplers); None: the sampler's own (the paper protocol's) default.
+    skip_type: Literal["logSNR", "time_uniform", "time_quadratic"] | None = None  # the time grid
+    denoise_final: bool = False  # end with a denoising step (the x0 prediction at the last time)
+    order: Literal[1, 2, 3] | None = None  # dpm_solver, dpm_solver_pp and unipc_* only
     guidance_scale: float = Field(0.0, ge=0)
     num_samples: PositiveInt
     batch_size: PositiveInt = 500
@@ -129,6 +134,19 @@ class SampleConfig(_Section):
     num_workers: PositiveInt = 1  # 1: in this process; > 1: one Ray task per shard (a GPU each with train.use_gpu)
     shard_size: PositiveInt = 10_000
     png: bool = True  # also write samples/png/{i:06d}.png
+
+    @field_validator("order")
+    @classmethod
+    def _order_applies(cls, v: int | None, info) -> int | None:
+        sampler = info.data.get("sampler")
+        if v is not None and sampler not in ("dpm_solver", "dpm_solver_pp", "unipc_bh1", "unipc_bh2"):
+            raise ValueError(f"sampler {sampler!r} takes no order")
+        return v
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """The options set, as keyword arguments of uvit.diffusion's samplers (and count_nfe)."""
+        kw = {"skip_type": self.skip_type, "order": self.order, "denoise_final": self.denoise_final or None}
+        return {k: v for k, v in kw.items() if v is not None}
     # Text-to-image: which validation captions (uvit.evaluate.captions): "first" N caption rows, or
     # "one_per_image" (the first caption of each of the first N images).
     captions: Literal["first", "one_per_image"] = "first"

@@ -5,7 +5,8 @@
     runs/<benchmark>/validate/          great-expectations report
     runs/<benchmark>/train/             final weights (model/, ema/), metrics.csv, summary.json
     runs/<benchmark>/ray/               Ray Train storage: checkpoints of every run
-    runs/<benchmark>/samples/           samples.npz (uint8 NHWC + labels), grid.png, summary.json
+    runs/<benchmark>/samples/           samples.npz (uint8 NHWC + labels), png/, shards/ (DVC cache)
+    runs/<benchmark>/sample-summary/    summary.json, grid.png (+ examples.png/json): small, committed
     runs/<benchmark>/classifier/        the digits feature extractor (digits only)
     runs/<benchmark>/score/             metrics.json
     reports/<benchmark>.md, reports/<benchmark>/*.png, reports/README.md
@@ -68,6 +69,11 @@ class BenchmarkPaths:
     @property
     def samples(self) -> Path:
         return self.run / "samples"
+
+    @property
+    def sample_summary(self) -> Path:
+        """The sample stage's small, human-facing files (summary, grids): kept in git, unlike samples/."""
+        return self.run / "sample-summary"
 
     @property
     def classifier(self) -> Path:

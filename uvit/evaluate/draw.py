@@ -71,7 +71,7 @@ def draw_samples(cfg: BenchmarkConfig, model, num_samples: int | None = None, pr
     labels = sample_labels(cfg, n)
     x = generate(model, schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
                  seeds=sample_seeds(s.seed, n), labels=labels, guidance_scale=s.guidance_scale,
-                 batch_size=s.batch_size, device=device_for(cfg), progress=progress, **text)
+                 batch_size=s.batch_size, device=device_for(cfg), progress=progress, **text, **s.sampler_kwargs())
     if cfg.encode is not None:  # latent benchmarks: decode with the VAE, in chunks of 50 as the official code
         from uvit.encoders.vae import decode, load_vae
 
@@ -99,7 +99,8 @@ def paper_caption_images(cfg: BenchmarkConfig, weights: Path, per_caption: int =
     model = UViT.from_pretrained(weights)
     x = generate(model, schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
                  seeds=sample_seeds(s.seed + 1, len(prompts)), contexts=contexts, empty_context=empty,
-                 guidance_scale=s.guidance_scale, batch_size=s.batch_size, device=dev, progress=False)
+                 guidance_scale=s.guidance_scale, batch_size=s.batch_size, device=dev, progress=False,
+                 **s.sampler_kwargs())
     decoder = decoder_spec(cfg)
     from uvit.encoders.vae import decode, load_vae
 

@@ -1,8 +1,8 @@
 """Result tables and markdown reports built from a run's artifact files.
 
 Every figure comes from a file the pipeline wrote (`runs/B/train/summary.json`,
-`runs/B/train/metrics.csv`, `runs/B/samples/summary.json`, `runs/B/samples/grid.png`,
-`runs/B/score/metrics.json`, and for text-to-image `runs/B/samples/examples.{png,json}`, the
+`runs/B/train/metrics.csv`, `runs/B/sample-summary/summary.json`, `runs/B/sample-summary/grid.png`,
+`runs/B/score/metrics.json`, and for text-to-image `runs/B/sample-summary/examples.{png,json}`, the
 paper's example captions) or from the packaged paper table; a missing artifact shows as
 "not run" and a missing field as "—", never as a made-up value.
 """
@@ -29,10 +29,10 @@ GFLOPS_HEADER = "GFLOPs (G MACs / forward)"
 
 TRAIN_SUMMARY = Path("train/summary.json")
 TRAIN_METRICS = Path("train/metrics.csv")
-SAMPLE_SUMMARY = Path("samples/summary.json")
-SAMPLE_GRID = Path("samples/grid.png")
-EXAMPLES_GRID = Path("samples/examples.png")
-EXAMPLES = Path("samples/examples.json")
+SAMPLE_SUMMARY = Path("sample-summary/summary.json")
+SAMPLE_GRID = Path("sample-summary/grid.png")
+EXAMPLES_GRID = Path("sample-summary/examples.png")
+EXAMPLES = Path("sample-summary/examples.json")
 SCORE = Path("score/metrics.json")
 
 TEXT_TO_IMAGE = ("mscoco256",)  # benchmarks scored with the CLIP score and shown with the paper's captions

@@ -2,7 +2,7 @@
 
 sample:     EMA weights -> runs/<b>/samples/: shards/ (resumable, uvit.evaluate.sharded), samples.npz
             (all shards merged: uint8 NHWC + labels, or caption rows/texts for text-to-image),
-            png/{i:06d}.png, grid.png, summary.json; text-to-image also examples.png, the
+            png/{i:06d}.png; sample-summary/: grid.png, summary.json; text-to-image also examples.png, the
             paper's eight example captions
 classifier: (digits) a small CNN on the real train split: the FID feature extractor and the judge
             of conditional accuracy -> runs/<b>/classifier/
@@ -63,48 +63,50 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         num_classes_for_labels=labels_k, batch_size=s.batch_size, num_workers=s.num_workers,
         use_gpu=cfg.train.use_gpu, device=device_for(cfg),
         captions=caption_set(cfg, paths, s.num_samples) if t2i else None, decoder=decoder_spec(cfg),
-        png_dir=out / "png" if s.png else None)
+        png_dir=out / "png" if s.png else None, sampler_kwargs=s.sampler_kwargs())
     if not s.png:
         import shutil
 
         shutil.rmtree(out / "png", ignore_errors=True)
     images = merge_shards(out / "shards", out / "samples.npz")
+    view = paths.sample_summary
+    view.mkdir(parents=True, exist_ok=True)
     if t2i:  # the first 64 samples, eight per row
-        save_grid(images[:64], out / "grid.png", nrow=8)
+        save_grid(images[:64], view / "grid.png", nrow=8)
         examples = sample_paper_captions(cfg, paths, weights)
     else:
         k = cfg.validate_.num_classes or 10
         # Grid: one column per class, ten rows (labels cycle through the classes).
         grid = images[: k * min(10, math.ceil(len(images) / k))]
-        save_grid(grid, out / "grid.png", nrow=k, upscale=max(1, 64 // cfg.uvit_config().img_size))
+        save_grid(grid, view / "grid.png", nrow=k, upscale=max(1, 64 // cfg.uvit_config().img_size))
         examples = None
-    summary = {"sampler": s.sampler, "steps": s.steps, "nfe": count_nfe(s.sampler, s.steps),
+    summary = {"sampler": s.sampler, "steps": s.steps, "nfe": count_nfe(s.sampler, s.steps, **s.sampler_kwargs()),
                "guidance_scale": s.guidance_scale, "num_samples": len(images),
                # Time and rate of the shards sampled by this run (reused shards cost nothing).
                "wall_time_s": round(result["seconds"], 2), "images_per_s": round(result["images_per_s"], 2),
                "shards_computed": len(result["computed"]), "shards_reused": len(result["reused"]),
                "num_workers": s.num_workers, "seed": s.seed, "weights": "ema" if s.use_ema else "raw"}
-    previous = out / "summary.json"
+    previous = view / "summary.json"
     if not result["computed"] and previous.is_file():  # all reused: keep the timing of the run that sampled
         old = json.loads(previous.read_text())
         summary.update({k: old[k] for k in ("wall_time_s", "images_per_s") if k in old})
     if t2i:
         summary["captions"] = s.captions
         summary["examples"] = examples
-    write_json(out / "summary.json", summary)
+    write_json(view / "summary.json", summary)
     return summary
 
 
 def sample_paper_captions(cfg: BenchmarkConfig, paths: BenchmarkPaths, weights: Path,
                           per_caption: int = 4) -> str:
-    """Samples for the paper's eight example captions -> samples/examples.png, one row per
+    """Samples for the paper's eight example captions -> sample-summary/examples.png, one row per
     caption, and examples.json (the captions)."""
     from uvit.evaluate.sample import save_grid
     from uvit.report.paper import PAPER_CAPTIONS
 
     images = paper_caption_images(cfg, weights, per_caption)
-    save_grid(images, paths.samples / "examples.png", nrow=per_caption)
-    write_json(paths.samples / "examples.json", {"captions": list(PAPER_CAPTIONS), "per_caption": per_caption,
+    save_grid(images, paths.sample_summary / "examples.png", nrow=per_caption)
+    write_json(paths.sample_summary / "examples.json", {"captions": list(PAPER_CAPTIONS), "per_caption": per_caption,
                                                  "seed": cfg.sample.seed + 1})
     return "examples.png"
 

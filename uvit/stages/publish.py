@@ -8,7 +8,8 @@ environment (the boto3 chain); the endpoint from `artifacts.endpoint_url`, else 
     <url>/<benchmark>/<run-id>/
         checkpoints/model/, ema/, summary.json, metrics.csv   final weights (train stage)
         checkpoints/ray/checkpoint_NNNNNN/                    the final Ray Train checkpoint (resumable)
-        samples/                                              samples.npz, grid.png, summary.json
+        samples/                                              samples.npz, png/, shards/
+        sample-summary/                                       summary.json, grid.png (+ examples for text)
         reference/                                            FID reference: Inception statistics, or
                                                               the digits classifier (classifier/)
         score/metrics.json
@@ -88,6 +89,7 @@ def collect(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> tuple[dict[str, Path
         "checkpoints/ema": (paths.train / "ema", "train"),
         "checkpoints/summary.json": (paths.train / "summary.json", "train"),
         "samples": (paths.samples, "sample"),
+        "sample-summary": (paths.sample_summary, "sample"),
         "score/metrics.json": (paths.score / "metrics.json", "score"),
     }
     files: dict[str, Path] = {}

@@ -184,7 +184,7 @@ def _score_externals(cfg: BenchmarkConfig) -> dict[str, str | None]:
 
 
 def _report_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
-    return [p.train / "summary.json", p.train / "metrics.csv", p.samples, p.score / "metrics.json"]
+    return [p.train / "summary.json", p.train / "metrics.csv", p.sample_summary, p.score / "metrics.json"]
 
 
 def _report_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
@@ -195,7 +195,8 @@ def _report_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
 
 
 def _publish_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
-    deps = [p.train / "model", p.train / "ema", p.train / "summary.json", p.train / "metrics.csv", p.samples]
+    deps = [p.train / "model", p.train / "ema", p.train / "summary.json", p.train / "metrics.csv", p.samples,
+            p.sample_summary]
     deps += [p.classifier] if uses_classifier(cfg) else [p.run / "reference"]
     return deps + [p.score / "metrics.json", p.reports / f"{p.benchmark}.md", p.reports / p.benchmark]
 
@@ -247,7 +248,8 @@ STAGES: tuple[Stage, ...] = (
           code_if=lambda cfg: ("uvit/encoders", "uvit/report/paper.py") if cfg.encode is not None else (),
           params=_sample_params,
           deps=_sample_deps,
-          outs=lambda cfg, p: [Out(str(p.samples), persist=True)],
+          # samples/ (cached): every sample; sample-summary/ (in git): the summary and grids the report shows.
+          outs=lambda cfg, p: [Out(str(p.samples), persist=True), Out(str(p.sample_summary), cache=False, persist=True)],
           externals=_decoder_externals),
     Stage("score", "uvit.stages.evaluate:run_score",
           "FID, KID, precision/recall (torch-fidelity), conditional accuracy or CLIP score of the samples.",

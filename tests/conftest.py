@@ -35,30 +35,12 @@ def generator() -> torch.Generator:
 
 @pytest.fixture(scope="session")
 def random_inception_weights(tmp_path_factory) -> str:
-    """A randomly initialised torch-fidelity InceptionV3 state dict saved where a real one would go.
-
-    The constructor insists on loading weights, so it is fed an empty dict with load_state_dict
-    stubbed out; convs are re-initialised with kaiming_normal_ because PyTorch's default init
-    gives near-zero pool3 features (FID 0.0) through 90+ layers.
-    """
-    from torch_fidelity import FeatureExtractorInceptionV3
-
-    empty = tmp_path_factory.mktemp("inc") / "empty.pth"
-    torch.save({}, empty)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                feature_extractor_weights_path=str(empty))
-            for m in model.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(m.weight)
+    """A randomly initialised torch-fidelity InceptionV3 state dict saved where a real one would go
+    (uvit.miniature.write_random_inception, seed 0)."""
     from uvit.evaluate.fid import INCEPTION_WEIGHTS_FILE
+    from uvit.miniature import write_random_inception
 
-    path = empty.parent / INCEPTION_WEIGHTS_FILE
-    torch.save(model.state_dict(), path)
-    return str(path)
+    return str(write_random_inception(tmp_path_factory.mktemp("inc") / INCEPTION_WEIGHTS_FILE, seed=0))
 
 
 # -- S3 on loopback (moto's server mode) with throwaway credentials ------------------------------
@@ -126,3 +108,25 @@ def make_project():
 
     root = Path(__file__).resolve().parents[1]
     return lambda dest, params_patch=None: make(root, dest, params_patch)
+
+
+@pytest.fixture(scope="session")
+def dvc():
+    """A function (args, cwd) -> output that runs the venv's `dvc` quietly and offline (analytics,
+    Ray usage stats and auth off, one torch thread) and fails the test with the output's tail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+
+    def run(args: list[str], cwd) -> str:
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([str(bin_dir / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=900)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
+        return out
+
+    return run

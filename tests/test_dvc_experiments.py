@@ -4,16 +4,12 @@ and with `--temp` (a copy under .dvc/tmp/exps/, whose checkpoints are the worksp
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 CUT_DOWN = {"digits": {
     "train": {"steps": 20, "checkpoint_every": 10, "log_every": 5, "num_workers": 1, "sample_every": 0},
@@ -22,20 +18,11 @@ CUT_DOWN = {"digits": {
 }}
 
 
-def dvc(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-5000:]}"
-    return out
-
-
 def checkpoint_steps(project: Path) -> set[int]:
     return {int(p.name.split("_")[-1]) for p in (project / "runs/digits/ray").glob("*/*/checkpoint_*")}
 
 
-def test_exp_run_continues_training(tmp_path, make_project):
+def test_exp_run_continues_training(tmp_path, make_project, dvc):
     project = make_project(tmp_path / "project", CUT_DOWN)
     dvc(["repro"], project)
     assert json.loads((project / "runs/digits/train/summary.json").read_text())["steps"] == 20

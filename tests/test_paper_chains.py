@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -29,15 +28,6 @@ from uvit.miniature import PAPER_BENCHMARKS, write_miniature
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 TIMES: dict[str, float] = {}
-
-
-def dvc(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
-    return out
 
 
 def ran(out: str) -> set[str]:
@@ -59,7 +49,7 @@ def project(inputs, tmp_path_factory, make_project) -> Path:
 
 
 @pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
-def test_chain_runs_end_to_end(project, benchmark):
+def test_chain_runs_end_to_end(project, benchmark, dvc):
     t0 = time.monotonic()
     out = dvc(["repro", f"paper/dvc.yaml:publish@{benchmark}"], project)
     TIMES[benchmark] = time.monotonic() - t0
@@ -80,14 +70,14 @@ def test_chain_runs_end_to_end(project, benchmark):
     print(f"{benchmark}: {TIMES[benchmark]:.0f} s")
 
 
-def test_second_repro_runs_nothing(project):
+def test_second_repro_runs_nothing(project, dvc):
     for b in PAPER_BENCHMARKS:  # the chains above ran (or this fails on a missing output)
         assert (project / f"runs/{b}/publish.json").is_file()
     out = dvc(["repro", "paper/dvc.yaml"], project)
     assert ran(out) == set(), out[-3000:]
 
 
-def test_what_reruns_after_which_change(inputs, project):
+def test_what_reruns_after_which_change(inputs, project, dvc):
     """A weight file, a parameter value and a code file, each changed once: exactly the stages that
     read it (and what depends on them) run again."""
     dest, overrides = inputs
@@ -99,7 +89,7 @@ def test_what_reruns_after_which_change(inputs, project):
     out = dvc(["repro", "paper/dvc.yaml:publish@imagenet256"], project)
     assert ran(out) == {f"{s}@imagenet256" for s in ("encode", "train", "sample", "score", "report", "publish")}
     # 2. A parameter of the sample stage: sample and what reads the samples.
-    out = _set_and_repro(project, "imagenet256", ("sample", "seed"), 7)
+    out = _set_and_repro(dvc, project, "imagenet256", ("sample", "seed"), 7)
     assert ran(out) == {f"{s}@imagenet256" for s in ("sample", "score", "report", "publish")}
     # 3. A code file of the report stage: the report (and publish) of the benchmark.
     tables = project / "uvit/report/tables.py"
@@ -110,7 +100,7 @@ def test_what_reruns_after_which_change(inputs, project):
     assert ran(dvc(["repro", "paper/dvc.yaml:publish@cifar10"], project)) == set()
 
 
-def _set_and_repro(project: Path, benchmark: str, key: tuple[str, str], value) -> str:
+def _set_and_repro(dvc, project: Path, benchmark: str, key: tuple[str, str], value) -> str:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params[benchmark][key[0]][key[1]] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

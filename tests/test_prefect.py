@@ -284,10 +284,12 @@ def test_latent_deployment_runs_the_dvc_stages_on_a_local_server(prefect_api, se
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(runs[attempt])])))}
             stages = {row["stage"]: row["ran"] for row in json.loads(arts["uvit-imagenet256-stages"].data)}
             assert stages == dict.fromkeys(chain[:-1], attempt == "first"), stages
-            assert arts["uvit-imagenet256-report"].data.startswith("# ")
+            clone = workspace / origin.name
+            metrics = json.loads((clone / "runs/imagenet256/score/metrics.json").read_text())
+            posted = {(r["source"], r["metric"]): r["value"] for r in json.loads(arts["uvit-imagenet256-metrics"].data)}
+            assert posted[("score", "fid")] == metrics["fid"] and posted[("train", "steps")] == 4  # this run's files
+            assert arts["uvit-imagenet256-report"].data == (clone / "reports/imagenet256.md").read_text()
 
-        clone = workspace / origin.name
-        metrics = json.loads((clone / "runs/imagenet256/score/metrics.json").read_text())
         assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0
         published = json.loads((clone / "runs/imagenet256/publish.json").read_text())
         assert store.list_runs("imagenet256") == [published["run_id"]]

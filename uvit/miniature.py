@@ -224,24 +224,23 @@ def _write_coco(dest: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_inception(dest: Path) -> Path:
-    """torch-fidelity's InceptionV3 with random weights, as the state dict its loader reads. Convs
-    are kaiming-initialised: PyTorch's default init gives near-zero pool3 features after 90+ layers."""
+def write_random_inception(path: Path, seed: int = 60) -> Path:
+    """torch-fidelity's InceptionV3 with random weights, saved at `path` as the state dict its
+    loader reads. Convs are kaiming-initialised: PyTorch's default init gives near-zero pool3
+    features after 90+ layers (FID 0.0 between anything)."""
     from unittest import mock
 
     import torch
     from torch_fidelity import FeatureExtractorInceptionV3
 
-    from uvit.evaluate.fid import INCEPTION_WEIGHTS_FILE
-
-    path = dest / "weights" / "inception" / INCEPTION_WEIGHTS_FILE
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    empty = path.with_name("empty.pth")
+    empty = path.with_name(f".{path.name}.empty.pth")
     torch.save({}, empty)
     try:  # the constructor insists on loading weights: give it none
         with torch.random.fork_rng(devices=[]), \
                 mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
-            torch.manual_seed(60)
+            torch.manual_seed(seed)
             model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                 feature_extractor_weights_path=str(empty))
             for m in model.modules():
@@ -251,6 +250,12 @@ def _write_inception(dest: Path) -> Path:
         empty.unlink()
     torch.save(model.state_dict(), path)
     return path
+
+
+def _write_inception(dest: Path) -> Path:
+    from uvit.evaluate.fid import INCEPTION_WEIGHTS_FILE
+
+    return write_random_inception(dest / "weights" / "inception" / INCEPTION_WEIGHTS_FILE)
 
 
 def _three_sig(x: float) -> float:

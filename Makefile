@@ -33,7 +33,7 @@ run: setup
 # Two processes, whole files at a time (module fixtures such as a Prefect server stay in one
 # process); the longest files start first (tests/conftest.py).
 test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile --durations=40
 
 clean:
 	rm -rf runs data/digits

@@ -30,8 +30,8 @@ run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo "Report: reports/digits.md  (metrics: $(BIN)/dvc metrics show)"
 
-# Two processes, whole files at a time (module fixtures such as a Prefect server stay in one
-# process); the longest files start first (tests/conftest.py).
+# Two processes, whole files at a time (module fixtures such as a Prefect server start once), the
+# longest files first (tests/conftest.py).
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile --durations=40
 

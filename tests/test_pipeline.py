@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -219,6 +220,26 @@ def test_second_repro_does_nothing(reproduced: Path, guard) -> None:
     out = run(["dvc", "repro"], reproduced, guard=guard).stdout
     assert "Running stage" not in out
     assert "up to date" in out
+
+
+def _checkpoint_steps(project: Path) -> set[int]:
+    """Steps of every Ray checkpoint under the workspace's runs/digits/ray/."""
+    return {json.loads(p.read_text())["step"] for p in (project / "runs/digits/ray").glob("*/*/checkpoint_*/state.json")}
+
+
+def test_exp_run_continues_training(reproduced: Path, guard) -> None:
+    """`dvc exp run -S digits.train.steps=N` resumes the previous run, in the workspace and with
+    --temp (a copy under .dvc/tmp/exps/, whose Ray checkpoints are the workspace's)."""
+    steps = CUT_DOWN["train"]["steps"]
+    out = run(["dvc", "exp", "run", "-S", f"digits.train.steps={steps + 10}"], reproduced, guard=guard).stdout
+    assert re.search(rf"resuming from \S+ \(step {steps}\)", out), out[-3000:]
+    assert json.loads((reproduced / "runs/digits/train/summary.json").read_text())["steps"] == steps + 10
+    logged = [int(line.split(",")[0]) for line in (reproduced / "runs/digits/train/metrics.csv").read_text().splitlines()[1:]]
+    assert logged == list(range(5, steps + 11, 5))  # one trajectory: continued, nothing repeated
+
+    out = run(["dvc", "exp", "run", "--temp", "-S", f"digits.train.steps={steps + 20}"], reproduced, guard=guard).stdout
+    assert re.search(rf"resuming from \S+ \(step {steps + 10}\)", out), out[-3000:]
+    assert steps + 20 in _checkpoint_steps(reproduced)  # written to the workspace's checkpoints
 
 
 def test_corrupted_shard_stops_the_pipeline(reproduced: Path) -> None:

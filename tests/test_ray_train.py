@@ -212,3 +212,19 @@ def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers,
     fid = [line.split(",") for line in (run_local / "fid.csv").read_text().split()]
     assert [int(step) for step, _ in fid] == [12] and float(fid[0][1]) > 0  # fid_every 4, from step 8
     assert [e.step for e in events.Scalars("eval/fid")] == [12]
+
+
+def test_trainer_leaves_out_the_placement_group_cleaner() -> None:
+    """Ray's cleaner took a missed State API lookup for a dead controller and removed a live
+    run's placement group; the trainer keeps every other default callback."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from uvit.train.trainer import _torch_trainer
+
+    scaling = ray.train.ScalingConfig(num_workers=1)
+    stock = [type(c) for c in TorchTrainer(lambda: None, scaling_config=scaling)._create_default_callbacks()]
+    ours = [type(c) for c in _torch_trainer()(lambda: None, scaling_config=scaling)._create_default_callbacks()]
+    assert PlacementGroupCleanerCallback in stock
+    assert ours == [c for c in stock if c is not PlacementGroupCleanerCallback]

@@ -302,11 +302,30 @@ def _init_ray(cfg: BenchmarkConfig) -> None:
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         # One extra logical CPU for Ray Train's controller actor; workers get their threads each.
+        # No dashboard: nothing here reads the State API it serves (see `_torch_trainer`), and it
+        # costs seconds of start-up and a busy process on a small machine.
         cpus = cfg.train.num_workers * cfg.train.threads_per_worker + 1
-        # The dashboard (loopback only) serves the State API that Ray Train's placement-group
-        # cleaner polls; without it that actor logs a warning every few seconds.
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def _torch_trainer() -> type:
+    """Ray's TorchTrainer without Ray Train's placement-group cleaner.
+
+    The cleaner is a detached actor that polls the State API for the controller and removes the
+    run's placement group when the controller looks dead. Ray 2.60 takes an empty answer (which a
+    loaded State API gives) for death, so on a busy machine it tore down a healthy run's workers
+    ("Destroying worker since its placement group was removed"). The job driver, `run_training`,
+    owns the placement group's lifetime anyway: Ray removes it when the driver's job ends.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
 
 
 # Knobs that change how long, where or how visibly a run goes, not the trajectory it follows
@@ -387,7 +406,6 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
     TensorBoard logs and sample grids always stay local, in runs/<benchmark>/ray/<fingerprint>/.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from uvit.train.checkpoint import checkpoint_step
     from uvit.train.storage import ensure_dir, resolve_storage
@@ -427,7 +445,7 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
 
     _init_ray(cfg)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    trainer = TorchTrainer(
+    trainer = _torch_trainer()(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,

@@ -228,18 +228,14 @@ def _checkpoint_steps(project: Path) -> set[int]:
 
 
 def test_exp_run_continues_training(reproduced: Path, guard) -> None:
-    """`dvc exp run -S digits.train.steps=N` resumes the previous run, in the workspace and with
-    --temp (a copy under .dvc/tmp/exps/, whose Ray checkpoints are the workspace's)."""
+    """`dvc exp run --temp -S digits.train.steps=N` (a copy under .dvc/tmp/exps/, the way a queued
+    experiment runs) resumes the workspace's run and writes its checkpoints to the workspace's
+    runs/digits/ray/. (Raising steps in the workspace itself is a plain `dvc repro` of the train
+    stage; tests/test_ray_train.py checks that continuing equals an uninterrupted run.)"""
     steps = CUT_DOWN["train"]["steps"]
-    out = run(["dvc", "exp", "run", "-S", f"digits.train.steps={steps + 10}"], reproduced, guard=guard).stdout
+    out = run(["dvc", "exp", "run", "--temp", "-S", f"digits.train.steps={steps + 10}"], reproduced, guard=guard).stdout
     assert re.search(rf"resuming from \S+ \(step {steps}\)", out), out[-3000:]
-    assert json.loads((reproduced / "runs/digits/train/summary.json").read_text())["steps"] == steps + 10
-    logged = [int(line.split(",")[0]) for line in (reproduced / "runs/digits/train/metrics.csv").read_text().splitlines()[1:]]
-    assert logged == list(range(5, steps + 11, 5))  # one trajectory: continued, nothing repeated
-
-    out = run(["dvc", "exp", "run", "--temp", "-S", f"digits.train.steps={steps + 20}"], reproduced, guard=guard).stdout
-    assert re.search(rf"resuming from \S+ \(step {steps + 10}\)", out), out[-3000:]
-    assert steps + 20 in _checkpoint_steps(reproduced)  # written to the workspace's checkpoints
+    assert steps + 10 in _checkpoint_steps(reproduced)  # written to the workspace's checkpoints
 
 
 def test_corrupted_shard_stops_the_pipeline(reproduced: Path) -> None:

@@ -17,13 +17,16 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 setup: $(VENV)/.installed
 
-# torch first and pinned: the registry also serves newer builds, and the GPU machines run
-# torch 2.11, so the package itself only asks for torch>=2.4.
+# torch first and pinned, through pip (which finds the wheels on local disk where a machine keeps
+# them): the registry also serves newer builds, and the GPU machines run torch 2.11, so the package
+# itself only asks for torch>=2.4. The rest through uv, which resolves the same versions as pip in
+# a seventh of the time; torch is named again so uv keeps the installed build.
+TORCH := torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ".[pipeline,test]"
+	$(BIN)/python -m pip install -q --upgrade pip uv==0.13.9
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[pipeline,test]" $(TORCH)
 	touch $@
 
 run: setup
@@ -31,9 +34,10 @@ run: setup
 	@echo "Report: reports/digits.md  (metrics: $(BIN)/dvc metrics show)"
 
 # Two processes, whole files at a time (module fixtures such as a Prefect server start once), the
-# longest files first (tests/conftest.py).
+# longest files first (tests/conftest.py orders them; xdist would otherwise put the files with the
+# most tests first, and the few-test, many-minute chain files last).
 test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile --durations=40
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=40
 
 clean:
 	rm -rf runs data/digits

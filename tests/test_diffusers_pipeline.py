@@ -175,11 +175,13 @@ def test_scheduler_config_and_validation(tmp_path):
     back = UViTDPMSolverScheduler.from_pretrained(tmp_path)
     public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     assert public(back.config) == public(sch.config)
-    assert UViTDPMSolverScheduler(solver="dpm_solver", skip_type="time_uniform", t_end=1e-3).sampler_kwargs == {
-        "order": 3, "skip_type": "time_uniform", "t_end": 1e-3}
-    assert UViTDPMSolverScheduler(solver="euler_maruyama").sampler_kwargs == {}
+    assert UViTDPMSolverScheduler(solver="dpm_solver", order=3, skip_type="time_uniform", t_end=1e-3).sampler_kwargs == {
+        "order": 3, "skip_type": "time_uniform", "t_end": 1e-3, "denoise_final": False}
+    assert UViTDPMSolverScheduler(solver="euler_maruyama").sampler_kwargs == {"denoise_final": False}
+    assert UViTDPMSolverScheduler(solver="dpm_solver").sampler_kwargs == {"denoise_final": False}  # order: default
     for bad in (dict(solver="ddim"), dict(schedule="cosine"), dict(order=4), dict(skip_type="karras"),
-                dict(solver="euler_maruyama", schedule="discrete")):
+                dict(solver="euler_maruyama", schedule="discrete"), dict(prediction_type="v_prediction"),
+                dict(schedule="discrete", beta_schedule="linear"), dict(schedule="discrete", beta_end=0.02)):
         with pytest.raises(ValueError):
             UViTDPMSolverScheduler(**bad)
     with pytest.raises(NotImplementedError, match="sample"):

@@ -1,5 +1,7 @@
 """U-ViT as a diffusers pipeline: `UViTTransformer` (a diffusers model that IS a `UViT`) and
-`UViTPipeline` (transformer + `UViTDPMSolverScheduler` + optional VAE + optional CLIP text encoder).
+`UViTPipeline` (transformer + scheduler + optional VAE + optional CLIP text encoder). The scheduler is
+the project's `UViTDPMSolverScheduler` (every sampler of uvit.diffusion) or, for the discrete
+(scaled-linear) models, any stock diffusers scheduler, run by diffusers' step loop.
 
     pipe = UViTPipeline(transformer=UViTTransformer.from_uvit(model),
                         scheduler=UViTDPMSolverScheduler.official("vpsde"))
@@ -23,18 +25,20 @@ resolves once it has been imported; importing this module does that).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import inspect
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import FrozenDict, register_to_config
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from uvit.diffusion import PerSampleNoise, classifier_free_guidance, wrap_model
+from uvit.diffusion import DiscreteSchedule, PerSampleNoise, classifier_free_guidance, wrap_model
 from uvit.evaluate.sample import sample_seeds, to_uint8
-from uvit.evaluate.scheduler import UViTDPMSolverScheduler
+from uvit.evaluate.scheduler import SCHEDULES, STEP_SOLVERS, UViTDPMSolverScheduler
 from uvit.models import UViT, UViTConfig
 
 __all__ = ["UViTConfigDict", "UViTTransformer", "UViTPipeline", "OUTPUT_TYPES"]
@@ -174,30 +178,47 @@ def _as_list(v, name: str) -> list:
 class UViTPipeline(DiffusionPipeline):
     """Class-conditional, text-to-image or unconditional U-ViT sampling, pixel or latent space.
 
-    Components: `transformer` (UViTTransformer), `scheduler` (UViTDPMSolverScheduler), optional
+    Components: `transformer` (UViTTransformer), `scheduler` (a UViTDPMSolverScheduler, or on the
+    discrete schedule any stock diffusers scheduler: see `check_scheduler`), optional
     `vae` (AutoencoderKL: the transformer then works on latents, decoded as
     vae.decode(z / vae.config.scaling_factor); set `scaling_factor` in the VAE config, e.g. 0.2301
     for the COCO model), optional `text_encoder` + `tokenizer` (CLIP: the context is
     last_hidden_state of the prompt padded to `transformer.config.num_text_tokens`, as the official
     FrozenCLIPEmbedder does; the unconditional context for CFG is the encoding of "").
+
+    `schedule` ("vpsde" or "discrete", default: the scheduler's) is the model's training schedule,
+    saved in model_index.json; it decides which schedulers may drive the model:
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # discrete only
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
         transformer: UViTTransformer,
-        scheduler: UViTDPMSolverScheduler,
+        scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
         text_encoder: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        schedule: str | None = None,
     ):
         super().__init__()
         if (text_encoder is None) != (tokenizer is None):
             raise ValueError("text_encoder and tokenizer come together (both or neither)")
+        if schedule is None:
+            if not isinstance(scheduler, UViTDPMSolverScheduler):
+                raise ValueError(f"pass schedule='discrete' or 'vpsde' (the model's training schedule) with a "
+                                 f"{type(scheduler).__name__}: a stock scheduler cannot say which the model uses")
+            schedule = scheduler.config.schedule
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}: valid choices are {SCHEDULES}")
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae,
                               text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_to_config(schedule=schedule)  # the model's, kept in model_index.json across swaps
+        self._guidance_scale, self._num_timesteps, self._interrupt = 0.0, 0, False
 
     # ------------------------------------------------------------------ conditions
     @torch.no_grad()
@@ -211,8 +232,9 @@ class UViTPipeline(DiffusionPipeline):
                              return_tensors="pt").input_ids
         return self.text_encoder(ids.to(device)).last_hidden_state.float()
 
-    def _conditions(self, class_labels, prompt, num_images: int | None):
-        """(n, condition kind, per-sample labels tensor or prompts list or None)."""
+    def _conditions(self, class_labels, prompt, num_images: int | None, per_prompt: int = 1):
+        """(n, condition kind, per-sample labels tensor or prompts list or None); each label /
+        prompt is repeated `per_prompt` times in a row."""
         c = self.transformer.config
         if c.clip_dim is not None:
             if class_labels is not None:
@@ -222,6 +244,7 @@ class UViTPipeline(DiffusionPipeline):
                 raise ValueError("a text-conditional model needs `prompt` (a string or a list of strings)")
             if num_images is not None and len(prompts) == 1:
                 prompts = prompts * num_images
+            prompts = [p for p in prompts for _ in range(per_prompt)]
             return len(prompts), "text", prompts
         if prompt is not None:
             raise ValueError("this model is not text-conditional: `prompt` is not accepted")
@@ -232,13 +255,14 @@ class UViTPipeline(DiffusionPipeline):
                                  f"last, {c.num_classes - 1}, is the null class of CFG training)")
             if num_images is not None and len(labels) == 1:
                 labels = labels * num_images
+            labels = [v for v in labels for _ in range(per_prompt)]
             y = torch.tensor([int(v) for v in labels], dtype=torch.long)
             if y.min() < 0 or y.max() >= c.num_classes:
                 raise ValueError(f"class_labels must lie in [0, {c.num_classes}), got {y.tolist()}")
             return len(labels), "class", y
         if class_labels is not None:
             raise ValueError("this model is unconditional: `class_labels` is not accepted")
-        return (1 if num_images is None else num_images), "none", None
+        return (1 if num_images is None else num_images) * per_prompt, "none", None
 
     def _network(self, kind: str, cond, empty_context: Tensor | None, guidance_scale: float, device):
         """net(x, model_time) -> eps for one batch, guided as `generate` does."""
@@ -285,6 +309,80 @@ class UViTPipeline(DiffusionPipeline):
         u8 = to_uint8(x.cpu()).transpose(0, 2, 3, 1)  # the project's uint8 rounding (sample files)
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in u8]
 
+    # ------------------------------------------------------------------ schedulers
+    def check_scheduler(self) -> bool:
+        """Check that `self.scheduler` fits the model's schedule; True for a stock diffusers scheduler
+        (run by the step loop), False for a `UViTDPMSolverScheduler`. Raises ValueError/TypeError."""
+        sched, schedule = self.scheduler, self.config.schedule
+        if isinstance(sched, UViTDPMSolverScheduler):
+            if sched.config.schedule != schedule:
+                raise ValueError(f"the scheduler's schedule {sched.config.schedule!r} is not the model's "
+                                 f"{schedule!r} (pipeline.config.schedule): the network was trained on one schedule")
+            return False
+        name = type(sched).__name__
+        if schedule != "discrete":
+            raise ValueError(
+                f"{name} is a discrete-time diffusers scheduler, but this model was trained on the continuous "
+                f"VP SDE (schedule {schedule!r}: alpha(t) continuous in t in [0, 1], network time 999 t), which "
+                "no stock scheduler's betas and integer timesteps describe; use "
+                "UViTDPMSolverScheduler(schedule='vpsde', solver=...) (any sampler of uvit.diffusion)")
+        for attr in ("set_timesteps", "step", "scale_model_input"):
+            if not callable(getattr(sched, attr, None)):
+                raise TypeError(f"{name} has no {attr}(): not a diffusers scheduler with the standard step API")
+        pred = getattr(sched.config, "prediction_type", "epsilon")
+        if pred != "epsilon":
+            raise ValueError(f"{name} has prediction_type={pred!r}, but U-ViT predicts the noise: use 'epsilon'")
+        ac = getattr(sched, "alphas_cumprod", None)
+        if ac is None:
+            raise ValueError(f"{name} has no alphas_cumprod, so its schedule cannot be checked against the "
+                             "model's discrete scaled-linear one")
+        want = DiscreteSchedule().alphas_cumprod
+        got = torch.as_tensor(ac).detach().cpu().double()
+        # diffusers computes its betas in float32: a relative 1e-4 is far above that, far below any other schedule
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=0):
+            raise ValueError(
+                f"{name}'s betas are not the model's (scaled_linear, beta_start=0.00085, beta_end=0.012, "
+                f"1000 steps): build it with {name}.from_config(pipe.scheduler.config) from a "
+                "UViTDPMSolverScheduler(schedule='discrete'), or pass those beta keys")
+        return True
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a step-end callback to stop the loop (diffusers' rule)."""
+        return self._interrupt
+
+    def _step_loop(self, net, x: Tensor, num_inference_steps: int, noise: PerSampleNoise, stock: bool,
+                   callback, callback_inputs: list[str]) -> Tensor:
+        """diffusers' denoising loop over scheduler.timesteps for one batch of x_T (B, C, H, W)."""
+        sched = self.scheduler
+        sched.set_timesteps(num_inference_steps, device=x.device)  # also resets multistep history
+        timesteps = sched.timesteps
+        self._num_timesteps = len(timesteps)
+        x = x * sched.init_noise_sigma
+        # stochastic schedulers (DDPM, DDIM eta > 0, SDE-DPM-Solver) draw one row per sample's generator
+        extra = {"generator": noise.generators} if "generator" in inspect.signature(sched.step).parameters else {}
+        # diffusers' timestep k has alpha-bar of k + 1 betas, which is the U-ViT network's time n = k + 1;
+        # the project's scheduler lists network times already
+        offset = 1.0 if stock else 0.0
+        for i, t in enumerate(timesteps):
+            if self.interrupt:
+                break
+            t_net = torch.full((x.shape[0],), float(t) + offset, dtype=torch.float32, device=x.device)
+            eps = net(sched.scale_model_input(x, t), t_net)
+            x = sched.step(eps, t, x, **extra, return_dict=False)[0]
+            if callback is not None:
+                out = callback(self, i, t, {k: {"latents": x}[k] for k in callback_inputs})
+                x = out.pop("latents", x)
+        return x
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(
@@ -295,27 +393,65 @@ class UViTPipeline(DiffusionPipeline):
         guidance_scale: float = 0.0,
         num_inference_steps: int = 50,
         seeds: Sequence[int] | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         batch_size: int = 500,
         return_dict: bool = True,
+        num_images_per_prompt: int = 1,
+        latents: Tensor | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate one image per class label / prompt (or `num_images` unconditional ones).
 
         class_labels: class indices (class-conditional models). prompt: strings (text models).
         num_images: repeats a single label/prompt, or sets the count of an unconditional model.
-        guidance_scale: s of eps = (1 + s) eps_c - s eps_u (0: no guidance, a single forward).
+        num_images_per_prompt: images per label / prompt, consecutive (diffusers' order: a, a, b, b);
+            an unconditional model makes num_images * num_images_per_prompt.
+        guidance_scale: s of eps = (1 + s) eps_c - s eps_u (0: no guidance, a single forward). This
+            is U-ViT's s, not diffusers' w = 1 + s.
         seeds: one integer per image; sample i depends only on seeds[i] and its condition.
-            Default `sample_seeds(0, n)` (as `generate`), or, with `generator`, n seeds drawn from it.
+            Default `sample_seeds(0, n)` (as `generate`), or, with `generator`, n seeds drawn from it
+            (a list of n generators: seed i from generator i).
+        latents: x_T, (n, C, H, W) standard normal, used instead of the seeds' draws (scaled by the
+            scheduler's init_noise_sigma, as in diffusers); seeds still drive any sampler noise.
         output_type: "pil" (list of PIL images), "np" (N, H, W, C float in [0, 1]), "pt"
             (N, C, H, W float in [0, 1]) or "latent" (the sampler's output, before any VAE decode).
         batch_size: images per sampler call (the CFG forward then has 2x this batch).
+        callback_on_step_end: callback(pipe, step, timestep, {"latents": x}) -> dict after every
+            scheduler step (per batch of `batch_size`); returned "latents" replace x, and setting
+            `pipe._interrupt = True` stops the loop. Needs a step loop: a stock scheduler, or a
+            UViTDPMSolverScheduler with solver dpm_solver_pp_2m / 3m.
+        callback_on_step_end_tensor_inputs: keys to hand the callback, from `_callback_tensor_inputs`.
+
+        The scheduler is a `UViTDPMSolverScheduler` (its sampler runs the whole trajectory, exactly
+        as `generate`) or, on the discrete schedule, any diffusers scheduler with the standard
+        set_timesteps / scale_model_input / step API, run by diffusers' step loop.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: valid choices are {OUTPUT_TYPES}")
-        n, kind, cond = self._conditions(class_labels, prompt, num_images)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        cb_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        bad = [k for k in cb_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {self._callback_tensor_inputs}, "
+                             f"but found {bad}")
+        stock = self.check_scheduler()
+        sched = self.scheduler
+        use_steps = stock or callback_on_step_end is not None
+        if use_steps and not stock and not sched.has_step_loop:
+            raise ValueError(f"callback_on_step_end needs a step loop; solver {sched.config.solver!r} runs its "
+                             f"whole trajectory in sample(): use {STEP_SOLVERS} or a stock diffusers scheduler")
+        n, kind, cond = self._conditions(class_labels, prompt, num_images, num_images_per_prompt)
         if seeds is None:
-            if generator is not None:
+            if isinstance(generator, list):
+                if len(generator) != n:
+                    raise ValueError(f"{len(generator)} generators for {n} images")
+                seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) for g in generator]
+            elif generator is not None:
                 seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
             else:
                 seeds = sample_seeds(0, n)
@@ -327,9 +463,13 @@ class UViTPipeline(DiffusionPipeline):
 
         device = self._execution_device
         c = self.transformer.config
+        shape = (c.in_chans, c.img_size, c.img_size)
+        if latents is not None and tuple(latents.shape) != (n, *shape):
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(n, *shape)}")
         self.transformer.eval()
-        sched = self.scheduler
-        self.scheduler.set_timesteps(num_inference_steps)  # for inspection (scheduler.timesteps)
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        sched.set_timesteps(num_inference_steps)  # for inspection (scheduler.timesteps)
+        self._num_timesteps = len(sched.timesteps)
         empty = self.encode_prompt([""], device) if kind == "text" and guidance_scale > 0 else None
 
         out = []
@@ -337,7 +477,9 @@ class UViTPipeline(DiffusionPipeline):
             for start in range(0, n, batch_size):
                 chunk = seeds[start:start + batch_size]
                 noise = PerSampleNoise(chunk, device=device)
-                x_T = noise.randn((c.in_chans, c.img_size, c.img_size))
+                x_T = noise.randn(shape)
+                if latents is not None:  # (drawing x_T anyway keeps the generators where the seeds put them)
+                    x_T = latents[start:start + len(chunk)].to(device=device, dtype=torch.float32)
                 if kind == "class":
                     cond_b = cond[start:start + len(chunk)]
                 elif kind == "text":
@@ -345,7 +487,11 @@ class UViTPipeline(DiffusionPipeline):
                 else:
                     cond_b = None
                 net = self._network(kind, cond_b, empty, guidance_scale, device)
-                x = sched.sample(wrap_model(net, sched.noise_schedule), x_T, num_inference_steps, noise=noise)
+                if use_steps:
+                    x = self._step_loop(net, x_T, num_inference_steps, noise, stock, callback_on_step_end, cb_inputs)
+                else:
+                    x = sched.sample(wrap_model(net, sched.noise_schedule), x_T * sched.init_noise_sigma,
+                                     num_inference_steps, noise=noise)
                 out.append(x.float())
                 bar.update(len(chunk))
         x = torch.cat(out)

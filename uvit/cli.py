@@ -5,6 +5,7 @@
     uvit run digits                  every stage in order (what `dvc repro` does, without DVC's caching)
     uvit publish digits              the run to digits.artifacts.url (S3 or a folder), sha256 manifest
     uvit fetch digits [RUN_ID]       a published run back, every file verified
+    uvit generate runs/digits/train  images from a checkpoint: a grid, PNGs, samples.npz
 """
 
 from __future__ import annotations
@@ -257,6 +258,93 @@ def miniature(
     project = make_project(root, dest / "project", overrides)
     typer.echo(f"miniature inputs in {dest / 'inputs'}; project in {project}. Run one chain with:\n"
                f"  cd {project} && dvc repro paper/dvc.yaml:publish@{names[0]}")
+
+
+def _sampler_names() -> str:
+    from typing import get_args
+
+    from uvit.config import SampleConfig
+
+    return ", ".join(get_args(SampleConfig.model_fields["sampler"].annotation))
+
+
+@app.command()
+def generate(
+    source: Annotated[Path, typer.Argument(
+        help="A trained run (runs/<benchmark>/train or runs/<benchmark>: its ema/ weights, as the sample stage), "
+             "a save_pretrained directory (config.json + model.safetensors), or an official .pth (with --preset).",
+        show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: grid.png, images/{i:06d}.png, samples.npz "
+                                      "(uint8 NHWC arr_0 + labels/captions), generate.json.")] = Path("generated"),
+    preset: Annotated[str | None, typer.Option(help="The architecture of an official .pth, e.g. imagenet256_uvit_h2 "
+                                               "(`uvit models` lists them).")] = None,
+    vae: Annotated[str | None, typer.Option(help="Latent models: the autoencoder that decodes samples (an official "
+                                            "autoencoder_kl*.pth or a diffusers directory). Default: the benchmark "
+                                            "block's sample.vae / encode.vae when that file is there.")] = None,
+    text_encoder: Annotated[str | None, typer.Option("--text-encoder", help="Text-to-image models: the CLIP text "
+                                                     "encoder (a local directory). Default: the block's "
+                                                     "encode.text_encoder.")] = None,
+    classes: Annotated[list[str] | None, typer.Option("--class", "-c", help="Class-conditional models: class ids "
+                                                      "or names (ImageNet names such as 'golden retriever'); "
+                                                      "repeat it or give a comma list. Image i gets class i mod the "
+                                                      "number given. Default: every class in turn, as the sample "
+                                                      "stage.")] = None,
+    prompts: Annotated[list[str] | None, typer.Option("--prompt", help="Text-to-image models: a caption "
+                                                      "(repeatable); image i gets prompt i mod the number given.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option("--prompts-file", help="A text file of prompts, one per "
+                                                      "line (added after --prompt).")] = None,
+    num: Annotated[int | None, typer.Option("--num", "-n", help="How many images. Default: 8 per --class or "
+                                            "prompt given, else 64.", show_default=False)] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (0: none; the official "
+                                                   "scale, output = (1+s) cond - s uncond). Default: the block's "
+                                                   "sample.guidance_scale, else 0.", show_default=False)] = None,
+    sampler: Annotated[str | None, typer.Option(help=f"One of: {_sampler_names()}. Default: the block's "
+                                                "sample.sampler, else dpm_solver_pp_2m.", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps. Default: the block's sample.steps (for its own "
+                                              "sampler), else 25.", show_default=False)] = None,
+    schedule: Annotated[str | None, typer.Option(help="Noise schedule: vpsde or discrete. Default: the block's "
+                                                 "diffusion.schedule, else vpsde for pixel models and discrete "
+                                                 "for latent ones.", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Image i uses seed seed*10^7 + i, the sample stage's rule (same "
+                                             "seed, settings and labels: the stage's pixels). Default: the block's "
+                                             "sample.seed, else 0.", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass (does not change "
+                                                   "the images). Default: the block's sample.batch_size, else 64.",
+                                                   show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N. Default: cuda when there is one.",
+                                               show_default=False)] = None,
+    precision: Annotated[str, typer.Option(help="fp32 (the sample stage's pixels), or bf16 / fp16 autocast for the "
+                                           "model's forward.")] = "fp32",
+    benchmark: Annotated[str | None, typer.Option(help="The params.yaml block whose settings are the defaults. "
+                                                  "Default: the run's benchmark, the preset's, or the block whose "
+                                                  "model has this architecture.", show_default=False)] = None,
+    params: Annotated[Path | None, typer.Option("--params", "-p", help="Parameter file. Default: the run's project "
+                                                "params.yaml, else ./params.yaml if there.", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Images from a checkpoint: a PNG grid, one PNG per image and an ADM-style samples.npz.
+
+    The sampling is the sample stage's own (its generate call, seed and label rules, VAE decoding), so the same seeds and settings give the same pixels.
+
+    Examples: `uvit generate runs/digits/train --class 3 --num 16 --out out/threes`;
+    `uvit generate imagenet256_uvit_huge.pth --preset imagenet256_uvit_h2 --vae models/autoencoder_kl_ema.pth --class "golden retriever,207"`.
+    """
+    from uvit.config import ConfigError
+    from uvit.encoders import WeightsNotAvailableError
+    from uvit.generate import GenerateError, read_prompts, run_generate
+
+    try:
+        result = run_generate(
+            source, out, preset=preset, params=params, benchmark=benchmark, schedule=schedule, sampler=sampler,
+            steps=steps, guidance=guidance, num=num, seed=seed, classes=classes or [],
+            prompts=read_prompts(prompts or [], prompts_file), vae=vae, text_encoder=text_encoder,
+            batch_size=batch_size, device=device, precision=precision, progress=not quiet)
+    except (GenerateError, ConfigError, FileNotFoundError, WeightsNotAvailableError) as e:
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{result['num']} images ({result['sampler']} x{result['steps']}, guidance {result['guidance_scale']}) "
+               f"-> {result['grid']}, {result['images']}/, {result['npz']}")
 
 
 def main() -> None:  # pragma: no cover

@@ -152,6 +152,42 @@ def test_latent_run_decodes_as_the_sample_stage(tmp_path, monkeypatch):
         assert np.array_equal(got, want) and labels.tolist() == want_labels.tolist() == [0, 1, 2, 3, 0, 1]
 
 
+def test_prompts_condition_a_text_model(tmp_path, write_tiny_clip_vocab):
+    """Prompts cycle over the images; contexts are the CLIP encoding of each image's prompt, the
+    unconditional branch the empty prompt's, decoded by the VAE: the calls the stage makes."""
+    import transformers
+
+    from uvit.encoders.text import empty_context, encode_text, load_text_encoder
+    from uvit.encoders.vae import decode, load_vae
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    vocab = write_tiny_clip_vocab(clip)
+    torch.manual_seed(0)
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(str(clip))
+    vae = _tiny_vae_dir(tmp_path / "vae")
+    model = UViT(UViTConfig(img_size=4, in_chans=4, clip_dim=16, num_text_tokens=77, embed_dim=32, depth=2,
+                            num_heads=2, patch_size=2))
+    model.save_pretrained(tmp_path / "t2i")
+    (tmp_path / "prompts.txt").write_text("a dog\n\nthe cat\n")
+    r = invoke(tmp_path / "t2i", "--prompt", "a cat", "--prompts-file", tmp_path / "prompts.txt", "--num", 4,
+               "--text-encoder", clip, "--vae", vae, "--steps", 2, "--guidance", 1.0, "--seed", 3,
+               "--out", tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "out" / "samples.npz") as f:
+        images, captions = f["arr_0"].transpose(0, 3, 1, 2), f["captions"].tolist()
+        assert "labels" not in f.files
+    assert captions == ["a cat", "a dog", "the cat", "a cat"]
+    tokenizer, text_model = load_text_encoder(clip)
+    x = generate(model, schedule="discrete", sampler="dpm_solver_pp_2m", steps=2, seeds=sample_seeds(3, 4),
+                 contexts=encode_text(tokenizer, text_model, captions), guidance_scale=1.0,
+                 empty_context=empty_context(tokenizer, text_model), progress=False)
+    want = to_uint8(decode(load_vae(vae, scale_factor=0.2301), x, batch_size=50))
+    assert images.shape == (4, 3, 8, 8) and np.array_equal(images, want)
+
+
 # ------------------------------------------------------------------------------------ outputs
 def test_files_written(digits, tmp_path):
     _, paths, _, _ = digits
@@ -171,7 +207,7 @@ def test_files_written(digits, tmp_path):
     grid = Image.open(out / "grid.png")
     assert grid.size == (3 * 66 + 2, 3 * 66 + 2)
     info = json.loads((out / "generate.json").read_text())
-    assert info["kind"] == "run" and info["benchmark"] == "digits" and info["labels"] == [1, 4, 9, 1, 4, 9, 1]
+    assert info["kind"] == "run" and info["benchmark"] == "digits" and info["classes"] == [1, 4, 9]
 
 
 def test_help_lists_the_options():
@@ -216,6 +252,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     ("missing checkpoint", ["missing"], ["no such file or directory"]),
     ("unknown sampler", ["class", "--sampler", "ddim"], ["--sampler 'ddim'", "dpm_solver"]),
     ("missing prompts file", ["text", "--prompts-file", "MISSING.txt"], ["MISSING.txt"]),
+    ("unknown precision", ["class", "--precision", "fp8"], ["--precision 'fp8'"]),
+    ("bad device", ["class", "--device", "gpu0"], ["--device 'gpu0'"]),
 ])
 def test_bad_input_fails_with_one_line(models, tmp_path, monkeypatch, case, args, message):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: no block applies
@@ -238,6 +276,20 @@ def test_class_names_and_imagenet_labels():
     with pytest.raises(ValueError, match="names classes 2, 3"):
         parse_classes(["cardigan"], 4, names)
     assert make_labels([5, 1], 5).tolist() == [5, 1, 5, 1, 5]
+
+
+def test_class_names_of_a_run_come_from_its_data_manifest(digits, tmp_path):
+    cfg, paths, _, _ = digits
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    manifest = paths.data / "train" / "manifest.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"meta": {"classes": names}}))
+    try:
+        r = invoke(paths.train, "--class", "Seven,two", "--num", 3, "--steps", 1, "--out", tmp_path, "-q")
+    finally:
+        manifest.unlink()
+    assert r.exit_code == 0, r.output
+    assert load_samples(tmp_path / "samples.npz")[1].tolist() == [7, 2, 7]
 
 
 def test_official_imagenet_defaults_come_from_its_block(tmp_path):

@@ -127,9 +127,10 @@ def _block_for(config: UViTConfig, params: Path | None, name: str | None) -> Ben
         return None
     if name is not None:
         return _block(name, params)
-    for key in load_params(params):
+    blocks = load_params(params)
+    for key in blocks:
         try:
-            cfg = load_benchmark(key, load_params(params))
+            cfg = load_benchmark(key, blocks)
         except ConfigError:  # a broken or foreign block describes no model
             continue
         if cfg.uvit_config() == config:
@@ -267,16 +268,17 @@ def resolve_settings(ckpt: Checkpoint, *, schedule: str | None = None, sampler: 
 
 # ------------------------------------------------------------------------------- conditioning
 def class_names(ckpt: Checkpoint) -> list[str] | None:
-    """The names of the K real classes: the data manifest's `class_names` (a trained run), the
-    ImageNet names for 1000 classes (torchvision's list, in the standard synset order), digits
-    '0'..'9'; None when unknown."""
+    """The names of the K real classes: the data manifest's `class_names` or `classes` (a trained
+    run), the ImageNet names for 1000 classes (torchvision's list, in the standard synset order),
+    digits '0'..'9'; None when unknown."""
     k, b = ckpt.num_real_classes, ckpt.benchmark
     if b is not None and ckpt.root is not None:
         from uvit.paths import BenchmarkPaths
 
         manifest = BenchmarkPaths(b.name, ckpt.root).data / "train" / "manifest.json"
         if manifest.is_file():
-            names = json.loads(manifest.read_text()).get("meta", {}).get("class_names")
+            meta = json.loads(manifest.read_text()).get("meta", {})
+            names = meta.get("class_names", meta.get("classes"))
             if isinstance(names, list) and len(names) == k:
                 return [str(n) for n in names]
     if k == 1000 and (b is None or b.data.source == "imagenet"):
@@ -390,6 +392,19 @@ def _text_encoder(ckpt: Checkpoint, text_encoder: str | None) -> str:
     return text_encoder
 
 
+def _device(device: str | None) -> str:
+    """`device`, checked, or cuda when there is one, else cpu."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise GenerateError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {device}: no CUDA device here; use --device cpu")
+    return device
+
+
 # ----------------------------------------------------------------------------------- sampling
 def draw(model: UViT, settings: Settings, seeds: list[int], *, labels: torch.Tensor | None = None,
          contexts: torch.Tensor | None = None, empty_context: torch.Tensor | None = None,
@@ -447,6 +462,9 @@ def generate_images(ckpt: Checkpoint, settings: Settings, *, num: int | None = N
 
     classes, prompts = list(classes), list(prompts)
     _check_conditioning(ckpt, classes, prompts)
+    if precision not in PRECISIONS:
+        raise GenerateError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    device = _device(device)
     ids = parse_classes(classes, ckpt.num_real_classes, class_names(ckpt)) if classes else None
     encoder = _text_encoder(ckpt, text_encoder) if ckpt.is_text else None
     decoder = _decoder(ckpt, vae)
@@ -457,7 +475,6 @@ def generate_images(ckpt: Checkpoint, settings: Settings, *, num: int | None = N
     batch_size = batch_size or (ckpt.benchmark.sample.batch_size if ckpt.benchmark else FALLBACK_BATCH_SIZE)
     if batch_size < 1:
         raise GenerateError(f"--batch-size must be >= 1, got {batch_size}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     seed = seed if seed is not None else (ckpt.benchmark.sample.seed if ckpt.benchmark else 0)
     labels = None
     if ckpt.config.num_classes > 0:
@@ -506,7 +523,8 @@ def run_generate(source: str | Path, out: Path, *, preset: str | None = None, pa
     info = {"source": str(ckpt.path), "kind": ckpt.kind, "preset": preset,
             "benchmark": ckpt.benchmark.name if ckpt.benchmark else None, **asdict(settings),
             "num": len(result.images), "seed": result.seed,
-            "labels": None if result.labels is None else result.labels.tolist(),
+            # label i is classes[i % len(classes)] (make_labels), prompt i likewise
+            "classes": None if result.labels is None else list(dict.fromkeys(result.labels.tolist())),
             "prompts": list(dict.fromkeys(result.prompts)) if result.prompts else None,
             "precision": options.get("precision", "fp32")}
     return {**write_outputs(out, result, info), "num": len(result.images),

@@ -150,7 +150,8 @@ def test_output_types(saved_class_pipe):
 
 # ---------------------------------------------------------------------------- scheduler
 @pytest.mark.parametrize("solver,schedule", [("dpm_solver", "vpsde"), ("dpm_solver_pp", "discrete"),
-                                             ("dpm_solver_pp_2m", "discrete"), ("euler_maruyama", "vpsde")])
+                                             ("dpm_solver_pp_2m", "discrete"), ("euler_maruyama", "vpsde"),
+                                             ("dpm_solver_pp_3m", "discrete"), ("unipc_bh2", "discrete")])
 def test_scheduler_timesteps_are_the_network_inputs(class_model, solver, schedule):
     sch = UViTDPMSolverScheduler(schedule=schedule, solver=solver)
     pipe = _quiet(UViTPipeline(transformer=UViTTransformer.from_uvit(class_model), scheduler=sch))
@@ -175,8 +176,8 @@ def test_scheduler_config_and_validation(tmp_path):
     back = UViTDPMSolverScheduler.from_pretrained(tmp_path)
     public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     assert public(back.config) == public(sch.config)
-    assert UViTDPMSolverScheduler(solver="dpm_solver", order=3, skip_type="time_uniform", t_end=1e-3).sampler_kwargs == {
-        "order": 3, "skip_type": "time_uniform", "t_end": 1e-3, "denoise_final": False}
+    fast = UViTDPMSolverScheduler(solver="dpm_solver", order=3, skip_type="time_uniform", t_end=1e-3)
+    assert fast.sampler_kwargs == {"order": 3, "skip_type": "time_uniform", "t_end": 1e-3, "denoise_final": False}
     assert UViTDPMSolverScheduler(solver="euler_maruyama").sampler_kwargs == {"denoise_final": False}
     assert UViTDPMSolverScheduler(solver="dpm_solver").sampler_kwargs == {"denoise_final": False}  # order: default
     for bad in (dict(solver="ddim"), dict(schedule="cosine"), dict(order=4), dict(skip_type="karras"),

@@ -326,7 +326,7 @@ class UViTPipeline(DiffusionPipeline):
                 f"VP SDE (schedule {schedule!r}: alpha(t) continuous in t in [0, 1], network time 999 t), which "
                 "no stock scheduler's betas and integer timesteps describe; use "
                 "UViTDPMSolverScheduler(schedule='vpsde', solver=...) (any sampler of uvit.diffusion)")
-        for attr in ("set_timesteps", "step", "scale_model_input"):
+        for attr in ("set_timesteps", "step"):
             if not callable(getattr(sched, attr, None)):
                 raise TypeError(f"{name} has no {attr}(): not a diffusers scheduler with the standard step API")
         pred = getattr(sched.config, "prediction_type", "epsilon")
@@ -376,7 +376,8 @@ class UViTPipeline(DiffusionPipeline):
             if self.interrupt:
                 break
             t_net = torch.full((x.shape[0],), float(t) + offset, dtype=torch.float32, device=x.device)
-            eps = net(sched.scale_model_input(x, t), t_net)
+            inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x  # (diffusers' rule)
+            eps = net(inp, t_net)
             x = sched.step(eps, t, x, **extra, return_dict=False)[0]
             if callback is not None:
                 out = callback(self, i, t, {k: {"latents": x}[k] for k in callback_inputs})

@@ -123,6 +123,8 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
             schedule's betas (see `DIFFUSERS_BETAS`), filled in from `schedule`; given values must
             agree with it. They let a stock diffusers scheduler be built `from_config` of this one.
         prediction_type: what the network predicts; U-ViT predicts noise, so only "epsilon".
+        clip_sample: always False (no sampler clips x0); recorded so that e.g.
+            `DDIMScheduler.from_config` does not clip latents by its own default.
     """
 
     _compatibles: list[str] = []
@@ -143,6 +145,7 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
         beta_end: float | None = None,
         beta_schedule: str | None = None,
         prediction_type: str = "epsilon",
+        clip_sample: bool = False,
     ):
         given = {k: v for k, v in dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
                                         beta_end=beta_end, beta_schedule=beta_schedule).items() if v is not None}
@@ -164,10 +167,12 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("euler_maruyama integrates the continuous VP SDE: it needs schedule='vpsde'")
         if prediction_type != "epsilon":
             raise ValueError(f"prediction_type={prediction_type!r}: U-ViT networks predict noise ('epsilon')")
+        if clip_sample:
+            raise ValueError("clip_sample=True: U-ViT's samplers never clip the x0 prediction")
         self.register_to_config(schedule=schedule, **DIFFUSERS_BETAS[schedule])
         # diffusers' from_config drops keys listed as "defaults used": the beta keys must reach a
         # stock scheduler built from this config (saved JSON files never carry the list)
-        shared = {"schedule", "prediction_type", *DIFFUSERS_BETAS[schedule]}
+        shared = {"schedule", "prediction_type", "clip_sample", *DIFFUSERS_BETAS[schedule]}
         used = [k for k in self.config.get("_use_default_values", []) if k not in shared]
         self.register_to_config(_use_default_values=used)
         self.noise_schedule: NoiseSchedule = make_schedule(schedule)
@@ -275,7 +280,8 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
             raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
         i, n = self._step_index, self.num_inference_steps
         if i >= len(self.timesteps):
-            raise RuntimeError(f"all {len(self.timesteps)} steps are done; call set_timesteps() to start a new trajectory")
+            raise RuntimeError(f"all {len(self.timesteps)} steps are done; call set_timesteps() to start "
+                               "a new trajectory")
         expected = float(self.timesteps[i])
         if abs(float(torch.as_tensor(timestep)) - expected) > 1e-3 * max(1.0, abs(expected)):
             raise ValueError(f"step {i} expects timestep {expected}, got {float(torch.as_tensor(timestep))}")

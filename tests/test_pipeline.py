@@ -90,6 +90,9 @@ CUT_DOWN = {
     "train": {"steps": 60, "checkpoint_every": 30, "log_every": 5},
     "sample": {"num_samples": 100, "batch_size": 100, "steps": 10},
     "score": {"classifier_epochs": 5},
+    # The reference at the sample stage's own setting: its seed-0 point must reproduce the score stage.
+    "sampler_study": {"reference": {"sampler": "dpm_solver_pp_2m", "steps": 10}, "samplers": ["unipc_bh2"],
+                      "skip_types": ["logSNR"], "nfe": [4], "seeds": [0, 1]},
 }
 
 
@@ -209,6 +212,25 @@ def test_repro_writes_the_report(reproduced: Path) -> None:
         assert (reproduced / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     index = (reproduced / "reports/README.md").read_text()
     assert "digits" in index and "not run" in index  # the paper benchmarks have not been run
+
+
+def test_sampler_study_reproduces_the_score_stage_at_its_setting(reproduced: Path) -> None:
+    """The study's reference point at the sample stage's setting and seed draws the same samples,
+    so its FID and conditional accuracy are the score stage's; the page and summary hold its rows."""
+    import pandas as pd
+
+    rows = pd.read_csv(reproduced / "runs/digits/samplers/results.csv")
+    assert len(rows) == (1 + 1) * 2  # (reference + 1 sampler x 1 grid x 1 NFE) x 2 seeds
+    metrics = json.loads((reproduced / "runs/digits/score/metrics.json").read_text())
+    ref0 = rows[rows["reference"] & (rows["seed"] == 0)].iloc[0]
+    assert ref0["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
+    assert ref0["conditional_accuracy"] == pytest.approx(metrics["conditional_accuracy"], abs=1e-9)
+    assert rows.loc[~rows["reference"], "nfe"].tolist() == [4, 4]
+    summary = json.loads((reproduced / "runs/digits/samplers/summary.json").read_text())
+    assert summary["reference"]["fid_mean"] == pytest.approx(rows.loc[rows["reference"], "fid"].mean())
+    page = (reproduced / "reports/samplers.md").read_text()
+    assert f"FID {summary['reference']['fid_mean']:.2f}" in page
+    assert (reproduced / "reports/samplers/fid_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dvc_lists_the_metrics(reproduced: Path) -> None:

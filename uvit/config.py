@@ -117,12 +117,16 @@ class TrainConfig(_Section):
     fid_samples: PositiveInt = 1000
 
 
+SamplerName = Literal["euler_maruyama", "dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "dpm_solver_pp_3m",
+                      "unipc_bh1", "unipc_bh2"]
+SkipType = Literal["logSNR", "time_uniform", "time_quadratic"]
+
+
 class SampleConfig(_Section):
-    sampler: Literal["euler_maruyama", "dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "dpm_solver_pp_3m",
-                     "unipc_bh1", "unipc_bh2"]
+    sampler: SamplerName
     steps: PositiveInt
     # Few-step options (uvit.diffusion.samplers); None: the sampler's own (the paper protocol's) default.
-    skip_type: Literal["logSNR", "time_uniform", "time_quadratic"] | None = None  # the time grid
+    skip_type: SkipType | None = None  # the time grid
     denoise_final: bool = False  # end with a denoising step (the x0 prediction at the last time)
     order: Literal[1, 2, 3] | None = None  # dpm_solver, dpm_solver_pp and unipc_* only
     guidance_scale: float = Field(0.0, ge=0)
@@ -162,6 +166,28 @@ class ScoreConfig(_Section):
     reference_stats: str | None = None  # a user-supplied .npz (mu, sigma), e.g. ADM's ImageNet statistics
     clip_model: str | None = None  # text-to-image: CLIP for the CLIP score (a local directory or hub id)
     kid_subset_size: PositiveInt = 1000  # KID subsets of min(this, number of samples) images
+
+
+class StudyReference(_Section):
+    """The protocol the study measures against (the paper's: DPM-Solver, 50 steps)."""
+
+    sampler: SamplerName
+    steps: PositiveInt
+    skip_type: SkipType | None = None
+
+
+class SamplerStudyConfig(_Section):
+    """The sampler study (`uvit samplers <benchmark>`; digits-classifier benchmarks): FID and
+    conditional accuracy of every sampler x time grid x NFE, each over `seeds` (sample.seed values),
+    with the benchmark's guidance, sample count and batch size; reports/samplers.md names the
+    cheapest setting whose mean FID is within `tolerance` of the reference's."""
+
+    reference: StudyReference
+    samplers: list[SamplerName] = Field(min_length=1)
+    skip_types: list[SkipType] = Field(min_length=1)
+    nfe: list[PositiveInt] = Field(min_length=1)
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    tolerance: float = Field(0.02, gt=0, lt=1)
 
 
 class ArtifactsConfig(_Section):
@@ -215,6 +241,7 @@ class BenchmarkConfig(_Section):
     sample: SampleConfig
     score: ScoreConfig
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    sampler_study: SamplerStudyConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -9,7 +9,8 @@
     runs/<benchmark>/sample-summary/    summary.json, grid.png (+ examples.png/json): small, committed
     runs/<benchmark>/classifier/        the digits feature extractor (digits only)
     runs/<benchmark>/score/             metrics.json
-    reports/<benchmark>.md, reports/<benchmark>/*.png, reports/README.md
+    runs/<benchmark>/samplers/          the sampler study: results.csv (per setting and seed), summary.json
+    reports/<benchmark>.md, reports/<benchmark>/*.png, reports/README.md, reports/samplers.md (+ samplers/)
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class BenchmarkPaths:
     @property
     def score(self) -> Path:
         return self.run / "score"
+
+    @property
+    def samplers(self) -> Path:
+        """The sampler study's results (the samplers stage); its page is reports/samplers.md."""
+        return self.run / "samplers"
 
     @property
     def reports(self) -> Path:

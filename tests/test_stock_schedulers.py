@@ -194,6 +194,24 @@ def test_stock_scheduler_pipeline_saves_and_loads(latent_model, tmp_path):
     assert torch.equal(_run(back, 5), _reference(latent_model, "dpm_solver_pp_2m", 5))
 
 
+def test_stochastic_stock_scheduler_draws_per_sample_noise(latent_model):
+    """SDE-DPM-Solver++ draws its noise from each sample's generator: image i depends on seeds[i]
+    only, not on the batch split, the other images or the global RNG."""
+    sde = DPMSolverMultistepScheduler.from_config(_ours().config, algorithm_type="sde-dpmsolver++")
+    pipe = _pipe(latent_model, sde, schedule="discrete")
+    seeds = [11, 12, 13, 14]
+    all4 = _run(pipe, 5, seeds=seeds)
+    torch.manual_seed(123)
+    split = _run(pipe, 5, seeds=seeds, batch_size=3)
+    torch.manual_seed(456)
+    one = _run(pipe, 5, class_labels=[LABELS[2]], seeds=seeds[2:3])
+    torch.testing.assert_close(split, all4, rtol=0, atol=1e-5)
+    torch.testing.assert_close(one[0], all4[2], rtol=0, atol=1e-5)
+    ode = _run(_pipe(latent_model, DPMSolverMultistepScheduler.from_config(_ours().config), schedule="discrete"), 5,
+               seeds=seeds)
+    assert (ode - all4).abs().max() > 1e-2  # the noise is really there
+
+
 # ---------------------------------------------------------------------------- diffusers' __call__ arguments
 def test_num_images_per_prompt_repeats_each_label_in_a_row(latent_model):
     pipe = _pipe(latent_model, _ours(solver="dpm_solver_pp_2m"))

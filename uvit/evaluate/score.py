@@ -6,7 +6,8 @@
 - :func:`score_inception`: FID against the reference statistics, IS, KID and precision/recall
   (against the reference features), and for text-to-image the CLIP score; one Inception pass.
 - :func:`reference_statistics`: (mu, sigma, kid_features) of the real images, from a supplied
-  ``.npz`` or computed once and cached under ``runs/<benchmark>/reference/``.
+  ``.npz`` or computed once (streamed over the split, :mod:`uvit.evaluate.reference`) and cached
+  under ``runs/<benchmark>/reference/``.
 
 Samples are uint8 (N, C, H, W).
 """
@@ -21,13 +22,11 @@ import torch
 
 from uvit.config import BenchmarkConfig
 from uvit.evaluate.draw import device_for, draw_samples
+from uvit.evaluate.reference import KID_REFERENCE_ROWS
 from uvit.fileio import sha256_file, write_npz
 from uvit.paths import BenchmarkPaths
 
 __all__ = ["KID_REFERENCE_ROWS", "reference_split", "reference_statistics", "score_digits", "score_inception"]
-
-# Reference features kept for KID (a fixed, evenly spaced subset: KID needs features, not statistics).
-KID_REFERENCE_ROWS = 10_000
 
 
 def score_digits(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.ndarray,
@@ -83,15 +82,17 @@ def _precision_recall(generated: np.ndarray, real: np.ndarray, **kw) -> tuple[fl
     return precision_recall_from_features(fg, fr)
 
 
-def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
+def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, progress: bool | None = None):
     """(mu, sigma, kid_features) of the real data's Inception features: a user-supplied `.npz`
     (score.reference_stats, e.g. ADM's ImageNet statistics: kid_features None unless the file has a
-    `kid_features` array), else computed once from the training images and cached in
+    `kid_features` array), else computed once from the real images and cached in
     runs/<benchmark>/reference/stats-<manifest digest>.npz (new data recomputes), with the 2048-d
     features of up to KID_REFERENCE_ROWS evenly spaced images for KID. Text-to-image benchmarks
-    use the validation images (the official reference), the others the training images."""
-    from uvit.data.shards import ShardedArrays
-    from uvit.evaluate.fid import extract_features, load_fid_statistics
+    use the validation images (the official reference), the others the training images. The
+    split is streamed batch by batch (:mod:`uvit.evaluate.reference`: memory does not grow with
+    its size); progress: a bar on stderr (None: only on a terminal)."""
+    from uvit.evaluate.fid import load_fid_statistics
+    from uvit.evaluate.reference import extractor_statistics
 
     if cfg.score.reference_stats:
         mu, sigma = load_fid_statistics(cfg.score.reference_stats)
@@ -104,14 +105,10 @@ def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths):
     if cache.is_file():
         with np.load(cache) as f:
             return f["mu"], f["sigma"], (f["kid_features"] if "kid_features" in f.files else None)
-    images = np.array(ShardedArrays(split).field("images"))
-    feats = extract_features(images, ("2048",), extractor="inception", weights_path=cfg.score.inception_weights,
-                             device=device_for(cfg))["2048"]
-    mu, sigma = _fid_stats(feats)
-    rows = np.linspace(0, len(feats) - 1, min(len(feats), KID_REFERENCE_ROWS)).round().astype(np.int64)
-    kid_features = feats[rows].numpy().astype(np.float32)
-    write_npz(cache, mu=mu, sigma=sigma, kid_features=kid_features)
-    return mu, sigma, kid_features
+    stats = extractor_statistics(split, extractor="inception", weights_path=cfg.score.inception_weights,
+                                 device=device_for(cfg), kid_limit=KID_REFERENCE_ROWS, progress=progress)
+    write_npz(cache, mu=stats.mu, sigma=stats.sigma, kid_features=stats.kid_features)
+    return stats.mu, stats.sigma, stats.kid_features
 
 
 def reference_split(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from uvit.data.shards import DataIntegrityError, Manifest, ShardedArrays, verify_split
 
@@ -155,19 +156,23 @@ def image_split_frames(
     *,
     image_field: str = "images",
     label_field: str = "labels",
+    progress: bool | None = None,
 ):
     """Summarise a split as (rows, classes) pandas DataFrames for the expectation suites.
 
     rows: one row per image: ``row`` (int, global index), ``label``, ``pixel_min``, ``pixel_max``
     (over the image's finite values), ``all_finite`` (bool). classes: one row per class
     ``0..num_classes-1``: ``class``, ``count`` (rows with that label, 0 if absent), ``share``.
-    Computed shard by shard so memory stays at one shard's images.
+    Computed shard by shard so memory stays at one shard's images. progress: a tqdm bar over the
+    shards on stderr (None: only when stderr is a terminal; False: never).
     """
     import pandas as pd
 
     parts = []
     offset = 0
-    for k, entry in enumerate(ds.manifest.shards):
+    bar = tqdm(ds.manifest.shards, desc=f"validate {ds.manifest.split}: shards", unit="shard", ascii=True,
+               disable=None if progress is None else not progress)
+    for k, entry in enumerate(bar):
         images = np.asarray(ds.shard(image_field, k)).reshape(entry.count, -1)
         labels = np.asarray(ds.shard(label_field, k)) if num_classes else np.full(entry.count, -1, np.int64)
         if images.dtype.kind == "f":
@@ -238,9 +243,11 @@ def _class_suite(e: ImageSplitExpectations) -> list:
     ]
 
 
-def _run_suites(frames: dict[str, tuple[Any, list, str]]) -> list[ExpectationOutcome]:
+def _run_suites(frames: dict[str, tuple[Any, list, str]], progress: bool | None = None,
+                desc: str = "validate: suites") -> list[ExpectationOutcome]:
     """Run one GE suite per frame; ``frames``: key -> (DataFrame, [(name, expectation)], index
-    column naming offending rows). Returns outcomes in suite order."""
+    column naming offending rows). Returns outcomes in suite order. progress: a tqdm bar over the
+    suites (None: only on a terminal)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -248,7 +255,9 @@ def _run_suites(frames: dict[str, tuple[Any, list, str]]) -> list[ExpectationOut
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas(name="uvit")
     outcomes: list[ExpectationOutcome] = []
-    for key, (df, named, index_col) in frames.items():
+    bar = tqdm(frames.items(), total=len(frames), desc=desc, unit="suite", ascii=True,
+               disable=None if progress is None else not progress)
+    for key, (df, named, index_col) in bar:
         batch = source.add_dataframe_asset(name=key).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=key))
         for name, expectation in named:
@@ -310,12 +319,14 @@ def validate_image_split(
     *,
     image_field: str = "images",
     label_field: str = "labels",
+    progress: bool | None = None,
 ) -> ValidationReport:
     """Validate the image-classification split at ``root``; never raises for bad data.
 
     Integrity problems (missing/invalid manifest, missing or modified shard files) and broken
     expectations alike come back as failed outcomes in the report; use :func:`require_valid`
-    to stop a pipeline on failure.
+    to stop a pipeline on failure. progress: tqdm bars on stderr over the shards being summarised
+    and the suites being run (None: only when stderr is a terminal; False: never).
     """
     root = Path(root)
     manifest, checksums = verify_checksums(root)
@@ -334,8 +345,8 @@ def validate_image_split(
 
     ds = ShardedArrays(root)
     try:
-        rows, classes = image_split_frames(ds, expectations.num_classes,
-                                           image_field=image_field, label_field=label_field)
+        rows, classes = image_split_frames(ds, expectations.num_classes, image_field=image_field,
+                                           label_field=label_field, progress=progress)
     except DataIntegrityError as e:  # e.g. a file's shape disagrees with the manifest
         outcomes.append(ExpectationOutcome("readable", False, str(e)))
         return ValidationReport(artifact, False, outcomes)
@@ -343,5 +354,5 @@ def validate_image_split(
     suites = {"rows": (rows, _row_suite(expectations, manifest), "row")}
     if expectations.num_classes:
         suites["classes"] = (classes, _class_suite(expectations), "class")
-    outcomes += _run_suites(suites)
+    outcomes += _run_suites(suites, progress, desc=f"validate {manifest.split}: suites")
     return ValidationReport(artifact, all(o.success for o in outcomes), outcomes)

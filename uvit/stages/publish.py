@@ -135,13 +135,15 @@ def run_record(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     }
 
 
-def run_publish(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
+def run_publish(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, progress: bool | None = None) -> dict:
+    """Upload the run (see the module doc); progress: a bar over its bytes on stderr (None: only
+    when stderr is a terminal, False: never)."""
     files, ray_prefix = collect(cfg, paths)
     store = open_store(cfg, paths)
     with tempfile.TemporaryDirectory(prefix="uvit-publish-") as tmp:
         record = Path(tmp) / "run.json"
         write_json(record, run_record(cfg, paths), sort_keys=True)
-        ref = store.upload_files({**files, "run.json": record}, cfg.name)
+        ref = store.upload_files({**files, "run.json": record}, cfg.name, progress=progress)
     manifest = store.manifest(cfg.name, ref.run_id)
     result = {
         "benchmark": cfg.name,
@@ -156,11 +158,12 @@ def run_publish(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
 
 
 def run_fetch(cfg: BenchmarkConfig, paths: BenchmarkPaths, run_id: str | None = None,
-              dest: str | Path | None = None) -> dict:
+              dest: str | Path | None = None, *, progress: bool | None = None) -> dict:
     """Download a published run, every file verified against the manifest's sha256.
 
     `run_id`: an id, `latest` (the newest complete run in the store), or None for the run recorded
     in runs/<benchmark>/publish.json. `dest` defaults to fetched/<benchmark>/<run-id>/.
+    progress: a bar over the run's bytes on stderr (None: only when stderr is a terminal).
     """
     store = open_store(cfg, paths)
     if run_id is None:
@@ -174,6 +177,6 @@ def run_fetch(cfg: BenchmarkConfig, paths: BenchmarkPaths, run_id: str | None = 
             raise FileNotFoundError(f"no published {cfg.name} runs at {cfg.artifacts.url}")
     target = Path(dest) if dest is not None else paths.root / "fetched" / cfg.name / run_id
     manifest = store.manifest(cfg.name, run_id)
-    store.download_run(cfg.name, run_id, target)
+    store.download_run(cfg.name, run_id, target, progress=progress)
     return {"benchmark": cfg.name, "run_id": run_id, "dest": str(target), "files": len(manifest["files"]),
             "total_size": manifest["total_size"]}

@@ -51,11 +51,12 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 from urllib.parse import unquote, urlparse
+
+from tqdm import tqdm
 
 from uvit.fileio import commit_file, sha256_file, temp_path
 from uvit.storage.s3 import s3_client
@@ -67,6 +68,10 @@ MANIFEST_FORMAT = "uvit-artifacts/1"
 META_SHA256 = "sha256"  # user metadata key: x-amz-meta-sha256
 S3_MIN_PART_SIZE = 5 * 2**20  # every part but the last must be at least this (S3 rule)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Called with the number of bytes just transferred (boto3's Callback convention: may be negative
+# when a retried request rewinds).
+OnBytes = Callable[[int], None]
 
 
 class ArtifactIntegrityError(RuntimeError):
@@ -120,6 +125,20 @@ def _check_relpath(rel: str) -> str:
     return rel
 
 
+def _copy_stream(src: BinaryIO, dst: BinaryIO, on_bytes: OnBytes | None) -> None:
+    """Copy src to dst in 1 MiB chunks, reporting each chunk to on_bytes."""
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+
+
+def _bytes_bar(total: int, desc: str, progress: bool | None) -> tqdm:
+    """A tqdm bar over `total` bytes on stderr (None: only when stderr is a terminal)."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, ascii=True,
+                disable=None if progress is None else not progress)
+
+
 def _entries_id(entries: list[dict[str, Any]]) -> str:
     blob = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -140,9 +159,9 @@ class _LocalBackend:
         path = self.root / key
         return path.is_file() and path.stat().st_size == digest.size and sha256_file(path) == digest.sha256
 
-    def put_file(self, local: Path, key: str, digest: _Digest) -> None:
+    def put_file(self, local: Path, key: str, digest: _Digest, on_bytes: OnBytes | None = None) -> None:
         with open(local, "rb") as src:
-            self._write(key, lambda f: shutil.copyfileobj(src, f, 1 << 20), digest)
+            self._write(key, lambda f: _copy_stream(src, f, on_bytes), digest)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data), _Digest(len(data), hashlib.sha256(data).hexdigest()))
@@ -166,8 +185,9 @@ class _LocalBackend:
         path = self.root / key
         return path.read_bytes() if path.is_file() else None
 
-    def download(self, key: str, path: Path) -> None:
-        shutil.copyfile(self.root / key, path)
+    def download(self, key: str, path: Path, on_bytes: OnBytes | None = None) -> None:
+        with open(self.root / key, "rb") as src, open(path, "wb") as dst:
+            _copy_stream(src, dst, on_bytes)
 
     def list_runs(self, benchmark: str) -> list[tuple[str, float]]:
         base = self.root / benchmark
@@ -240,9 +260,9 @@ class _S3Backend:
             what, expected, actual = problem
             raise ArtifactIntegrityError(self.uri(key), expected, actual, what)
 
-    def put_file(self, local: Path, key: str, digest: _Digest) -> None:
+    def put_file(self, local: Path, key: str, digest: _Digest, on_bytes: OnBytes | None = None) -> None:
         self.client.upload_file(str(local), self.bucket, self.full(key), Config=self.transfer,
-                                ExtraArgs={"Metadata": {META_SHA256: digest.sha256}})
+                                ExtraArgs={"Metadata": {META_SHA256: digest.sha256}}, Callback=on_bytes)
         self._verify(key, digest)
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -264,8 +284,8 @@ class _S3Backend:
             raise ArtifactIntegrityError(self.uri(key), meta, hashlib.sha256(data).hexdigest())
         return data
 
-    def download(self, key: str, path: Path) -> None:
-        self.client.download_file(self.bucket, self.full(key), str(path), Config=self.transfer)
+    def download(self, key: str, path: Path, on_bytes: OnBytes | None = None) -> None:
+        self.client.download_file(self.bucket, self.full(key), str(path), Config=self.transfer, Callback=on_bytes)
 
     def list_runs(self, benchmark: str) -> list[tuple[str, float]]:
         base = self.full(f"{benchmark}/")
@@ -351,24 +371,28 @@ class ArtifactStore:
         self._backend.put_file(local, key, _digest(local))
 
     def upload_run(
-        self, local_dir: str | Path, benchmark: str, run_id: str | None = None
+        self, local_dir: str | Path, benchmark: str, run_id: str | None = None, *, progress: bool | None = None
     ) -> ArtifactRef:
-        """Upload every file under ``local_dir`` as one run, then its manifest."""
+        """Upload every file under ``local_dir`` as one run, then its manifest (progress: see
+        :meth:`upload_files`)."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise NotADirectoryError(local_dir)
         files = {p.relative_to(local_dir).as_posix(): p for p in local_dir.rglob("*") if p.is_file()}
         if not files:
             raise ValueError(f"{local_dir} holds no files")
-        return self.upload_files(files, benchmark, run_id)
+        return self.upload_files(files, benchmark, run_id, progress=progress)
 
     def upload_files(
-        self, files: Mapping[str, str | Path], benchmark: str, run_id: str | None = None
+        self, files: Mapping[str, str | Path], benchmark: str, run_id: str | None = None, *,
+        progress: bool | None = None,
     ) -> ArtifactRef:
         """Upload ``{relative path in the run: local file}`` as one run, then its manifest.
 
         The files may come from anywhere (a stage's outputs spread over several directories);
         the run holds them at their relative paths. ``run_id`` defaults to the content id.
+        progress: a tqdm bar over the run's bytes on stderr (files the store already holds count
+        at once); None shows it only when stderr is a terminal, False never.
         """
         _check_name("benchmark", benchmark)
         if not files:
@@ -396,11 +420,13 @@ class ArtifactStore:
                 return ref
             raise FileExistsError(f"{ref.uri} already exists with different content")
 
-        for path, rel, digest in zip(paths, rels, digests):
-            key = f"{base}/{rel}"
-            if self._backend.has(key, digest):  # left by an interrupted upload
-                continue
-            self._backend.put_file(path, key, digest)
+        with _bytes_bar(sum(d.size for d in digests), f"publish {benchmark}/{run_id}", progress) as bar:
+            for path, rel, digest in zip(paths, rels, digests):
+                key = f"{base}/{rel}"
+                if self._backend.has(key, digest):  # left by an interrupted upload
+                    bar.update(digest.size)
+                    continue
+                self._backend.put_file(path, key, digest, on_bytes=bar.update)
 
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -429,29 +455,34 @@ class ArtifactStore:
             _check_relpath(entry["path"])
         return manifest
 
-    def download_run(self, benchmark: str, run_id: str, dest: str | Path) -> Path:
-        """Download a complete run into ``dest`` (files at their relative paths), verified."""
+    def download_run(self, benchmark: str, run_id: str, dest: str | Path, *, progress: bool | None = None) -> Path:
+        """Download a complete run into ``dest`` (files at their relative paths), verified.
+        progress: a tqdm bar over the run's bytes on stderr (files already in ``dest`` count at
+        once); None shows it only when stderr is a terminal, False never."""
         manifest = self.manifest(benchmark, run_id)
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        for entry in manifest["files"]:
-            rel, size, sha256 = entry["path"], int(entry["size"]), entry["sha256"]
-            key = f"{benchmark}/{run_id}/{rel}"
-            target = dest / rel
-            if target.is_file() and target.stat().st_size == size and sha256_file(target) == sha256:
-                continue  # already here (an earlier, interrupted call)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_path(target)
-            try:
-                self._backend.download(key, tmp)
-                got = _digest(tmp)
-                if got.sha256 != sha256:
-                    raise ArtifactIntegrityError(self._backend.uri(key), sha256, got.sha256)
-                if got.size != size:  # only reachable with a sha256 collision; kept for clarity
-                    raise ArtifactIntegrityError(self._backend.uri(key), str(size), str(got.size), "size")
-                commit_file(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+        total = sum(int(e["size"]) for e in manifest["files"])
+        with _bytes_bar(total, f"fetch {benchmark}/{run_id}", progress) as bar:
+            for entry in manifest["files"]:
+                rel, size, sha256 = entry["path"], int(entry["size"]), entry["sha256"]
+                key = f"{benchmark}/{run_id}/{rel}"
+                target = dest / rel
+                if target.is_file() and target.stat().st_size == size and sha256_file(target) == sha256:
+                    bar.update(size)
+                    continue  # already here (an earlier, interrupted call)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = temp_path(target)
+                try:
+                    self._backend.download(key, tmp, on_bytes=bar.update)
+                    got = _digest(tmp)
+                    if got.sha256 != sha256:
+                        raise ArtifactIntegrityError(self._backend.uri(key), sha256, got.sha256)
+                    if got.size != size:  # only reachable with a sha256 collision; kept for clarity
+                        raise ArtifactIntegrityError(self._backend.uri(key), str(size), str(got.size), "size")
+                    commit_file(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
         return dest
 
     def latest_run(self, benchmark: str) -> str | None:

@@ -31,6 +31,20 @@ def final_counts(err: str, desc: str) -> list[str]:
     return found
 
 
+@pytest.fixture
+def bar_updates(monkeypatch) -> list[int]:
+    """Every tqdm.update(n) amount, in order (the bars draw from these)."""
+    updates: list[int] = []
+    original = tqdm.update
+
+    def spy(self, n=1):
+        updates.append(n)
+        return original(self, n)
+
+    monkeypatch.setattr(tqdm, "update", spy)
+    return updates
+
+
 def _split(root: Path, n: int, shard_size: int, shape=(1, 4, 4)) -> Path:
     rng = np.random.default_rng(0)
     write_split(root, {"images": rng.integers(0, 256, (n, *shape), dtype=np.uint8),
@@ -109,7 +123,7 @@ def test_publish_and_fetch_bars_count_the_runs_bytes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("size", [700, 3 * 2**20 + 5])
-def test_store_bars_follow_bytes_within_a_file(tmp_path, capsys, size):
+def test_store_bars_follow_bytes_within_a_file(tmp_path, capsys, bar_updates, size):
     """One file: the bar ends at its size (700 B exactly; 3 MiB + 5 B arrives in several 1 MiB
     chunks and is shown scaled)."""
     from uvit.storage.artifacts import ArtifactStore
@@ -117,21 +131,35 @@ def test_store_bars_follow_bytes_within_a_file(tmp_path, capsys, size):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "blob.bin").write_bytes(b"x" * size)
     store = ArtifactStore(str(tmp_path / "store"))
-    updates: list[int] = []
-    original = tqdm.update
-
-    def spy(self, n=1):
-        updates.append(n)
-        return original(self, n)
-
-    tqdm.update = spy
-    try:
-        ref = store.upload_run(tmp_path / "run", "digits", progress=True)
-    finally:
-        tqdm.update = original
+    ref = store.upload_run(tmp_path / "run", "digits", progress=True)
     shown = tqdm.format_sizeof(size, divisor=1024)
     assert final_counts(capsys.readouterr().err, f"publish digits/{ref.run_id}") == [f"{shown}/{shown}"]
-    assert sum(updates) == size and len(updates) == -(-size // 2**20)  # one update per 1 MiB chunk
+    assert sum(bar_updates) == size and len(bar_updates) == -(-size // 2**20)  # one update per 1 MiB chunk
     store.download_run("digits", ref.run_id, tmp_path / "dest", progress=False)
     assert capsys.readouterr().err == ""
     assert (tmp_path / "dest" / "blob.bin").read_bytes() == b"x" * size
+
+
+def test_s3_bars_count_boto3s_transfer_callbacks(s3_endpoint, offline_aws_env, tmp_path, capsys, bar_updates):
+    """On S3 the bars are fed by boto3's transfer Callback: a 6 MiB file in two 5 MiB-threshold
+    parts up and down, plus a small one; both bars end at the run's total."""
+    import uuid
+
+    from uvit.storage.artifacts import ArtifactStore
+
+    bucket = f"uvit-{uuid.uuid4().hex[:12]}"
+    store = ArtifactStore(f"s3://{bucket}/a", endpoint_url=s3_endpoint, multipart_threshold=5 * 2**20,
+                          part_size=5 * 2**20, max_concurrency=2)
+    store.client.create_bucket(Bucket=bucket)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "big.bin").write_bytes(np.random.default_rng(2).bytes(6 * 2**20))
+    (tmp_path / "run" / "small.json").write_text("{}\n")
+    ref = store.upload_run(tmp_path / "run", "digits", progress=True)
+    assert sum(bar_updates) == 6 * 2**20 + 3 and len(bar_updates) > 2  # byte counts from within the parts
+    shown = tqdm.format_sizeof(6 * 2**20 + 3, divisor=1024)
+    assert final_counts(capsys.readouterr().err, f"publish digits/{ref.run_id}") == [f"{shown}/{shown}"]
+    bar_updates.clear()
+    store.download_run("digits", ref.run_id, tmp_path / "dest", progress=True)
+    assert sum(bar_updates) == 6 * 2**20 + 3
+    assert final_counts(capsys.readouterr().err, f"fetch digits/{ref.run_id}") == [f"{shown}/{shown}"]
+    assert (tmp_path / "dest" / "big.bin").read_bytes() == (tmp_path / "run" / "big.bin").read_bytes()

@@ -88,11 +88,12 @@ def test_dvc_md5_of_a_text_file_is_dvcs_own(tmp_path) -> None:
 
 
 def test_the_report_pages_regenerate_from_the_committed_run_files(tmp_path, monkeypatch) -> None:
-    """`uvit report digits` on a copy holding only the committed run files writes exactly the
-    committed pages and figures."""
+    """`uvit report digits` (and the sampler study's page, from its committed rows) on a copy
+    holding only the committed run files writes exactly the committed pages and figures."""
     from uvit.config import load_benchmark, load_params
     from uvit.paths import BenchmarkPaths
     from uvit.stages.report import run_report
+    from uvit.stages.samplers import write_sampler_report
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     inputs = [p for p, _ in _entries(stages["report"], "deps") if p.startswith("runs/")]
@@ -102,7 +103,12 @@ def test_the_report_pages_regenerate_from_the_committed_run_files(tmp_path, monk
         shutil.copy2(ROOT / rel, tmp_path / rel)
     missing = [p for p in inputs if not any(c == p or c.startswith(p + "/") for c in committed)]
     monkeypatch.chdir(tmp_path)  # the pages name their sources relative to the working directory
-    run_report(load_benchmark("digits", load_params(ROOT / "params.yaml")), BenchmarkPaths("digits", tmp_path))
+    cfg, paths = load_benchmark("digits", load_params(ROOT / "params.yaml")), BenchmarkPaths("digits", tmp_path)
+    run_report(cfg, paths)
+    if "samplers" in stages:  # its page and summary come from the study's committed rows
+        write_sampler_report(cfg, paths)
+        summary = "runs/digits/samplers/summary.json"
+        assert (tmp_path / summary).read_bytes() == (ROOT / summary).read_bytes(), summary
 
     pages = _git_files("reports")
     assert {"reports/digits.md", "reports/README.md"} <= set(pages)

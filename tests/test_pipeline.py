@@ -86,12 +86,15 @@ def guard(tmp_path_factory) -> tuple[str, tuple[str, ...], tuple[tuple[str, str]
 
 # The real stack on a cut-down run. Sample quality needs the full 2,000 steps (the committed
 # runs/digits/score/metrics.json holds that run's figures); this checks the plumbing and ranges.
+# The digits block's sampler (and time grid), which the cut-down run keeps at fewer steps.
+DIGITS_SAMPLE = yaml.safe_load((ROOT / "params.yaml").read_text())["digits"]["sample"]
 CUT_DOWN = {
     "train": {"steps": 60, "checkpoint_every": 30, "log_every": 5},
     "sample": {"num_samples": 100, "batch_size": 100, "steps": 10},
     "score": {"classifier_epochs": 5},
     # The reference at the sample stage's own setting: its seed-0 point must reproduce the score stage.
-    "sampler_study": {"reference": {"sampler": "dpm_solver_pp_2m", "steps": 10}, "samplers": ["unipc_bh2"],
+    "sampler_study": {"reference": {"sampler": DIGITS_SAMPLE["sampler"], "steps": 10,
+                                    "skip_type": DIGITS_SAMPLE.get("skip_type")}, "samplers": ["unipc_bh2"],
                       "skip_types": ["logSNR"], "nfe": [4], "seeds": [0, 1]},
 }
 
@@ -207,7 +210,7 @@ def test_repro_writes_the_report(reproduced: Path) -> None:
     page = (reproduced / "reports/digits.md").read_text()
     metrics = json.loads((reproduced / "runs/digits/score/metrics.json").read_text())
     assert f"{metrics['fid']:.2f}" in page
-    assert "dpm_solver_pp_2m" in page and "731,406" in page
+    assert DIGITS_SAMPLE["sampler"] in page and "731,406" in page
     for png in ("reports/digits/samples.png", "reports/digits/loss.png"):
         assert (reproduced / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     index = (reproduced / "reports/README.md").read_text()

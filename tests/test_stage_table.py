@@ -37,7 +37,7 @@ def test_every_code_dependency_exists_and_every_stage_function_imports():
 
 
 @pytest.mark.parametrize(("benchmark", "expected"), [
-    ("digits", ["data", "validate", "classifier", "train", "sample", "score", "report", "publish"]),
+    ("digits", ["data", "validate", "classifier", "train", "sample", "score", "samplers", "report", "publish"]),
     ("cifar10", ["data", "validate", "train", "sample", "score", "report", "publish"]),
     ("imagenet256", ["data", "validate", "encode", "train", "sample", "score", "report", "publish"]),
 ])

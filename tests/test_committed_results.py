@@ -121,3 +121,18 @@ def test_the_report_pages_regenerate_from_the_committed_run_files(tmp_path, monk
         assert got == want, f"{rel} does not regenerate from the committed run files{why}\n{diff}"
     written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "reports").rglob("*") if p.is_file())
     assert written == pages, "the report stage writes files that are not committed"
+
+
+def test_the_committed_score_is_the_sampler_study_point_at_the_digits_setting() -> None:
+    """digits samples with a setting of its sampler study, and the sample stage draws what the study
+    drew at that setting and seed: the committed FID and conditional accuracy are that study row's."""
+    import csv
+
+    sample = yaml.safe_load((ROOT / "params.yaml").read_text())["digits"]["sample"]
+    rows = [r for r in csv.DictReader((ROOT / "runs/digits/samplers/results.csv").open())
+            if (r["sampler"], r["skip_type"], int(r["steps"]), int(r["seed"])) ==
+            (sample["sampler"], sample.get("skip_type") or "default", sample["steps"], sample.get("seed", 0))]
+    assert len(rows) == 1, f"the digits sample setting {sample} is not a point of the sampler study"
+    metrics = json.loads((ROOT / "runs/digits/score/metrics.json").read_text())
+    assert metrics["fid"] == pytest.approx(float(rows[0]["fid"]), rel=1e-8)
+    assert metrics["conditional_accuracy"] == pytest.approx(float(rows[0]["conditional_accuracy"]), abs=1e-9)

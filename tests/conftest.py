@@ -17,8 +17,8 @@ import torch
 torch.set_num_threads(1)
 
 
-# The longest files (minutes each: whole pipelines through DVC, Ray, Prefect) run first, so under
-# `pytest -n 2` the short ones fill in around them instead of trailing after.
+# The longest files (minutes each: whole pipelines through DVC, Ray, Prefect) first in collection
+# order (a plain `pytest` run; under `make test`, xdist orders files by their number of tests).
 LONGEST_FIRST = ("test_latent_chains.py", "test_paper_chains.py", "test_ray_train.py", "test_pipeline.py",
                  "test_prefect.py", "test_text_to_image.py", "test_text_to_image_training.py")
 

@@ -119,7 +119,8 @@ def test_few_step_sampler_options_reach_the_samplers():
     s = load_benchmark("digits", params).sample
     assert s.sampler_kwargs() == {"skip_type": "logSNR", "order": 3, "denoise_final": True}
     assert count_nfe(s.sampler, s.steps, **s.sampler_kwargs()) == 11  # 10 steps + the denoising step
-    assert load_benchmark("digits", load_params(PARAMS)).sample.sampler_kwargs() == {}  # the protocol
+    assert load_benchmark("cifar10", load_params(PARAMS)).sample.sampler_kwargs() == {}  # the paper's protocol
+    assert load_benchmark("digits", load_params(PARAMS)).sample.sampler_kwargs() == {"skip_type": "time_quadratic"}
     params["digits"]["sample"]["sampler"] = "dpm_solver_pp_2m"  # a multistep solver has no order to set
     with pytest.raises(ConfigError, match="digits.sample.order"):
         load_benchmark("digits", params)

@@ -85,8 +85,9 @@ def test_run_and_pretrained_dir_give_the_sample_stages_pixels(digits, tmp_path):
     # A save_pretrained copy outside the project, every setting given (another batch size: no change).
     shutil.copytree(paths.train / "ema", tmp_path / "pretrained")
     s = cfg.sample
+    grid = ("--skip-type", s.skip_type) if s.skip_type else ()
     r = invoke(tmp_path / "pretrained", "--num", 13, "--seed", s.seed, "--sampler", s.sampler, "--steps", s.steps,
-               "--guidance", s.guidance_scale, "--schedule", cfg.diffusion.schedule, "--batch-size", 4,
+               *grid, "--guidance", s.guidance_scale, "--schedule", cfg.diffusion.schedule, "--batch-size", 4,
                "--device", "cpu", "--out", tmp_path / "pre", "-q")
     assert r.exit_code == 0, r.output
     got, labels = load_samples(tmp_path / "pre" / "samples.npz")
@@ -94,7 +95,7 @@ def test_run_and_pretrained_dir_give_the_sample_stages_pixels(digits, tmp_path):
     np.testing.assert_array_equal(labels, [i % 10 for i in range(13)])
     # Another seed gives other images (the seed is used, not ignored).
     r = invoke(tmp_path / "pretrained", "--num", 13, "--seed", s.seed + 1, "--sampler", s.sampler, "--steps",
-               s.steps, "--guidance", s.guidance_scale, "--out", tmp_path / "other", "-q")
+               s.steps, *grid, "--guidance", s.guidance_scale, "--out", tmp_path / "other", "-q")
     assert r.exit_code == 0 and not np.array_equal(load_samples(tmp_path / "other" / "samples.npz")[0], want)
 
 
@@ -108,7 +109,7 @@ def test_chosen_classes_give_the_stage_images_of_those_labels(digits, tmp_path):
     model = UViT.from_pretrained(paths.train / "ema")
     x = generate(model, schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
                  seeds=sample_seeds(s.seed, 6), labels=torch.tensor([7, 2, 7, 7, 2, 7]),
-                 guidance_scale=s.guidance_scale, progress=False)
+                 guidance_scale=s.guidance_scale, progress=False, **s.sampler_kwargs())
     assert np.array_equal(images, to_uint8(x))
 
 

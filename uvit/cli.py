@@ -302,6 +302,10 @@ def generate(
                                                 "sample.sampler, else dpm_solver_pp_2m.", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps. Default: the block's sample.steps (for its own "
                                               "sampler), else 25.", show_default=False)] = None,
+    skip_type: Annotated[str | None, typer.Option("--skip-type", help="The sampler's time grid: logSNR, "
+                                                  "time_uniform or time_quadratic. Default: the block's "
+                                                  "sample.skip_type (for its own sampler), else the sampler's "
+                                                  "own.", show_default=False)] = None,
     schedule: Annotated[str | None, typer.Option(help="Noise schedule: vpsde or discrete. Default: the block's "
                                                  "diffusion.schedule, else vpsde for pixel models and discrete "
                                                  "for latent ones.", show_default=False)] = None,
@@ -336,7 +340,7 @@ def generate(
     try:
         result = run_generate(
             source, out, preset=preset, params=params, benchmark=benchmark, schedule=schedule, sampler=sampler,
-            steps=steps, guidance=guidance, num=num, seed=seed, classes=classes or [],
+            steps=steps, skip_type=skip_type, guidance=guidance, num=num, seed=seed, classes=classes or [],
             prompts=read_prompts(prompts or [], prompts_file), vae=vae, text_encoder=text_encoder,
             batch_size=batch_size, device=device, precision=precision, progress=not quiet)
     except (GenerateError, ConfigError, FileNotFoundError, WeightsNotAvailableError) as e:

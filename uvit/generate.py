@@ -42,6 +42,8 @@ import torch
 from uvit.config import BenchmarkConfig, ConfigError, load_benchmark, load_params
 from uvit.models import UViT, UViTConfig
 
+SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")  # the samplers' time grids
+
 __all__ = [
     "Checkpoint", "GenerateError", "Settings", "class_names", "draw", "generate_images", "load_checkpoint",
     "make_labels", "parse_classes", "read_prompts", "resolve_settings", "run_generate", "write_outputs",
@@ -236,9 +238,11 @@ def _load_official(path: Path, preset: str | None, params: Path | None, benchmar
 
 # ----------------------------------------------------------------------------------- settings
 def resolve_settings(ckpt: Checkpoint, *, schedule: str | None = None, sampler: str | None = None,
-                     steps: int | None = None, guidance: float | None = None) -> Settings:
+                     steps: int | None = None, guidance: float | None = None,
+                     skip_type: str | None = None) -> Settings:
     """The given values, else the benchmark block's, else the fallbacks (module docstring).
-    The block's sampler options (order, skip_type, denoise_final) apply only to its own sampler."""
+    The block's sampler options (order, skip_type, denoise_final) apply only to its own sampler;
+    a given `skip_type` (the time grid) replaces the block's."""
     from uvit.diffusion import make_schedule
     from uvit.diffusion.samplers import ALL_SAMPLERS
 
@@ -263,6 +267,10 @@ def resolve_settings(ckpt: Checkpoint, *, schedule: str | None = None, sampler: 
         raise GenerateError(f"--guidance {guidance}: this model has no null class (its {ckpt.config.num_classes} "
                             "classes are all real), so it was not trained for classifier-free guidance; use 0")
     kwargs = b.sample.sampler_kwargs() if b and sampler == b.sample.sampler else {}
+    if skip_type is not None:
+        if skip_type not in SKIP_TYPES:
+            raise GenerateError(f"--skip-type {skip_type!r}: choose one of {', '.join(SKIP_TYPES)}")
+        kwargs = {**kwargs, "skip_type": skip_type}
     return Settings(schedule, sampler, int(steps), float(guidance), kwargs)
 
 
@@ -515,10 +523,12 @@ def write_outputs(out: Path, result: Generated, info: dict[str, Any]) -> dict[st
 
 def run_generate(source: str | Path, out: Path, *, preset: str | None = None, params: Path | None = None,
                  benchmark: str | None = None, schedule: str | None = None, sampler: str | None = None,
-                 steps: int | None = None, guidance: float | None = None, **options: Any) -> dict[str, Any]:
+                 steps: int | None = None, guidance: float | None = None, skip_type: str | None = None,
+                 **options: Any) -> dict[str, Any]:
     """Load, sample, write: what `uvit generate` does. `options` go to :func:`generate_images`."""
     ckpt = load_checkpoint(source, preset=preset, params=params, benchmark=benchmark)
-    settings = resolve_settings(ckpt, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance)
+    settings = resolve_settings(ckpt, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance,
+                                skip_type=skip_type)
     result = generate_images(ckpt, settings, **options)
     info = {"source": str(ckpt.path), "kind": ckpt.kind, "preset": preset,
             "benchmark": ckpt.benchmark.name if ckpt.benchmark else None, **asdict(settings),

@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -305,7 +306,15 @@ def _init_ray(cfg: BenchmarkConfig) -> None:
         # No dashboard: nothing here reads the State API it serves (see `_torch_trainer`), and it
         # costs seconds of start-up and a busy process on a small machine.
         cpus = cfg.train.num_workers * cfg.train.threads_per_worker + 1
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        for attempt in range(3):  # a loaded machine can outlast the local node's start-up wait
+            try:
+                ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+                return
+            except Exception as e:
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise
+                print(f"Ray's local node did not start in time ({e}); trying again", file=sys.stderr)
+                ray.shutdown()
 
 
 def _torch_trainer() -> type:

@@ -34,15 +34,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
-from uvit.config import BenchmarkConfig, ConfigError, load_benchmark, load_params
+from uvit.config import BenchmarkConfig, ConfigError, SkipType, load_benchmark, load_params
 from uvit.models import UViT, UViTConfig
 
-SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")  # the samplers' time grids
+SKIP_TYPES = get_args(SkipType)  # the samplers' time grids, as params.yaml names them
 
 __all__ = [
     "Checkpoint", "GenerateError", "Settings", "class_names", "draw", "generate_images", "load_checkpoint",

@@ -20,13 +20,17 @@ setup: $(VENV)/.installed
 # torch first and pinned, through pip (which finds the wheels on local disk where a machine keeps
 # them): the registry also serves newer builds, and the GPU machines run torch 2.11, so the package
 # itself only asks for torch>=2.4. The rest through uv, which resolves the same versions as pip in
-# a seventh of the time; torch is named again so uv keeps the installed build.
+# a seventh of the time; torch is named again so uv keeps the installed build. --compile-bytecode
+# writes the .pyc files at install time as pip does: uv leaves them out by default, and where
+# PYTHONDONTWRITEBYTECODE is set (CI here) every process then compiled Ray, DVC, diffusers and
+# great-expectations from source again (`import great_expectations, ray, diffusers`: 36.5 s
+# against 17.0 s with the .pyc files).
 TORCH := torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv==0.13.9
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[pipeline,test]" $(TORCH)
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[pipeline,test]" $(TORCH)
 	touch $@
 
 run: setup

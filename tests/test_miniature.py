@@ -230,3 +230,14 @@ def test_clip_stand_ins_load(params) -> None:
     clip, processor = load_clip(cfg.score.clip_model)
     images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
     assert 0 <= clip_score(images, ["a dog", "a red horse"], clip, processor) <= 100
+
+
+def test_miniature_outside_a_checkout_is_one_error_line_and_writes_nothing(tmp_path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([str(Path(sys.executable).parent / "uvit"), "miniature", str(tmp_path / "mini"),
+                           "--benchmarks", "cifar10"], cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {elsewhere} is not a uvit checkout (no params.yaml): run "
+                                                "from the project root or pass --root"]
+    assert not (tmp_path / "mini").exists()

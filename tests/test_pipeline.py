@@ -256,10 +256,13 @@ def test_exp_run_continues_training(reproduced: Path, guard) -> None:
     """`dvc exp run --temp -S digits.train.steps=N` (a copy under .dvc/tmp/exps/, the way a queued
     experiment runs) resumes the workspace's run and writes its checkpoints to the workspace's
     runs/digits/ray/. (Raising steps in the workspace itself is a plain `dvc repro` of the train
-    stage; tests/test_ray_train.py checks that continuing equals an uninterrupted run.)"""
+    stage; tests/test_ray_train.py checks that continuing equals an uninterrupted run.) The
+    experiment targets the train stage: what runs after it is the same `dvc repro` as above."""
     steps = CUT_DOWN["train"]["steps"]
-    out = run(["dvc", "exp", "run", "--temp", "-S", f"digits.train.steps={steps + 10}"], reproduced, guard=guard).stdout
+    out = run(["dvc", "exp", "run", "--temp", "-S", f"digits.train.steps={steps + 10}", "train"], reproduced,
+              guard=guard).stdout
     assert re.search(rf"resuming from \S+ \(step {steps}\)", out), out[-3000:]
+    assert set(re.findall(r"Running stage '([^']+)'", out)) == {"train"}, out[-3000:]
     assert steps + 10 in _checkpoint_steps(reproduced)  # written to the workspace's checkpoints
 
 

@@ -84,9 +84,14 @@ def two_workers(ray_session, digits_data, tmp_path_factory) -> dict:
     return train(digits_data, tmp_path_factory.mktemp("ref"), workers=2)
 
 
-def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, digits_data, two_workers,
-                                                                 tmp_path) -> None:
-    one = train(digits_data, tmp_path, workers=1)
+@pytest.fixture(scope="module")
+def one_worker(ray_session, digits_data, tmp_path_factory) -> dict:
+    """12 uninterrupted steps on one worker (shared by the tests below)."""
+    return train(digits_data, tmp_path_factory.mktemp("one"), workers=1)
+
+
+def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, two_workers, one_worker) -> None:
+    one = one_worker
     two = two_workers
     assert one["summary"]["steps"] == two["summary"]["steps"] == 12
     w1, w2 = weights(one), weights(two)
@@ -121,7 +126,7 @@ def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session, dig
             torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5, msg=f"{which}.{k}")
 
 
-def test_raising_steps_continues_a_previous_run(ray_session, digits_data, tmp_path) -> None:
+def test_raising_steps_continues_a_previous_run(ray_session, digits_data, one_worker, tmp_path) -> None:
     first = train(digits_data, tmp_path, workers=1, train={"steps": 8})
     run_root = first["dir"].parents[2]
     from uvit.train.trainer import run_training
@@ -145,9 +150,8 @@ def test_raising_steps_continues_a_previous_run(ray_session, digits_data, tmp_pa
     data = run_root / "data" / "digits"
     assert train_fingerprint(tiny_config(1), data) == train_fingerprint(tiny_config(1, steps=99), data)
     assert train_fingerprint(tiny_config(1), data) != train_fingerprint(tiny_config(1, lr=0.5), data)
-    reference = train(digits_data, tmp_path, workers=1)
     got = UViT.from_pretrained(run_root / "runs/digits/train/model").state_dict()
-    for k, v in weights(reference).items():
+    for k, v in weights(one_worker).items():  # 8 steps, then 4 more == 12 uninterrupted
         torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5, msg=k)
     saved = json.loads((run_root / "runs/digits/train/summary.json").read_text())
     assert saved["steps"] == 12

@@ -56,3 +56,20 @@ def test_png_off_removes_the_folder(tmp_path):
     (paths.samples / "png").mkdir(parents=True)
     run_sample(cfg, paths)
     assert not (paths.samples / "png").exists() and (paths.samples / "samples.npz").is_file()
+
+
+@pytest.mark.parametrize(("n", "channels", "nrow", "upscale"), [(23, 1, 8, 1), (7, 3, 3, 2), (1, 3, 4, 1), (8, 1, 8, 3)])
+def test_sample_grid_is_torchvisions_grid_byte_for_byte(tmp_path, n, channels, nrow, upscale) -> None:
+    """save_grid (numpy) writes the PNG torchvision's save_image(make_grid(...)) writes: same layout,
+    gutters, grey-to-RGB and bytes."""
+    from torchvision.utils import make_grid, save_image
+
+    from uvit.evaluate.sample import save_grid
+
+    images = np.random.default_rng(n).integers(0, 256, size=(n, channels, 5, 6), dtype=np.uint8)
+    x = torch.from_numpy(images).float() / 255.0
+    if upscale > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=upscale, mode="nearest")
+    save_image(make_grid(x, nrow=nrow, padding=2, pad_value=1.0), tmp_path / "torchvision.png")
+    ours = save_grid(images, tmp_path / "ours.png", nrow=nrow, upscale=upscale)
+    assert ours.read_bytes() == (tmp_path / "torchvision.png").read_bytes()

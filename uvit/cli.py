@@ -250,6 +250,10 @@ def miniature(
     if (dest / "project").exists():
         typer.echo(f"error: {dest / 'project'} exists; choose an empty folder", err=True)
         raise typer.Exit(2)
+    if not (root / "params.yaml").is_file():  # checked before any input is written
+        typer.echo(f"error: {root.resolve()} is not a uvit checkout (no params.yaml): run from the project root "
+                   "or pass --root", err=True)
+        raise typer.Exit(2)
     try:
         overrides = write_miniature(dest / "inputs", names)
     except FileExistsError as e:

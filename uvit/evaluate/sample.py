@@ -89,15 +89,30 @@ def to_uint8(x: Tensor) -> np.ndarray:
 
 
 def save_grid(images: np.ndarray, path: str | Path, nrow: int, upscale: int = 1) -> Path:
-    """Save uint8 (N, C, H, W) images as one PNG grid (nearest-neighbour upscaled if asked)."""
-    from torchvision.utils import make_grid, save_image
+    """Save uint8 (N, C, H, W) images (C = 1 or 3) as one RGB PNG grid, nearest-neighbour
+    upscaled if asked: the layout and bytes of torchvision's ``save_image(make_grid(x, nrow,
+    padding=2, pad_value=1.0))`` (white 2-pixel gutters), in numpy, because importing
+    torchvision costs a few seconds of torch._dynamo start-up in every stage process."""
+    from PIL import Image
 
-    x = torch.from_numpy(images).float() / 255.0
+    x = np.asarray(images, dtype=np.uint8)
     if upscale > 1:
-        x = torch.nn.functional.interpolate(x, scale_factor=upscale, mode="nearest")
+        x = x.repeat(upscale, axis=2).repeat(upscale, axis=3)
+    if x.shape[1] == 1:
+        x = x.repeat(3, axis=1)
+    if len(x) == 1:
+        grid = x[0]  # make_grid returns a single image without gutters
+    else:
+        n, c, h, w = x.shape
+        cols, pad = min(nrow, n), 2
+        rows = -(-n // cols)
+        grid = np.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=np.uint8)
+        for k in range(n):
+            top, left = (k // cols) * (h + pad) + pad, (k % cols) * (w + pad) + pad
+            grid[:, top:top + h, left:left + w] = x[k]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(x, nrow=nrow, padding=2, pad_value=1.0), path)
+    Image.fromarray(np.ascontiguousarray(grid.transpose(1, 2, 0))).save(path)
     return path
 
 

@@ -1,25 +1,34 @@
 """The U-ViT model family: the modules, the paper's presets and official-checkpoint loading.
 
-Importable with torch and einops alone.
+Importable with torch and einops alone. Names load on first use, so that reading params or
+checking a preset name (`uvit.models.presets`, `uvit.models.config`) does not import torch.
 """
 
-from uvit.models.flops import count_macs, count_params
-from uvit.models.official import OFFICIAL_CHECKPOINTS, load_official, load_state_dict_strict, read_state_dict
-from uvit.models.presets import PRESETS, Preset, get_preset, preset_config
-from uvit.models.uvit import (
-    CONV_POSITIONS,
-    PATCH_EMBEDS,
-    POS_EMBEDS,
-    SKIP_MODES,
-    SWITCHES,
-    TIME_MODES,
-    UViT,
-    UViTConfig,
-    timestep_embedding,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CONV_POSITIONS", "OFFICIAL_CHECKPOINTS", "PATCH_EMBEDS", "POS_EMBEDS", "PRESETS", "SKIP_MODES", "SWITCHES",
-    "TIME_MODES", "Preset", "UViT", "UViTConfig", "count_macs", "count_params", "get_preset", "load_official",
-    "load_state_dict_strict", "preset_config", "read_state_dict", "timestep_embedding",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "count_macs": "flops", "count_params": "flops",
+    "OFFICIAL_CHECKPOINTS": "official", "load_official": "official", "load_state_dict_strict": "official",
+    "read_state_dict": "official",
+    "PRESETS": "presets", "Preset": "presets", "get_preset": "presets", "preset_config": "presets",
+    "CONV_POSITIONS": "config", "PATCH_EMBEDS": "config", "POS_EMBEDS": "config", "SKIP_MODES": "config",
+    "SWITCHES": "config", "TIME_MODES": "config", "UViTConfig": "config",
+    "UViT": "uvit", "timestep_embedding": "uvit",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

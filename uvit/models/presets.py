@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from uvit.models.uvit import UViTConfig
+from uvit.models.config import UViTConfig
 
 
 @dataclass(frozen=True)

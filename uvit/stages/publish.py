@@ -125,7 +125,7 @@ def collect(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> tuple[dict[str, Path
 
 def run_record(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     """run.json: what produced the run (deterministic: it is part of the content id)."""
-    from uvit.train.trainer import train_fingerprint, training_data_dir
+    from uvit.train.fingerprint import train_fingerprint, training_data_dir
 
     return {
         "benchmark": cfg.name,

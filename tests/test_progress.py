@@ -163,3 +163,25 @@ def test_s3_bars_count_boto3s_transfer_callbacks(s3_endpoint, offline_aws_env, t
     assert sum(bar_updates) == 6 * 2**20 + 3
     assert final_counts(capsys.readouterr().err, f"fetch digits/{ref.run_id}") == [f"{shown}/{shown}"]
     assert (tmp_path / "dest" / "big.bin").read_bytes() == (tmp_path / "run" / "big.bin").read_bytes()
+
+
+def test_scoring_feature_pass_bar_counts_images(tmp_path, capsys):
+    """The score stage's feature extraction (torch-fidelity's loop) shows its bar when asked; the
+    features do not depend on it."""
+    import torch
+
+    from uvit.evaluate.classifier import ClassifierConfig, DigitClassifier, save_classifier
+    from uvit.evaluate.fid import extract_features
+
+    torch.manual_seed(0)
+    save_classifier(DigitClassifier(ClassifierConfig()), tmp_path / "clf")
+    images = np.random.default_rng(0).integers(0, 256, (13, 1, 8, 8), dtype=np.uint8)
+    kw = dict(extractor="digits-classifier", classifier_path=tmp_path / "clf", batch_size=4)
+    quiet = extract_features(images, ("features",), progress=False, **kw)
+    assert capsys.readouterr().err == ""
+    shown = extract_features(images, ("features",), progress=True, **kw)
+    err = capsys.readouterr().err  # torch-fidelity's bar (leave=False: cleared when done), over all 13
+    assert err.startswith("\rProcessing samples:") and re.search(r"\| +(1[0-3]|[0-9])/13 \[", err)
+    assert torch.equal(quiet["features"], shown["features"])
+    extract_features(images, ("features",), **kw)  # default: only on a terminal
+    assert capsys.readouterr().err == ""

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 BENCHMARKS = ("digits", "cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256")
 DEFAULT_PARAMS = Path("params.yaml")
@@ -27,7 +36,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str
+    source: Literal["digits", "cifar10", "celeba", "imagenet", "coco", "imagefolder"]
     root: str | None = None  # where a user-supplied dataset lives (ImageNet, COCO); None for downloadable ones
     # The checksum of an archive root of your own (a subset, a miniature, a re-packed copy): when
     # either is set the archive must match it instead of the official checksum; unset, the
@@ -39,6 +48,20 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     shard_size: PositiveInt = 50_000
+    # An unreadable or truncated image: "fail" stops the data stage naming it; "skip" leaves it
+    # out and lists it in the manifest (imagefolder and imagenet sources).
+    on_bad: Literal["fail", "skip"] = "fail"
+    # imagefolder: also store each image's horizontal mirror as extra rows (latent benchmarks,
+    # which cannot flip at training time; pixel benchmarks flip with train.random_flip instead).
+    store_flips: bool = False
+
+    @model_validator(mode="after")
+    def _source_options(self) -> DataConfig:
+        if self.store_flips and self.source != "imagefolder":
+            raise ValueError(f"store_flips applies to the imagefolder source, not {self.source!r}")
+        if self.on_bad == "skip" and self.source not in ("imagefolder", "imagenet"):
+            raise ValueError(f"on_bad: skip applies to the imagefolder and imagenet sources, not {self.source!r}")
+        return self
 
 
 class EncodeConfig(_Section):

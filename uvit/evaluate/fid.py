@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -246,8 +247,10 @@ def fid_statistics(
     classifier_path: str | Path | None = None,
     batch_size: int = 256,
     device: str = "cpu",
+    progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """FID statistics of uint8 images (N, C, H, W): mu float64 (D,), sigma float64 (D, D).
+    progress: torch-fidelity's bar over the images on stderr (None: only on a terminal).
 
     Same extractors and features as :func:`fid`, extracted with torch-fidelity's own
     ``get_featuresdict_from_dataset`` and ``fid_featuresdict_to_statistics``, so
@@ -264,7 +267,7 @@ def fid_statistics(
         extractor_module = create_feature_extractor(
             name, [layer], cuda=cuda, feature_extractor_weights_path=weights, verbose=False)
         features = get_featuresdict_from_dataset(
-            dataset, extractor_module, batch_size, cuda, save_cpu_ram=True, verbose=False)
+            dataset, extractor_module, batch_size, cuda, save_cpu_ram=True, verbose=_show(progress))
     stats = fid_featuresdict_to_statistics(features, layer)
     return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
 
@@ -296,6 +299,12 @@ def load_fid_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- KID and IS
 
 
+def _show(progress: bool | None) -> bool:
+    """Whether to show a progress bar: as asked, else only when stderr is a terminal (in logs,
+    such as DVC's captured output, a bar is noise)."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
 def extract_features(
     images: np.ndarray | Tensor,
     layers: tuple[str, ...],
@@ -305,8 +314,10 @@ def extract_features(
     classifier_path: str | Path | None = None,
     batch_size: int = 256,
     device: str = "cpu",
+    progress: bool | None = None,
 ) -> dict[str, Tensor]:
-    """{layer: float32 (N, D) on CPU} of uint8 images (N, C, H, W) in one pass of the extractor.
+    """{layer: float32 (N, D) on CPU} of uint8 images (N, C, H, W) in one pass of the extractor;
+    progress: torch-fidelity's bar over the images on stderr (None: only on a terminal).
 
     layers: torch-fidelity layer names, e.g. ("2048", "logits_unbiased") for Inception (FID/KID
     features and IS logits) or ("features", "logits") for the digits classifier.
@@ -318,7 +329,7 @@ def extract_features(
         module = create_feature_extractor(name, list(layers), cuda=cuda, feature_extractor_weights_path=weights,
                                           verbose=False)
         feats = get_featuresdict_from_dataset(UInt8Images(images, rgb=rgb), module, batch_size, cuda,
-                                              save_cpu_ram=True, verbose=False)
+                                              save_cpu_ram=True, verbose=_show(progress))
     return {k: v.cpu() for k, v in feats.items()}
 
 

@@ -312,6 +312,11 @@ def _description(art: RunArtifacts) -> str:
         title, preset = _text(t, "title"), _text(t, "preset")
         bits = [f"Trained {title or 'U-ViT'} (preset `{preset or DASH}`, {_int(_num(t, 'params'))} parameters,"]
         bits.append(f"{_float(_num(t, 'gmacs') * 1000, 1) if _num(t, 'gmacs') is not None else DASH} M MACs per forward)")
+        data = t.get("data") if isinstance(t.get("data"), dict) else None
+        if data is not None and data.get("rows") is not None:
+            classes = data.get("classes") or []
+            named = f"; classes: {', '.join(classes)}" if 0 < len(classes) <= 50 else ""
+            bits.append(f"on {_int(data['rows'])} training images ({data.get('source') or DASH}{named})")
         bits.append(f"for {_int(_num(t, 'steps'))} steps at batch size {_int(_num(t, 'batch_size'))}")
         bits.append(f"({_int(_num(t, 'images_seen'))} images seen) in {_duration(_num(t, 'wall_time_s'))}")
         bits.append(f"through Ray Train on {_text(t, 'hardware') or DASH} ({_text(t, 'precision') or DASH} precision,")

@@ -78,7 +78,20 @@ def _prepare(cfg: BenchmarkConfig, out: Path) -> dict:
         checks = {"md5": d.md5, "sha256": d.sha256} if _declared(cfg) else {}  # else: "auto", the official MD5
         # The latent benchmarks bake the flip augmentation into stored latents (the official recipe).
         return prepare_imagenet(out, _root(cfg, "ILSVRC2012 (needs an image-net.org account)"),
-                                image_resolution(cfg), flip=latent, download_dir=d.download_dir, **checks, **kw)
+                                image_resolution(cfg), flip=latent, download_dir=d.download_dir,
+                                skip_bad=d.on_bad == "skip", **checks, **kw)
+    if source == "imagefolder":
+        from uvit.data.download import default_download_dir
+        from uvit.data.sources.imagefolder import prepare_imagefolder
+
+        if not d.root:
+            raise ConfigError(f"{cfg.name}.data.root is not set: name a folder, a tar or an s3:// prefix of your "
+                              "images (class sub-folders for a class-conditional benchmark, a flat folder for an "
+                              "unconditional one)")
+        root = d.root
+        return prepare_imagefolder(out, root, image_resolution(cfg), test_fraction=d.test_fraction, seed=d.seed,
+                                   store_flips=d.store_flips, skip_bad=d.on_bad == "skip", sha256=d.sha256,
+                                   md5=d.md5, download_dir=d.download_dir or default_download_dir(), **kw)
     if source == "coco":
         from uvit.data.sources.coco import prepare_coco
 

@@ -42,8 +42,12 @@ run: setup
 # order instead, --no-loadscope-reorder, ran the chain files against each other: 34.6 min of tests in
 # one clean-clone run here, against 27.1 min for the default order one run earlier, on a suite with
 # a few minutes less work; one run each, so a hint, not a measurement of the cause.)
-test: setup
+test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile --durations=40
+
+# ruff's pyflakes checks (pyproject.toml [tool.ruff]): unused or undefined names, redefinitions.
+lint: setup
+	$(BIN)/ruff check --no-cache .
 
 clean:
 	rm -rf runs data/digits

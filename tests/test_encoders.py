@@ -4,7 +4,6 @@ The multi-GPU (Ray) path of the encoders is not tested here (no GPU)."""
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import socket

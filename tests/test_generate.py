@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from uvit.cli import app
 from uvit.config import load_benchmark, load_params
 from uvit.evaluate.sample import generate, load_samples, sample_seeds, to_uint8
-from uvit.generate import load_checkpoint, make_labels, parse_classes, resolve_settings
+from uvit.generate import make_labels, parse_classes, resolve_settings
 from uvit.models import UViT, UViTConfig, preset_config
 from uvit.paths import BenchmarkPaths
 from uvit.stages.evaluate import run_sample

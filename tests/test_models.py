@@ -8,7 +8,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from uvit.models import (
     PRESETS,

@@ -98,7 +98,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from uvit.models import UViT
     from uvit.train.checkpoint import TrainingState, read_checkpoint, save_checkpoint
     from uvit.train.data import ShardGather, StreamingLoader, training_field
-    from uvit.train.monitor import MetricsLog, PeriodicFID, TensorBoard, peak_memory_gib, sample_grid
+    from uvit.train.monitor import PeriodicFID, TensorBoard, peak_memory_gib, sample_grid
     from uvit.train.step import build_optimizer, train_step, warmup_lambda
     from uvit.train.strategy import Strategy
 

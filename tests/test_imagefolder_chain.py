@@ -67,7 +67,8 @@ def test_own_images_run_end_to_end_into_a_report(project, benchmark, dvc) -> Non
     assert stages == {"data", "validate", "train", "sample", "score", "report", "publish"}, out[-3000:]
     manifest = json.loads((project / f"data/{benchmark}/train/manifest.json").read_text())
     classes = list(CLASSES) if benchmark == "fruit" else []
-    assert manifest["meta"]["classes"] == classes and manifest["count"] == (3 * 5 if classes else 8)
+    # test_fraction 0.25: round(1.5) = 2 of each class's 6 images, round(2.5) = 2 of the 10 flat ones
+    assert manifest["meta"]["classes"] == classes and manifest["count"] == (3 * 4 if classes else 8)
     metrics = json.loads((project / f"runs/{benchmark}/score/metrics.json").read_text())
     assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["num_samples"] == 6
     with np.load(project / f"runs/{benchmark}/samples/samples.npz") as f:

@@ -239,3 +239,39 @@ def test_the_commented_example_in_params_yaml_validates() -> None:
     cfg = load_benchmark("myimages", block)
     assert cfg.data.source == "imagefolder" and cfg.data.on_bad == "skip"
     assert cfg.uvit_config().num_classes == cfg.validate_.num_classes + 1 and cfg.train.random_flip
+
+
+def test_latent_benchmark_from_own_images_encodes_with_stored_flips(tmp_path) -> None:
+    """A latent preset on an imagefolder: images at 8x the latent size, mirrors stored as rows, and
+    the encode stage turns both into VAE moments with the labels kept."""
+    import diffusers
+    import torch
+
+    from uvit.stages.encode import run_encode
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                            sample_size=32).save_pretrained(tmp_path / "vae")  # KL-f8, as SD's
+    params = copy.deepcopy(load_params(ROOT / "params.yaml"))
+    block = params["imagenet256"]
+    block["data"] = {"source": "imagefolder", "root": str(class_folder(tmp_path / "images")), "store_flips": True,
+                     "download_dir": str(tmp_path / "dl")}
+    # scale 1.0: this random VAE's latents have std ~0.18, so scaled they pass the latent suite's std check
+    block["encode"] = {"vae": str(tmp_path / "vae"), "scale_factor": 1.0, "batch_size": 4, "dtype": "float32"}
+    block["validate"] = {"num_classes": 3, "min_rows": 1}
+    block["model"] = {"preset": "imagenet256_uvit_l2",
+                      "overrides": {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}}
+    cfg = load_benchmark("imagenet256", params)
+    paths = BenchmarkPaths("imagenet256", tmp_path / "project")
+    counts = run_data(cfg, paths)
+    assert ShardedArrays(paths.data / "train").field("images").shape[1:] == (3, 32, 32)  # 8 x img_size
+    assert counts == {"train": 2 * 9, "test": 2 * 3}  # every image and its mirror
+    result = run_encode(cfg, paths)
+    assert result["train_latents"] == 18 and result["test_latents"] == 6
+    latents = ShardedArrays(paths.latents / "train")
+    assert latents.field("moments").shape == (18, 8, 4, 4)  # mean and log-variance of 4 channels
+    labels = np.asarray(latents.field("labels"))
+    assert np.array_equal(labels, np.asarray(ShardedArrays(paths.data / "train").field("labels")))
+    assert np.array_equal(labels[:9], labels[9:])  # a mirror keeps its image's label

@@ -32,6 +32,7 @@ __all__ = [
     "atomic_open",
     "commit_file",
     "is_temp_name",
+    "read_json_or_none",
     "remove_temps",
     "sha256_dir",
     "sha256_file",
@@ -187,6 +188,15 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys:
                default: Any = None) -> Path:
     """Write ``json.dumps(obj, ...)`` and a newline to ``path`` atomically."""
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n")
+
+
+def read_json_or_none(path: str | Path) -> Any:
+    """The JSON value in ``path``, or None when the file is missing or unreadable (markers and
+    records a resumable step may have left half-written or never written)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:

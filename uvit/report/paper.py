@@ -59,6 +59,11 @@ def paper_results(benchmark: str | None = None) -> pd.DataFrame:
     return df[df["benchmark"] == benchmark].reset_index(drop=True)
 
 
+def has_paper_figures(benchmark: str) -> bool:
+    """Whether the paper's table has rows for `benchmark` (a params block of your own has none)."""
+    return benchmark in set(paper_results()["benchmark"])
+
+
 def is_own_row(notes: object) -> bool:
     """True for a paper row reporting U-ViT's own result (notes start with "this paper")."""
     return isinstance(notes, str) and notes.strip().lower().startswith(_OWN_PREFIX)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uvit.report.paper import BENCHMARKS, best_uvit_result, paper_results
+from uvit.report.paper import BENCHMARKS, best_uvit_result, has_paper_figures, paper_results
 from uvit.report.plots import plot_loss
 
 if TYPE_CHECKING:
@@ -419,7 +419,7 @@ def write_benchmark_report(benchmark: str, run_dir: str | Path, reports_dir: str
         _field_value(results_table(art)).to_markdown(index=False, disable_numparse=True),
         "",
     ]
-    if benchmark in set(paper_results()["benchmark"]):  # a block of your own has no paper figures
+    if has_paper_figures(benchmark):
         md += [
             "## Comparison with the paper",
             "",
@@ -474,7 +474,7 @@ def write_benchmark_report(benchmark: str, run_dir: str | Path, reports_dir: str
 
 
 def _paper_uvit_cell(benchmark: str) -> str:
-    if benchmark not in set(paper_results()["benchmark"]):
+    if not has_paper_figures(benchmark):
         return DASH
     best = best_uvit_result(benchmark)
     return DASH if best is None else f"{best['fid']:.2f} ({best['method']})"

@@ -503,20 +503,21 @@ def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall:
         "hardware": hardware_description(cfg, checkpoint),
         "ray_run": _relative(run_dir, paths.root),
     }
-    if (data := _data_facts(paths.data / "train" / "manifest.json")) is not None:
+    if (data := _data_facts(paths.data / "train")) is not None:
         summary["data"] = data
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _data_facts(manifest: Path) -> dict | None:
+def _data_facts(split: Path) -> dict | None:
     """The training split as the report names it: source, rows and class names (when known)."""
+    from uvit.data.shards import DataIntegrityError, Manifest
+
     try:
-        m = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        m = Manifest.load(split)
+    except DataIntegrityError:
         return None
-    meta = m.get("meta", {})
-    return {"source": meta.get("source"), "rows": m.get("count"), "classes": list(meta.get("classes") or [])}
+    return {"source": m.meta.get("source"), "rows": m.count, "classes": list(m.meta.get("classes") or [])}
 
 
 def _relative(path: str | Path, root: Path) -> str:

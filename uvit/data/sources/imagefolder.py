@@ -35,6 +35,7 @@ import numpy as np
 from uvit.data.download import BadSourceError, fetch, is_remote, s3_endpoint_url, verify_file
 from uvit.data.preprocess import center_crop_arr, check_splits_absent, write_image_split
 from uvit.data.shards import Manifest
+from uvit.fileio import read_json_or_none, write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -63,13 +64,6 @@ def _safe_parts(name: str) -> tuple[str, ...] | None:
     return parts
 
 
-def _record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------
 # Locating ROOT: a folder, a tar, an S3 prefix
 # --------------------------------------------------------------------------------------------
@@ -88,7 +82,7 @@ def _extract(tar_path: Path, dest: Path, progress: bool) -> Path:
 
     st = tar_path.stat()
     identity = {"tar": tar_path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if (_record(dest / _DONE) or {}).get("source") == identity:
+    if (read_json_or_none(dest / _DONE) or {}).get("source") == identity:
         return _unwrap(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -113,7 +107,7 @@ def _extract(tar_path: Path, dest: Path, progress: bool) -> Path:
     if count == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BadSourceError(f"{tar_path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    (tmp / _DONE).write_text(json.dumps({"source": identity, "files": count}) + "\n")
+    write_json(tmp / _DONE, {"source": identity, "files": count})
     shutil.rmtree(dest, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.rename(tmp, dest)
@@ -138,14 +132,14 @@ def _download_prefix(url: str, dest: Path, progress: bool) -> Path:
     if not objects:
         raise FileNotFoundError(f"no image objects ({', '.join(IMAGE_EXTENSIONS)}) under {url}")
     listing = hashlib.sha256(json.dumps(sorted((k, s) for k, _, s in objects)).encode()).hexdigest()
-    if (_record(dest / _DONE) or {}).get("listing") == listing:
+    if (read_json_or_none(dest / _DONE) or {}).get("listing") == listing:
         return dest
     (dest / _DONE).unlink(missing_ok=True)
     for key, parts, size in tqdm(objects, desc=f"download {url}", unit="file", disable=not progress):
         target = dest.joinpath(*parts)
         if not (target.is_file() and target.stat().st_size == size):
             fetch(f"s3://{bucket}/{key}", target, progress=False)
-    (dest / _DONE).write_text(json.dumps({"listing": listing, "files": len(objects)}) + "\n")
+    write_json(dest / _DONE, {"listing": listing, "files": len(objects)})
     return dest
 
 

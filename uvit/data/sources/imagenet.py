@@ -45,6 +45,7 @@ import numpy as np
 from uvit.data.download import BadSourceError, default_download_dir, fetch, is_remote, verify_file
 from uvit.data.preprocess import center_crop_arr, check_splits_absent, write_image_split
 from uvit.data.shards import Manifest
+from uvit.fileio import read_json_or_none
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 TRAIN_TAR_MD5 = "1d675b47d978889d74fa0da5fadfb00e"  # as torchvision.datasets.ImageNet checks it
@@ -89,13 +90,6 @@ def _tar_identity(tar_path: Path) -> dict:
     return {"name": tar_path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _members(tar: tarfile.TarFile, tar_path: Path):
     """The tar's members; a truncated or damaged tar is a BadSourceError naming it."""
     it = iter(tar)
@@ -121,12 +115,12 @@ def extract_train_tar(tar_path: str | Path, extract_dir: str | Path, progress: b
     tar_path, extract_dir = Path(tar_path), Path(extract_dir)
     marker = extract_dir / _EXTRACTED_MARKER
     identity = _tar_identity(tar_path)
-    done = _read_json(marker) if marker.is_file() else None
+    done = read_json_or_none(marker) if marker.is_file() else None
     if done is not None and done.get("tar") == identity:
         return extract_dir
     train = extract_dir / "train"
     source = extract_dir / _SOURCE_RECORD
-    if (_read_json(source) or {}).get("tar") != identity:  # another tar's classes: start over
+    if (read_json_or_none(source) or {}).get("tar") != identity:  # another tar's classes: start over
         marker.unlink(missing_ok=True)
         shutil.rmtree(train, ignore_errors=True)
         extract_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test lint clean
+.PHONY: setup run study test lint clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo "Report: reports/digits.md  (metrics: $(BIN)/dvc metrics show)"
+
+# The design study on digits (params.yaml digits.ablation): every variant and seed, then its page.
+study: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro studies/dvc.yaml
+	@echo "Report: reports/ablations.md"
 
 # Two processes, whole files at a time (module fixtures such as a Prefect server start once).
 # xdist hands out the files with the most tests first. (Keeping tests/conftest.py's longest-first

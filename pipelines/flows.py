@@ -87,6 +87,9 @@ def _params_path(root: str | Path, params_path: str | Path) -> Path:
 def resolve_config(benchmark: str, params_path: str | Path = "params.yaml", root: str | Path = ".",
                    overrides: Mapping[str, Any] | None = None) -> BenchmarkConfig:
     """Validate a benchmark's parameters (a relative `params_path` is read from `root`)."""
+    if "/" in benchmark:  # the flow walks a benchmark's chain; a study run is three stages of studies/dvc.yaml
+        raise ConfigError(f"{benchmark!r} is a design-study run: the flow runs benchmarks (digits, cifar10, ...); "
+                          "run the study with `dvc repro studies/dvc.yaml` (make study)")
     return load_benchmark(benchmark, apply_overrides(load_params(_params_path(root, params_path)), overrides))
 
 

@@ -88,8 +88,9 @@ def test_dvc_md5_of_a_text_file_is_dvcs_own(tmp_path) -> None:
 
 
 def test_the_report_pages_regenerate_from_the_committed_run_files(tmp_path, monkeypatch) -> None:
-    """`uvit report digits` (and the sampler study's page, from its committed rows) on a copy
-    holding only the committed run files writes exactly the committed pages and figures."""
+    """`uvit report digits` (and the sampler study's and the design study's pages, from their
+    committed rows and runs) on a copy holding only the committed run files writes exactly the
+    committed pages and figures."""
     from uvit.config import load_benchmark, load_params
     from uvit.paths import BenchmarkPaths
     from uvit.stages.report import run_report
@@ -109,6 +110,14 @@ def test_the_report_pages_regenerate_from_the_committed_run_files(tmp_path, monk
         write_sampler_report(cfg, paths)
         summary = "runs/digits/samplers/summary.json"
         assert (tmp_path / summary).read_bytes() == (ROOT / summary).read_bytes(), summary
+    if (ROOT / "studies/dvc.lock").is_file():  # the design study's page, from its runs' committed files
+        from uvit.stages.ablation import run_ablation
+
+        for rel in ("runs/digits/ablation/results.csv", "runs/digits/ablation/summary.json"):
+            (tmp_path / rel).unlink()
+        run_ablation(cfg, paths)
+        for rel in ("runs/digits/ablation/results.csv", "runs/digits/ablation/summary.json"):
+            assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), rel
 
     pages = _git_files("reports")
     assert {"reports/digits.md", "reports/README.md"} <= set(pages)
@@ -136,3 +145,24 @@ def test_the_committed_score_is_the_sampler_study_point_at_the_digits_setting() 
     metrics = json.loads((ROOT / "runs/digits/score/metrics.json").read_text())
     assert metrics["fid"] == pytest.approx(float(rows[0]["fid"]), rel=1e-8)
     assert metrics["conditional_accuracy"] == pytest.approx(float(rows[0]["conditional_accuracy"]), abs=1e-9)
+
+
+def test_the_committed_study_files_carry_its_lock_hashes() -> None:
+    """Every design-study output kept in git (each run's summary, metrics, FID log and score, the
+    results table and the page) is what `dvc repro studies/dvc.yaml` wrote: studies/dvc.lock's hash."""
+    lock_path = ROOT / "studies/dvc.lock"
+    if not lock_path.is_file():
+        pytest.skip("the design study has not been run and committed")
+    lock = yaml.safe_load(lock_path.read_text())["stages"]
+    recorded = {o["path"]: o for s in lock.values() for o in s.get("outs", [])}
+    tracked = _git_files("runs", "reports")
+    committed = [p for p in recorded if any(t == p or t.startswith(p + "/") for t in tracked)]
+    assert "reports/ablations.md" in committed and "runs/digits/ablation/results.csv" in committed
+    assert sum(p.endswith("score/metrics.json") for p in committed) == sum(n.startswith("score@") for n in lock)
+    for path in committed:
+        assert _dvc_md5(ROOT / path) == recorded[path]["md5"], f"{path} differs from what `dvc repro` wrote"
+    for name, stage in lock.items():  # one consistent run: each stage read the committed files
+        for dep in stage.get("deps", []):
+            if dep["path"] in recorded and dep["path"] in committed:
+                assert dep["md5"] == recorded[dep["path"]]["md5"], f"stage {name} ran on another {dep['path']}"
+

@@ -108,6 +108,8 @@ def test_flow_command_rejects_bad_overrides_before_any_work(tmp_path, capsys) ->
         assert named in capsys.readouterr().err
     assert main(["mnist", "--root", str(tmp_path)]) == 2
     assert "unknown benchmark 'mnist'" in capsys.readouterr().err
+    assert main(["digits/ablation/default-s0", "--root", str(tmp_path)]) == 2
+    assert "dvc repro studies/dvc.yaml" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was written
 
 

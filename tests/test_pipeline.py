@@ -295,6 +295,48 @@ def test_manifest_checksum_mismatch_stops_the_pipeline(reproduced: Path) -> None
         manifest.write_text(original)
 
 
+# A study of two variants (the default and no long skip) over two seeds, a few steps each.
+TINY_STUDY = {"train": {"steps": 6, "checkpoint_every": 6, "log_every": 3, "fid_every": 3, "fid_samples": 40,
+                        "num_workers": 1},
+              "seeds": [0, 1], "default_seeds": [0, 1], "groups": {"skip": ["none"]}}
+
+
+def test_the_design_study_runs_through_dvc_and_its_page_holds_every_run(reproduced: Path, guard) -> None:
+    """`dvc repro studies/dvc.yaml` trains, samples and scores every run of the study (on the
+    workspace's data and classifier), and the page's cells are the runs' own scores; a second
+    repro runs nothing."""
+    import pandas as pd
+
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    params["digits"]["ablation"] = TINY_STUDY
+    (reproduced / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["uvit", "pipeline", "write"], reproduced)
+    out = run(["dvc", "repro", "studies/dvc.yaml"], reproduced, guard=guard).stdout
+    runs = ["default-s0", "default-s1", "skip-none-s0", "skip-none-s1"]
+    expected = {f"studies/dvc.yaml:{stage}@{r}" for stage in ("train", "sample", "score") for r in runs}
+    assert set(re.findall(r"Running stage '([^']+)'", out)) == expected | {"studies/dvc.yaml:ablation"}, out[-3000:]
+
+    results = pd.read_csv(reproduced / "runs/digits/ablation/results.csv")
+    assert results["run"].tolist() == runs
+    for r in results.itertuples():
+        metrics = json.loads((reproduced / f"runs/digits/ablation/{r.run}/score/metrics.json").read_text())
+        assert r.fid == metrics["fid"] and r.accuracy == metrics["conditional_accuracy"]
+        assert (reproduced / f"runs/digits/ablation/{r.run}/train/fid.csv").read_text().splitlines()[0] == "step,fid"
+        assert pd.read_csv(reproduced / f"runs/digits/ablation/{r.run}/train/fid.csv")["step"].tolist() == [3, 6]
+    assert results.loc[results["variant"] == "skip-none", "params"].nunique() == 1
+    assert (results.loc[results["variant"] == "skip-none", "params"].iloc[0]
+            < results.loc[results["variant"] == "default", "params"].iloc[0])  # no skip: no skip Linear layers
+    page = (reproduced / "reports/ablations.md").read_text()
+    for variant, label in (("default", "concat_linear (default)"), ("skip-none", "none")):
+        fids = results.loc[results["variant"] == variant, "fid"]
+        assert f"| {label} |" in page and f"{fids.mean():.2f} ± {fids.std():.2f}" in page, page
+    summary = json.loads((reproduced / "runs/digits/ablation/summary.json").read_text())
+    assert summary["runs"] == 4 and summary["groups"]["skip"] in ("agrees", "disagrees", "within the seed spread")
+    assert (reproduced / "reports/ablations/skip.png").is_file()
+    again = run(["dvc", "repro", "studies/dvc.yaml"], reproduced, guard=guard).stdout
+    assert "Running stage" not in again, again[-2000:]
+
+
 def test_committed_digits_run_meets_the_bars() -> None:
     """The full run's figures, as committed by `dvc repro` (tests/test_committed_results.py ties the
     file to dvc.lock's hash): conditional accuracy >= 0.90 and FID <= 4x the real-vs-real floor

@@ -13,7 +13,7 @@ import yaml
 
 from uvit.config import load_benchmark, load_params
 from uvit.stages import dvcfile
-from uvit.stages.table import STAGE_NAMES, STAGES, chain, external_path
+from uvit.stages.table import STAGE_NAMES, STAGES, STUDY_STAGES, chain, external_path
 
 ROOT = Path(__file__).resolve().parents[1]
 UVIT = str(Path(sys.executable).parent / "uvit")
@@ -29,7 +29,7 @@ def test_committed_dvc_files_are_what_the_table_generates():
 
 
 def test_every_code_dependency_exists_and_every_stage_function_imports():
-    for stage in STAGES:
+    for stage in (*STAGES, *STUDY_STAGES):
         for cfg_name in ("digits", "imagenet256", "mscoco256"):
             for path in stage.code_deps(load_benchmark(cfg_name, params())):
                 assert (ROOT / path).exists(), f"{stage.name}: {path}"

@@ -99,7 +99,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _make_stage_command(name: str, doc: str):
     def command(
-        benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits).")],
+        benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits), or a "
+                                                      "study run (digits/ablation/skip-none-s0).")],
         params: ParamsOpt = Path("params.yaml"),
         root: RootOpt = Path("."),
     ) -> None:
@@ -110,9 +111,9 @@ def _make_stage_command(name: str, doc: str):
 
 
 def _register_stage_commands() -> None:
-    from uvit.stages.table import STAGES
+    from uvit.stages.table import STAGES, STUDY_STAGES
 
-    for stage in STAGES:
+    for stage in (*STAGES, *STUDY_STAGES):
         if stage.name != "train":  # train has its own command (--resume/--fresh)
             _make_stage_command(stage.name, stage.help)
 

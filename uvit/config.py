@@ -213,6 +213,90 @@ class SamplerStudyConfig(_Section):
     tolerance: float = Field(0.02, gt=0, lt=1)
 
 
+# The design study's groups: the model switches (UViTConfig fields) and "scaling" (depth, width, patch size).
+ABLATION_SWITCHES = ("skip", "time", "conv_position", "patch_embedding", "position_embedding")
+SCALING_KEYS = ("depth", "embed_dim", "patch_size")
+ABLATION_GROUPS = (*ABLATION_SWITCHES, "scaling")
+STUDY = "ablation"  # a study run is named <benchmark>/ablation/<variant>-s<seed>
+
+
+class AblationConfig(_Section):
+    """The design study (`dvc repro studies/dvc.yaml`, reports/ablations.md): the benchmark retrained
+    with one thing changed at a time, each variant for every `seeds` value (train.seed) and the
+    default architecture (shared by every group) for every `default_seeds` value, all with the
+    same `train` overrides (the study's budget), then sampled and scored as the benchmark is.
+
+    `groups` maps a switch (skip, time, conv_position, patch_embedding, position_embedding) to the
+    values it tries besides the benchmark's own, and `scaling` to a list of model overrides
+    ({depth: 2}, {embed_dim: 64}, {patch_size: 1}, ...).
+    """
+
+    train: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] = Field(default=[0, 1], min_length=2)
+    default_seeds: list[int] = Field(default=[0, 1, 2], min_length=2)
+    groups: dict[str, list[Any]] = Field(min_length=1)
+
+    @field_validator("groups")
+    @classmethod
+    def _known_groups(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        from uvit.models.config import SWITCHES
+
+        for group, values in v.items():
+            if group not in ABLATION_GROUPS:
+                raise ValueError(f"unknown group {group!r}; groups: {', '.join(ABLATION_GROUPS)}")
+            if not values:
+                raise ValueError(f"{group}: list at least one variant")
+            for value in values:
+                if group == "scaling":
+                    if not isinstance(value, dict) or len(value) != 1 or set(value) - set(SCALING_KEYS):
+                        raise ValueError(f"scaling: each variant changes one of {', '.join(SCALING_KEYS)} "
+                                         f"({{depth: 2}}), got {value!r}")
+                elif value not in SWITCHES[group]:
+                    raise ValueError(f"{group}: {value!r} is not one of {SWITCHES[group]}")
+        return v
+
+    @field_validator("seeds", "default_seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated seed in {v}")
+        return v
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """{variant label: model overrides}: "default" ({}) first, then each group's variants in order,
+        labelled "<switch>-<value>" or "<key>-<value>[_<key>-<value>]" (scaling)."""
+        out: dict[str, dict[str, Any]] = {"default": {}}
+        for group, values in self.groups.items():
+            for value in values:
+                overrides = dict(value) if group == "scaling" else {group: value}
+                out[variant_label(overrides)] = overrides
+        return out
+
+    def group_variants(self, group: str) -> list[str]:
+        """The variant labels a group's table compares, the default first."""
+        values = self.groups[group]
+        return ["default", *(variant_label(dict(v) if group == "scaling" else {group: v}) for v in values)]
+
+    def runs(self) -> dict[str, tuple[str, int]]:
+        """{run id: (variant, seed)} of every training run, run ids "<variant>-s<seed>"."""
+        out = {}
+        for variant in self.variants():
+            for seed in self.default_seeds if variant == "default" else self.seeds:
+                out[f"{variant}-s{seed}"] = (variant, seed)
+        return out
+
+
+def variant_label(overrides: dict[str, Any]) -> str:
+    return "_".join(f"{k}-{v}" for k, v in overrides.items())
+
+
+def study_runs(cfg: BenchmarkConfig) -> list[str]:
+    """The names of a benchmark's study runs (`<benchmark>/ablation/<run id>`); [] without a study."""
+    if cfg.ablation is None:
+        return []
+    return [f"{cfg.name}/{STUDY}/{run}" for run in cfg.ablation.runs()]
+
+
 class ArtifactsConfig(_Section):
     """Where the publish stage puts a finished run (uvit.stages.publish): `s3://bucket/prefix`,
     `file:///dir` or a directory (relative to the project root). Credentials never go here: they
@@ -265,8 +349,14 @@ class BenchmarkConfig(_Section):
     score: ScoreConfig
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     sampler_study: SamplerStudyConfig | None = None
+    ablation: AblationConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def base(self) -> str:
+        """The benchmark whose data this one reads: itself, or a study run's benchmark."""
+        return self.name.split("/")[0]
 
     def decoder_vae(self) -> tuple[str, str]:
         """(the VAE that decodes samples, the params key naming it): sample.vae, else encode.vae."""
@@ -297,14 +387,57 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
 
 
 def load_benchmark(name: str, params: str | Path | dict[str, Any] = DEFAULT_PARAMS) -> BenchmarkConfig:
-    """Read and validate one benchmark's block; raise ConfigError naming the bad key."""
+    """Read and validate one benchmark's block (or a study run, `<benchmark>/ablation/<run id>`);
+    raise ConfigError naming the bad key."""
     params = params if isinstance(params, dict) else load_params(params)
+    if "/" in name:
+        return _study_run(name, params)
     if name not in params:
         known = [k for k in params if k in BENCHMARKS] or list(BENCHMARKS)
         raise ConfigError(f"unknown benchmark {name!r}; params.yaml defines: {', '.join(known)}")
     block = params[name]
     if not isinstance(block, dict):
         raise ConfigError(f"{name}: expected a mapping of stage sections, got {type(block).__name__}")
+    cfg = _validated(name, block)
+    if cfg.ablation is not None:
+        _check_study(cfg)
+        for run in study_runs(cfg):  # every run of the study must be a valid benchmark
+            _study_run(run, params, cfg)
+    return cfg
+
+
+def _check_study(cfg: BenchmarkConfig) -> None:
+    """A variant must differ from the benchmark's own model (which is the study's "default")."""
+    model = cfg.uvit_config()
+    for variant, overrides in cfg.ablation.variants().items():
+        if overrides and all(getattr(model, k) == v for k, v in overrides.items()):
+            raise ConfigError(f"{cfg.name}.{STUDY}.groups: {variant} is the benchmark's own model, which every "
+                              "group has as its default; list only the variants that differ")
+
+
+def _study_run(name: str, params: dict[str, Any], cfg: BenchmarkConfig | None = None) -> BenchmarkConfig:
+    """A study run's config: its benchmark's block (`cfg`, loaded when not given) with the study's
+    train overrides, the run's seed and the variant's model overrides; without the studies (a run
+    has none of its own)."""
+    base, _, rest = name.partition("/")
+    study, _, run = rest.partition("/")
+    cfg = cfg or load_benchmark(base, params)
+    if study != STUDY or cfg.ablation is None:
+        raise ConfigError(f"{name!r} names no study run: runs are <benchmark>/{STUDY}/<run id>, for a benchmark "
+                          f"with an `{STUDY}` block")
+    runs = cfg.ablation.runs()
+    if run not in runs:
+        raise ConfigError(f"{base}.{STUDY}: no run {run!r}; runs: {', '.join(runs)}")
+    variant, seed = runs[run]
+    block = {k: v for k, v in params[base].items() if k not in ("ablation", "sampler_study")}
+    block["train"] = {**block["train"], **cfg.ablation.train, "seed": seed}
+    model = dict(block["model"])
+    model["overrides"] = {**model.get("overrides", {}), **cfg.ablation.variants()[variant]}
+    block["model"] = model
+    return _validated(name, block, where=f"{base}.{STUDY} (run {run})")
+
+
+def _validated(name: str, block: dict[str, Any], where: str | None = None) -> BenchmarkConfig:
     try:
         cfg = BenchmarkConfig.model_validate({"name": name, **block})
     except ValidationError as e:
@@ -312,7 +445,7 @@ def load_benchmark(name: str, params: str | Path | dict[str, Any] = DEFAULT_PARA
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            lines.append(f"{name}.{loc}: {err['msg']}{got}")
+            lines.append(f"{where or name}.{loc}: {err['msg']}{got}")
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(lines)) from None
     model = cfg.uvit_config()  # overrides must build a valid model
     if model.in_chans == 4 and cfg.encode is None:

@@ -43,7 +43,7 @@ __all__ = ["PAPER_BENCHMARKS", "PROJECT_FILES", "make_project", "merge_params", 
 
 # What a copy of the project needs to run its DVC chains: the DVC files and params, the code they
 # depend on (paths in the stage table), and the Prefect files.
-PROJECT_FILES = ("dvc.yaml", "paper", ".dvcignore", ".gitignore", "params.yaml", "pyproject.toml", "prefect.yaml",
+PROJECT_FILES = ("dvc.yaml", "paper", "studies", ".dvcignore", ".gitignore", "params.yaml", "pyproject.toml", "prefect.yaml",
                  "uvit", "pipelines")
 
 PAPER_BENCHMARKS = ("cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256")

@@ -10,7 +10,14 @@
     runs/<benchmark>/classifier/        the digits feature extractor (digits only)
     runs/<benchmark>/score/             metrics.json
     runs/<benchmark>/samplers/          the sampler study: results.csv (per setting and seed), summary.json
-    reports/<benchmark>.md, reports/<benchmark>/*.png, reports/README.md, reports/samplers.md (+ samplers/)
+    runs/<benchmark>/ablation/<run>/    a design-study run: train/, samples/, sample-summary/, score/ (its
+                                        benchmark's data, validate/ and classifier/ are shared)
+    runs/<benchmark>/ablation/          results.csv (one row per run), summary.json (the study stage)
+    reports/<benchmark>.md, reports/<benchmark>/*.png, reports/README.md, reports/samplers.md (+ samplers/),
+    reports/ablations.md (+ ablations/)
+
+A study run is named <benchmark>/ablation/<run id>: its run folder nests under its benchmark's,
+and it reads its benchmark's data.
 """
 
 from __future__ import annotations
@@ -35,18 +42,23 @@ class BenchmarkPaths:
     root: Path = Path(".")
 
     @property
+    def base(self) -> str:
+        """The benchmark whose data (and validation, classifier) this one uses: itself, or a study run's."""
+        return self.benchmark.split("/")[0]
+
+    @property
     def data(self) -> Path:
-        return self.root / "data" / self.benchmark
+        return self.root / "data" / self.base
 
     @property
     def latents(self) -> Path:
         """VAE moments of the image splits (latent benchmarks; the encode stage)."""
-        return self.root / "data" / f"{self.benchmark}-latents"
+        return self.root / "data" / f"{self.base}-latents"
 
     @property
     def contexts(self) -> Path:
         """CLIP text features of the captions (text-to-image benchmarks; the encode stage)."""
-        return self.root / "data" / f"{self.benchmark}-contexts"
+        return self.root / "data" / f"{self.base}-contexts"
 
     @property
     def run(self) -> Path:
@@ -54,7 +66,7 @@ class BenchmarkPaths:
 
     @property
     def validate(self) -> Path:
-        return self.run / "validate"
+        return self.root / "runs" / self.base / "validate"
 
     @property
     def train(self) -> Path:
@@ -78,7 +90,7 @@ class BenchmarkPaths:
 
     @property
     def classifier(self) -> Path:
-        return self.run / "classifier"
+        return self.root / "runs" / self.base / "classifier"
 
     @property
     def score(self) -> Path:
@@ -88,6 +100,15 @@ class BenchmarkPaths:
     def samplers(self) -> Path:
         """The sampler study's results (the samplers stage); its page is reports/samplers.md."""
         return self.run / "samplers"
+
+    @property
+    def ablation(self) -> Path:
+        """The design study's results (the ablation stage); its page is reports/ablations.md."""
+        return self.root / "runs" / self.base / "ablation"
+
+    def study_run(self, run: str) -> BenchmarkPaths:
+        """The paths of one of this benchmark's study runs (a run id or a full run name)."""
+        return BenchmarkPaths(run if "/" in run else f"{self.base}/ablation/{run}", self.root)
 
     @property
     def reports(self) -> Path:

@@ -139,6 +139,14 @@ def _train_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
     return deps
 
 
+def _train_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
+    outs = [Out(str(p.train / "model")), Out(str(p.train / "ema")), Out(str(p.train / "summary.json"), cache=False),
+            Out(str(p.train / "metrics.csv"), cache=False, kind="plots", plot=(("x", "step"), ("y", "loss")))]
+    if cfg.train.fid_every:  # the periodic FID, step by step
+        outs.append(Out(str(p.train / "fid.csv"), cache=False, kind="plots", plot=(("x", "step"), ("y", "fid"))))
+    return outs
+
+
 def _sample_params(cfg: BenchmarkConfig) -> list[str]:
     keys = ["sample", "model", "diffusion", "validate.num_classes", "train.use_gpu", "train.threads_per_worker"]
     if cfg.encode is not None:
@@ -236,10 +244,7 @@ STAGES: tuple[Stage, ...] = (
           code=("uvit/models", "uvit/diffusion", "uvit/train", "uvit/stages/train.py"),
           params=_train_params,
           deps=_train_deps,
-          outs=lambda cfg, p: [Out(str(p.train / "model")), Out(str(p.train / "ema")),
-                               Out(str(p.train / "summary.json"), cache=False),
-                               Out(str(p.train / "metrics.csv"), cache=False, kind="plots",
-                                   plot=(("x", "step"), ("y", "loss")))],
+          outs=_train_outs,
           externals=lambda cfg: {"score.inception_weights": cfg.score.inception_weights,
                                  "score.reference_stats": cfg.score.reference_stats} if cfg.train.fid_every else {}),
     Stage("sample", "uvit.stages.evaluate:run_sample",
@@ -292,12 +297,47 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
+# -- the design study (studies/dvc.yaml) -----------------------------------------------------------
+# Each study run (<benchmark>/ablation/<run id>, uvit.config.AblationConfig) is these stages of the
+# table above, reading its benchmark's data, validation and classifier; then one stage per study.
+RUN_STAGES = ("train", "sample", "score")
+
+
+def _run_files(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
+    from uvit.config import study_runs
+
+    files = []
+    for run in study_runs(cfg):
+        rp = p.study_run(run)
+        files += [rp.train / "summary.json", rp.train / "fid.csv", rp.score / "metrics.json"]
+    return files
+
+
+STUDY_STAGES: tuple[Stage, ...] = (
+    Stage("ablation", "uvit.stages.ablation:run_ablation",
+          "The design study's page: every ablation run's FID, FID/floor and conditional accuracy per group, "
+          "mean ± spread over seeds, FID against training step, the paper's finding beside ours "
+          "(runs/<benchmark>/ablation/, reports/ablations.md); `dvc repro studies/dvc.yaml` runs the study.",
+          code=("uvit/report/ablations.py", "uvit/report/data/paper_ablations.yaml", "uvit/stages/ablation.py"),
+          params=_sections("ablation"),
+          deps=_run_files,
+          outs=lambda cfg, p: [Out(f"{p.ablation}/results.csv", cache=False),
+                               Out(f"{p.ablation}/summary.json", cache=False, kind="metrics"),
+                               Out(f"{p.reports}/ablations.md", cache=False), Out(f"{p.reports}/ablations", cache=False)],
+          applies=lambda cfg: cfg.ablation is not None),
+)
+
+
+def run_stages(cfg: BenchmarkConfig) -> list[Stage]:
+    """The stages each study run of `cfg` goes through."""
+    return [s for s in STAGES if s.name in RUN_STAGES and s.applies(cfg)]
+
 
 def get_stage(name: str) -> Stage:
-    for s in STAGES:
+    for s in (*STAGES, *STUDY_STAGES):
         if s.name == name:
             return s
-    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES + tuple(s.name for s in STUDY_STAGES))}")
 
 
 def chain(cfg: BenchmarkConfig) -> list[Stage]:

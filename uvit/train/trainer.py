@@ -414,7 +414,8 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
             step = checkpoint_step(d)
             print(f"resuming from {_uri(storage, last)} (step {step})")
             if step == tc.steps:  # already trained this far: export, nothing to run
-                return _export(cfg, paths, Path(d), wall=0.0, run_dir=_uri(storage, str(Path(last).parent)))
+                return _export(cfg, paths, Path(d), wall=0.0, run_dir=_uri(storage, str(Path(last).parent)),
+                               fid_log=local / "fid.csv")
         loop_config["resume_from"] = last_ckpt
     if kill_at_step:
         loop_config["kill_at_step"] = kill_at_step
@@ -440,7 +441,7 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
     if result.checkpoint is None:
         raise RuntimeError(f"training {cfg.name} finished without a checkpoint under {storage.uri}/{run_name}")
     with result.checkpoint.as_directory() as d:
-        return _export(cfg, paths, Path(d), wall=wall, run_dir=storage.child(run_name).uri)
+        return _export(cfg, paths, Path(d), wall=wall, run_dir=storage.child(run_name).uri, fid_log=local / "fid.csv")
 
 
 def _fid_inputs(cfg: BenchmarkConfig, paths: BenchmarkPaths, local: Path) -> dict[str, str]:
@@ -466,8 +467,10 @@ def _uri(storage, path: str) -> str:
     return f"s3://{path}" if not storage.is_local else path
 
 
-def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall: float, run_dir: Path) -> dict[str, Any]:
-    """Copy a checkpoint's weights and metrics to runs/<benchmark>/train/ and write summary.json."""
+def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall: float, run_dir: Path,
+            fid_log: Path) -> dict[str, Any]:
+    """Copy a checkpoint's weights and metrics to runs/<benchmark>/train/ and write summary.json
+    (and fid.csv, the periodic FID up to the checkpoint's step, with train.fid_every)."""
     from uvit.models import UViT, count_macs
 
     tc = cfg.train
@@ -479,6 +482,8 @@ def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall:
     shutil.copytree(checkpoint / "ema", out / "ema")
     shutil.copy2(checkpoint / "metrics.csv", out / "metrics.csv")
     steps = json.loads((checkpoint / "state.json").read_text())["step"]
+    if tc.fid_every:
+        export_fid_log(fid_log, out / "fid.csv", steps)
     model = UViT.from_pretrained(out / "ema")
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     losses = [float(r["loss"]) for r in rows]
@@ -507,6 +512,18 @@ def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall:
         summary["data"] = data
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def export_fid_log(log: Path, dest: Path, steps: int) -> None:
+    """The periodic FID log ("step,fid" lines appended by rank 0, repeated after a resume) as a CSV
+    with a header: one row per step up to `steps`, the latest value of each."""
+    values: dict[int, float] = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            step, _, value = line.partition(",")
+            if value and int(step) <= steps:
+                values[int(step)] = float(value)
+    dest.write_text("step,fid\n" + "".join(f"{s},{values[s]!r}\n" for s in sorted(values)))
 
 
 def _data_facts(split: Path) -> dict | None:

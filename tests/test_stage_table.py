@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from uvit.config import load_benchmark, load_params
+from uvit.config import load_benchmark, load_params, study_runs
 from uvit.stages import dvcfile
 from uvit.stages.table import STAGE_NAMES, STAGES, STUDY_STAGES, chain, external_path
 
@@ -34,6 +34,11 @@ def test_every_code_dependency_exists_and_every_stage_function_imports():
             for path in stage.code_deps(load_benchmark(cfg_name, params())):
                 assert (ROOT / path).exists(), f"{stage.name}: {path}"
         assert callable(stage.function())
+
+
+def test_a_study_run_is_trained_sampled_and_scored():
+    assert [s.name for s in chain(load_benchmark("digits/ablation/time-adaln-s1", params()))] == \
+        ["train", "sample", "score"]
 
 
 @pytest.mark.parametrize(("benchmark", "expected"), [
@@ -68,7 +73,7 @@ def test_addresses_name_the_generated_stages_with_the_external_files_as_deps():
     files = dvcfile.render(p, ROOT)
     stages = {f: _expanded(t) for f, t in files.items()}
     where = dvcfile.addresses(p, ROOT)
-    assert set(where) == set(p)
+    assert set(where) == set(p) | set(study_runs(load_benchmark("digits", p)))  # benchmarks and study runs
     for benchmark, addrs in where.items():
         for stage, addr in addrs.items():
             body = stages[addr.file][addr.name]

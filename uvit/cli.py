@@ -155,12 +155,13 @@ def fetch(
 
 @app.command()
 def run(
-    benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits).")],
+    benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits), or a "
+                                                  "study run (digits/ablation/skip-none-s0).")],
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
 ) -> None:
-    """Run every stage of a benchmark in the stage table's order, without DVC (prefer `dvc repro`,
-    which skips what is up to date)."""
+    """Run every stage of a benchmark (a study run: train, sample, score) in the stage table's
+    order, without DVC (prefer `dvc repro`, which skips what is up to date)."""
     from uvit.config import ConfigError, load_benchmark
     from uvit.stages.table import chain
 

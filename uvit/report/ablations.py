@@ -210,6 +210,9 @@ def ablation_page(benchmark: str, groups: dict[str, list[str]], overrides: dict[
         "FID / floor divides it by the FID of held-out real images. Cells are the mean ± the sample standard "
         "deviation over training seeds (train.seed: initialisation, data order, noise).",
         "",
+        f"{len(results)} runs, {results['wall_time_s'].sum() / 60:.0f} min of training wall time in all "
+        "(the train stages' own figures; sampling and scoring add to it).",
+        "",
         f"**The default architecture over {len(seeds)} seeds:** FID {_cell(default['fid_mean'], default['fid_std'])} "
         f"(min {seeds.min():.2f}, max {seeds.max():.2f}). Differences smaller than this spread are not findings.",
         "",

@@ -394,8 +394,19 @@ def _asset(src: Path | None, dest: Path) -> bool:
     return True
 
 
-def write_benchmark_report(benchmark: str, run_dir: str | Path, reports_dir: str | Path) -> Path:
-    """Write `reports_dir/B.md` and its figures under `reports_dir/B/`; return the page path."""
+def _seed_note(study_page: str | None) -> str:
+    note = ("These figures come from one training run (one `train.seed`) sampled once (one `sample.seed`); "
+            "a figure moves with the seeds, so compare runs by their spread over seeds, not by one number.")
+    if study_page:
+        note += (f" The design study ([{study_page}]({study_page})) retrains this recipe's model with several "
+                 "seeds at a shorter budget and gives the spread.")
+    return note
+
+
+def write_benchmark_report(benchmark: str, run_dir: str | Path, reports_dir: str | Path,
+                           study_page: str | None = None) -> Path:
+    """Write `reports_dir/B.md` and its figures under `reports_dir/B/`; return the page path.
+    `study_page`: the design study's page (relative to `reports_dir`) when the benchmark has one."""
     art = load_run(run_dir, benchmark)
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -417,6 +428,8 @@ def write_benchmark_report(benchmark: str, run_dir: str | Path, reports_dir: str
         "## Results",
         "",
         _field_value(results_table(art)).to_markdown(index=False, disable_numparse=True),
+        "",
+        _seed_note(study_page),
         "",
     ]
     if has_paper_figures(benchmark):

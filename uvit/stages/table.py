@@ -341,7 +341,9 @@ def get_stage(name: str) -> Stage:
 
 
 def chain(cfg: BenchmarkConfig) -> list[Stage]:
-    """The stages that apply to a benchmark, in order."""
+    """The stages that apply to a benchmark (or a study run: train, sample, score), in order."""
+    if cfg.base != cfg.name:
+        return run_stages(cfg)
     return [s for s in STAGES if s.applies(cfg)]
 
 

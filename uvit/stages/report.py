@@ -9,7 +9,6 @@ from uvit.paths import BenchmarkPaths
 def run_report(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     from uvit.report.tables import write_benchmark_report, write_index
 
-    study = "ablations.md" if cfg.ablation is not None else None
-    page = write_benchmark_report(cfg.name, paths.run, paths.reports, study_page=study)
+    page = write_benchmark_report(cfg.name, paths.run, paths.reports)
     index = write_index(paths.root / "runs", paths.reports)
     return {"report": str(page), "index": str(index)}

@@ -170,7 +170,7 @@ def test_retry_policy_comes_from_the_stage_table():
 
 
 def test_overrides_are_written_into_params_with_comments_kept_and_dvc_files_regenerated(tmp_path):
-    for name in ("params.yaml", "dvc.yaml", "paper/dvc.yaml"):
+    for name in ("params.yaml", "dvc.yaml", "paper/dvc.yaml", "studies/dvc.yaml"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text((ROOT / name).read_text())
     comments = [line for line in (ROOT / "params.yaml").read_text().splitlines() if line.lstrip().startswith("#")]

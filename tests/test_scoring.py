@@ -195,7 +195,9 @@ def test_kid_digits_classifier(classifier, classifier_dir, digits):
     with torch.no_grad():
         fa = classifier.features(DigitClassifier.preprocess(torch.as_tensor(xte))).double().numpy()
         fb = classifier.features(DigitClassifier.preprocess(torch.as_tensor(xtr))).double().numpy()
-    assert real_std < 1e-6 * abs(real_kid) + 1e-9
+    # The same rows summed in another order: float32 rounding only (seen up to 2e-4 relative; a
+    # real subset spread is of the order of 10%).
+    assert real_std < 1e-3 * abs(real_kid) + 1e-9
     assert self_kid == pytest.approx(_numpy_kid(fa, fa), rel=1e-3)
     assert real_kid == pytest.approx(_numpy_kid(fa, fb), rel=1e-3)
     assert kid_from_features(fa, fb, subsets=3)[0] == pytest.approx(_numpy_kid(fa, fb), rel=1e-3)

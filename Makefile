@@ -50,9 +50,11 @@ study: setup
 test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile --durations=40
 
-# ruff's pyflakes checks (pyproject.toml [tool.ruff]): unused or undefined names, redefinitions.
+# ruff (pyproject.toml [tool.ruff]): pyflakes' checks (unused or undefined names, redefinitions),
+# then the formatter's check (`$(BIN)/ruff format .` applies it).
 lint: setup
 	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --check --no-cache .
 
 clean:
 	rm -rf runs data/digits

@@ -47,13 +47,27 @@ def main() -> None:
         rng = np.random.default_rng(0)
         moments = rng.standard_normal((args.rows, *args.shape), dtype=np.float32).astype(np.float16)
         labels = rng.integers(0, 1000, args.rows)
-        write_split(Path(tmp) / "train", {"moments": moments, "labels": labels}, name="bench", split="train",
-                    shard_size=args.shard_size)
+        write_split(
+            Path(tmp) / "train",
+            {"moments": moments, "labels": labels},
+            name="bench",
+            split="train",
+            shard_size=args.shard_size,
+        )
         del moments
         gather = ShardGather(Path(tmp) / "train", "moments", with_labels=True)
         latent_shape = (args.shape[0] // 2, *args.shape[1:])
-        kw = dict(seed=0, global_batch=args.batch_size, sample_shape=latent_shape, schedule=make_schedule("discrete"),
-                  p_uncond=0.1, latent=True, rank=0, world_size=args.world, prefetch=args.prefetch)
+        kw = dict(
+            seed=0,
+            global_batch=args.batch_size,
+            sample_shape=latent_shape,
+            schedule=make_schedule("discrete"),
+            p_uncond=0.1,
+            latent=True,
+            rank=0,
+            world_size=args.world,
+            prefetch=args.prefetch,
+        )
         with StreamingLoader(gather, start_step=0, end_step=3, **kw) as warm:
             list(warm)
         t0 = time.perf_counter()
@@ -63,9 +77,15 @@ def main() -> None:
         wall = time.perf_counter() - t0
     per_rank = args.batch_size // args.world
     result = {
-        "rows": args.rows, "row_shape": list(args.shape), "global_batch": args.batch_size, "world": args.world,
-        "per_rank_batch": per_rank, "steps": args.steps, "threads": args.threads,
-        "steps_per_s": round(args.steps / wall, 2), "images_per_s_per_rank": round(args.steps * per_rank / wall, 1),
+        "rows": args.rows,
+        "row_shape": list(args.shape),
+        "global_batch": args.batch_size,
+        "world": args.world,
+        "per_rank_batch": per_rank,
+        "steps": args.steps,
+        "threads": args.threads,
+        "steps_per_s": round(args.steps / wall, 2),
+        "images_per_s_per_rank": round(args.steps * per_rank / wall, 1),
         "batch_mib": round(batch.x.numel() * 4 / 2**20 + batch.draws.noise.numel() * 8 / 2**20, 2),
     }
     print(json.dumps(result, indent=2))

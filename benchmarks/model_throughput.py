@@ -85,8 +85,14 @@ def parse_variant(name: str) -> Variant:
         raise ValueError(f"{name!r}: ckpt and nockpt exclude each other")
     mode, amp = base.split("_")
     ckpt = True if "ckpt" in mods else False if "nockpt" in mods else None
-    return Variant(name=name.strip(), compiled=mode == "compiled", amp=amp, checkpoint=ckpt,
-                   fused_adamw="fused" in mods, tf32="tf32" in mods)
+    return Variant(
+        name=name.strip(),
+        compiled=mode == "compiled",
+        amp=amp,
+        checkpoint=ckpt,
+        fused_adamw="fused" in mods,
+        tf32="tf32" in mods,
+    )
 
 
 def default_variants(device: torch.device | str, compile: bool = True) -> list[str]:
@@ -98,8 +104,15 @@ def default_variants(device: torch.device | str, compile: bool = True) -> list[s
     return [n for n in names if compile or not n.startswith("compiled")]
 
 
-def expand_variants(names: list[str], preset_checkpoint: bool, *, checkpointing: bool = False,
-                    fused_adamw: bool = False, tf32: bool = False, compile: bool = True) -> list[str]:
+def expand_variants(
+    names: list[str],
+    preset_checkpoint: bool,
+    *,
+    checkpointing: bool = False,
+    fused_adamw: bool = False,
+    tf32: bool = False,
+    compile: bool = True,
+) -> list[str]:
     """The baseline first, then each listed variant followed by the flag-driven extras:
     the opposite of the preset's checkpointing (--checkpointing), fused AdamW
     (--fused-adamw), TF32 matmuls for fp32 variants (--tf32). Duplicates are dropped."""
@@ -120,8 +133,9 @@ def expand_variants(names: list[str], preset_checkpoint: bool, *, checkpointing:
 
 
 # --------------------------------------------------------------------------- inputs / step
-def make_inputs(config: UViTConfig, batch_size: int, device: torch.device | str,
-                generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor]:
+def make_inputs(
+    config: UViTConfig, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
+) -> tuple[dict[str, Tensor], Tensor]:
     """Random model inputs of the preset's shape and a random regression target.
 
     Returns (kwargs for UViT.forward, target): x (B, C, H, W) ~ N(0, 1); t ~ U[0, 999);
@@ -141,15 +155,19 @@ def make_inputs(config: UViTConfig, batch_size: int, device: torch.device | str,
     return {k: v.to(device) for k, v in inputs.items()}, target.to(device)
 
 
-def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: dict[str, Tensor],
-                  target: Tensor, amp_dtype: torch.dtype | None = None) -> Callable[[], None]:
+def train_step_fn(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: dict[str, Tensor],
+    target: Tensor,
+    amp_dtype: torch.dtype | None = None,
+) -> Callable[[], None]:
     """A closure running one full training step (forward, MSE loss, backward, AdamW step,
     zero_grad(set_to_none=True)). `model` may be a torch.compile'd module."""
     device_type = target.device.type
 
     def step() -> None:
-        with torch.autocast(device_type=device_type, dtype=amp_dtype or torch.bfloat16,
-                            enabled=amp_dtype is not None):
+        with torch.autocast(device_type=device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = model(**inputs)
         loss = (out.float() - target).pow(2).mean()
         loss.backward()
@@ -232,22 +250,30 @@ def _set_tf32(on: bool) -> str:
     return previous
 
 
-def build_model(config: UViTConfig, variant: Variant, device: torch.device, seed: int = 0
-                ) -> tuple[torch.nn.Module, UViT, torch.optim.Optimizer]:
+def build_model(
+    config: UViTConfig, variant: Variant, device: torch.device, seed: int = 0
+) -> tuple[torch.nn.Module, UViT, torch.optim.Optimizer]:
     """(callable model, the underlying UViT, AdamW), identical weights for every variant."""
     if variant.checkpoint is not None:
         config = dataclasses.replace(config, use_checkpoint=variant.checkpoint)
     torch.manual_seed(seed)
     model = UViT(config).to(device).train()
     opt_kwargs = {"fused": True} if variant.fused_adamw else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999),
-                                  **opt_kwargs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999), **opt_kwargs)
     runner: torch.nn.Module = torch.compile(model) if variant.compiled else model
     return runner, model, optimizer
 
 
-def time_variant(config: UViTConfig, variant: Variant | str, *, batch_size: int, iters: int, warmup: int,
-                 device: torch.device | str, seed: int = 0) -> dict:
+def time_variant(
+    config: UViTConfig,
+    variant: Variant | str,
+    *,
+    batch_size: int,
+    iters: int,
+    warmup: int,
+    device: torch.device | str,
+    seed: int = 0,
+) -> dict:
     """Measure one variant: a fresh model (same seed), `warmup` untimed steps (for a compiled
     variant at least one, whose time is reported as compile_s), then `iters` timed steps.
 
@@ -285,8 +311,9 @@ def time_variant(config: UViTConfig, variant: Variant | str, *, batch_size: int,
 
         step_s: list[float] = []
         if cuda:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(iters)]
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
+            ]
             _sync(device)
             t0 = time.perf_counter()
             for start, end in events:
@@ -387,8 +414,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    headers = ["variant", "step ms (med)", "images/s", "x eager fp32", "peak mem", "mem x base", "MFU",
-               "compile s"]
+    headers = ["variant", "step ms (med)", "images/s", "x eager fp32", "peak mem", "mem x base", "MFU", "compile s"]
     lines = []
     for r in rows:
         if r.get("error"):
@@ -396,19 +422,23 @@ def format_table(rows: list[dict]) -> str:
             continue
         mfu = f"{100 * r['mfu']:.1f}% ({r['mfu_peak']})" if r.get("mfu") is not None else "—"
         mem_ratio = r.get("peak_mem_ratio")
-        lines.append([
-            r["variant"],
-            f"{r['step_ms_median']:.2f}",
-            f"{r['images_per_s']:.1f}",
-            f"{r['ratio_vs_eager_fp32']:.2f}x",
-            _fmt_bytes(r["peak_mem_bytes"]),
-            f"{mem_ratio:.2f}x" if mem_ratio is not None else "—",
-            mfu,
-            f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "—",
-        ])
+        lines.append(
+            [
+                r["variant"],
+                f"{r['step_ms_median']:.2f}",
+                f"{r['images_per_s']:.1f}",
+                f"{r['ratio_vs_eager_fp32']:.2f}x",
+                _fmt_bytes(r["peak_mem_bytes"]),
+                f"{mem_ratio:.2f}x" if mem_ratio is not None else "—",
+                mfu,
+                f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "—",
+            ]
+        )
     ok = [line for line in lines if not line[1].startswith("failed")]  # failures span the row, unaligned
-    widths = [max([len(h), *(len(line[i]) for line in ok)]) if i else max([len(h), *(len(line[0]) for line in lines)])
-              for i, h in enumerate(headers)]
+    widths = [
+        max([len(h), *(len(line[i]) for line in ok)]) if i else max([len(h), *(len(line[0]) for line in lines)])
+        for i, h in enumerate(headers)
+    ]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     out = [fmt(headers), "  ".join("-" * w for w in widths)]
     for line in lines:
@@ -424,26 +454,48 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="cifar10_uvit_s2", choices=sorted(PRESETS), metavar="NAME",
-                   help="U-ViT preset (uvit.models.PRESETS)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--preset",
+        default="cifar10_uvit_s2",
+        choices=sorted(PRESETS),
+        metavar="NAME",
+        help="U-ViT preset (uvit.models.PRESETS)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed iterations per variant (a compiled variant runs at least 1: its compile)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed iterations per variant (a compiled variant runs at least 1: its compile)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); torch's default if unset")
-    p.add_argument("--variants", default=None,
-                   help=f"comma list of variants (bases {', '.join(BASES)}, modifiers +{', +'.join(MODIFIERS)}); "
-                        "default: every base that applies to the device. eager_fp32 always runs first as the baseline")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); torch's default if unset"
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma list of variants (bases {', '.join(BASES)}, modifiers +{', +'.join(MODIFIERS)}); "
+        "default: every base that applies to the device. eager_fp32 always runs first as the baseline",
+    )
     p.add_argument("--no-compile", action="store_true", help="drop the compiled variants")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="also run each variant with the preset's activation checkpointing flipped")
+    p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="also run each variant with the preset's activation checkpointing flipped",
+    )
     p.add_argument("--fused-adamw", action="store_true", help="also run each variant with AdamW(fused=True)")
     p.add_argument("--tf32", action="store_true", help="also run each fp32 variant with TF32 matmuls (CUDA)")
-    p.add_argument("--peak-tflops", default=None, metavar="BF16[,TF32]",
-                   help="peak dense TFLOP/s for MFU, overriding the device table")
+    p.add_argument(
+        "--peak-tflops",
+        default=None,
+        metavar="BF16[,TF32]",
+        help="peak dense TFLOP/s for MFU, overriding the device table",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all results as JSON here")
     return p
@@ -467,11 +519,20 @@ def main(argv: list[str] | None = None) -> dict:
     preset = get_preset(args.preset)
     config = preset.config
     compile = not args.no_compile
-    requested = ([n.strip() for n in args.variants.split(",") if n.strip()] if args.variants
-                 else default_variants(device, compile))
+    requested = (
+        [n.strip() for n in args.variants.split(",") if n.strip()]
+        if args.variants
+        else default_variants(device, compile)
+    )
     try:
-        names = expand_variants(requested, config.use_checkpoint, checkpointing=args.checkpointing,
-                                fused_adamw=args.fused_adamw, tf32=args.tf32, compile=compile)
+        names = expand_variants(
+            requested,
+            config.use_checkpoint,
+            checkpointing=args.checkpointing,
+            fused_adamw=args.fused_adamw,
+            tf32=args.tf32,
+            compile=compile,
+        )
         if args.peak_tflops:
             peak_flops_for("", args.peak_tflops)
     except ValueError as e:
@@ -480,37 +541,65 @@ def main(argv: list[str] | None = None) -> dict:
     macs = count_macs(config)
     train_flops = 3 * 2 * macs
     n_params = count_params(config)  # closed form, held to the official counts by tests/test_models.py
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    peak_bf16, peak_tf32, peak_source = (peak_flops_for(device_name, args.peak_tflops) if device.type == "cuda"
-                                         else (None, None, "n/a on CPU"))
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    )
+    peak_bf16, peak_tf32, peak_source = (
+        peak_flops_for(device_name, args.peak_tflops) if device.type == "cuda" else (None, None, "n/a on CPU")
+    )
 
     meta = {
-        "device": str(device), "device_name": device_name, "torch": torch.__version__,
-        "python": platform.python_version(), "preset": preset.name, "title": preset.title,
-        "params": n_params, "macs_per_image": macs, "gmacs_per_image": macs / 1e9,
-        "train_flops_per_image": train_flops, "batch_size": args.batch_size, "iters": args.iters,
-        "warmup": args.warmup, "threads": torch.get_num_threads(), "use_checkpoint_preset": config.use_checkpoint,
-        "peak_bf16_flops": peak_bf16, "peak_tf32_flops": peak_tf32, "peak_source": peak_source,
+        "device": str(device),
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "preset": preset.name,
+        "title": preset.title,
+        "params": n_params,
+        "macs_per_image": macs,
+        "gmacs_per_image": macs / 1e9,
+        "train_flops_per_image": train_flops,
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "use_checkpoint_preset": config.use_checkpoint,
+        "peak_bf16_flops": peak_bf16,
+        "peak_tf32_flops": peak_tf32,
+        "peak_source": peak_source,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_delta",
         "variants": names,
     }
-    print(f"device {device} ({device_name}) | torch {torch.__version__} | preset {preset.name} ({preset.title}): "
-          f"{n_params:,} params, {macs / 1e9:.3f} GMACs/image | batch {args.batch_size} | "
-          f"threads {torch.get_num_threads()} | {args.iters} timed + {args.warmup} warm-up iters | "
-          f"use_checkpoint={config.use_checkpoint} (preset)", flush=True)
+    print(
+        f"device {device} ({device_name}) | torch {torch.__version__} | preset {preset.name} ({preset.title}): "
+        f"{n_params:,} params, {macs / 1e9:.3f} GMACs/image | batch {args.batch_size} | "
+        f"threads {torch.get_num_threads()} | {args.iters} timed + {args.warmup} warm-up iters | "
+        f"use_checkpoint={config.use_checkpoint} (preset)",
+        flush=True,
+    )
 
     prime(config, names, device)
     rows: list[dict] = []
     for name in names:
         try:
-            row = time_variant(config, name, batch_size=args.batch_size, iters=args.iters, warmup=args.warmup,
-                               device=device, seed=args.seed)
+            row = time_variant(
+                config,
+                name,
+                batch_size=args.batch_size,
+                iters=args.iters,
+                warmup=args.warmup,
+                device=device,
+                seed=args.seed,
+            )
         except Exception as e:  # one failing variant (no compiler, OOM) must not sink the others
             if name == BASELINE:
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            row = {"variant": name, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+            row = {
+                "variant": name,
+                "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+            }
         rows.append(row)
         status = row["error"] or f"{row['step_ms_median']:.2f} ms/step"
         print(f"  {name}: {status}", file=sys.stderr, flush=True)
@@ -520,8 +609,9 @@ def main(argv: list[str] | None = None) -> dict:
         if r.get("error"):
             continue
         r["ratio_vs_eager_fp32"] = 1.0 if r is base else r["images_per_s"] / base["images_per_s"]
-        r["peak_mem_ratio"] = (1.0 if r is base else r["peak_mem_bytes"] / base["peak_mem_bytes"]
-                               if base["peak_mem_bytes"] else None)
+        r["peak_mem_ratio"] = (
+            1.0 if r is base else r["peak_mem_bytes"] / base["peak_mem_bytes"] if base["peak_mem_bytes"] else None
+        )
         if device.type == "cuda":
             add_mfu(r, train_flops, peak_bf16, peak_tf32)
         else:
@@ -531,17 +621,23 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(format_table(rows))
     print()
-    print("x eager fp32 = images/s / eager fp32 images/s in this run (>1: faster). images/s over the whole timed loop; "
-          "step ms = median step.")
+    print(
+        "x eager fp32 = images/s / eager fp32 images/s in this run (>1: faster). images/s over the whole timed loop; "
+        "step ms = median step."
+    )
     if device.type == "cuda":
         print("peak mem = torch.cuda.max_memory_allocated, reset per variant.")
         bf = f"{peak_bf16 / 1e12:.0f}" if peak_bf16 else "?"
         tf = f"{peak_tf32 / 1e12:.0f}" if peak_tf32 else "?"
-        print(f"MFU = images/s x {train_flops / 1e9:.2f} GFLOP/image (3 x 2 x MACs) / dense peak: bf16 variants vs "
-              f"{bf} TFLOP/s bf16, fp32 variants vs {tf} TFLOP/s TF32 [{peak_source}].")
+        print(
+            f"MFU = images/s x {train_flops / 1e9:.2f} GFLOP/image (3 x 2 x MACs) / dense peak: bf16 variants vs "
+            f"{bf} TFLOP/s bf16, fp32 variants vs {tf} TFLOP/s TF32 [{peak_source}]."
+        )
     else:
-        print("peak mem = growth of the process's peak RSS (resource.getrusage ru_maxrss) over the variant: "
-              "approximate (allocator slack included). MFU not reported on CPU.")
+        print(
+            "peak mem = growth of the process's peak RSS (resource.getrusage ru_maxrss) over the variant: "
+            "approximate (allocator slack included). MFU not reported on CPU."
+        )
 
     results = {"meta": meta, "results": rows}
     if args.json:

@@ -44,16 +44,22 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from uvit.diffusion import (ALL_SAMPLERS, PerSampleNoise, classifier_free_guidance, count_nfe, make_schedule,
-                            sample, wrap_model)
+from uvit.diffusion import (
+    ALL_SAMPLERS,
+    PerSampleNoise,
+    classifier_free_guidance,
+    count_nfe,
+    make_schedule,
+    sample,
+    wrap_model,
+)
 from uvit.models import PRESETS, UViT, UViTConfig, get_preset
 
 BASELINE = "no_cfg"
 VARIANTS = ("no_cfg", "cfg_batched", "cfg_two_pass")
 NoiseModel = Callable[[Tensor, Tensor], Tensor]
 # The official evaluation sampler and steps per benchmark (pixel models not listed: DPM-Solver x50).
-PAPER_PROTOCOL: dict[str, tuple[str, int]] = {"cifar10": ("euler_maruyama", 1000),
-                                              "celeba64": ("euler_maruyama", 1000)}
+PAPER_PROTOCOL: dict[str, tuple[str, int]] = {"cifar10": ("euler_maruyama", 1000), "celeba64": ("euler_maruyama", 1000)}
 
 
 def schedule_for(preset: str) -> str:
@@ -68,8 +74,9 @@ def paper_protocol(preset: str) -> tuple[str, int]:
     return ("dpm_solver_pp", 50) if schedule_for(preset) == "discrete" else ("dpm_solver", 50)
 
 
-def conditions(config: UViTConfig, batch_size: int, device: torch.device | str,
-               seed: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+def conditions(
+    config: UViTConfig, batch_size: int, device: torch.device | str, seed: int = 0
+) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
     """(cond, uncond) model keyword tensors of a random batch, or None for an unconditional model.
     Class models: y (B,) real classes vs the null class (the last); text models: context
     (B, 77, D) vs one empty context (1, 77, D), broadcast by the guidance wrapper."""
@@ -79,13 +86,16 @@ def conditions(config: UViTConfig, batch_size: int, device: torch.device | str,
         return {"y": y.to(device)}, {"y": torch.full_like(y, config.num_classes - 1).to(device)}
     if config.clip_dim is not None:
         shape = (config.num_text_tokens, config.clip_dim)
-        return ({"context": torch.randn(batch_size, *shape, generator=g).to(device)},
-                {"context": torch.randn(1, *shape, generator=g).to(device)})
+        return (
+            {"context": torch.randn(batch_size, *shape, generator=g).to(device)},
+            {"context": torch.randn(1, *shape, generator=g).to(device)},
+        )
     return None
 
 
-def guided_net(model: UViT, variant: str, scale: float, cond: dict[str, Tensor] | None,
-               uncond: dict[str, Tensor] | None) -> NoiseModel:
+def guided_net(
+    model: UViT, variant: str, scale: float, cond: dict[str, Tensor] | None, uncond: dict[str, Tensor] | None
+) -> NoiseModel:
     """NoiseModel(x, model_time) -> eps for one variant (VARIANTS)."""
     if variant == "no_cfg":
         return (lambda x, t: model(x, t, **cond)) if cond is not None else model
@@ -94,12 +104,14 @@ def guided_net(model: UViT, variant: str, scale: float, cond: dict[str, Tensor] 
     if variant == "cfg_batched":
         return classifier_free_guidance(model, scale, cond, uncond)
     if variant == "cfg_two_pass":
+
         def two_pass(x: Tensor, t: Tensor) -> Tensor:
             b = x.shape[0]
             u = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in uncond.items()}
             eps_c = model(x, t, **cond)
             eps_u = model(x, t, **u)
             return eps_c + scale * (eps_c - eps_u)
+
         return two_pass
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
@@ -110,16 +122,29 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_sampling(model: UViT, *, variant: str, sampler: str, steps: int, batch_size: int, scale: float,
-                  schedule: str, device: torch.device, dtype: str = "fp32", iters: int = 3, warmup: int = 1,
-                  seed: int = 0) -> dict:
+def time_sampling(
+    model: UViT,
+    *,
+    variant: str,
+    sampler: str,
+    steps: int,
+    batch_size: int,
+    scale: float,
+    schedule: str,
+    device: torch.device,
+    dtype: str = "fp32",
+    iters: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict:
     """Median seconds to sample one batch (all `steps`), images/s, NFE, and peak CUDA memory."""
     c = model.config
     cond = conditions(c, batch_size, device, seed)
     net = guided_net(model, variant, scale, *(cond or (None, None)))
     sched = make_schedule(schedule)
-    x_T = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size,
-                      generator=torch.Generator().manual_seed(seed)).to(device)
+    x_T = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size, generator=torch.Generator().manual_seed(seed)).to(
+        device
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     def run() -> Tensor:
@@ -144,10 +169,19 @@ def time_sampling(model: UViT, *, variant: str, sampler: str, steps: int, batch_
     med = statistics.median(times)
     nfe = count_nfe(sampler, steps)
     forwards = nfe * (2 if variant == "cfg_two_pass" else 1)
-    return {"variant": variant, "sampler": sampler, "steps": steps, "nfe": nfe, "forwards": forwards,
-            "forward_batch": batch_size * (2 if variant == "cfg_batched" else 1), "batch_size": batch_size,
-            "batch_s_median": med, "batch_s_all": times, "images_per_s": batch_size / med,
-            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    return {
+        "variant": variant,
+        "sampler": sampler,
+        "steps": steps,
+        "nfe": nfe,
+        "forwards": forwards,
+        "forward_batch": batch_size * (2 if variant == "cfg_batched" else 1),
+        "batch_size": batch_size,
+        "batch_s_median": med,
+        "batch_s_all": times,
+        "images_per_s": batch_size / med,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
 
 
 def build_model(preset: str, device: torch.device, seed: int = 0) -> UViT:
@@ -168,10 +202,22 @@ def run_preset(preset: str, samplers: list[str], args: argparse.Namespace, devic
         for variant in VARIANTS if conditional else (BASELINE,):
             row = {"preset": preset, "schedule": schedule, "dtype": args.dtype}
             try:
-                row.update(time_sampling(model, variant=variant, sampler=sampler, steps=args.steps,
-                                         batch_size=args.batch_size, scale=args.guidance_scale, schedule=schedule,
-                                         device=device, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
-                                         seed=args.seed))
+                row.update(
+                    time_sampling(
+                        model,
+                        variant=variant,
+                        sampler=sampler,
+                        steps=args.steps,
+                        batch_size=args.batch_size,
+                        scale=args.guidance_scale,
+                        schedule=schedule,
+                        device=device,
+                        dtype=args.dtype,
+                        iters=args.iters,
+                        warmup=args.warmup,
+                        seed=args.seed,
+                    )
+                )
                 row["error"] = None
             except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory: report, go on
                 row.update({"variant": variant, "sampler": sampler, "images_per_s": None, "error": str(e)[:200]})
@@ -180,8 +226,10 @@ def run_preset(preset: str, samplers: list[str], args: argparse.Namespace, devic
             ips = row.get("images_per_s")
             row[f"ratio_vs_{BASELINE}"] = ips / base if ips and base else None
             rows.append(row)
-            print(f"  {preset} {sampler} {variant}: "
-                  + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"), file=sys.stderr)
+            print(
+                f"  {preset} {sampler} {variant}: " + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"),
+                file=sys.stderr,
+            )
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -193,8 +241,9 @@ def sweep_variant(config: UViTConfig, scale: float) -> str:
     return "cfg_batched" if conditions(config, 1, "cpu") is not None and scale > 0 else BASELINE
 
 
-def run_nfe_sweep(preset: str, samplers: list[str], nfes: list[int], args: argparse.Namespace,
-                  device: torch.device) -> list[dict]:
+def run_nfe_sweep(
+    preset: str, samplers: list[str], nfes: list[int], args: argparse.Namespace, device: torch.device
+) -> list[dict]:
     """The paper protocol first, then every sampler at every NFE (steps = NFE: no final denoising);
     ratio_vs_paper = images/s over the protocol's images/s from this same run."""
     model = build_model(preset, device, args.seed)
@@ -202,26 +251,50 @@ def run_nfe_sweep(preset: str, samplers: list[str], nfes: list[int], args: argpa
     variant = sweep_variant(model.config, args.guidance_scale)
     protocol = tuple(args.protocol.split(":")) if args.protocol else paper_protocol(preset)
     jobs = [("paper", protocol[0], int(protocol[1]))]
-    jobs += [("sweep", s, n) for s in samplers for n in nfes
-             if not (s == "euler_maruyama" and schedule == "discrete")]  # SDE: continuous models only
+    jobs += [
+        ("sweep", s, n) for s in samplers for n in nfes if not (s == "euler_maruyama" and schedule == "discrete")
+    ]  # SDE: continuous models only
     rows, base = [], None
     for role, sampler, steps in jobs:
         row = {"preset": preset, "schedule": schedule, "dtype": args.dtype, "role": role}
         try:
-            row.update(time_sampling(model, variant=variant, sampler=sampler, steps=steps, batch_size=args.batch_size,
-                                     scale=args.guidance_scale, schedule=schedule, device=device, dtype=args.dtype,
-                                     iters=args.iters, warmup=args.warmup, seed=args.seed))
+            row.update(
+                time_sampling(
+                    model,
+                    variant=variant,
+                    sampler=sampler,
+                    steps=steps,
+                    batch_size=args.batch_size,
+                    scale=args.guidance_scale,
+                    schedule=schedule,
+                    device=device,
+                    dtype=args.dtype,
+                    iters=args.iters,
+                    warmup=args.warmup,
+                    seed=args.seed,
+                )
+            )
             row["error"] = None
         except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory: report, go on
-            row.update({"variant": variant, "sampler": sampler, "steps": steps, "nfe": None, "images_per_s": None,
-                        "error": str(e)[:200]})
+            row.update(
+                {
+                    "variant": variant,
+                    "sampler": sampler,
+                    "steps": steps,
+                    "nfe": None,
+                    "images_per_s": None,
+                    "error": str(e)[:200],
+                }
+            )
         ips = row.get("images_per_s")
         if role == "paper":
             base = ips
         row["ratio_vs_paper"] = ips / base if ips and base else None
         rows.append(row)
-        print(f"  {preset} {sampler} x{steps} {variant}: "
-              + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"), file=sys.stderr)
+        print(
+            f"  {preset} {sampler} x{steps} {variant}: " + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"),
+            file=sys.stderr,
+        )
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -229,8 +302,10 @@ def run_nfe_sweep(preset: str, samplers: list[str], nfes: list[int], args: argpa
 
 
 def format_sweep_table(rows: list[dict]) -> str:
-    head = f"{'preset':<24} {'sampler':<17} {'NFE':>5} {'variant':<12} {'s/batch':>9} {'img/s':>9} " \
-           f"{'x paper':>8} {'paper NFE/NFE':>13}"
+    head = (
+        f"{'preset':<24} {'sampler':<17} {'NFE':>5} {'variant':<12} {'s/batch':>9} {'img/s':>9} "
+        f"{'x paper':>8} {'paper NFE/NFE':>13}"
+    )
     lines = [head, "-" * len(head)]
     paper_nfe = None
     for r in rows:
@@ -242,28 +317,35 @@ def format_sweep_table(rows: list[dict]) -> str:
             paper_nfe = r["nfe"]
         ratio = r["ratio_vs_paper"]
         ideal = f"{paper_nfe / r['nfe']:>12.2f}x" if paper_nfe else f"{'':>13}"
-        lines.append(f"{r['preset']:<24} {name:<17} {r['nfe']:>5} {r['variant']:<12} {r['batch_s_median']:>9.3f} "
-                     f"{r['images_per_s']:>9.3g} " + (f"{ratio:>7.2f}x" if ratio else f"{'-':>8}") + f" {ideal}")
+        lines.append(
+            f"{r['preset']:<24} {name:<17} {r['nfe']:>5} {r['variant']:<12} {r['batch_s_median']:>9.3f} "
+            f"{r['images_per_s']:>9.3g} " + (f"{ratio:>7.2f}x" if ratio else f"{'-':>8}") + f" {ideal}"
+        )
     return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'preset':<24} {'sampler':<17} {'NFE':>4} {'variant':<13} {'fwd batch':>9} {'s/batch':>9} " \
-           f"{'img/s':>9} {'x no_cfg':>9}"
+    head = (
+        f"{'preset':<24} {'sampler':<17} {'NFE':>4} {'variant':<13} {'fwd batch':>9} {'s/batch':>9} "
+        f"{'img/s':>9} {'x no_cfg':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("error"):
             lines.append(f"{r['preset']:<24} {r['sampler']:<17} {'':>4} {r['variant']:<13} error: {r['error']}")
             continue
         ratio = r[f"ratio_vs_{BASELINE}"]
-        lines.append(f"{r['preset']:<24} {r['sampler']:<17} {r['nfe']:>4} {r['variant']:<13} {r['forward_batch']:>9} "
-                     f"{r['batch_s_median']:>9.3f} {r['images_per_s']:>9.3g} {ratio:>8.2f}x")
+        lines.append(
+            f"{r['preset']:<24} {r['sampler']:<17} {r['nfe']:>4} {r['variant']:<13} {r['forward_batch']:>9} "
+            f"{r['batch_s_median']:>9.3f} {r['images_per_s']:>9.3g} {ratio:>8.2f}x"
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--presets", default="imagenet256_uvit_h2", help="comma-separated preset names")
     p.add_argument("--samplers", default="dpm_solver_pp", help=f"comma-separated, from {sorted(ALL_SAMPLERS)}")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (DPM-Solver: NFE 50 at 50 steps)")
@@ -276,18 +358,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all results as JSON here")
-    p.add_argument("--nfe-sweep", action="store_true",
-                   help="images/s of each sampler at each --nfe, as ratios against the paper protocol")
+    p.add_argument(
+        "--nfe-sweep",
+        action="store_true",
+        help="images/s of each sampler at each --nfe, as ratios against the paper protocol",
+    )
     p.add_argument("--nfe", default="8,12,25,50", help="--nfe-sweep: comma-separated NFEs (= steps)")
-    p.add_argument("--protocol", default=None, metavar="SAMPLER:STEPS",
-                   help="--nfe-sweep: the baseline instead of the preset's paper protocol (e.g. for a quick CPU run)")
+    p.add_argument(
+        "--protocol",
+        default=None,
+        metavar="SAMPLER:STEPS",
+        help="--nfe-sweep: the baseline instead of the preset's paper protocol (e.g. for a quick CPU run)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -313,21 +407,36 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [r for preset in presets for r in run_nfe_sweep(preset, samplers, nfes, args, device)]
     else:
         rows = [r for preset in presets for r in run_preset(preset, samplers, args, device)]
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-            "steps": args.steps, "guidance_scale": args.guidance_scale, "dtype": args.dtype, "iters": args.iters,
-            "warmup": args.warmup, "argv": sys.argv[1:] if argv is None else argv}
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "dtype": args.dtype,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
     if args.nfe_sweep:
-        meta.update(mode="nfe_sweep", nfe=nfes, protocol={p: list(paper_protocol(p)) for p in presets}
-                    if not args.protocol else args.protocol)
+        meta.update(
+            mode="nfe_sweep",
+            nfe=nfes,
+            protocol={p: list(paper_protocol(p)) for p in presets} if not args.protocol else args.protocol,
+        )
     result = {"meta": meta, "results": rows}
     if args.nfe_sweep:
-        print(f"sampling throughput vs NFE on {meta['device']} ({meta['threads']} threads), batch {args.batch_size}, "
-              f"guidance {args.guidance_scale}, {args.dtype}")
+        print(
+            f"sampling throughput vs NFE on {meta['device']} ({meta['threads']} threads), batch {args.batch_size}, "
+            f"guidance {args.guidance_scale}, {args.dtype}"
+        )
         print(format_sweep_table(rows))
     else:
-        print(f"sampling throughput on {meta['device']} ({meta['threads']} threads), batch {args.batch_size}, "
-              f"{args.steps} steps, guidance {args.guidance_scale}, {args.dtype}")
+        print(
+            f"sampling throughput on {meta['device']} ({meta['threads']} threads), batch {args.batch_size}, "
+            f"{args.steps} steps, guidance {args.guidance_scale}, {args.dtype}"
+        )
         print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

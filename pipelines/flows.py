@@ -74,7 +74,7 @@ def apply_overrides(params: dict[str, Any], overrides: Mapping[str, Any] | None)
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is not a section")
         node[parts[-1]] = value
     return params
 
@@ -84,12 +84,18 @@ def _params_path(root: str | Path, params_path: str | Path) -> Path:
     return path if path.is_absolute() else Path(root) / path
 
 
-def resolve_config(benchmark: str, params_path: str | Path = "params.yaml", root: str | Path = ".",
-                   overrides: Mapping[str, Any] | None = None) -> BenchmarkConfig:
+def resolve_config(
+    benchmark: str,
+    params_path: str | Path = "params.yaml",
+    root: str | Path = ".",
+    overrides: Mapping[str, Any] | None = None,
+) -> BenchmarkConfig:
     """Validate a benchmark's parameters (a relative `params_path` is read from `root`)."""
     if "/" in benchmark:  # the flow walks a benchmark's chain; a study run is three stages of studies/dvc.yaml
-        raise ConfigError(f"{benchmark!r} is a design-study run: the flow runs benchmarks (digits, cifar10, ...); "
-                          "run the study with `dvc repro studies/dvc.yaml` (make study)")
+        raise ConfigError(
+            f"{benchmark!r} is a design-study run: the flow runs benchmarks (digits, cifar10, ...); "
+            "run the study with `dvc repro studies/dvc.yaml` (make study)"
+        )
     return load_benchmark(benchmark, apply_overrides(load_params(_params_path(root, params_path)), overrides))
 
 
@@ -142,10 +148,19 @@ def write_overrides(root: Path, params_path: str | Path, overrides: Mapping[str,
 def dvc(args: list[str], root: Path, log=None) -> str:
     """Run `dvc ARGS` in the workspace, its output streamed to `log` line by line; raises on failure."""
     exe = Path(sys.executable).with_name("dvc")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([str(exe) if exe.exists() else "dvc", *args], cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    proc = subprocess.Popen(
+        [str(exe) if exe.exists() else "dvc", *args],
+        cwd=root,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -159,8 +174,12 @@ def dvc(args: list[str], root: Path, log=None) -> str:
 
 
 def has_remote(root: Path) -> bool:
-    return subprocess.run([str(Path(sys.executable).with_name("dvc")), "remote", "default"], cwd=root,
-                          capture_output=True, text=True).returncode == 0
+    return (
+        subprocess.run(
+            [str(Path(sys.executable).with_name("dvc")), "remote", "default"], cwd=root, capture_output=True, text=True
+        ).returncode
+        == 0
+    )
 
 
 def _stage_task(stage: Stage, retry_delay: float | list[float] | None = None):
@@ -174,9 +193,14 @@ def _stage_task(stage: Stage, retry_delay: float | list[float] | None = None):
 
     run_stage.__name__ = run_stage.__qualname__ = f"run_{stage.name}"
     delay = retry_delay if retry_delay is not None else (BACKOFF if stage.retries > 1 else RETRY_DELAY)
-    return task(run_stage, name=stage.name, task_run_name=stage.name, retries=stage.retries,
-                retry_delay_seconds=delay if stage.retries else None,
-                retry_jitter_factor=0.2 if stage.retries else None)
+    return task(
+        run_stage,
+        name=stage.name,
+        task_run_name=stage.name,
+        retries=stage.retries,
+        retry_delay_seconds=delay if stage.retries else None,
+        retry_jitter_factor=0.2 if stage.retries else None,
+    )
 
 
 @task(name="push", task_run_name="push", retries=3, retry_delay_seconds=BACKOFF)
@@ -213,25 +237,38 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _post_artifacts(cfg: BenchmarkConfig, paths: BenchmarkPaths, runs: list[dict]) -> None:
-    create_table_artifact(table=[{"stage": r["stage"], "dvc": r["target"], "ran": r["ran"]} for r in runs],
-                          key=artifact_key(cfg.name, "stages"),
-                          description=f"uvit {cfg.name}: which stages DVC ran (False: up to date)")
+    create_table_artifact(
+        table=[{"stage": r["stage"], "dvc": r["target"], "ran": r["ran"]} for r in runs],
+        key=artifact_key(cfg.name, "stages"),
+        description=f"uvit {cfg.name}: which stages DVC ran (False: up to date)",
+    )
     sources = {"score": _read_json(paths.score / "metrics.json"), "train": _read_json(paths.train / "summary.json")}
     rows = [{"source": s, "metric": k, "value": v} for s, d in sources.items() if d for k, v in _flat("", d)]
     if rows:
-        create_table_artifact(table=rows, key=artifact_key(cfg.name, "metrics"),
-                              description=f"uvit {cfg.name}: score metrics and training summary")
+        create_table_artifact(
+            table=rows,
+            key=artifact_key(cfg.name, "metrics"),
+            description=f"uvit {cfg.name}: score metrics and training summary",
+        )
     page = paths.reports / f"{cfg.name}.md"
     if page.is_file():
-        create_markdown_artifact(markdown=page.read_text(), key=artifact_key(cfg.name, "report"),
-                                 description=f"uvit {cfg.name}: generated report (reports/{cfg.name}.md)")
+        create_markdown_artifact(
+            markdown=page.read_text(),
+            key=artifact_key(cfg.name, "report"),
+            description=f"uvit {cfg.name}: generated report (reports/{cfg.name}.md)",
+        )
 
 
 def make_flow(*, name: str = "uvit", retry_delay_seconds: float | None = None):
     """The pipeline flow; `retry_delay_seconds` replaces every stage's retry delay (tests use 0)."""
 
-    def uvit_benchmark(benchmark: str = "digits", params_path: str = "params.yaml", root: str = ".",
-                       overrides: dict[str, Any] | None = None, push_outputs: bool = True) -> dict[str, Any]:
+    def uvit_benchmark(
+        benchmark: str = "digits",
+        params_path: str = "params.yaml",
+        root: str = ".",
+        overrides: dict[str, Any] | None = None,
+        push_outputs: bool = True,
+    ) -> dict[str, Any]:
         """Run one benchmark's chain through DVC: validate params, then each stage of the stage
         table with `dvc repro --single-item`, then push the outputs to the DVC remote (if any).
 
@@ -267,9 +304,17 @@ uvit_benchmark = make_flow()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.flows", description="Run the uvit Prefect flow locally.")
     parser.add_argument("benchmark", nargs="?", default="digits", help="a block of params.yaml (default: digits)")
-    parser.add_argument("--set", "-S", dest="sets", action="append", metavar="KEY=VALUE",
-                        help="set a parameter in params.yaml first, e.g. --set digits.train.steps=30 (repeatable)")
-    parser.add_argument("--params", default="params.yaml", help="parameter file, relative to --root (default: params.yaml)")
+    parser.add_argument(
+        "--set",
+        "-S",
+        dest="sets",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a parameter in params.yaml first, e.g. --set digits.train.steps=30 (repeatable)",
+    )
+    parser.add_argument(
+        "--params", default="params.yaml", help="parameter file, relative to --root (default: params.yaml)"
+    )
     parser.add_argument("--root", default=".", help="the workspace: a DVC repository (default: .)")
     parser.add_argument("--no-push", action="store_true", help="do not push the outputs to the DVC remote")
     args = parser.parse_args(argv)
@@ -279,8 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = uvit_benchmark(benchmark=args.benchmark, params_path=args.params, root=args.root,
-                         overrides=overrides or None, push_outputs=not args.no_push)
+    out = uvit_benchmark(
+        benchmark=args.benchmark,
+        params_path=args.params,
+        root=args.root,
+        overrides=overrides or None,
+        push_outputs=not args.no_push,
+    )
     print(json.dumps(out["ran"], indent=2))
     return 0
 

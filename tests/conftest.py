@@ -19,14 +19,20 @@ torch.set_num_threads(1)
 
 # The longest files (minutes each: whole pipelines through DVC, Ray, Prefect) first in collection
 # order (a plain `pytest` run; under `make test`, xdist orders files by their number of tests).
-LONGEST_FIRST = ("test_latent_chains.py", "test_paper_chains.py", "test_ray_train.py", "test_pipeline.py",
-                 "test_prefect.py", "test_text_to_image.py", "test_text_to_image_training.py")
+LONGEST_FIRST = (
+    "test_latent_chains.py",
+    "test_paper_chains.py",
+    "test_ray_train.py",
+    "test_pipeline.py",
+    "test_prefect.py",
+    "test_text_to_image.py",
+    "test_text_to_image_training.py",
+)
 
 
 def pytest_collection_modifyitems(items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
-
 
 
 @pytest.fixture
@@ -58,9 +64,14 @@ def s3_endpoint():
 def fake_aws(tmp_path) -> dict[str, str]:
     """Environment variables with test credentials and no user AWS config or instance metadata,
     so nothing but the loopback endpoint is ever asked for credentials or contacted."""
-    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+    }
 
 
 @pytest.fixture
@@ -122,10 +133,17 @@ def dvc():
     bin_dir = Path(sys.executable).parent
 
     def run(args: list[str], cwd) -> str:
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([str(bin_dir / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=900)
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1",
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "OMP_NUM_THREADS": "1",
+        }
+        proc = subprocess.run(
+            [str(bin_dir / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
         return out

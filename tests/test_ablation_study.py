@@ -51,8 +51,9 @@ def test_a_run_is_its_benchmark_with_the_budget_the_seed_and_one_switch(params) 
     assert run.train.seed == 1 and run.train.steps == budget["steps"] and run.train.fid_every == budget["fid_every"]
     assert run.train.lr == base.train.lr and run.train.batch_size == base.train.batch_size  # the recipe otherwise
     assert run.uvit_config().skip == "none" and base.uvit_config().skip == "concat_linear"
-    assert {k: v for k, v in vars(run.uvit_config()).items() if k != "skip"} == \
-           {k: v for k, v in vars(base.uvit_config()).items() if k != "skip"}
+    assert {k: v for k, v in vars(run.uvit_config()).items() if k != "skip"} == {
+        k: v for k, v in vars(base.uvit_config()).items() if k != "skip"
+    }
     assert run.ablation is None and run.sampler_study is None and run.sample == base.sample
     default = load_benchmark("digits/ablation/default-s2", params)
     assert default.uvit_config() == base.uvit_config() and default.train.seed == 2
@@ -65,16 +66,19 @@ def test_a_run_reads_its_benchmarks_data_and_writes_its_own_folder() -> None:
     assert p.ray_storage == Path("/w/runs/digits/ablation/time-adaln-s0/ray")
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda s: s["groups"].update(spin=["left"]), "unknown group 'spin'"),
-    (lambda s: s["groups"].update(skip=["sideways"]), "'sideways' is not one of"),
-    (lambda s: s["groups"].update(skip=["concat_linear"]), "skip-concat_linear is the benchmark's own model"),
-    (lambda s: s["groups"].update(scaling=[{"depth": 2, "embed_dim": 64}]), "each variant changes one of"),
-    (lambda s: s["groups"].update(scaling=[{"depth": 3}]), "depth"),  # odd depth: not a valid model
-    (lambda s: s.update(seeds=[0]), "at least 2 items"),
-    (lambda s: s.update(default_seeds=[1, 1]), "repeated seed"),
-    (lambda s: s["train"].update(steps=0), "steps"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s["groups"].update(spin=["left"]), "unknown group 'spin'"),
+        (lambda s: s["groups"].update(skip=["sideways"]), "'sideways' is not one of"),
+        (lambda s: s["groups"].update(skip=["concat_linear"]), "skip-concat_linear is the benchmark's own model"),
+        (lambda s: s["groups"].update(scaling=[{"depth": 2, "embed_dim": 64}]), "each variant changes one of"),
+        (lambda s: s["groups"].update(scaling=[{"depth": 3}]), "depth"),  # odd depth: not a valid model
+        (lambda s: s.update(seeds=[0]), "at least 2 items"),
+        (lambda s: s.update(default_seeds=[1, 1]), "repeated seed"),
+        (lambda s: s["train"].update(steps=0), "steps"),
+    ],
+)
 def test_a_bad_study_names_the_key(params, edit, message) -> None:
     edit(params["digits"]["ablation"])
     with pytest.raises(ConfigError, match=message):
@@ -86,8 +90,15 @@ def test_a_scaling_variant_changes_one_knob_and_its_count_is_exact(params) -> No
 
     params["digits"]["ablation"]["groups"] = {"scaling": [{"depth": 2}, {"patch_size": 4}]}
     cfg = load_benchmark("digits", params)
-    assert [r.rsplit("/", 1)[1] for r in study_runs(cfg)] == ["default-s0", "default-s1", "default-s2", "depth-2-s0",
-                                                               "depth-2-s1", "patch_size-4-s0", "patch_size-4-s1"]
+    assert [r.rsplit("/", 1)[1] for r in study_runs(cfg)] == [
+        "default-s0",
+        "default-s1",
+        "default-s2",
+        "depth-2-s0",
+        "depth-2-s1",
+        "patch_size-4-s0",
+        "patch_size-4-s1",
+    ]
     shallow = load_benchmark("digits/ablation/depth-2-s0", params).uvit_config()
     assert (shallow.depth, shallow.embed_dim, shallow.patch_size) == (2, 128, 2)
     assert count_params(shallow) == sum(p.numel() for p in UViT(shallow).parameters())
@@ -135,8 +146,9 @@ def test_the_fid_log_keeps_the_latest_value_of_each_step_up_to_the_run(tmp_path)
 
 # -- the page -------------------------------------------------------------------------------------
 def _summary(rows: dict[str, tuple[float, float]]) -> pd.DataFrame:
-    return pd.DataFrame({"fid_mean": {k: m for k, (m, _) in rows.items()},
-                         "fid_std": {k: s for k, (_, s) in rows.items()}})
+    return pd.DataFrame(
+        {"fid_mean": {k: m for k, (m, _) in rows.items()}, "fid_std": {k: s for k, (_, s) in rows.items()}}
+    )
 
 
 SKIP = {"skip-add": {"skip": "add"}, "skip-none": {"skip": "none"}}
@@ -144,12 +156,15 @@ BASE = {"skip": "concat_linear", "depth": 4, "embed_dim": 128, "patch_size": 2}
 PAPER_SKIP = {"best": "concat_linear", "worst": "none"}
 
 
-@pytest.mark.parametrize(("rows", "expected"), [
-    ({"default": (10, 1), "skip-add": (20, 1), "skip-none": (40, 2)}, AGREES),
-    ({"default": (10, 3), "skip-add": (12, 3), "skip-none": (40, 2)}, UNCLEAR),  # best within spread
-    ({"default": (30, 1), "skip-add": (10, 1), "skip-none": (40, 2)}, DISAGREES),  # another is clearly best
-    ({"default": (10, 1), "skip-add": (40, 1), "skip-none": (20, 2)}, DISAGREES),  # none not worst, clearly
-])
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ({"default": (10, 1), "skip-add": (20, 1), "skip-none": (40, 2)}, AGREES),
+        ({"default": (10, 3), "skip-add": (12, 3), "skip-none": (40, 2)}, UNCLEAR),  # best within spread
+        ({"default": (30, 1), "skip-add": (10, 1), "skip-none": (40, 2)}, DISAGREES),  # another is clearly best
+        ({"default": (10, 1), "skip-add": (40, 1), "skip-none": (20, 2)}, DISAGREES),  # none not worst, clearly
+    ],
+)
 def test_a_verdict_weighs_the_means_against_their_spreads(rows, expected) -> None:
     result, ours = verdict("skip", ["default", "skip-add", "skip-none"], _summary(rows), PAPER_SKIP, BASE, SKIP)
     assert result == expected, ours
@@ -170,20 +185,33 @@ def _write_run(root: Path, run: str, fid: float, acc: float, params: int, curve:
     train, score = root / run / "train", root / run / "score"
     train.mkdir(parents=True)
     score.mkdir(parents=True)
-    (train / "summary.json").write_text(json.dumps({"params": params, "gmacs": 0.0134, "steps": 600,
-                                                    "wall_time_s": 80.0}))
+    (train / "summary.json").write_text(
+        json.dumps({"params": params, "gmacs": 0.0134, "steps": 600, "wall_time_s": 80.0})
+    )
     (train / "fid.csv").write_text("step,fid\n" + "".join(f"{s},{v}\n" for s, v in curve))
-    (score / "metrics.json").write_text(json.dumps({"fid": fid, "fid_floor": 2.0, "fid_over_floor": fid / 2.0,
-                                                    "conditional_accuracy": acc}))
+    (score / "metrics.json").write_text(
+        json.dumps({"fid": fid, "fid_floor": 2.0, "fid_over_floor": fid / 2.0, "conditional_accuracy": acc})
+    )
     variant, _, seed = run.rpartition("-s")
     return StudyRun(run, variant, int(seed), train, score)
 
 
 def test_the_page_holds_each_variants_mean_and_spread_over_seeds(tmp_path) -> None:
-    fids = {"default-s0": 10.0, "default-s1": 12.0, "default-s2": 11.0, "skip-add-s0": 30.0, "skip-add-s1": 34.0,
-            "skip-none-s0": 60.0, "skip-none-s1": 70.0}
-    runs = [_write_run(tmp_path / "runs", r, f, 0.9, 731406 if r.startswith("default") else 700000,
-                       [(100, 5 * f), (200, f)]) for r, f in fids.items()]
+    fids = {
+        "default-s0": 10.0,
+        "default-s1": 12.0,
+        "default-s2": 11.0,
+        "skip-add-s0": 30.0,
+        "skip-add-s1": 34.0,
+        "skip-none-s0": 60.0,
+        "skip-none-s1": 70.0,
+    }
+    runs = [
+        _write_run(
+            tmp_path / "runs", r, f, 0.9, 731406 if r.startswith("default") else 700000, [(100, 5 * f), (200, f)]
+        )
+        for r, f in fids.items()
+    ]
     results = collect(runs)
     summary = summarize(results)
     assert summary.loc["skip-none", "fid_mean"] == 65.0
@@ -191,8 +219,16 @@ def test_the_page_holds_each_variants_mean_and_spread_over_seeds(tmp_path) -> No
     assert summary.loc["default", "seeds"] == 3 and summary.loc["default", "fid_mean"] == 11.0
     curves = fid_curves(runs)
     assert len(curves) == 14 and curves[curves["run"] == "skip-add-s1"]["fid"].tolist() == [170.0, 34.0]
-    page, meta = ablation_page("digits", {"skip": ["default", "skip-add", "skip-none"]}, SKIP, results, curves,
-                               BASE, "a budget", tmp_path / "reports")
+    page, meta = ablation_page(
+        "digits",
+        {"skip": ["default", "skip-add", "skip-none"]},
+        SKIP,
+        results,
+        curves,
+        BASE,
+        "a budget",
+        tmp_path / "reports",
+    )
     assert "| concat_linear (default) | 731,406 | 13.40 M | 11.00 ± 1.00 | 5.50 ± 0.50 | 0.900 ± 0.000 | 3 |" in page
     assert "| none | 700,000 | 13.40 M | 65.00 ± 7.07 |" in page
     assert "Linear(Concat) is best" in page and f"**{AGREES}**" in page

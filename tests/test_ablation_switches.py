@@ -42,6 +42,7 @@ def build(c: UViTConfig, seed: int = 0) -> UViT:
 
 def record(module: torch.nn.Module, seen: dict, key: str, output: bool = False) -> None:
     """Store the module's first input (or its output) of its first call in seen[key]; changes nothing."""
+
     def hook(m, args, out) -> None:
         seen.setdefault(key, out if output else args[0])
 
@@ -68,9 +69,12 @@ CASES += [tiny(**CONDITIONING[k], **combo) for k in CONDITIONING for combo in CO
 
 def case_id(c: UViTConfig) -> str:
     default = UViTConfig()
-    diff = [f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c)
-            if getattr(c, f.name) != getattr(default, f.name) and f.name not in ("img_size", "embed_dim", "depth",
-                                                                                 "num_heads", "num_text_tokens")]
+    diff = [
+        f"{f.name}={getattr(c, f.name)}"
+        for f in dataclasses.fields(c)
+        if getattr(c, f.name) != getattr(default, f.name)
+        and f.name not in ("img_size", "embed_dim", "depth", "num_heads", "num_text_tokens")
+    ]
     return ",".join(diff)
 
 
@@ -93,8 +97,9 @@ def official_forward(model: UViT, x, t, y=None, context=None):
     def block(v, b, skip=None):
         if skip is not None:
             v = F.linear(torch.cat([v, skip], -1), w[f"{b}.skip_linear.weight"], w[f"{b}.skip_linear.bias"])
-        q, k, vv = rearrange(F.linear(ln(v, f"{b}.norm1"), w[f"{b}.attn.qkv.weight"]),
-                             "b n (k h d) -> k b h n d", k=3, h=c.num_heads)
+        q, k, vv = rearrange(
+            F.linear(ln(v, f"{b}.norm1"), w[f"{b}.attn.qkv.weight"]), "b n (k h d) -> k b h n d", k=3, h=c.num_heads
+        )
         a = rearrange(F.scaled_dot_product_attention(q, k, vv), "b h n d -> b n (h d)")
         v = v + F.linear(a, w[f"{b}.attn.proj.weight"], w[f"{b}.attn.proj.bias"])
         m = F.gelu(F.linear(ln(v, f"{b}.norm2"), w[f"{b}.mlp.fc1.weight"], w[f"{b}.mlp.fc1.bias"]))
@@ -107,7 +112,7 @@ def official_forward(model: UViT, x, t, y=None, context=None):
     z = block(z, "mid_block")
     for i in range(c.depth // 2):
         z = block(z, f"out_blocks.{i}", skips.pop())
-    z = F.linear(ln(z, "norm"), w["decoder_pred.weight"], w["decoder_pred.bias"])[:, c.extras:]
+    z = F.linear(ln(z, "norm"), w["decoder_pred.weight"], w["decoder_pred.bias"])[:, c.extras :]
     img = rearrange(z, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p, p2=p)
     return F.conv2d(img, w["final_layer.weight"], w["final_layer.bias"], padding=1)
 
@@ -115,8 +120,14 @@ def official_forward(model: UViT, x, t, y=None, context=None):
 @pytest.mark.parametrize("kind", sorted(CONDITIONING))
 def test_defaults_are_the_official_forward_bit_for_bit(kind: str) -> None:
     c = tiny(**CONDITIONING[kind])
-    explicit = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embedding="linear",
-                                   position_embedding="learned", skip="concat_linear")
+    explicit = dataclasses.replace(
+        c,
+        time="token",
+        conv_position="after_unpatchify",
+        patch_embedding="linear",
+        position_embedding="learned",
+        skip="concat_linear",
+    )
     assert explicit == c and c.extra_conv == "after_unpatchify"
     model = build(c)
     x, t, kw = inputs(c)
@@ -126,18 +137,51 @@ def test_defaults_are_the_official_forward_bit_for_bit(kind: str) -> None:
 
 def test_default_config_json_has_only_the_original_keys() -> None:
     """New switches at their default are not written: official-architecture config.json files keep their bytes."""
-    original = ["img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                "num_classes", "clip_dim", "num_text_tokens", "mlp_time_embed", "conv", "skip", "use_checkpoint"]
+    original = [
+        "img_size",
+        "patch_size",
+        "in_chans",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "num_classes",
+        "clip_dim",
+        "num_text_tokens",
+        "mlp_time_embed",
+        "conv",
+        "skip",
+        "use_checkpoint",
+    ]
     assert list(tiny().to_dict()) == original
     assert list(tiny(conv=False, skip="none").to_dict()) == original
-    assert tiny(time="adaln", position_embedding="none").to_dict() == {**tiny().to_dict(), "time": "adaln", "position_embedding": "none"}
+    assert tiny(time="adaln", position_embedding="none").to_dict() == {
+        **tiny().to_dict(),
+        "time": "adaln",
+        "position_embedding": "none",
+    }
 
 
 def test_an_old_config_json_loads_as_the_official_architecture(tmp_path) -> None:
     """A config.json written before the switches existed (the Huge models' conv=False) loads unchanged."""
-    old = {"img_size": 8, "patch_size": 2, "in_chans": 4, "embed_dim": 32, "depth": 4, "num_heads": 4,
-           "mlp_ratio": 4.0, "qkv_bias": False, "num_classes": 11, "clip_dim": None, "num_text_tokens": 77,
-           "mlp_time_embed": False, "conv": False, "skip": "concat_linear", "use_checkpoint": False}
+    old = {
+        "img_size": 8,
+        "patch_size": 2,
+        "in_chans": 4,
+        "embed_dim": 32,
+        "depth": 4,
+        "num_heads": 4,
+        "mlp_ratio": 4.0,
+        "qkv_bias": False,
+        "num_classes": 11,
+        "clip_dim": None,
+        "num_text_tokens": 77,
+        "mlp_time_embed": False,
+        "conv": False,
+        "skip": "concat_linear",
+        "use_checkpoint": False,
+    }
     c = UViTConfig.from_dict(old)
     assert (c.time, c.extra_conv, c.patch_embedding, c.position_embedding) == ("token", "none", "linear", "learned")
     assert c.to_dict() == old
@@ -195,7 +239,7 @@ def test_adaln_text_model_keeps_the_text_tokens() -> None:
         assert out.shape == x.shape
         assert not torch.allclose(out, model(x, t, context=kw["context"].flip(0)), atol=1e-4)
         # Batch independence: condition vectors are per sample.
-        parts = torch.cat([model(x[i:i + 1], t[i:i + 1], context=kw["context"][i:i + 1]) for i in range(3)])
+        parts = torch.cat([model(x[i : i + 1], t[i : i + 1], context=kw["context"][i : i + 1]) for i in range(3)])
         torch.testing.assert_close(out, parts, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="needs `context`"):
             model(x, t)
@@ -229,7 +273,7 @@ def test_conv_before_linear_runs_on_the_patch_token_grid() -> None:
     with torch.no_grad():
         out = model(x, t, **kw)
         h = c.img_size // c.patch_size
-        grid = seen["normed"][:, c.extras:].reshape(2, h, h, D)
+        grid = seen["normed"][:, c.extras :].reshape(2, h, h, D)
         shifted = torch.cat([torch.zeros_like(grid[:, :, :1]), grid[:, :, :-1]], dim=2).reshape(2, h * h, D)
         want = rearrange(model.decoder_pred(shifted), "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=2, p2=2)
         torch.testing.assert_close(out, want)
@@ -268,6 +312,7 @@ def test_conv_stem_layers(p: int, strides: list[int]) -> None:
 
 def mae_2d_sincos(dim: int, grid: int) -> np.ndarray:
     """MAE's 2D sin-cos position embedding (its get_2d_sincos_pos_embed), restated in numpy."""
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
@@ -284,9 +329,9 @@ def test_sinusoidal_2d_is_the_fixed_mae_table_and_not_saved(kind: str) -> None:
     model = build(c)
     table = model.pos_embed
     assert not isinstance(table, torch.nn.Parameter) and "pos_embed" not in model.state_dict()
-    assert torch.equal(table[0, :c.extras], torch.zeros(c.extras, D))  # condition tokens: no position
+    assert torch.equal(table[0, : c.extras], torch.zeros(c.extras, D))  # condition tokens: no position
     want = torch.from_numpy(mae_2d_sincos(D, 6)).float()
-    torch.testing.assert_close(table[0, c.extras:], want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(table[0, c.extras :], want, atol=1e-6, rtol=0)
     assert torch.equal(table, build(c, seed=1).pos_embed)  # independent of the seed
     # The forward adds exactly this table: a learned model holding it gives the same output.
     learned = build(dataclasses.replace(c, position_embedding="learned"))
@@ -312,8 +357,14 @@ def expected_param_delta(c: UViTConfig) -> int:
     """Parameters a config has beyond the same config with every new switch at its default,
     written from each switch's definition (independently of count_params)."""
     Dm, C, p = c.embed_dim, c.in_chans, c.patch_size
-    base = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embedding="linear",
-                               position_embedding="learned", conv=True)
+    base = dataclasses.replace(
+        c,
+        time="token",
+        conv_position="after_unpatchify",
+        patch_embedding="linear",
+        position_embedding="learned",
+        conv=True,
+    )
     delta = 0
     if c.time == "adaln":
         blocks = c.depth + 1
@@ -321,8 +372,9 @@ def expected_param_delta(c: UViTConfig) -> int:
         delta += (2 * Dm * Dm + 2 * Dm) - 2 * Dm  # final norm
     tokens = c.num_tokens if c.position_embedding == "learned" else 0
     delta += tokens * Dm - base.num_tokens * Dm
-    delta += {"after_unpatchify": 0, "before_linear": 9 * Dm * Dm + Dm - (9 * C * C + C),
-              "none": -(9 * C * C + C)}[c.extra_conv]
+    delta += {"after_unpatchify": 0, "before_linear": 9 * Dm * Dm + Dm - (9 * C * C + C), "none": -(9 * C * C + C)}[
+        c.extra_conv
+    ]
     if c.patch_embedding == "conv_stem":
         k = max(1, int(math.log2(p)))
         stem = (9 * C * Dm + Dm) + (k - 1) * (9 * Dm * Dm + Dm) + (Dm * Dm + Dm)
@@ -333,8 +385,14 @@ def expected_param_delta(c: UViTConfig) -> int:
 @pytest.mark.parametrize("c", CASES, ids=case_id)
 def test_param_count_is_exact_for_every_switch(c: UViTConfig) -> None:
     model = build(c)
-    base = dataclasses.replace(c, time="token", conv_position="after_unpatchify", patch_embedding="linear",
-                               position_embedding="learned", conv=True)
+    base = dataclasses.replace(
+        c,
+        time="token",
+        conv_position="after_unpatchify",
+        patch_embedding="linear",
+        position_embedding="learned",
+        conv=True,
+    )
     assert count_params(c) == numel(model)
     assert numel(model) - numel(build(base)) == expected_param_delta(c)
 
@@ -363,11 +421,13 @@ def test_mac_deltas_of_the_switches() -> None:
     shorter = blocks * (2 * attn_per_token + 2 * (L * L - N * N) * D) + (c.depth // 2) * 2 * 2 * D * D + 2 * D * 12
     assert base - count_macs(dataclasses.replace(c, time="adaln")) == shorter - blocks * 4 * D * D - 2 * D * D
     assert count_macs(dataclasses.replace(c, conv_position="before_linear")) - base == (
-        N * 9 * D * D - c.img_size**2 * 9 * C * C - (L - N) * D * 12)
+        N * 9 * D * D - c.img_size**2 * 9 * C * C - (L - N) * D * 12
+    )
     assert base - count_macs(dataclasses.replace(c, conv=False)) == c.img_size**2 * 9 * C * C
     assert count_macs(dataclasses.replace(c, position_embedding="sinusoidal_2d")) == base
     assert count_macs(dataclasses.replace(c, patch_embedding="conv_stem")) - base == (
-        N * 9 * C * D + N * D * D - N * C * 4 * D)
+        N * 9 * C * D + N * D * D - N * C * 4 * D
+    )
 
 
 # ------------------------------------------------------------------ persistence
@@ -391,6 +451,7 @@ def test_save_pretrained_round_trips_every_switch(c: UViTConfig, tmp_path) -> No
 
 def test_switch_state_dict_keys() -> None:
     """Each switch adds and removes exactly the weights it names; the rest keep the official keys."""
+
     def keys(**kw) -> set[str]:
         return set(build(tiny(**kw)).state_dict())
 

@@ -45,10 +45,23 @@ def test_variant_names(bench):
     assert bench.default_variants("cuda") == ["eager_fp32", "compiled_fp32", "eager_bf16", "compiled_bf16"]
 
     # The baseline always leads; flags add the flipped checkpointing, fused AdamW, TF32 (fp32 only).
-    names = bench.expand_variants(["eager_bf16", "eager_fp32", "compiled_fp32"], preset_checkpoint=False,
-                                  checkpointing=True, fused_adamw=True, tf32=True, compile=False)
-    assert names == ["eager_fp32", "eager_bf16", "eager_bf16+ckpt", "eager_bf16+fused",
-                     "eager_fp32+ckpt", "eager_fp32+fused", "eager_fp32+tf32"]
+    names = bench.expand_variants(
+        ["eager_bf16", "eager_fp32", "compiled_fp32"],
+        preset_checkpoint=False,
+        checkpointing=True,
+        fused_adamw=True,
+        tf32=True,
+        compile=False,
+    )
+    assert names == [
+        "eager_fp32",
+        "eager_bf16",
+        "eager_bf16+ckpt",
+        "eager_bf16+fused",
+        "eager_fp32+ckpt",
+        "eager_fp32+fused",
+        "eager_fp32+tf32",
+    ]
     assert "eager_fp32+nockpt" in bench.expand_variants(["eager_fp32"], preset_checkpoint=True, checkpointing=True)
 
 
@@ -92,9 +105,26 @@ def test_time_variant(bench):
 
 def test_main_writes_json(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    results = bench.main(["--preset", "digits_uvit_tiny", "--batch-size", "2", "--iters", "2", "--warmup", "1",
-                          "--device", "cpu", "--no-compile", "--variants", "eager_fp32,eager_bf16,compiled_fp32",
-                          "--fused-adamw", "--json", str(out)])
+    results = bench.main(
+        [
+            "--preset",
+            "digits_uvit_tiny",
+            "--batch-size",
+            "2",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--no-compile",
+            "--variants",
+            "eager_fp32,eager_bf16,compiled_fp32",
+            "--fused-adamw",
+            "--json",
+            str(out),
+        ]
+    )
     expected = ["eager_fp32", "eager_fp32+fused", "eager_bf16", "eager_bf16+fused"]  # compiled dropped
     rows = results["results"]
     assert [r["variant"] for r in rows] == expected

@@ -31,8 +31,11 @@ def _dvc_md5(path: Path) -> str:
     folder, the md5 of the JSON list of its files' {"md5", "relpath"} sorted by relpath, plus ".dir"."""
     if path.is_file():
         return hashlib.md5(path.read_bytes()).hexdigest()
-    entries = [{"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(path).as_posix()}
-               for f in sorted(path.rglob("*"), key=lambda f: f.relative_to(path).as_posix()) if f.is_file()]
+    entries = [
+        {"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(path).as_posix()}
+        for f in sorted(path.rglob("*"), key=lambda f: f.relative_to(path).as_posix())
+        if f.is_file()
+    ]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
@@ -43,15 +46,16 @@ def _entries(stage: dict, *keys: str):
             if isinstance(item, str):
                 yield item, {}
             else:
-                (path, opts), = item.items()
+                ((path, opts),) = item.items()
                 yield path, opts or {}
 
 
 def _committed_outputs() -> list[str]:
     """Every output of dvc.yaml kept in git rather than the DVC cache (`cache: false`)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return sorted(p for s in stages.values() for p, o in _entries(s, "outs", "metrics", "plots")
-                  if o.get("cache") is False)
+    return sorted(
+        p for s in stages.values() for p, o in _entries(s, "outs", "metrics", "plots") if o.get("cache") is False
+    )
 
 
 def test_the_committed_outputs_carry_dvc_lock_hashes() -> None:
@@ -125,8 +129,18 @@ def test_the_report_pages_regenerate_from_the_committed_run_files(tmp_path, monk
     for rel in sorted(pages, key=lambda p: not p.endswith(".md")):  # pages first: their diff says most
         assert (tmp_path / rel).is_file(), f"{rel} is not regenerated from the committed run files{why}"
         got, want = (tmp_path / rel).read_bytes(), (ROOT / rel).read_bytes()
-        diff = "".join(difflib.unified_diff(want.decode().splitlines(True), got.decode().splitlines(True),
-                                            f"committed {rel}", f"regenerated {rel}")) if rel.endswith(".md") else ""
+        diff = (
+            "".join(
+                difflib.unified_diff(
+                    want.decode().splitlines(True),
+                    got.decode().splitlines(True),
+                    f"committed {rel}",
+                    f"regenerated {rel}",
+                )
+            )
+            if rel.endswith(".md")
+            else ""
+        )
         assert got == want, f"{rel} does not regenerate from the committed run files{why}\n{diff}"
     written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "reports").rglob("*") if p.is_file())
     assert written == pages, "the report stage writes files that are not committed"
@@ -138,9 +152,12 @@ def test_the_committed_score_is_the_sampler_study_point_at_the_digits_setting() 
     import csv
 
     sample = yaml.safe_load((ROOT / "params.yaml").read_text())["digits"]["sample"]
-    rows = [r for r in csv.DictReader((ROOT / "runs/digits/samplers/results.csv").open())
-            if (r["sampler"], r["skip_type"], int(r["steps"]), int(r["seed"])) ==
-            (sample["sampler"], sample.get("skip_type") or "default", sample["steps"], sample.get("seed", 0))]
+    rows = [
+        r
+        for r in csv.DictReader((ROOT / "runs/digits/samplers/results.csv").open())
+        if (r["sampler"], r["skip_type"], int(r["steps"]), int(r["seed"]))
+        == (sample["sampler"], sample.get("skip_type") or "default", sample["steps"], sample.get("seed", 0))
+    ]
     assert len(rows) == 1, f"the digits sample setting {sample} is not a point of the sampler study"
     metrics = json.loads((ROOT / "runs/digits/score/metrics.json").read_text())
     assert metrics["fid"] == pytest.approx(float(rows[0]["fid"]), rel=1e-8)
@@ -165,4 +182,3 @@ def test_the_committed_study_files_carry_its_lock_hashes() -> None:
         for dep in stage.get("deps", []):
             if dep["path"] in recorded and dep["path"] in committed:
                 assert dep["md5"] == recorded[dep["path"]]["md5"], f"stage {name} ran on another {dep['path']}"
-

@@ -28,7 +28,12 @@ def test_every_benchmark_block_is_valid(params) -> None:
 def test_paper_recipes_match_the_official_configs(params) -> None:
     c = load_benchmark("imagenet256", params)
     assert (c.model.preset, c.diffusion.schedule, c.sample.sampler, c.sample.steps, c.sample.guidance_scale) == (
-        "imagenet256_uvit_h2", "discrete", "dpm_solver_pp", 50, 0.4)
+        "imagenet256_uvit_h2",
+        "discrete",
+        "dpm_solver_pp",
+        50,
+        0.4,
+    )
     assert c.uvit_config().num_classes == 1001
     coco = load_benchmark("mscoco256", params)
     assert coco.train.betas == (0.9, 0.9) and coco.train.batch_size == 256 and coco.sample.guidance_scale == 1.0
@@ -47,13 +52,23 @@ def test_paper_recipes_match_the_official_configs(params) -> None:
         (lambda p: p["digits"]["diffusion"].update(p_uncond=1.5), "digits.diffusion.p_uncond"),
         (lambda p: p["digits"]["model"].update(overrides={"depth": 7}), "digits.model.overrides"),
         (lambda p: p["digits"].pop("train"), "digits.train: Field required"),
-        (lambda p: p["digits"].update(artifacts={"url": "ftp://host/x"}), "digits.artifacts.url: Value error, unsupported scheme"),
-        (lambda p: p["digits"].update(artifacts={"url": "s3://KEY:SECRET@bucket/x"}), "digits.artifacts.url: Value error, credentials"),
+        (
+            lambda p: p["digits"].update(artifacts={"url": "ftp://host/x"}),
+            "digits.artifacts.url: Value error, unsupported scheme",
+        ),
+        (
+            lambda p: p["digits"].update(artifacts={"url": "s3://KEY:SECRET@bucket/x"}),
+            "digits.artifacts.url: Value error, credentials",
+        ),
         (lambda p: p["digits"].update(artifacts={"url": "s3://b"}), "digits.artifacts.url: Value error"),
-        (lambda p: p["digits"].update(artifacts={"url": "s3://uvit/a", "endpoint_url": "127.0.0.1:9000"}),
-         "digits.artifacts.endpoint_url"),
-        (lambda p: p["digits"].update(artifacts={"url": "artifacts", "secret_key": "x"}),
-         "digits.artifacts.secret_key: Extra inputs are not permitted"),
+        (
+            lambda p: p["digits"].update(artifacts={"url": "s3://uvit/a", "endpoint_url": "127.0.0.1:9000"}),
+            "digits.artifacts.endpoint_url",
+        ),
+        (
+            lambda p: p["digits"].update(artifacts={"url": "artifacts", "secret_key": "x"}),
+            "digits.artifacts.secret_key: Extra inputs are not permitted",
+        ),
     ],
 )
 def test_bad_parameters_name_the_key(params, edit, message) -> None:
@@ -99,10 +114,12 @@ def test_flow_command_rejects_bad_overrides_before_any_work(tmp_path, capsys) ->
     from pipelines.flows import main
 
     shutil.copy2(PARAMS, tmp_path / "params.yaml")
-    for sets, named in [(["digits.train.steps=-5"], "digits.train.steps: Input should be greater than 0"),
-                        (["digits.train.steps=many"], "digits.train.steps"),
-                        (["digits.model.preset=uvit_xxl"], "digits.model.preset"),
-                        (["digits.artifacts.url=ftp://x"], "digits.artifacts.url")]:
+    for sets, named in [
+        (["digits.train.steps=-5"], "digits.train.steps: Input should be greater than 0"),
+        (["digits.train.steps=many"], "digits.train.steps"),
+        (["digits.model.preset=uvit_xxl"], "digits.model.preset"),
+        (["digits.artifacts.url=ftp://x"], "digits.artifacts.url"),
+    ]:
         argv = ["digits", "--root", str(tmp_path), *[a for s in sets for a in ("--set", s)]]
         assert main(argv) == 2
         assert named in capsys.readouterr().err

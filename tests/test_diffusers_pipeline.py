@@ -42,8 +42,10 @@ def class_model() -> UViT:
 
 @pytest.fixture(scope="module")
 def saved_class_pipe(class_model, tmp_path_factory) -> Path:
-    pipe = UViTPipeline(transformer=UViTTransformer.from_uvit(class_model),
-                        scheduler=UViTDPMSolverScheduler(schedule="vpsde", solver="dpm_solver"))
+    pipe = UViTPipeline(
+        transformer=UViTTransformer.from_uvit(class_model),
+        scheduler=UViTDPMSolverScheduler(schedule="vpsde", solver="dpm_solver"),
+    )
     d = tmp_path_factory.mktemp("class_pipe")
     pipe.save_pretrained(d)
     return d
@@ -81,19 +83,48 @@ def test_roundtrip_pipeline_equals_generate(class_model, saved_class_pipe, scale
     assert isinstance(pipe.transformer, UViTTransformer)
     assert isinstance(pipe.scheduler, UViTDPMSolverScheduler) and pipe.vae is None
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2])
-    got = pipe(class_labels=labels, guidance_scale=scale, num_inference_steps=STEPS,
-               output_type="latent", batch_size=4).images
-    want = generate(class_model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=sample_seeds(0, 7),
-                    labels=labels, guidance_scale=scale, batch_size=4, progress=False)
+    got = pipe(
+        class_labels=labels, guidance_scale=scale, num_inference_steps=STEPS, output_type="latent", batch_size=4
+    ).images
+    want = generate(
+        class_model,
+        schedule="vpsde",
+        sampler="dpm_solver",
+        steps=STEPS,
+        seeds=sample_seeds(0, 7),
+        labels=labels,
+        guidance_scale=scale,
+        batch_size=4,
+        progress=False,
+    )
     assert torch.equal(got, want)
     # explicit seeds, a different batch split (pipeline: [2, 1]; reference: one sample per call):
     # sample i depends only on seeds[i] and its label
     seeds, classes = [11, 5, 42], [2, 2, 0]
-    got = pipe(class_labels=classes, seeds=seeds, guidance_scale=scale, num_inference_steps=STEPS,
-               output_type="latent", batch_size=2).images
-    want = torch.cat([generate(class_model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=[s],
-                               labels=torch.tensor([c]), guidance_scale=scale, batch_size=1, progress=False)
-                      for s, c in zip(seeds, classes, strict=True)])
+    got = pipe(
+        class_labels=classes,
+        seeds=seeds,
+        guidance_scale=scale,
+        num_inference_steps=STEPS,
+        output_type="latent",
+        batch_size=2,
+    ).images
+    want = torch.cat(
+        [
+            generate(
+                class_model,
+                schedule="vpsde",
+                sampler="dpm_solver",
+                steps=STEPS,
+                seeds=[s],
+                labels=torch.tensor([c]),
+                guidance_scale=scale,
+                batch_size=1,
+                progress=False,
+            )
+            for s, c in zip(seeds, classes, strict=True)
+        ]
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -104,8 +135,16 @@ def test_scheduler_swap_changes_result_and_matches_generate(class_model, saved_c
     pipe.scheduler = UViTDPMSolverScheduler.from_config(pipe.scheduler.config, solver="dpm_solver_pp_2m")
     two_m = pipe(**kw).images
     assert not torch.allclose(base, two_m, atol=1e-3)
-    want = generate(class_model, schedule="vpsde", sampler="dpm_solver_pp_2m", steps=STEPS, seeds=sample_seeds(0, 2),
-                    labels=torch.tensor([1, 3]), guidance_scale=0.4, progress=False)
+    want = generate(
+        class_model,
+        schedule="vpsde",
+        sampler="dpm_solver_pp_2m",
+        steps=STEPS,
+        seeds=sample_seeds(0, 2),
+        labels=torch.tensor([1, 3]),
+        guidance_scale=0.4,
+        progress=False,
+    )
     assert torch.equal(two_m, want)
     # the swapped scheduler is what a re-saved pipeline carries
     pipe.scheduler.save_pretrained(saved_class_pipe.parent / "sched")
@@ -149,9 +188,17 @@ def test_output_types(saved_class_pipe):
 
 
 # ---------------------------------------------------------------------------- scheduler
-@pytest.mark.parametrize("solver,schedule", [("dpm_solver", "vpsde"), ("dpm_solver_pp", "discrete"),
-                                             ("dpm_solver_pp_2m", "discrete"), ("euler_maruyama", "vpsde"),
-                                             ("dpm_solver_pp_3m", "discrete"), ("unipc_bh2", "discrete")])
+@pytest.mark.parametrize(
+    "solver,schedule",
+    [
+        ("dpm_solver", "vpsde"),
+        ("dpm_solver_pp", "discrete"),
+        ("dpm_solver_pp_2m", "discrete"),
+        ("euler_maruyama", "vpsde"),
+        ("dpm_solver_pp_3m", "discrete"),
+        ("unipc_bh2", "discrete"),
+    ],
+)
 def test_scheduler_timesteps_are_the_network_inputs(class_model, solver, schedule):
     sch = UViTDPMSolverScheduler(schedule=schedule, solver=solver)
     pipe = _quiet(UViTPipeline(transformer=UViTTransformer.from_uvit(class_model), scheduler=sch))
@@ -180,9 +227,16 @@ def test_scheduler_config_and_validation(tmp_path):
     assert fast.sampler_kwargs == {"order": 3, "skip_type": "time_uniform", "t_end": 1e-3, "denoise_final": False}
     assert UViTDPMSolverScheduler(solver="euler_maruyama").sampler_kwargs == {"denoise_final": False}
     assert UViTDPMSolverScheduler(solver="dpm_solver").sampler_kwargs == {"denoise_final": False}  # order: default
-    for bad in (dict(solver="ddim"), dict(schedule="cosine"), dict(order=4), dict(skip_type="karras"),
-                dict(solver="euler_maruyama", schedule="discrete"), dict(prediction_type="v_prediction"),
-                dict(schedule="discrete", beta_schedule="linear"), dict(schedule="discrete", beta_end=0.02)):
+    for bad in (
+        dict(solver="ddim"),
+        dict(schedule="cosine"),
+        dict(order=4),
+        dict(skip_type="karras"),
+        dict(solver="euler_maruyama", schedule="discrete"),
+        dict(prediction_type="v_prediction"),
+        dict(schedule="discrete", beta_schedule="linear"),
+        dict(schedule="discrete", beta_end=0.02),
+    ):
         with pytest.raises(ValueError):
             UViTDPMSolverScheduler(**bad)
     with pytest.raises(NotImplementedError, match="sample"):
@@ -202,8 +256,13 @@ def test_2m_step_loop_equals_sample(class_model, steps):
         for t in sch.timesteps:
             x = sch.step(class_model(sch.scale_model_input(x, t), t, y=y), t, x).prev_sample
     assert torch.equal(x, want)
-    ref = sample("dpm_solver_pp_2m", wrap_model(lambda x, t: class_model(x, t, y=y), make_schedule("discrete")),
-                 make_schedule("discrete"), x_T, steps)
+    ref = sample(
+        "dpm_solver_pp_2m",
+        wrap_model(lambda x, t: class_model(x, t, y=y), make_schedule("discrete")),
+        make_schedule("discrete"),
+        x_T,
+        steps,
+    )
     assert torch.equal(want, ref)
 
 
@@ -212,22 +271,41 @@ def _tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=32,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         sample_size=8, scaling_factor=0.5).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=8,
+        scaling_factor=0.5,
+    ).eval()
 
 
 def test_latent_pipeline_decodes_with_the_vae(tmp_path):
     model = _uvit(img_size=4, in_chans=4, num_classes=3)
     vae = _tiny_vae()
-    pipe = _quiet(UViTPipeline(transformer=UViTTransformer.from_uvit(model),
-                               scheduler=UViTDPMSolverScheduler.official("discrete"), vae=vae))
+    pipe = _quiet(
+        UViTPipeline(
+            transformer=UViTTransformer.from_uvit(model), scheduler=UViTDPMSolverScheduler.official("discrete"), vae=vae
+        )
+    )
     kw = dict(class_labels=[0, 1, 0], guidance_scale=0.5, num_inference_steps=3)
     z = pipe(output_type="latent", **kw).images
     assert z.shape == (3, 4, 4, 4)
-    want_z = generate(model, schedule="discrete", sampler="dpm_solver_pp", steps=3, seeds=sample_seeds(0, 3),
-                      labels=torch.tensor([0, 1, 0]), guidance_scale=0.5, progress=False)
+    want_z = generate(
+        model,
+        schedule="discrete",
+        sampler="dpm_solver_pp",
+        steps=3,
+        seeds=sample_seeds(0, 3),
+        labels=torch.tensor([0, 1, 0]),
+        guidance_scale=0.5,
+        progress=False,
+    )
     assert torch.equal(z, want_z)
     pt = pipe(output_type="pt", **kw).images
     assert pt.shape == (3, 3, 8, 8)  # the VAE's output size, not the latent's
@@ -252,9 +330,17 @@ def _tiny_clip(tmp_path: Path, max_len: int = 16):
     (tmp_path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
     tok = CLIPTokenizer.from_pretrained(str(tmp_path))
     torch.manual_seed(2)
-    cfg = CLIPTextConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=max_len, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1)
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_len,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPTextModel(cfg).eval(), tok
 
 
@@ -263,8 +349,14 @@ def test_text_pipeline_with_guidance_roundtrips(tmp_path):
     ids = tok(["a cat"], padding="max_length", max_length=16, truncation=True).input_ids[0]
     assert len(ids) == 16 and ids[0] == 0 and 55 in ids  # bos, the merged "cat</w>"
     model = _uvit(clip_dim=32, num_text_tokens=16)
-    pipe = _quiet(UViTPipeline(transformer=UViTTransformer.from_uvit(model),
-                               scheduler=UViTDPMSolverScheduler.official("discrete"), text_encoder=enc, tokenizer=tok))
+    pipe = _quiet(
+        UViTPipeline(
+            transformer=UViTTransformer.from_uvit(model),
+            scheduler=UViTDPMSolverScheduler.official("discrete"),
+            text_encoder=enc,
+            tokenizer=tok,
+        )
+    )
     prompts = ["a cat", "dog", "a cat"]
     kw = dict(prompt=prompts, num_inference_steps=3, output_type="latent")
     guided = pipe(guidance_scale=1.0, **kw).images

@@ -162,10 +162,17 @@ class Recorder:
         return 0.1 * x
 
 
-@pytest.mark.parametrize("name,steps,kw", [
-    ("dpm_solver", 50, {}), ("dpm_solver", 20, {"order": 2}), ("dpm_solver_pp", 50, {}),
-    ("dpm_solver_pp_2m", 25, {}), ("dpm_solver_pp_2m", 7, {}), ("euler_maruyama", 30, {}),
-])
+@pytest.mark.parametrize(
+    "name,steps,kw",
+    [
+        ("dpm_solver", 50, {}),
+        ("dpm_solver", 20, {"order": 2}),
+        ("dpm_solver_pp", 50, {}),
+        ("dpm_solver_pp_2m", 25, {}),
+        ("dpm_solver_pp_2m", 7, {}),
+        ("euler_maruyama", 30, {}),
+    ],
+)
 def test_instrumented_nfe(name, steps, kw):
     rec = Recorder()
     sch = VPSDE()
@@ -207,12 +214,15 @@ def _check_moments(x, mean, std, n, slack):
     assert ((x.std(0) - std).abs() <= 5 * se_std + slack * std).all(), (x.std(0), std)
 
 
-@pytest.mark.parametrize("name,schedule,kw", [
-    ("dpm_solver", VPSDE(), {}),
-    ("dpm_solver_pp", DiscreteSchedule(), {}),
-    ("dpm_solver_pp_2m", VPSDE(), {}),
-    ("dpm_solver_pp_2m", DiscreteSchedule(), {}),  # logSNR: time-uniform needs ~4x the steps here
-])
+@pytest.mark.parametrize(
+    "name,schedule,kw",
+    [
+        ("dpm_solver", VPSDE(), {}),
+        ("dpm_solver_pp", DiscreteSchedule(), {}),
+        ("dpm_solver_pp_2m", VPSDE(), {}),
+        ("dpm_solver_pp_2m", DiscreteSchedule(), {}),  # logSNR: time-uniform needs ~4x the steps here
+    ],
+)
 def test_ode_samplers_reproduce_gaussian(name, schedule, kw):
     """x_T ~ N(0, I) pushed through the exact ODE map gives N(mean_e, std_e^2) at t_end: the data
     up to alpha_T m (the prior ignores it: 0.7% of m for the VP SDE, 6.8% for the discrete
@@ -252,11 +262,14 @@ def _observed_orders(errs):
 
 # steps chosen so the number of order-k intervals doubles and every interval has order k
 # (3K+2 -> [3]*K + [2], 2K -> [2]*K), i.e. the logSNR step h halves each time.
-@pytest.mark.parametrize("order,steps,lo,hi", [
-    (3, [23, 47, 95], 2.8, 3.8),  # measured 3.33, 3.31
-    (2, [16, 32, 64], 1.8, 2.5),  # measured 2.13, 2.08
-    (1, [20, 40, 80], 0.8, 1.2),  # measured 0.95, 0.98
-])
+@pytest.mark.parametrize(
+    "order,steps,lo,hi",
+    [
+        (3, [23, 47, 95], 2.8, 3.8),  # measured 3.33, 3.31
+        (2, [16, 32, 64], 1.8, 2.5),  # measured 2.13, 2.08
+        (1, [20, 40, 80], 0.8, 1.2),  # measured 0.95, 0.98
+    ],
+)
 def test_dpm_solver_convergence_order(order, steps, lo, hi):
     errs = _errors(lambda f, sch, x, n: dpm_solver(f, sch, x, steps=n, order=order), VPSDE(), steps)
     p = _observed_orders(errs)
@@ -286,13 +299,17 @@ def test_official_configs_are_accurate():
     assert errs[2] < 0.05 and all(a > 1.4 * b for a, b in zip(errs, errs[1:])), errs
 
 
-@pytest.mark.parametrize("schedule,kw,steps", [
-    (VPSDE(), {}, [20, 40, 80, 160]),  # measured 1.87, 1.97, 1.99
-    (DiscreteSchedule(), {}, [20, 40, 80, 160]),  # measured 1.95, 1.99, 2.00
-    # non-uniform lambda steps exercise the step ratio r0 = h_0 / h; t_end = 1e-2 keeps the
-    # last lambda step shrinking with the grid. Measured 1.94, 2.05.
-    (VPSDE(), {"skip_type": "time_uniform", "t_end": 1e-2}, [40, 80, 160]),
-], ids=["vpsde", "discrete", "vpsde-time_uniform"])
+@pytest.mark.parametrize(
+    "schedule,kw,steps",
+    [
+        (VPSDE(), {}, [20, 40, 80, 160]),  # measured 1.87, 1.97, 1.99
+        (DiscreteSchedule(), {}, [20, 40, 80, 160]),  # measured 1.95, 1.99, 2.00
+        # non-uniform lambda steps exercise the step ratio r0 = h_0 / h; t_end = 1e-2 keeps the
+        # last lambda step shrinking with the grid. Measured 1.94, 2.05.
+        (VPSDE(), {"skip_type": "time_uniform", "t_end": 1e-2}, [40, 80, 160]),
+    ],
+    ids=["vpsde", "discrete", "vpsde-time_uniform"],
+)
 def test_dpm_solver_pp_2m_second_order(schedule, kw, steps):
     t_end = kw.get("t_end", schedule.default_t_end)
     x_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(0), dtype=F64)

@@ -52,12 +52,21 @@ N_IMAGES = 10
 
 def _tiny_vae(seed: int = 0):
     torch.manual_seed(seed)
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
-        sample_size=32).eval().requires_grad_(False)
+    return (
+        diffusers.AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=32,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +83,9 @@ def images() -> np.ndarray:
 def image_split(tmp_path_factory, images) -> Path:
     root = tmp_path_factory.mktemp("img") / "train"
     labels = np.arange(N_IMAGES, dtype=np.int64) % 5
-    write_split(root, {"images": images, "labels": labels}, name="tiny", split="train",
-                shard_size=4, meta={"num_classes": 5})
+    write_split(
+        root, {"images": images, "labels": labels}, name="tiny", split="train", shard_size=4, meta={"num_classes": 5}
+    )
     return root
 
 
@@ -91,9 +101,16 @@ def clip(tmp_path_factory, write_tiny_clip_vocab):
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(d))
     torch.manual_seed(0)
     config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1)
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     model = transformers.CLIPTextModel(config).eval().requires_grad_(False)
     return tokenizer, model
 
@@ -120,8 +137,9 @@ def test_load_vae_directory_encode_decode(tmp_path: Path, vae, images) -> None:
     with torch.no_grad():
         direct = vae.encode(x).latent_dist.parameters
     torch.testing.assert_close(m, direct, rtol=0, atol=0)
-    torch.testing.assert_close(encode_moments(loaded, images[:3], batch_size=2), direct,
-                               rtol=1e-5, atol=1e-5)  # uint8 input, batched
+    torch.testing.assert_close(
+        encode_moments(loaded, images[:3], batch_size=2), direct, rtol=1e-5, atol=1e-5
+    )  # uint8 input, batched
 
     z = sample_latents(m, 0.5, torch.Generator().manual_seed(1))
     mean, logvar = m.chunk(2, dim=1)
@@ -161,8 +179,7 @@ def test_ldm_checkpoint_converts_strictly(tmp_path: Path, vae, images) -> None:
     assert loaded.config.layers_per_block == 1 and loaded.config.scaling_factor == 0.18215
     x = _x(images[:2])
     with torch.no_grad():
-        torch.testing.assert_close(encode_moments(loaded, x), vae.encode(x).latent_dist.parameters,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(encode_moments(loaded, x), vae.encode(x).latent_dist.parameters, rtol=0, atol=0)
         z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(decode(loaded, z), decode(vae, z), rtol=0, atol=0)
 
@@ -202,8 +219,13 @@ def test_small_ldm_file_infers_its_group_count(tmp_path: Path, images) -> None:
 
     torch.manual_seed(1)
     small = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 24), layers_per_block=1, latent_channels=4, norm_num_groups=8).eval()
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 24),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    ).eval()
     ldm = diffusers_to_ldm_vae(small.state_dict())
     assert vae_config_from_ldm(ldm)["norm_num_groups"] == 8  # 8 and 24: 8 is the largest common divisor <= 32
     assert vae_config_from_ldm(ldm, norm_num_groups=4)["norm_num_groups"] == 4  # explicit wins
@@ -214,8 +236,7 @@ def test_small_ldm_file_infers_its_group_count(tmp_path: Path, images) -> None:
     assert loaded.config.norm_num_groups == 8
     x = _x(images[:2])
     with torch.no_grad():  # the same function as the model it was written from, bit for bit
-        torch.testing.assert_close(encode_moments(loaded, x), small.encode(x).latent_dist.parameters,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(encode_moments(loaded, x), small.encode(x).latent_dist.parameters, rtol=0, atol=0)
 
 
 class _Payload:
@@ -267,8 +288,9 @@ def test_hub_ids_offline_give_instructions(monkeypatch) -> None:
 
 
 def test_encode_image_split_matches_direct(tmp_path: Path, vae, images, image_split) -> None:
-    m = encode_image_split(image_split, tmp_path / "lat", vae, batch_size=3, shard_size=4,
-                           dtype="float32", progress=False)
+    m = encode_image_split(
+        image_split, tmp_path / "lat", vae, batch_size=3, shard_size=4, dtype="float32", progress=False
+    )
     assert m.count == N_IMAGES and len(m.shards) == 3
     verify_split(tmp_path / "lat")
     ds = ShardedArrays(tmp_path / "lat")
@@ -279,27 +301,24 @@ def test_encode_image_split_matches_direct(tmp_path: Path, vae, images, image_sp
     assert m.meta["scale_factor"] == vae.config.scaling_factor
     assert m.meta["source"]["count"] == N_IMAGES
     assert m.fields["labels"].stats["counts"] == {str(i): 2 for i in range(5)}
-    report = validate_latent_split(tmp_path / "lat", LatentSplitExpectations(num_classes=5),
-                                   source_root=image_split)
+    report = validate_latent_split(tmp_path / "lat", LatentSplitExpectations(num_classes=5), source_root=image_split)
     ok = {r.name: r.success for r in report.results}  # (a random VAE's latent std is arbitrary)
     assert ok["encoded from this source split"] and ok["row count = source rows x 1 (10)"]
     assert ok["latents finite (no NaN/inf)"] and ok["every class 0..4 present"]
     # float16 storage (the default)
-    m16 = encode_image_split(image_split, tmp_path / "lat16", vae, batch_size=4, shard_size=4,
-                             progress=False)
+    m16 = encode_image_split(image_split, tmp_path / "lat16", vae, batch_size=4, shard_size=4, progress=False)
     assert m16.fields["moments"].dtype == "float16"
-    np.testing.assert_allclose(ShardedArrays(tmp_path / "lat16").field("moments"), direct,
-                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(ShardedArrays(tmp_path / "lat16").field("moments"), direct, rtol=2e-3, atol=2e-3)
 
 
 def test_encode_image_split_with_flips(tmp_path: Path, vae, images, image_split) -> None:
-    m = encode_image_split(image_split, tmp_path / "lat", vae, batch_size=4, shard_size=6,
-                           flip=True, dtype="float32", progress=False)
+    m = encode_image_split(
+        image_split, tmp_path / "lat", vae, batch_size=4, shard_size=6, flip=True, dtype="float32", progress=False
+    )
     assert m.count == 2 * N_IMAGES  # shard 1 = rows [6, 12) straddles the mirrors' start
     ds = ShardedArrays(tmp_path / "lat")
     moments = ds.field("moments")
-    np.testing.assert_allclose(moments[:N_IMAGES], encode_moments(vae, _x(images)).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(moments[:N_IMAGES], encode_moments(vae, _x(images)).numpy(), rtol=1e-5, atol=1e-5)
     mirrored = encode_moments(vae, _x(np.ascontiguousarray(images[..., ::-1]))).numpy()
     np.testing.assert_allclose(moments[N_IMAGES:], mirrored, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ds.field("flipped"), [0] * N_IMAGES + [1] * N_IMAGES)
@@ -368,16 +387,14 @@ def test_encode_text_and_empty_context(tmp_path: Path, clip) -> None:
     prompts = ["a cat", "the dog sat", " ".join(["dog"] * 100)]
     ctx = encode_text(tokenizer, model, prompts)
     assert ctx.shape == (3, 77, 32) and ctx.dtype == torch.float32
-    ids = tokenizer(prompts, truncation=True, max_length=77, padding="max_length",
-                    return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompts, truncation=True, max_length=77, padding="max_length", return_tensors="pt")["input_ids"]
     assert ids.shape == (3, 77)
     assert (ids[0, 4:] == tokenizer.pad_token_id).all()  # <s> a cat </s> then padding
     with torch.no_grad():
         torch.testing.assert_close(ctx, model(input_ids=ids).last_hidden_state, rtol=0, atol=0)
     torch.testing.assert_close(encode_text(tokenizer, model, prompts, batch_size=2), ctx)
     np.testing.assert_array_equal(token_lengths(tokenizer, prompts), [4, 8, 102])
-    torch.testing.assert_close(empty_context(tokenizer, model),
-                               encode_text(tokenizer, model, [""])[0], rtol=0, atol=0)
+    torch.testing.assert_close(empty_context(tokenizer, model), encode_text(tokenizer, model, [""])[0], rtol=0, atol=0)
     tokenizer.save_pretrained(str(tmp_path / "clip"))
     model.save_pretrained(str(tmp_path / "clip"))
     tok2, model2 = load_text_encoder(tmp_path / "clip")
@@ -390,11 +407,19 @@ def _caption_split(root: Path, captions: list[list[str]]) -> Path:
     width = max(1, max(len(s) for c in captions for s in c))
     arr = np.full((n, k), "", dtype=f"<U{width}")
     for i, c in enumerate(captions):
-        arr[i, :len(c)] = c
-    write_split(root, {"images": np.zeros((n, 3, 8, 8), np.uint8),
-                       "image_ids": np.arange(100, 100 + n, dtype=np.int64),
-                       "num_captions": np.array([len(c) for c in captions], dtype=np.int64),
-                       "captions": arr}, name="coco", split="val", shard_size=3)
+        arr[i, : len(c)] = c
+    write_split(
+        root,
+        {
+            "images": np.zeros((n, 3, 8, 8), np.uint8),
+            "image_ids": np.arange(100, 100 + n, dtype=np.int64),
+            "num_captions": np.array([len(c) for c in captions], dtype=np.int64),
+            "captions": arr,
+        },
+        name="coco",
+        split="val",
+        shard_size=3,
+    )
     return root
 
 
@@ -404,13 +429,13 @@ CAPTIONS = [["a cat", "a dog"], ["the dog sat", "cat", "a dog at a cat"], ["dog"
 def test_encode_captions(tmp_path: Path, clip) -> None:
     tokenizer, model = clip
     src = _caption_split(tmp_path / "src", CAPTIONS)
-    m = encode_captions(src, tmp_path / "ctx", tokenizer, model, batch_size=2, shard_size=3,
-                        dtype="float32", progress=False)
+    m = encode_captions(
+        src, tmp_path / "ctx", tokenizer, model, batch_size=2, shard_size=3, dtype="float32", progress=False
+    )
     flat = [c for caps in CAPTIONS for c in caps]
     assert m.count == len(flat) == 8 and len(m.shards) == 3
     ds = ShardedArrays(tmp_path / "ctx", verify=True)
-    np.testing.assert_allclose(ds.field("contexts"), encode_text(tokenizer, model, flat).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ds.field("contexts"), encode_text(tokenizer, model, flat).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ds.field("image_rows"), [0, 0, 1, 1, 1, 2, 3, 3])
     np.testing.assert_array_equal(ds.field("caption_index"), [0, 1, 0, 1, 2, 0, 0, 1])
     np.testing.assert_array_equal(ds.field("image_ids"), [100, 100, 101, 101, 101, 102, 103, 103])
@@ -419,8 +444,9 @@ def test_encode_captions(tmp_path: Path, clip) -> None:
     assert empty.shape == (77, 32) and empty.dtype == np.float32
     np.testing.assert_allclose(empty, empty_context(tokenizer, model).numpy(), rtol=0, atol=0)
 
-    report = validate_caption_split(src, CaptionSplitExpectations(expected_rows=4),
-                                    tokenizer=tokenizer, contexts_root=tmp_path / "ctx")
+    report = validate_caption_split(
+        src, CaptionSplitExpectations(expected_rows=4), tokenizer=tokenizer, contexts_root=tmp_path / "ctx"
+    )
     assert report.success, report.summary()
     assert "contexts finite (no NaN/inf)" in [r.name for r in report.results]
     # a tampered empty_context.npy is caught by its checksum
@@ -443,9 +469,14 @@ def _latent_split(root: Path, *, n: int = 40, nan: bool = False, seed: int = 0) 
     moments = np.concatenate([mean, logvar], axis=1).astype(np.float16)
     if nan:
         moments[7, 2, 1, 1] = np.nan
-    write_split(root, {"moments": moments, "labels": np.arange(n, dtype=np.int64) % 4},
-                name="tiny", split="train", shard_size=16,
-                meta={"scale_factor": SCALE, "source": {"count": n}, "flip": {"stored": False}})
+    write_split(
+        root,
+        {"moments": moments, "labels": np.arange(n, dtype=np.int64) % 4},
+        name="tiny",
+        split="train",
+        shard_size=16,
+        meta={"scale_factor": SCALE, "source": {"count": n}, "flip": {"stored": False}},
+    )
     return root
 
 
@@ -485,8 +516,7 @@ def test_validate_caption_split_flags_empty_and_long(tmp_path: Path, clip) -> No
     assert set(failed) == {"captions non-empty", "captions over 77 tokens (truncated) <= 1.00%"}
     assert "caption_row 1" in failed["captions non-empty"].details
     assert "1 of 5 captions" in failed["captions over 77 tokens (truncated) <= 1.00%"].details
-    lenient = validate_caption_split(
-        src, CaptionSplitExpectations(max_truncated_share=0.5), tokenizer=tokenizer)
+    lenient = validate_caption_split(src, CaptionSplitExpectations(max_truncated_share=0.5), tokenizer=tokenizer)
     assert [r.name for r in lenient.failures] == ["captions non-empty"]
     trunc = next(r for r in lenient.results if r.name.startswith("captions over 77"))
     assert trunc.success and "1 of 5 captions" in trunc.details and "102 tokens" in trunc.details

@@ -38,8 +38,10 @@ def test_sha256_dir_is_the_listing_of_relative_paths_and_file_hashes(tmp_path):
     for rel, data in [("a-c", b"dash"), ("a.txt", b"alpha"), ("sub/b.bin", b"\x00\x01")]:
         expected.update(rel.encode() + b"\0" + hashlib.sha256(data).hexdigest().encode() + b"\0")
     assert fileio.sha256_dir(tmp_path / "d") == expected.hexdigest()
-    assert fileio.sha256_listing(tmp_path / "d", ["a.txt"]) == hashlib.sha256(
-        b"a.txt\0" + hashlib.sha256(b"alpha").hexdigest().encode() + b"\0").hexdigest()
+    assert (
+        fileio.sha256_listing(tmp_path / "d", ["a.txt"])
+        == hashlib.sha256(b"a.txt\0" + hashlib.sha256(b"alpha").hexdigest().encode() + b"\0").hexdigest()
+    )
 
 
 def test_sha256_dir_changes_on_rename_and_edit_not_on_mtime(tmp_path):

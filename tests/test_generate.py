@@ -65,9 +65,16 @@ def _tiny_vae_dir(root: Path) -> Path:
 
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=8)
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=8,
+    )
     vae.save_pretrained(str(root))
     return root
 
@@ -86,16 +93,51 @@ def test_run_and_pretrained_dir_give_the_sample_stages_pixels(digits, tmp_path):
     shutil.copytree(paths.train / "ema", tmp_path / "pretrained")
     s = cfg.sample
     grid = ("--skip-type", s.skip_type) if s.skip_type else ()
-    r = invoke(tmp_path / "pretrained", "--num", 13, "--seed", s.seed, "--sampler", s.sampler, "--steps", s.steps,
-               *grid, "--guidance", s.guidance_scale, "--schedule", cfg.diffusion.schedule, "--batch-size", 4,
-               "--device", "cpu", "--out", tmp_path / "pre", "-q")
+    r = invoke(
+        tmp_path / "pretrained",
+        "--num",
+        13,
+        "--seed",
+        s.seed,
+        "--sampler",
+        s.sampler,
+        "--steps",
+        s.steps,
+        *grid,
+        "--guidance",
+        s.guidance_scale,
+        "--schedule",
+        cfg.diffusion.schedule,
+        "--batch-size",
+        4,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "pre",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     got, labels = load_samples(tmp_path / "pre" / "samples.npz")
     assert np.array_equal(got, want)
     np.testing.assert_array_equal(labels, [i % 10 for i in range(13)])
     # Another seed gives other images (the seed is used, not ignored).
-    r = invoke(tmp_path / "pretrained", "--num", 13, "--seed", s.seed + 1, "--sampler", s.sampler, "--steps",
-               s.steps, *grid, "--guidance", s.guidance_scale, "--out", tmp_path / "other", "-q")
+    r = invoke(
+        tmp_path / "pretrained",
+        "--num",
+        13,
+        "--seed",
+        s.seed + 1,
+        "--sampler",
+        s.sampler,
+        "--steps",
+        s.steps,
+        *grid,
+        "--guidance",
+        s.guidance_scale,
+        "--out",
+        tmp_path / "other",
+        "-q",
+    )
     assert r.exit_code == 0 and not np.array_equal(load_samples(tmp_path / "other" / "samples.npz")[0], want)
 
 
@@ -107,9 +149,17 @@ def test_chosen_classes_give_the_stage_images_of_those_labels(digits, tmp_path):
     assert labels.tolist() == [7, 2, 7, 7, 2, 7]
     s = cfg.sample
     model = UViT.from_pretrained(paths.train / "ema")
-    x = generate(model, schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
-                 seeds=sample_seeds(s.seed, 6), labels=torch.tensor([7, 2, 7, 7, 2, 7]),
-                 guidance_scale=s.guidance_scale, progress=False, **s.sampler_kwargs())
+    x = generate(
+        model,
+        schedule=cfg.diffusion.schedule,
+        sampler=s.sampler,
+        steps=s.steps,
+        seeds=sample_seeds(s.seed, 6),
+        labels=torch.tensor([7, 2, 7, 7, 2, 7]),
+        guidance_scale=s.guidance_scale,
+        progress=False,
+        **s.sampler_kwargs(),
+    )
     assert np.array_equal(images, to_uint8(x))
 
 
@@ -165,26 +215,66 @@ def test_prompts_condition_a_text_model(tmp_path, write_tiny_clip_vocab):
     clip.mkdir()
     vocab = write_tiny_clip_vocab(clip)
     torch.manual_seed(0)
-    transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)).save_pretrained(str(clip))
+    transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).save_pretrained(str(clip))
     vae = _tiny_vae_dir(tmp_path / "vae")
-    model = UViT(UViTConfig(img_size=4, in_chans=4, clip_dim=16, num_text_tokens=77, embed_dim=32, depth=2,
-                            num_heads=2, patch_size=2))
+    model = UViT(
+        UViTConfig(
+            img_size=4, in_chans=4, clip_dim=16, num_text_tokens=77, embed_dim=32, depth=2, num_heads=2, patch_size=2
+        )
+    )
     model.save_pretrained(tmp_path / "t2i")
     (tmp_path / "prompts.txt").write_text("a dog\n\nthe cat\n")
-    r = invoke(tmp_path / "t2i", "--prompt", "a cat", "--prompts-file", tmp_path / "prompts.txt", "--num", 4,
-               "--text-encoder", clip, "--vae", vae, "--steps", 2, "--guidance", 1.0, "--seed", 3,
-               "--out", tmp_path / "out", "-q")
+    r = invoke(
+        tmp_path / "t2i",
+        "--prompt",
+        "a cat",
+        "--prompts-file",
+        tmp_path / "prompts.txt",
+        "--num",
+        4,
+        "--text-encoder",
+        clip,
+        "--vae",
+        vae,
+        "--steps",
+        2,
+        "--guidance",
+        1.0,
+        "--seed",
+        3,
+        "--out",
+        tmp_path / "out",
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     with np.load(tmp_path / "out" / "samples.npz") as f:
         images, captions = f["arr_0"].transpose(0, 3, 1, 2), f["captions"].tolist()
         assert "labels" not in f.files
     assert captions == ["a cat", "a dog", "the cat", "a cat"]
     tokenizer, text_model = load_text_encoder(clip)
-    x = generate(model, schedule="discrete", sampler="dpm_solver_pp_2m", steps=2, seeds=sample_seeds(3, 4),
-                 contexts=encode_text(tokenizer, text_model, captions), guidance_scale=1.0,
-                 empty_context=empty_context(tokenizer, text_model), progress=False)
+    x = generate(
+        model,
+        schedule="discrete",
+        sampler="dpm_solver_pp_2m",
+        steps=2,
+        seeds=sample_seeds(3, 4),
+        contexts=encode_text(tokenizer, text_model, captions),
+        guidance_scale=1.0,
+        empty_context=empty_context(tokenizer, text_model),
+        progress=False,
+    )
     want = to_uint8(decode(load_vae(vae, scale_factor=0.2301), x, batch_size=50))
     assert images.shape == (4, 3, 8, 8) and np.array_equal(images, want)
 
@@ -214,9 +304,25 @@ def test_files_written(digits, tmp_path):
 def test_help_lists_the_options():
     r = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
     assert r.exit_code == 0
-    for option in ("--preset", "--vae", "--text-encoder", "--class", "--prompt", "--prompts-file", "--num",
-                   "--guidance", "--sampler", "--steps", "--seed", "--batch-size", "--device", "--precision",
-                   "--out", "dpm_solver_pp_2m", "unipc_bh2"):
+    for option in (
+        "--preset",
+        "--vae",
+        "--text-encoder",
+        "--class",
+        "--prompt",
+        "--prompts-file",
+        "--num",
+        "--guidance",
+        "--sampler",
+        "--steps",
+        "--seed",
+        "--batch-size",
+        "--device",
+        "--precision",
+        "--out",
+        "dpm_solver_pp_2m",
+        "unipc_bh2",
+    ):
         assert option in r.output, option
 
 
@@ -226,9 +332,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
     """save_pretrained dirs of a tiny class-conditional pixel model, a latent one and a text one."""
     d = tmp_path_factory.mktemp("models")
     tiny = dict(embed_dim=32, depth=2, num_heads=2, patch_size=2)
-    configs = {"class": UViTConfig(img_size=8, in_chans=1, num_classes=11, **tiny),
-               "latent": UViTConfig(img_size=4, in_chans=4, num_classes=5, **tiny),
-               "text": UViTConfig(img_size=4, in_chans=4, clip_dim=16, num_text_tokens=77, **tiny)}
+    configs = {
+        "class": UViTConfig(img_size=8, in_chans=1, num_classes=11, **tiny),
+        "latent": UViTConfig(img_size=4, in_chans=4, num_classes=5, **tiny),
+        "text": UViTConfig(img_size=4, in_chans=4, clip_dim=16, num_text_tokens=77, **tiny),
+    }
     torch.manual_seed(0)
     for name, c in configs.items():
         UViT(c).save_pretrained(d / name)
@@ -236,26 +344,32 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {**{k: d / k for k in configs}, "pth": d / "digits.pth"}
 
 
-@pytest.mark.parametrize("case, args, message", [
-    ("wrong preset", ["pth", "--preset", "cifar10_uvit_s2"],
-     ["does not fit preset cifar10_uvit_s2", "mis-shaped", "it fits preset digits_uvit_tiny"]),
-    ("pth without preset", ["pth"], ["--preset"]),
-    ("unknown preset", ["pth", "--preset", "nope"], ["unknown preset 'nope'"]),
-    ("class id out of range", ["class", "--class", "10"], ["--class 10 is out of range", "0..9"]),
-    ("class name without names", ["class", "--class", "cat"], ["no names", "0..9"]),
-    ("prompt for a class model", ["class", "--prompt", "a dog"], ["--prompt", "class-conditional"]),
-    ("class for a text model", ["text", "--class", "1"], ["--class", "text-to-image"]),
-    ("text model without prompt", ["text"], ["--prompt"]),
-    ("text model without encoder", ["text", "--prompt", "a cat"], ["--text-encoder"]),
-    ("missing text encoder", ["text", "--prompt", "a cat", "--text-encoder", "MISSING"], ["MISSING"]),
-    ("latent without --vae", ["latent"], ["latent model", "--vae"]),
-    ("missing VAE path", ["latent", "--vae", "no/such/vae.pth"], ["no/such/vae.pth"]),
-    ("missing checkpoint", ["missing"], ["no such file or directory"]),
-    ("unknown sampler", ["class", "--sampler", "ddim"], ["--sampler 'ddim'", "dpm_solver"]),
-    ("missing prompts file", ["text", "--prompts-file", "MISSING.txt"], ["MISSING.txt"]),
-    ("unknown precision", ["class", "--precision", "fp8"], ["--precision 'fp8'"]),
-    ("bad device", ["class", "--device", "gpu0"], ["--device 'gpu0'"]),
-])
+@pytest.mark.parametrize(
+    "case, args, message",
+    [
+        (
+            "wrong preset",
+            ["pth", "--preset", "cifar10_uvit_s2"],
+            ["does not fit preset cifar10_uvit_s2", "mis-shaped", "it fits preset digits_uvit_tiny"],
+        ),
+        ("pth without preset", ["pth"], ["--preset"]),
+        ("unknown preset", ["pth", "--preset", "nope"], ["unknown preset 'nope'"]),
+        ("class id out of range", ["class", "--class", "10"], ["--class 10 is out of range", "0..9"]),
+        ("class name without names", ["class", "--class", "cat"], ["no names", "0..9"]),
+        ("prompt for a class model", ["class", "--prompt", "a dog"], ["--prompt", "class-conditional"]),
+        ("class for a text model", ["text", "--class", "1"], ["--class", "text-to-image"]),
+        ("text model without prompt", ["text"], ["--prompt"]),
+        ("text model without encoder", ["text", "--prompt", "a cat"], ["--text-encoder"]),
+        ("missing text encoder", ["text", "--prompt", "a cat", "--text-encoder", "MISSING"], ["MISSING"]),
+        ("latent without --vae", ["latent"], ["latent model", "--vae"]),
+        ("missing VAE path", ["latent", "--vae", "no/such/vae.pth"], ["no/such/vae.pth"]),
+        ("missing checkpoint", ["missing"], ["no such file or directory"]),
+        ("unknown sampler", ["class", "--sampler", "ddim"], ["--sampler 'ddim'", "dpm_solver"]),
+        ("missing prompts file", ["text", "--prompts-file", "MISSING.txt"], ["MISSING.txt"]),
+        ("unknown precision", ["class", "--precision", "fp8"], ["--precision 'fp8'"]),
+        ("bad device", ["class", "--device", "gpu0"], ["--device 'gpu0'"]),
+    ],
+)
 def test_bad_input_fails_with_one_line(models, tmp_path, monkeypatch, case, args, message):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: no block applies
     source = models.get(args[0], tmp_path / args[0])

@@ -72,8 +72,9 @@ def expected_pixels(paths: list[Path]) -> np.ndarray:
 
 def test_class_folders_give_sorted_labels_a_stratified_split_and_adm_crops(tmp_path) -> None:
     root = class_folder(tmp_path / "images")
-    prepare_imagefolder(tmp_path / "out", root, RES, download_dir=tmp_path / "dl", test_fraction=0.25, seed=3,
-                        progress=False)
+    prepare_imagefolder(
+        tmp_path / "out", root, RES, download_dir=tmp_path / "dl", test_fraction=0.25, seed=3, progress=False
+    )
     train_x, train_y, meta = arrays(tmp_path / "out" / "train")
     test_x, test_y, _ = arrays(tmp_path / "out" / "test")
     assert meta["classes"] == ["cat", "dog", "zebra"] and meta["num_classes"] == 3
@@ -103,8 +104,9 @@ def test_split_rule_keeps_singletons_in_train() -> None:
 
 def test_flat_folder_is_unconditional_and_flips_can_be_stored(tmp_path) -> None:
     root = flat_folder(tmp_path / "flat")
-    prepare_imagefolder(tmp_path / "out", root, RES, download_dir=tmp_path / "dl", test_fraction=0.34,
-                        store_flips=True, progress=False)
+    prepare_imagefolder(
+        tmp_path / "out", root, RES, download_dir=tmp_path / "dl", test_fraction=0.34, store_flips=True, progress=False
+    )
     train_x, train_y, meta = arrays(tmp_path / "out" / "train")
     assert train_y is None and meta["num_classes"] == 0 and meta["classes"] == []
     ds = ShardedArrays(tmp_path / "out" / "train")
@@ -159,8 +161,12 @@ def test_a_tar_root_equals_its_folder_and_is_checked_and_contained(tmp_path) -> 
 def test_an_s3_prefix_root_equals_its_folder(tmp_path, s3_endpoint, monkeypatch) -> None:
     import boto3
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "UVIT_S3_ENDPOINT_URL": s3_endpoint}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "UVIT_S3_ENDPOINT_URL": s3_endpoint,
+    }.items():
         monkeypatch.setenv(k, v)
     root = class_folder(tmp_path / "images")
     client = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -191,8 +197,10 @@ def config(data: dict, validate: dict | None = None, **model):
     block = params["cifar10"]
     block["data"] = data
     block["validate"] = validate or {"num_classes": 3, "min_rows": 1}
-    block["model"] = {"preset": "cifar10_uvit_s2", "overrides": {"img_size": RES, "embed_dim": 32, "depth": 2,
-                                                                  "num_heads": 2, **model}}
+    block["model"] = {
+        "preset": "cifar10_uvit_s2",
+        "overrides": {"img_size": RES, "embed_dim": 32, "depth": 2, "num_heads": 2, **model},
+    }
     return load_benchmark("cifar10", params)
 
 
@@ -224,8 +232,13 @@ def test_unset_or_missing_root_is_one_error_line(tmp_path) -> None:
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
     params["cifar10"]["data"] = {"source": "imagefolder", "root": str(tmp_path / "nope")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([str(Path(sys.executable).parent / "uvit"), "data", "cifar10"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "uvit"), "data", "cifar10"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr
     assert f"{tmp_path / 'nope'} does not exist" in lines[0] and "cifar10.data.root" in lines[0]
@@ -234,7 +247,7 @@ def test_unset_or_missing_root_is_one_error_line(tmp_path) -> None:
 def test_the_commented_example_in_params_yaml_validates() -> None:
     """The `myimages` block params.yaml shows (commented out) is a valid imagefolder benchmark."""
     text = (ROOT / "params.yaml").read_text()
-    lines = text[text.index("# myimages:"):].splitlines()
+    lines = text[text.index("# myimages:") :].splitlines()
     block = yaml.safe_load("\n".join(line[2:] for line in lines if line.startswith("# ")))
     cfg = load_benchmark("myimages", block)
     assert cfg.data.source == "imagefolder" and cfg.data.on_bad == "skip"
@@ -250,19 +263,32 @@ def test_latent_benchmark_from_own_images_encodes_with_stored_flips(tmp_path) ->
     from uvit.stages.encode import run_encode
 
     torch.manual_seed(0)
-    diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                            layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                            sample_size=32).save_pretrained(tmp_path / "vae")  # KL-f8, as SD's
+    diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).save_pretrained(tmp_path / "vae")  # KL-f8, as SD's
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
     block = params["imagenet256"]
-    block["data"] = {"source": "imagefolder", "root": str(class_folder(tmp_path / "images")), "store_flips": True,
-                     "download_dir": str(tmp_path / "dl")}
+    block["data"] = {
+        "source": "imagefolder",
+        "root": str(class_folder(tmp_path / "images")),
+        "store_flips": True,
+        "download_dir": str(tmp_path / "dl"),
+    }
     # scale 1.0: this random VAE's latents have std ~0.18, so scaled they pass the latent suite's std check
     block["encode"] = {"vae": str(tmp_path / "vae"), "scale_factor": 1.0, "batch_size": 4, "dtype": "float32"}
     block["validate"] = {"num_classes": 3, "min_rows": 1}
-    block["model"] = {"preset": "imagenet256_uvit_l2",
-                      "overrides": {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4}}
+    block["model"] = {
+        "preset": "imagenet256_uvit_l2",
+        "overrides": {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4},
+    }
     cfg = load_benchmark("imagenet256", params)
     paths = BenchmarkPaths("imagenet256", tmp_path / "project")
     counts = run_data(cfg, paths)

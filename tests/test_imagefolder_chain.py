@@ -32,17 +32,36 @@ def _folder(root: Path, classes: tuple[str, ...], per: int, seed: int) -> Path:
 
 
 def _block(root: Path, num_classes: int, inception: str) -> dict:
-    model = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": RES,
-             "num_classes": num_classes + 1 if num_classes else -1}  # + the guidance null class
+    model = {
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "img_size": RES,
+        "num_classes": num_classes + 1 if num_classes else -1,
+    }  # + the guidance null class
     return {
         "data": {"source": "imagefolder", "root": str(root), "test_fraction": 0.25},
         "validate": {"num_classes": num_classes, "min_rows": 4},
         "model": {"preset": "cifar10_uvit_s2", "overrides": model},
         "diffusion": {"schedule": "vpsde", "p_uncond": 0.1 if num_classes else 0.0},
-        "train": {"steps": 4, "batch_size": 8, "lr": 0.0002, "warmup_steps": 2, "random_flip": True,
-                  "num_workers": 1, "threads_per_worker": 1, "checkpoint_every": 2, "log_every": 1},
-        "sample": {"sampler": "dpm_solver", "steps": 4, "num_samples": 6, "batch_size": 6,
-                   "guidance_scale": 0.5 if num_classes else 0.0},
+        "train": {
+            "steps": 4,
+            "batch_size": 8,
+            "lr": 0.0002,
+            "warmup_steps": 2,
+            "random_flip": True,
+            "num_workers": 1,
+            "threads_per_worker": 1,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
+        "sample": {
+            "sampler": "dpm_solver",
+            "steps": 4,
+            "num_samples": 6,
+            "batch_size": 6,
+            "guidance_scale": 0.5 if num_classes else 0.0,
+        },
         "score": {"feature_extractor": "inception", "inception_weights": inception},
         "artifacts": {"url": "artifacts"},
     }
@@ -55,8 +74,10 @@ def project(tmp_path_factory, make_project) -> Path:
 
     inputs = tmp_path_factory.mktemp("own-images")
     inception = str(write_random_inception(inputs / "weights" / INCEPTION_WEIGHTS_FILE))
-    blocks = {"fruit": _block(_folder(inputs / "fruit", CLASSES, 6, seed=0), len(CLASSES), inception),
-              "textures": _block(_folder(inputs / "textures", (), 10, seed=1), 0, inception)}
+    blocks = {
+        "fruit": _block(_folder(inputs / "fruit", CLASSES, 6, seed=0), len(CLASSES), inception),
+        "textures": _block(_folder(inputs / "textures", (), 10, seed=1), 0, inception),
+    }
     return make_project(tmp_path_factory.mktemp("imagefolder") / "project", blocks)
 
 
@@ -78,8 +99,11 @@ def test_own_images_run_end_to_end_into_a_report(project, benchmark, dvc) -> Non
         else:
             assert "labels" not in f.files
     summary = json.loads((project / f"runs/{benchmark}/train/summary.json").read_text())
-    assert summary["steps"] == 4 and summary["data"] == {"source": "imagefolder train", "rows": manifest["count"],
-                                                          "classes": classes}
+    assert summary["steps"] == 4 and summary["data"] == {
+        "source": "imagefolder train",
+        "rows": manifest["count"],
+        "classes": classes,
+    }
     page = (project / f"reports/{benchmark}.md").read_text()
     assert f"{metrics['fid']:.2f}" in page
     assert (f"classes: {', '.join(CLASSES)}" in page) == bool(classes)

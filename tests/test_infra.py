@@ -83,8 +83,11 @@ def test_ports_agree_with_env_file_and_readme(compose, env_example, readme) -> N
             assert default == container == env_example[var], (name, var, default, container, env_example[var])
             published[var] = (name, int(container))
     assert published == {
-        "MINIO_API_PORT": ("minio", 9000), "MINIO_CONSOLE_PORT": ("minio", 9001), "PREFECT_PORT": ("prefect", 4200),
-        "RAY_GCS_PORT": ("ray-head", 6379), "RAY_DASHBOARD_PORT": ("ray-head", 8265),
+        "MINIO_API_PORT": ("minio", 9000),
+        "MINIO_CONSOLE_PORT": ("minio", 9001),
+        "PREFECT_PORT": ("prefect", 4200),
+        "RAY_GCS_PORT": ("ray-head", 6379),
+        "RAY_DASHBOARD_PORT": ("ray-head", 8265),
         "RAY_CLIENT_PORT": ("ray-head", 10001),
     }
     assert env_example["BIND_ADDRESS"] == "127.0.0.1"
@@ -100,7 +103,7 @@ def test_ports_agree_with_env_file_and_readme(compose, env_example, readme) -> N
 
 
 def test_every_setting_is_documented_and_the_env_file_stays_out_of_git(env_example, readme) -> None:
-    table = readme[readme.index("## Credentials and settings"):]
+    table = readme[readme.index("## Credentials and settings") :]
     for var in env_example:
         assert f"`{var}`" in table or (var.endswith("_PORT") and "`*_PORT`" in table), f"{var} undocumented"
     assert "infra/.env" in (ROOT / ".gitignore").read_text().split()

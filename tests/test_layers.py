@@ -38,15 +38,25 @@ def forbidden(names: set[str]) -> list[str]:
 
 
 def test_the_checker_sees_imports_at_any_depth():
-    src = ("import os\n"
-           "def f():\n    if True:\n        from uvit.stages.evaluate import draw_samples\n"
-           "class C:\n    def m(self):\n        import pipelines.flows as fl\n"
-           "from .. import stages\n")
+    src = (
+        "import os\n"
+        "def f():\n    if True:\n        from uvit.stages.evaluate import draw_samples\n"
+        "class C:\n    def m(self):\n        import pipelines.flows as fl\n"
+        "from .. import stages\n"
+    )
     names = imported_modules(src, "uvit.train.monitor")
-    assert forbidden(names) == ["pipelines.flows", "uvit.stages", "uvit.stages.evaluate",
-                                "uvit.stages.evaluate.draw_samples"]
-    assert forbidden(imported_modules("from uvit.evaluate.draw import draw_samples\nimport uvit.stagesx\n",
-                                      "uvit.train.monitor")) == []
+    assert forbidden(names) == [
+        "pipelines.flows",
+        "uvit.stages",
+        "uvit.stages.evaluate",
+        "uvit.stages.evaluate.draw_samples",
+    ]
+    assert (
+        forbidden(
+            imported_modules("from uvit.evaluate.draw import draw_samples\nimport uvit.stagesx\n", "uvit.train.monitor")
+        )
+        == []
+    )
 
 
 @pytest.mark.parametrize("package", LIBRARY)

@@ -49,15 +49,23 @@ def params(mini) -> dict:
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _cli(args: list[str], tmp: Path, params: dict) -> subprocess.CompletedProcess:
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([UVIT, *args, "--params", str(tmp / "params.yaml"), "--root", str(tmp)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [UVIT, *args, "--params", str(tmp / "params.yaml"), "--root", str(tmp)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -77,8 +85,13 @@ def test_overrides_are_absolute_and_validate(mini, params) -> None:
         from uvit.models.presets import get_preset
 
         p = get_preset(preset).config
-        assert (u.img_size, u.patch_size, u.in_chans, u.num_classes, u.clip_dim) == \
-               (p.img_size, p.patch_size, p.in_chans, p.num_classes, p.clip_dim)  # the preset's shape kept
+        assert (u.img_size, u.patch_size, u.in_chans, u.num_classes, u.clip_dim) == (
+            p.img_size,
+            p.patch_size,
+            p.in_chans,
+            p.num_classes,
+            p.clip_dim,
+        )  # the preset's shape kept
         assert u.embed_dim < p.embed_dim and cfg.train.steps <= 10 and not cfg.train.use_gpu
         assert cfg.sample.sampler == load_benchmark(b, ROOT / "params.yaml").sample.sampler
         for path in (cfg.data.root, cfg.score.inception_weights, cfg.encode and cfg.encode.vae):
@@ -235,9 +248,15 @@ def test_clip_stand_ins_load(params) -> None:
 def test_miniature_outside_a_checkout_is_one_error_line_and_writes_nothing(tmp_path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run([str(Path(sys.executable).parent / "uvit"), "miniature", str(tmp_path / "mini"),
-                           "--benchmarks", "cifar10"], cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "uvit"), "miniature", str(tmp_path / "mini"), "--benchmarks", "cifar10"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {elsewhere} is not a uvit checkout (no params.yaml): run "
-                                                "from the project root or pass --root"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {elsewhere} is not a uvit checkout (no params.yaml): run from the project root or pass --root"
+    ]
     assert not (tmp_path / "mini").exists()

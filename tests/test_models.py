@@ -37,14 +37,28 @@ OFFICIAL_COUNTS = {
     "mscoco256_uvit_s2_deep": 58_345_636,
 }
 # The paper's rounded figures.
-PAPER_MILLIONS = {"cifar10_uvit_s2": 44, "celeba64_uvit_s4": 44, "imagenet64_uvit_m4": 131,
-                  "imagenet64_uvit_l4": 287, "imagenet256_uvit_h2": 501, "mscoco256_uvit_s2": 45,
-                  "mscoco256_uvit_s2_deep": 58}
+PAPER_MILLIONS = {
+    "cifar10_uvit_s2": 44,
+    "celeba64_uvit_s4": 44,
+    "imagenet64_uvit_m4": 131,
+    "imagenet64_uvit_l4": 287,
+    "imagenet256_uvit_h2": 501,
+    "mscoco256_uvit_s2": 45,
+    "mscoco256_uvit_s2_deep": 58,
+}
 # Spec: GMACs per forward (batch 1, label/text tokens included).
-OFFICIAL_GMACS = {"cifar10_uvit_s2": 12.20, "celeba64_uvit_s4": 12.21, "imagenet64_uvit_m4": 35.24,
-                  "imagenet64_uvit_l4": 76.47, "imagenet256_uvit_l2": 76.46, "imagenet256_uvit_h2": 133.20,
-                  "imagenet512_uvit_l4": 76.48, "imagenet512_uvit_h4": 133.23, "mscoco256_uvit_s2": 16.23,
-                  "mscoco256_uvit_s2_deep": 21.24}
+OFFICIAL_GMACS = {
+    "cifar10_uvit_s2": 12.20,
+    "celeba64_uvit_s4": 12.21,
+    "imagenet64_uvit_m4": 35.24,
+    "imagenet64_uvit_l4": 76.47,
+    "imagenet256_uvit_l2": 76.46,
+    "imagenet256_uvit_h2": 133.20,
+    "imagenet512_uvit_l4": 76.48,
+    "imagenet512_uvit_h4": 133.23,
+    "mscoco256_uvit_s2": 16.23,
+    "mscoco256_uvit_s2_deep": 21.24,
+}
 
 
 def meta_model(config: UViTConfig) -> UViT:
@@ -301,7 +315,7 @@ def test_batch_independence_of_forward() -> None:
     model = UViT(c).eval()
     x, t, kw = inputs(c, batch=4)
     full = model(x, t, **kw)
-    parts = torch.cat([model(x[i:i + 1], t[i:i + 1], y=kw["y"][i:i + 1]) for i in range(4)])
+    parts = torch.cat([model(x[i : i + 1], t[i : i + 1], y=kw["y"][i : i + 1]) for i in range(4)])
     torch.testing.assert_close(full, parts, atol=1e-5, rtol=1e-5)
 
 

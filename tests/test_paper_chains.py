@@ -44,8 +44,12 @@ def test_an_edited_code_file_reruns_its_stage_only(project, dvc):
 
 
 def test_miniature_command_makes_a_ready_project(tmp_path):
-    proc = subprocess.run([str(BIN / "uvit"), "miniature", str(tmp_path / "mini"), "--benchmarks", "cifar10"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "uvit"), "miniature", str(tmp_path / "mini"), "--benchmarks", "cifar10"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     project = tmp_path / "mini" / "project"
     block = yaml.safe_load((project / "params.yaml").read_text())["cifar10"]

@@ -93,22 +93,33 @@ CUT_DOWN = {
     "sample": {"num_samples": 100, "batch_size": 100, "steps": 10},
     "score": {"classifier_epochs": 5},
     # The reference at the sample stage's own setting: its seed-0 point must reproduce the score stage.
-    "sampler_study": {"reference": {"sampler": DIGITS_SAMPLE["sampler"], "steps": 10,
-                                    "skip_type": DIGITS_SAMPLE.get("skip_type")}, "samplers": ["unipc_bh2"],
-                      "skip_types": ["logSNR"], "nfe": [4], "seeds": [0, 1]},
+    "sampler_study": {
+        "reference": {"sampler": DIGITS_SAMPLE["sampler"], "steps": 10, "skip_type": DIGITS_SAMPLE.get("skip_type")},
+        "samplers": ["unipc_bh2"],
+        "skip_types": ["logSNR"],
+        "nfe": [4],
+        "seeds": [0, 1],
+    },
 }
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, guard=None) -> subprocess.CompletedProcess:
     """Run `cmd` with the venv first on PATH; inside the network guard when one is given."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     if guard is not None:
         _, prefix, extra = guard
         cmd, env = [*prefix, *cmd], {**env, **dict(extra)}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -151,8 +162,11 @@ def test_the_network_guard_refuses_all_but_loopback(guard, tmp_path) -> None:
     result = json.loads(run([sys.executable, "-c", PROBE], tmp_path, guard=guard).stdout)
     assert result["loopback"] == "ok"
     assert result["error"] is not None and result["seconds"] < 2, result
-    assert ("unreachable" in result["error"].lower()) if kind == "netns" else ("refused by the test guard"
-                                                                                in result["error"])
+    assert (
+        ("unreachable" in result["error"].lower())
+        if kind == "netns"
+        else ("refused by the test guard" in result["error"])
+    )
 
 
 def _frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -249,7 +263,9 @@ def test_second_repro_does_nothing(reproduced: Path, guard) -> None:
 
 def _checkpoint_steps(project: Path) -> set[int]:
     """Steps of every Ray checkpoint under the workspace's runs/digits/ray/."""
-    return {json.loads(p.read_text())["step"] for p in (project / "runs/digits/ray").glob("*/*/checkpoint_*/state.json")}
+    return {
+        json.loads(p.read_text())["step"] for p in (project / "runs/digits/ray").glob("*/*/checkpoint_*/state.json")
+    }
 
 
 def test_exp_run_continues_training(reproduced: Path, guard) -> None:
@@ -259,8 +275,9 @@ def test_exp_run_continues_training(reproduced: Path, guard) -> None:
     stage; tests/test_ray_train.py checks that continuing equals an uninterrupted run.) The
     experiment targets the train stage: what runs after it is the same `dvc repro` as above."""
     steps = CUT_DOWN["train"]["steps"]
-    out = run(["dvc", "exp", "run", "--temp", "-S", f"digits.train.steps={steps + 10}", "train"], reproduced,
-              guard=guard).stdout
+    out = run(
+        ["dvc", "exp", "run", "--temp", "-S", f"digits.train.steps={steps + 10}", "train"], reproduced, guard=guard
+    ).stdout
     assert re.search(rf"resuming from \S+ \(step {steps}\)", out), out[-3000:]
     assert set(re.findall(r"Running stage '([^']+)'", out)) == {"train"}, out[-3000:]
     assert steps + 10 in _checkpoint_steps(reproduced)  # written to the workspace's checkpoints
@@ -296,9 +313,12 @@ def test_manifest_checksum_mismatch_stops_the_pipeline(reproduced: Path) -> None
 
 
 # A study of two variants (the default and no long skip) over two seeds, a few steps each.
-TINY_STUDY = {"train": {"steps": 6, "checkpoint_every": 6, "log_every": 3, "fid_every": 3, "fid_samples": 40,
-                        "num_workers": 1},
-              "seeds": [0, 1], "default_seeds": [0, 1], "groups": {"skip": ["none"]}}
+TINY_STUDY = {
+    "train": {"steps": 6, "checkpoint_every": 6, "log_every": 3, "fid_every": 3, "fid_samples": 40, "num_workers": 1},
+    "seeds": [0, 1],
+    "default_seeds": [0, 1],
+    "groups": {"skip": ["none"]},
+}
 
 
 def test_the_design_study_runs_through_dvc_and_its_page_holds_every_run(reproduced: Path, guard) -> None:
@@ -324,8 +344,10 @@ def test_the_design_study_runs_through_dvc_and_its_page_holds_every_run(reproduc
         assert (reproduced / f"runs/digits/ablation/{r.run}/train/fid.csv").read_text().splitlines()[0] == "step,fid"
         assert pd.read_csv(reproduced / f"runs/digits/ablation/{r.run}/train/fid.csv")["step"].tolist() == [3, 6]
     assert results.loc[results["variant"] == "skip-none", "params"].nunique() == 1
-    assert (results.loc[results["variant"] == "skip-none", "params"].iloc[0]
-            < results.loc[results["variant"] == "default", "params"].iloc[0])  # no skip: no skip Linear layers
+    assert (
+        results.loc[results["variant"] == "skip-none", "params"].iloc[0]
+        < results.loc[results["variant"] == "default", "params"].iloc[0]
+    )  # no skip: no skip Linear layers
     page = (reproduced / "reports/ablations.md").read_text()
     for variant, label in (("default", "concat_linear (default)"), ("skip-none", "none")):
         fids = results.loc[results["variant"] == variant, "fid"]

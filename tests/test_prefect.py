@@ -63,8 +63,14 @@ def prefect_server(port: int, env: dict, where: Path):
     """`prefect server start` on 127.0.0.1:port until healthy; stopped on exit."""
     log_path = where / "server.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, cwd=where, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=where,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 90
             while True:
@@ -93,9 +99,14 @@ def server_env(tmp_path_factory):
     environment that points processes at it. In-process flow runs use it through `prefect_api`."""
     where = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(where / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DATABASE_CONNECTION_URL":
-           f"sqlite+aiosqlite:///{where / 'prefect.db'}", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(where / "home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{where / 'prefect.db'}",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
     for var in ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_PROFILES_PATH"):
         env.pop(var, None)
     with prefect_server(port, env, where):
@@ -105,8 +116,13 @@ def server_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prefect_api(server_env):
     """In-process clients and flow runs talk to the module's server."""
-    with temporary_settings({PREFECT_HOME: server_env["PREFECT_HOME"], PREFECT_API_URL: server_env["PREFECT_API_URL"],
-                             PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+    with temporary_settings(
+        {
+            PREFECT_HOME: server_env["PREFECT_HOME"],
+            PREFECT_API_URL: server_env["PREFECT_API_URL"],
+            PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        }
+    ):
         yield server_env["PREFECT_API_URL"]
 
 
@@ -187,11 +203,13 @@ def test_overrides_are_written_into_params_with_comments_kept_and_dvc_files_rege
 
 @pytest.mark.parametrize(
     ("benchmark", "overrides", "named"),
-    [("nope", None, "unknown benchmark 'nope'"),
-     ("digits", {"digits.train.steps": "abc"}, "digits.train.steps"),
-     ("digits", {"digits.train.steps": -5}, "digits.train.steps: Input should be greater than 0"),
-     ("digits", {"digits.model.preset": "uvit_xxl"}, "digits.model.preset"),
-     ("digits", {"digits.artifacts.url": "ftp://host/x"}, "digits.artifacts.url")],
+    [
+        ("nope", None, "unknown benchmark 'nope'"),
+        ("digits", {"digits.train.steps": "abc"}, "digits.train.steps"),
+        ("digits", {"digits.train.steps": -5}, "digits.train.steps: Input should be greater than 0"),
+        ("digits", {"digits.model.preset": "uvit_xxl"}, "digits.model.preset"),
+        ("digits", {"digits.artifacts.url": "ftp://host/x"}, "digits.artifacts.url"),
+    ],
 )
 def test_bad_params_fail_before_any_task(prefect_api, tmp_path, benchmark, overrides, named):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
@@ -204,10 +222,13 @@ def test_bad_params_fail_before_any_task(prefect_api, tmp_path, benchmark, overr
 
 
 def prefect_cli(args: list[str], env: dict, cwd: Path, timeout: int = 180) -> str:
-    proc = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc.stdout + proc.stderr
 
 
@@ -230,23 +251,30 @@ def flow_run_states(flow_run_id: str, expect: int = 0, timeout: float = 30.0) ->
             run = client.read_flow_run(flow_run_id)
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
             final = [run.state, *(t.state for t in tasks)]
-            if (len(tasks) >= expect and all(s is not None and s.is_final() for s in final)) \
-                    or time.monotonic() > deadline:
+            if (
+                len(tasks) >= expect and all(s is not None and s.is_final() for s in final)
+            ) or time.monotonic() > deadline:
                 return run.state.name, {t.name: t.state.name for t in tasks}
             time.sleep(0.25)
 
 
 @pytest.mark.slow
-def test_latent_deployment_runs_the_dvc_stages_on_a_local_server(prefect_api, server_env, tmp_path, offline_aws_env,
-                                                                  fake_aws, make_project):
+def test_latent_deployment_runs_the_dvc_stages_on_a_local_server(
+    prefect_api, server_env, tmp_path, offline_aws_env, fake_aws, make_project
+):
     """prefect.yaml deployed; uvit/imagenet256 run twice by a process worker from a clone of a test
     repository holding the miniature chain: the first run runs every stage, the second none."""
     from uvit.miniature import write_miniature
     from uvit.storage.artifacts import ArtifactStore
     from uvit.storage.s3server import AWS_OVERRIDE_VARS, local_s3
 
-    env = {**{k: v for k, v in server_env.items() if k not in AWS_OVERRIDE_VARS},
-           **fake_aws, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **{k: v for k, v in server_env.items() if k not in AWS_OVERRIDE_VARS},
+        **fake_aws,
+        "OMP_NUM_THREADS": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     took = {}
     with local_s3() as s3:
         store = ArtifactStore("s3://uvit-test/artifacts", endpoint_url=s3)
@@ -267,8 +295,11 @@ def test_latent_deployment_runs_the_dvc_stages_on_a_local_server(prefect_api, se
         assert sorted(deployed) == sorted(yaml.safe_load((ROOT / "params.yaml").read_text()))
         pull = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
         for name, d in deployed.items():
-            assert (d.entrypoint, d.work_pool_name, d.parameters) == ("pipelines/flows.py:uvit_benchmark", "uvit",
-                                                                      {"benchmark": name})
+            assert (d.entrypoint, d.work_pool_name, d.parameters) == (
+                "pipelines/flows.py:uvit_benchmark",
+                "uvit",
+                {"benchmark": name},
+            )
             assert d.pull_steps == pull and d.global_concurrency_limit.limit == 1
 
         chain = ["data", "validate", "encode", "train", "sample", "score", "report", "publish", "push"]
@@ -280,8 +311,12 @@ def test_latent_deployment_runs_the_dvc_stages_on_a_local_server(prefect_api, se
             state, tasks = flow_run_states(runs[attempt], expect=len(chain))
             assert state == "Completed" and tasks == dict.fromkeys(chain, "Completed"), (state, tasks)
             with get_client(sync_client=True) as client:
-                arts = {a.key: a for a in client.read_artifacts(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(runs[attempt])])))}
+                arts = {
+                    a.key: a
+                    for a in client.read_artifacts(
+                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(runs[attempt])]))
+                    )
+                }
             stages = {row["stage"]: row["ran"] for row in json.loads(arts["uvit-imagenet256-stages"].data)}
             assert stages == dict.fromkeys(chain[:-1], attempt == "first"), stages
             clone = workspace / origin.name
@@ -294,7 +329,10 @@ def test_latent_deployment_runs_the_dvc_stages_on_a_local_server(prefect_api, se
         published = json.loads((clone / "runs/imagenet256/publish.json").read_text())
         assert store.list_runs("imagenet256") == [published["run_id"]]
         fetched = store.download_run("imagenet256", published["run_id"], tmp_path / "fetched")
-        assert (fetched / "checkpoints/ema/model.safetensors").read_bytes() == \
-            (clone / "runs/imagenet256/train/ema/model.safetensors").read_bytes()
-        assert (fetched / "score/metrics.json").read_bytes() == (clone / "runs/imagenet256/score/metrics.json").read_bytes()
+        assert (fetched / "checkpoints/ema/model.safetensors").read_bytes() == (
+            clone / "runs/imagenet256/train/ema/model.safetensors"
+        ).read_bytes()
+        assert (fetched / "score/metrics.json").read_bytes() == (
+            clone / "runs/imagenet256/score/metrics.json"
+        ).read_bytes()
     print("latent deployment:", ", ".join(f"{k} {v:.0f} s" for k, v in took.items()))

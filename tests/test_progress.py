@@ -47,8 +47,13 @@ def bar_updates(monkeypatch) -> list[int]:
 
 def _split(root: Path, n: int, shard_size: int, shape=(1, 4, 4)) -> Path:
     rng = np.random.default_rng(0)
-    write_split(root, {"images": rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-                       "labels": np.arange(n, dtype=np.int64) % 2}, name="t", split="train", shard_size=shard_size)
+    write_split(
+        root,
+        {"images": rng.integers(0, 256, (n, *shape), dtype=np.uint8), "labels": np.arange(n, dtype=np.int64) % 2},
+        name="t",
+        split="train",
+        shard_size=shard_size,
+    )
     return root
 
 
@@ -84,13 +89,19 @@ def test_validate_bars_count_shards_and_suites(tmp_path, capsys):
 def _project(root: Path) -> None:
     """The files `collect` needs of a finished digits run (bytes, not real weights)."""
     rnd = np.random.default_rng(1)
-    files = {"runs/digits/train/model/model.safetensors": 3000, "runs/digits/train/ema/model.safetensors": 3000,
-             "runs/digits/samples/samples.npz": 1500}
+    files = {
+        "runs/digits/train/model/model.safetensors": 3000,
+        "runs/digits/train/ema/model.safetensors": 3000,
+        "runs/digits/samples/samples.npz": 1500,
+    }
     for rel, size in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(rnd.bytes(size))
-    for rel, text in {"runs/digits/train/summary.json": json.dumps({"steps": 20}),
-                      "runs/digits/sample-summary/summary.json": "{}", "runs/digits/score/metrics.json": "{}"}.items():
+    for rel, text in {
+        "runs/digits/train/summary.json": json.dumps({"steps": 20}),
+        "runs/digits/sample-summary/summary.json": "{}",
+        "runs/digits/score/metrics.json": "{}",
+    }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
 
@@ -148,8 +159,13 @@ def test_s3_bars_count_boto3s_transfer_callbacks(s3_endpoint, offline_aws_env, t
     from uvit.storage.artifacts import ArtifactStore
 
     bucket = f"uvit-{uuid.uuid4().hex[:12]}"
-    store = ArtifactStore(f"s3://{bucket}/a", endpoint_url=s3_endpoint, multipart_threshold=5 * 2**20,
-                          part_size=5 * 2**20, max_concurrency=2)
+    store = ArtifactStore(
+        f"s3://{bucket}/a",
+        endpoint_url=s3_endpoint,
+        multipart_threshold=5 * 2**20,
+        part_size=5 * 2**20,
+        max_concurrency=2,
+    )
     store.client.create_bucket(Bucket=bucket)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "big.bin").write_bytes(np.random.default_rng(2).bytes(6 * 2**20))

@@ -69,14 +69,18 @@ def tree(root: Path) -> dict[str, bytes]:
 def expected_run(root: Path) -> dict[str, bytes]:
     """What the run should hold, by path in the run, read from the project (run.json aside)."""
     t = {f"checkpoints/{k}": v for k, v in tree(root / "runs/digits/train").items()}
-    t |= {f"checkpoints/ray/checkpoint_000020/{k}": v
-          for k, v in tree(root / "runs/digits/ray/0123456789abcdef/digits-run/checkpoint_000020").items()}
+    t |= {
+        f"checkpoints/ray/checkpoint_000020/{k}": v
+        for k, v in tree(root / "runs/digits/ray/0123456789abcdef/digits-run/checkpoint_000020").items()
+    }
     t |= {f"samples/{k}": v for k, v in tree(root / "runs/digits/samples").items()}
     t |= {f"sample-summary/{k}": v for k, v in tree(root / "runs/digits/sample-summary").items()}
     t |= {f"reference/classifier/{k}": v for k, v in tree(root / "runs/digits/classifier").items()}
-    t |= {"score/metrics.json": (root / "runs/digits/score/metrics.json").read_bytes(),
-          "reports/digits.md": (root / "reports/digits.md").read_bytes(),
-          "reports/digits/grid.png": (root / "reports/digits/grid.png").read_bytes()}
+    t |= {
+        "score/metrics.json": (root / "runs/digits/score/metrics.json").read_bytes(),
+        "reports/digits.md": (root / "reports/digits.md").read_bytes(),
+        "reports/digits/grid.png": (root / "reports/digits/grid.png").read_bytes(),
+    }
     return t
 
 
@@ -107,7 +111,9 @@ def test_publish_to_s3_and_fetch_identical_files(s3_endpoint, project, tmp_path)
     keys = {o["Key"].removeprefix(f"artifacts/digits/{run_id}/") for o in listed}
     want = expected_run(project)
     assert keys == set(want) | {"run.json", "manifest.json"}
-    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"artifacts/digits/{run_id}/manifest.json")["Body"].read())
+    manifest = json.loads(
+        client.get_object(Bucket=bucket, Key=f"artifacts/digits/{run_id}/manifest.json")["Body"].read()
+    )
     shas = {f["path"]: f["sha256"] for f in manifest["files"]}
     assert {p: shas[p] for p in want} == {p: hashlib.sha256(b).hexdigest() for p, b in want.items()}
     assert out["files"] == len(want) + 1 and manifest["run_id"] == run_id
@@ -147,8 +153,9 @@ def test_corrupted_object_is_refused_on_fetch(s3_endpoint, project, tmp_path):
     # The CLI says so without a traceback and exits non-zero (run id from publish.json).
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"digits": cfg.model_dump(mode="json", by_alias=True, exclude={"name"})}))
-    result = CliRunner().invoke(app, ["fetch", "digits", "--params", str(params), "--root", str(project),
-                                      "--dest", str(tmp_path / "cli")])
+    result = CliRunner().invoke(
+        app, ["fetch", "digits", "--params", str(params), "--root", str(project), "--dest", str(tmp_path / "cli")]
+    )
     assert result.exit_code == 1 and "integrity check failed" in result.output, result.output
     assert not (tmp_path / "cli/checkpoints/ema/model.safetensors").exists()
 

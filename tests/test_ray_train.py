@@ -52,8 +52,15 @@ def tiny_config(workers: int, **train):
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
     d = params["digits"]
     d["model"]["overrides"] = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-    d["train"].update(steps=12, batch_size=16, checkpoint_every=4, log_every=2, num_workers=workers,
-                      threads_per_worker=1, warmup_steps=2)
+    d["train"].update(
+        steps=12,
+        batch_size=16,
+        checkpoint_every=4,
+        log_every=2,
+        num_workers=workers,
+        threads_per_worker=1,
+        warmup_steps=2,
+    )
     d["train"].update(train)
     return load_benchmark("digits", params)
 
@@ -100,6 +107,7 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, tw
     assert all(not torch.equal(w1[k], init[k]) for k in ("pos_embed", "decoder_pred.weight"))  # it trained
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=2e-5, rtol=1e-4, msg=k)
+
     # The logged loss is the whole global batch's, not rank 0's half of it.
     def losses(run: dict) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader((run["dir"] / "metrics.csv").open())]
@@ -109,13 +117,19 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, tw
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), atol=1e-5, rtol=1e-4)
 
 
-def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session, digits_data, two_workers,
-                                                               tmp_path) -> None:
+def test_killed_worker_is_replaced_and_training_resumes_exactly(
+    ray_session, digits_data, two_workers, tmp_path
+) -> None:
     reference = two_workers
     marker = tmp_path / "killed"
     # Rank 1 dies at step 6: after the step-4 checkpoint, before the step-8 one.
-    crashed = train(digits_data, tmp_path, workers=2, train={"max_failures": 2},
-                    kill_at_step={"step": 6, "rank": 1, "marker": str(marker)})
+    crashed = train(
+        digits_data,
+        tmp_path,
+        workers=2,
+        train={"max_failures": 2},
+        kill_at_step={"step": 6, "rank": 1, "marker": str(marker)},
+    )
     assert marker.read_text() == "6"  # the worker really was killed
     assert crashed["summary"]["steps"] == 12
     rows = (crashed["dir"] / "metrics.csv").read_text().strip().splitlines()[1:]
@@ -138,8 +152,9 @@ def test_raising_steps_continues_a_previous_run(ray_session, digits_data, one_wo
     # weights are those of the first 12.
     ray_dir = run_root / "runs/digits/ray"
     before = sorted(p.relative_to(ray_dir) for p in ray_dir.glob("*/*/checkpoint_*/state.json"))
-    exported = {f: (first["dir"] / f).read_bytes() for f in ("metrics.csv", "model/model.safetensors",
-                                                              "ema/model.safetensors")}
+    exported = {
+        f: (first["dir"] / f).read_bytes() for f in ("metrics.csv", "model/model.safetensors", "ema/model.safetensors")
+    }
     again = run_training(tiny_config(1), BenchmarkPaths("digits", run_root))
     assert sorted(p.relative_to(ray_dir) for p in ray_dir.glob("*/*/checkpoint_*/state.json")) == before
     assert again["steps"] == 12 and again["ray_run"] == summary["ray_run"]
@@ -170,16 +185,21 @@ def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers,
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="uvit-ray")
         s3 = {"storage_path": "s3://uvit-ray/ckpt", "storage_endpoint": endpoint}
         first = train(digits_data, tmp_path, workers=2, train={"steps": 8, **s3})
-        keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint)
-                .list_objects_v2(Bucket="uvit-ray")["Contents"]]
+        keys = [
+            o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="uvit-ray")["Contents"]
+        ]
         states = sorted(k for k in keys if k.endswith("/state.json"))
         assert len(states) == 2 and all(k.startswith("ckpt/") for k in states)  # steps 4 and 8, keep-last-2
         assert first["summary"]["ray_run"].startswith("s3://uvit-ray/ckpt/")
         assert not list((first["dir"].parent / "ray").glob("*/*/checkpoint_*"))  # none kept locally
 
-        resumed = train(digits_data, tmp_path, workers=2, classifier=True,
-                        train={"steps": 12, "strategy": "fsdp", "sample_every": 2, "fid_every": 4, "fid_samples": 40,
-                               **s3})
+        resumed = train(
+            digits_data,
+            tmp_path,
+            workers=2,
+            classifier=True,
+            train={"steps": 12, "strategy": "fsdp", "sample_every": 2, "fid_every": 4, "fid_samples": 40, **s3},
+        )
         assert resumed["summary"]["steps"] == 12
         rows = list(csv.DictReader((resumed["dir"] / "metrics.csv").open()))
         assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]  # steps 2-8 came from S3
@@ -203,8 +223,9 @@ def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers,
         local = ray.train.Checkpoint(path, filesystem=storage.fs).to_directory(str(tmp_path / "ckpt12"))
         model = UViT(UViT.from_pretrained(resumed["dir"] / "model").config)
         opt = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999))
-        state = TrainingState(model, EMA(model, 0.9).model, opt,
-                              torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(2)), 0)
+        state = TrainingState(
+            model, EMA(model, 0.9).model, opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(2)), 0
+        )
         load_checkpoint(local, state)
         assert step == state.step == 12 and len(opt.state) == len(list(model.parameters()))
 

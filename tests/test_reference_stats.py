@@ -28,8 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _split(root: Path, images: np.ndarray, shard_size: int) -> Path:
-    write_split(root, {"images": images, "labels": np.zeros(len(images), np.int64)}, name="t", split="train",
-                shard_size=shard_size)
+    write_split(
+        root,
+        {"images": images, "labels": np.zeros(len(images), np.int64)},
+        name="t",
+        split="train",
+        shard_size=shard_size,
+    )
     return root
 
 
@@ -60,8 +65,9 @@ def test_streamed_digits_statistics_equal_torch_fidelitys(tmp_path):
     images = np.random.default_rng(5).integers(0, 256, (203, 1, 8, 8), dtype=np.uint8)
     split = _split(tmp_path / "train", images, shard_size=50)
     mu0, sigma0 = fid_statistics(images, extractor="digits-classifier", classifier_path=clf)
-    st = extractor_statistics(split, extractor="digits-classifier", classifier_path=clf, batch_size=16,
-                              kid_limit=20, progress=False)
+    st = extractor_statistics(
+        split, extractor="digits-classifier", classifier_path=clf, batch_size=16, kid_limit=20, progress=False
+    )
     assert st.count == 203 and st.kid_features.shape == (20, mu0.shape[0])
     np.testing.assert_allclose(st.mu, mu0, rtol=0, atol=1e-6 * np.abs(mu0).max())
     np.testing.assert_allclose(st.sigma, sigma0, rtol=0, atol=1e-6 * np.abs(sigma0).max())
@@ -93,8 +99,9 @@ def test_kid_rows_and_batches_follow_row_order(tmp_path):
     starts = [(s, len(b)) for s, b in iter_image_batches(split, batch_size=4)]
     assert starts == [(0, 4), (4, 4), (8, 2), (10, 4), (14, 4), (18, 2), (20, 3)]  # never across shards
     for limit in (5, 23, 100):
-        st = stream_statistics(split, lambda b: b.reshape(len(b), -1).astype(np.float32), batch_size=4,
-                               kid_limit=limit, progress=False)
+        st = stream_statistics(
+            split, lambda b: b.reshape(len(b), -1).astype(np.float32), batch_size=4, kid_limit=limit, progress=False
+        )
         rows = kid_rows(23, limit)
         assert len(rows) == min(23, limit) and rows[0] == 0 and rows[-1] == 22
         np.testing.assert_array_equal(st.kid_features, images[rows].reshape(len(rows), -1))
@@ -119,7 +126,8 @@ def _cifar_like(tmp_path: Path, weights: str):
 
 
 def test_score_reference_statistics_equal_the_in_memory_ones_then_read_the_cache(
-        tmp_path, random_inception_weights, monkeypatch):
+    tmp_path, random_inception_weights, monkeypatch
+):
     """score.reference_statistics (Inception, 4 images in shards of 3 and 1) against the code it
     replaced (one in-memory pass): mu, sigma and the KID features agree to float32 rounding of the
     features (the old mean was a float32 mean, ours is float64); then the cache keyed by the

@@ -49,21 +49,44 @@ def make_run(
     if train:
         (run / "train").mkdir(parents=True)
         summary = {
-            "benchmark": benchmark, "preset": f"{benchmark}_small", "title": "U-ViT-S/2",
-            "params": 44_312_345, "gmacs": 11.34, "steps": 1500, "batch_size": 128,
-            "images_seen": 192_000, "wall_time_s": 5400.0, "steps_per_s": 0.28,
-            "final_loss": 0.0312, "num_workers": 2, "precision": "bf16", "hardware": "1x FakeGPU",
+            "benchmark": benchmark,
+            "preset": f"{benchmark}_small",
+            "title": "U-ViT-S/2",
+            "params": 44_312_345,
+            "gmacs": 11.34,
+            "steps": 1500,
+            "batch_size": 128,
+            "images_seen": 192_000,
+            "wall_time_s": 5400.0,
+            "steps_per_s": 0.28,
+            "final_loss": 0.0312,
+            "num_workers": 2,
+            "precision": "bf16",
+            "hardware": "1x FakeGPU",
         }
         (run / "train/summary.json").write_text(json.dumps(summary))
         lines = ["step,loss,lr,grad_norm,images_per_s,elapsed_s"]
-        lines += [f"{s},{1.0 / (1 + s):.6f},{1e-4 * min(1, s / 10):.2e},1.0,100.0,{s * 0.1:.1f}" for s in range(0, 200, 2)]
+        lines += [
+            f"{s},{1.0 / (1 + s):.6f},{1e-4 * min(1, s / 10):.2e},1.0,100.0,{s * 0.1:.1f}" for s in range(0, 200, 2)
+        ]
         (run / "train/metrics.csv").write_text("\n".join(lines) + "\n")
     if samples:
         (run / "sample-summary").mkdir(parents=True)
-        (run / "sample-summary/summary.json").write_text(json.dumps({
-            "sampler": "dpm_solver", "steps": 25, "nfe": 50, "guidance_scale": 0.0,
-            "num_samples": 1000, "wall_time_s": 30.0, "images_per_s": 33.3, "seed": 7, "weights": "ema",
-        }))
+        (run / "sample-summary/summary.json").write_text(
+            json.dumps(
+                {
+                    "sampler": "dpm_solver",
+                    "steps": 25,
+                    "nfe": 50,
+                    "guidance_scale": 0.0,
+                    "num_samples": 1000,
+                    "wall_time_s": 30.0,
+                    "images_per_s": 33.3,
+                    "seed": 7,
+                    "weights": "ema",
+                }
+            )
+        )
         _png(run / "sample-summary/grid.png")
     if score is not None:
         (run / "score").mkdir(parents=True)
@@ -225,10 +248,19 @@ def test_cifar10_report(tmp_path: Path) -> None:
 
 
 def test_digits_report_has_floor_and_ratio(tmp_path: Path) -> None:
-    make_run(tmp_path, "digits", score={
-        "fid": 9.0, "feature_extractor": "digits-cnn", "num_samples": 500,
-        "fid_floor": 2.5, "fid_ceiling": 250.0, "conditional_accuracy": 0.875, "classifier_test_accuracy": 0.981,
-    })
+    make_run(
+        tmp_path,
+        "digits",
+        score={
+            "fid": 9.0,
+            "feature_extractor": "digits-cnn",
+            "num_samples": 500,
+            "fid_floor": 2.5,
+            "fid_ceiling": 250.0,
+            "conditional_accuracy": 0.875,
+            "classifier_test_accuracy": 0.981,
+        },
+    )
     art = load_run(tmp_path / "digits", "digits")
     row = results_table(art).iloc[0]
     assert row["FID floor (real vs real)"] == "2.50"
@@ -244,7 +276,9 @@ def test_ratio_prefers_artifact_value(tmp_path: Path) -> None:
     assert results_table(load_run(tmp_path / "digits", "digits")).iloc[0]["FID / floor"] == "3.75"
 
 
-@pytest.mark.parametrize(("bench", "cmd"), [("digits", "dvc repro"), ("imagenet64", "dvc repro paper/dvc.yaml:report@imagenet64")])
+@pytest.mark.parametrize(
+    ("bench", "cmd"), [("digits", "dvc repro"), ("imagenet64", "dvc repro paper/dvc.yaml:report@imagenet64")]
+)
 def test_not_run_page(tmp_path: Path, bench: str, cmd: str) -> None:
     text = write_benchmark_report(bench, tmp_path / bench, tmp_path / "reports").read_text()
     assert "has not been run" in text
@@ -285,10 +319,21 @@ def test_plot_loss_valid_png(tmp_path: Path) -> None:
 
 
 def test_text_to_image_page_clip_score_kid_and_example_captions(tmp_path: Path) -> None:
-    run = make_run(tmp_path / "runs", "mscoco256", score={
-        "fid": 9.87, "clip_score": 26.123, "clip_model": "openai/clip-vit-large-patch14", "kid": 0.0123,
-        "kid_std": 0.0007, "kid_subset_size": 1000, "inception_score": 21.5, "feature_extractor": "inception",
-        "num_samples": 30000})
+    run = make_run(
+        tmp_path / "runs",
+        "mscoco256",
+        score={
+            "fid": 9.87,
+            "clip_score": 26.123,
+            "clip_model": "openai/clip-vit-large-patch14",
+            "kid": 0.0123,
+            "kid_std": 0.0007,
+            "kid_subset_size": 1000,
+            "inception_score": 21.5,
+            "feature_extractor": "inception",
+            "num_samples": 30000,
+        },
+    )
     row = results_table(load_run(run, "mscoco256")).iloc[0]
     assert row["CLIP score"] == "26.123" and row["KID (± std over subsets)"] == "1.23e-02 ± 7.00e-04"
     assert row["Inception score"] == "21.50" and row["precision / recall"] == "—"
@@ -304,8 +349,11 @@ def test_text_to_image_page_clip_score_kid_and_example_captions(tmp_path: Path) 
         assert f"{i + 1}. {caption}" in text
     assert "CLIP score 26.123 with openai/clip-vit-large-patch14" in text
     # Not a text-to-image benchmark: no caption section; the index has a CLIP column for mscoco256 only.
-    digits = make_run(tmp_path / "runs", "digits", score={"fid": 8.08, "kid": -75.4, "kid_std": 211.3,
-                                                          "kid_floor": -320.5, "kid_subset_size": 360})
+    digits = make_run(
+        tmp_path / "runs",
+        "digits",
+        score={"fid": 8.08, "kid": -75.4, "kid_std": 211.3, "kid_floor": -320.5, "kid_subset_size": 360},
+    )
     text = write_benchmark_report("digits", digits, reports).read_text()
     assert "example captions" not in text and "KID -75.4 ± 211 on subsets of 360, within its spread of 0" in text
     assert "real-vs-real -320" in text

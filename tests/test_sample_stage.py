@@ -58,7 +58,9 @@ def test_png_off_removes_the_folder(tmp_path):
     assert not (paths.samples / "png").exists() and (paths.samples / "samples.npz").is_file()
 
 
-@pytest.mark.parametrize(("n", "channels", "nrow", "upscale"), [(23, 1, 8, 1), (7, 3, 3, 2), (1, 3, 4, 1), (8, 1, 8, 3)])
+@pytest.mark.parametrize(
+    ("n", "channels", "nrow", "upscale"), [(23, 1, 8, 1), (7, 3, 3, 2), (1, 3, 4, 1), (8, 1, 8, 3)]
+)
 def test_sample_grid_is_torchvisions_grid_byte_for_byte(tmp_path, n, channels, nrow, upscale) -> None:
     """save_grid (numpy) writes the PNG torchvision's save_image(make_grid(...)) writes: same layout,
     gutters, grey-to-RGB and bytes."""

@@ -147,8 +147,13 @@ _NFE_CASES = [
     (name, steps, kw)
     for name in sorted(ALL_SAMPLERS)
     for steps in (1, 2, 3, 8, 12)
-    for kw in ({}, {"denoise_final": True}, {"order": 2}, {"order": 1, "denoise_final": True},
-               {"skip_type": "time_quadratic"})
+    for kw in (
+        {},
+        {"denoise_final": True},
+        {"order": 2},
+        {"order": 1, "denoise_final": True},
+        {"skip_type": "time_quadratic"},
+    )
     if not ("order" in kw and name in _FIXED_ORDER)
     and not (name == "euler_maruyama" and steps == 1 and "skip_type" in kw)  # needs 2 grid points
 ]
@@ -209,8 +214,14 @@ def _diffusers_run(scheduler, eps_fn, x_T, steps=None, timesteps=None):
 
 def _diffusers_config(final_sigmas_type="sigma_min"):
     # sigma_min: the last step ends at timestep 0 = our t_end = 1e-3 (n = 1), not at sigma = 0
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                timestep_spacing="linspace", final_sigmas_type=final_sigmas_type)
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="linspace",
+        final_sigmas_type=final_sigmas_type,
+    )
 
 
 @pytest.mark.parametrize("steps", STEP_COUNTS)  # 9: both lower the final orders; 27: neither
@@ -218,14 +229,14 @@ def _diffusers_config(final_sigmas_type="sigma_min"):
 def test_dpm_solver_pp_multistep_matches_diffusers(order, steps):
     diffusers = pytest.importorskip("diffusers")
     d, eps_fn, x_T = _reference_problem()
-    sch = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=order,
-                                                **_diffusers_config())
+    sch = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=order, **_diffusers_config())
     ref = _diffusers_run(sch, eps_fn, x_T, steps)
     name = {2: "dpm_solver_pp_2m", 3: "dpm_solver_pp_3m"}[order]
     ours = sample(name, eps_fn, d, x_T, steps, skip_type="time_uniform")
     torch.testing.assert_close(ours, ref, rtol=0, atol=DIFFUSERS_TOL)
-    other = sample({2: "dpm_solver_pp_3m", 3: "dpm_solver_pp_2m"}[order], eps_fn, d, x_T, steps,
-                   skip_type="time_uniform")
+    other = sample(
+        {2: "dpm_solver_pp_3m", 3: "dpm_solver_pp_2m"}[order], eps_fn, d, x_T, steps, skip_type="time_uniform"
+    )
     assert (other - ref).abs().max() > 20 * DIFFUSERS_TOL  # the tolerance tells the orders apart
 
 
@@ -235,8 +246,9 @@ def test_denoise_final_matches_diffusers_zero_sigma(order):
     final step to sigma = 0 (first order there: the x0 prediction)."""
     diffusers = pytest.importorskip("diffusers")
     d, eps_fn, x_T = _reference_problem()
-    sch = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=order,
-                                                **_diffusers_config("zero"))
+    sch = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++", solver_order=order, **_diffusers_config("zero")
+    )
     ref = _diffusers_run(sch, eps_fn, x_T, timesteps=list(range(999, -1, -37)))
     name = {2: "dpm_solver_pp_2m", 3: "dpm_solver_pp_3m"}[order]
     ours = sample(name, eps_fn, d, x_T, 27, skip_type="time_uniform", denoise_final=True)
@@ -251,14 +263,17 @@ def test_denoise_final_matches_diffusers_zero_sigma(order):
 def test_unipc_matches_diffusers(variant, order, steps):
     diffusers = pytest.importorskip("diffusers")
     d, eps_fn, x_T = _reference_problem()
-    sch = diffusers.UniPCMultistepScheduler(solver_type=variant, solver_order=order, predict_x0=True,
-                                            **_diffusers_config())
+    sch = diffusers.UniPCMultistepScheduler(
+        solver_type=variant, solver_order=order, predict_x0=True, **_diffusers_config()
+    )
     ref = _diffusers_run(sch, eps_fn, x_T, steps)
     ours = sample(f"unipc_{variant}", eps_fn, d, x_T, steps, order=order, skip_type="time_uniform")
     torch.testing.assert_close(ours, ref, rtol=0, atol=DIFFUSERS_TOL)
     other = "bh2" if variant == "bh1" else "bh1"
-    for wrong in (sample(f"unipc_{other}", eps_fn, d, x_T, steps, order=order, skip_type="time_uniform"),
-                  sample("dpm_solver_pp_2m", eps_fn, d, x_T, steps, skip_type="time_uniform")):
+    for wrong in (
+        sample(f"unipc_{other}", eps_fn, d, x_T, steps, order=order, skip_type="time_uniform"),
+        sample("dpm_solver_pp_2m", eps_fn, d, x_T, steps, skip_type="time_uniform"),
+    ):
         assert (wrong - ref).abs().max() > 20 * DIFFUSERS_TOL
 
 
@@ -277,23 +292,27 @@ def _observed_orders(errs):
 
 
 # logSNR grids (h halves with the steps). UniPC-p with its corrector is of order p + 1.
-@pytest.mark.parametrize("name,kw,schedule,steps,lo,hi", [
-    ("unipc_bh1", {"order": 1}, VPSDE(), [20, 40, 80], 1.9, 2.4),  # measured 2.20, 2.12
-    ("unipc_bh2", {"order": 1}, VPSDE(), [20, 40, 80], 1.8, 2.2),  # 1.92, 1.98
-    ("unipc_bh1", {"order": 2}, VPSDE(), [20, 40, 80], 2.8, 3.3),  # 3.13, 3.08
-    ("unipc_bh2", {"order": 2}, VPSDE(), [20, 40, 80], 2.7, 3.2),  # 2.83, 2.96
-    ("unipc_bh1", {"order": 2}, DiscreteSchedule(), [20, 40, 80], 2.8, 3.3),  # 3.09, 3.06
-    ("unipc_bh2", {"order": 2}, DiscreteSchedule(), [20, 40, 80], 2.8, 3.3),  # 2.95, 3.00
-    # order 3 (nominally 4): the warm-up steps' lower order caps it at ~3 asymptotically; no
-    # first-order final step, which would cap it at 2.
-    ("unipc_bh1", {"order": 3, "lower_order_final": False}, VPSDE(), [40, 80, 160], 2.9, 4.2),  # 3.12, 3.73
-    ("unipc_bh2", {"order": 3, "lower_order_final": False}, VPSDE(), [40, 80, 160], 2.9, 4.2),  # 3.12, 3.72
-    # 3M: the reference third-order update has local error O(h^3) (its D2 is half the Taylor
-    # term), so order 2 is what it does; the first-order warm-up also caps it at 2 on the discrete
-    # schedule, where x0_hat already varies at t = 1 (lambda_T = -2.7).
-    ("dpm_solver_pp_3m", {}, VPSDE(), [40, 80, 160], 1.9, 2.3),  # 2.18, 2.06
-    ("dpm_solver_pp_3m", {}, DiscreteSchedule(), [20, 40, 80], 1.8, 2.2),  # 2.07, 1.99
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "name,kw,schedule,steps,lo,hi",
+    [
+        ("unipc_bh1", {"order": 1}, VPSDE(), [20, 40, 80], 1.9, 2.4),  # measured 2.20, 2.12
+        ("unipc_bh2", {"order": 1}, VPSDE(), [20, 40, 80], 1.8, 2.2),  # 1.92, 1.98
+        ("unipc_bh1", {"order": 2}, VPSDE(), [20, 40, 80], 2.8, 3.3),  # 3.13, 3.08
+        ("unipc_bh2", {"order": 2}, VPSDE(), [20, 40, 80], 2.7, 3.2),  # 2.83, 2.96
+        ("unipc_bh1", {"order": 2}, DiscreteSchedule(), [20, 40, 80], 2.8, 3.3),  # 3.09, 3.06
+        ("unipc_bh2", {"order": 2}, DiscreteSchedule(), [20, 40, 80], 2.8, 3.3),  # 2.95, 3.00
+        # order 3 (nominally 4): the warm-up steps' lower order caps it at ~3 asymptotically; no
+        # first-order final step, which would cap it at 2.
+        ("unipc_bh1", {"order": 3, "lower_order_final": False}, VPSDE(), [40, 80, 160], 2.9, 4.2),  # 3.12, 3.73
+        ("unipc_bh2", {"order": 3, "lower_order_final": False}, VPSDE(), [40, 80, 160], 2.9, 4.2),  # 3.12, 3.72
+        # 3M: the reference third-order update has local error O(h^3) (its D2 is half the Taylor
+        # term), so order 2 is what it does; the first-order warm-up also caps it at 2 on the discrete
+        # schedule, where x0_hat already varies at t = 1 (lambda_T = -2.7).
+        ("dpm_solver_pp_3m", {}, VPSDE(), [40, 80, 160], 1.9, 2.3),  # 2.18, 2.06
+        ("dpm_solver_pp_3m", {}, DiscreteSchedule(), [20, 40, 80], 1.8, 2.2),  # 2.07, 1.99
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_observed_convergence_order(name, kw, schedule, steps, lo, hi):
     errs = _errors(name, schedule, steps, **kw)
     p = _observed_orders(errs)
@@ -314,8 +333,17 @@ def test_low_nfe_samplers_beat_2m_at_equal_nfe():
 # ----------------------------------------------------------------------------- denoise_final
 
 
-@pytest.mark.parametrize("name,kw", [("dpm_solver", {}), ("dpm_solver_pp", {}), ("dpm_solver_pp_2m", {}),
-                                     ("dpm_solver_pp_3m", {}), ("unipc_bh1", {"order": 3}), ("unipc_bh2", {})])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("dpm_solver", {}),
+        ("dpm_solver_pp", {}),
+        ("dpm_solver_pp_2m", {}),
+        ("dpm_solver_pp_3m", {}),
+        ("unipc_bh1", {"order": 3}),
+        ("unipc_bh2", {}),
+    ],
+)
 def test_denoise_final_is_x0_at_t_end(name, kw):
     """denoise_final returns (x - sigma eps(x, t_end)) / alpha of the plain run's end point."""
     v, steps = VPSDE(), 12
@@ -352,9 +380,15 @@ def row_model(x, t):
     return torch.tanh(1.3 * x + torch.roll(x, 1, dims=-1) + 1e-3 * t.view(-1, *[1] * (x.dim() - 1)))
 
 
-@pytest.mark.parametrize("name,kw", [("dpm_solver_pp_3m", {}), ("unipc_bh1", {"order": 3}),
-                                     ("unipc_bh2", {"skip_type": "time_quadratic", "denoise_final": True}),
-                                     ("euler_maruyama", {"skip_type": "logSNR"})])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("dpm_solver_pp_3m", {}),
+        ("unipc_bh1", {"order": 3}),
+        ("unipc_bh2", {"skip_type": "time_quadratic", "denoise_final": True}),
+        ("euler_maruyama", {"skip_type": "logSNR"}),
+    ],
+)
 def test_batch_size_independence(name, kw):
     d = DiscreteSchedule() if name != "euler_maruyama" else VPSDE()
 
@@ -413,7 +447,9 @@ def bench():
 def test_paper_protocols(bench):
     from uvit.models import get_preset
 
-    assert bench.paper_protocol("cifar10_uvit_s2") == bench.paper_protocol("celeba64_uvit_s4") == ("euler_maruyama", 1000)
+    assert (
+        bench.paper_protocol("cifar10_uvit_s2") == bench.paper_protocol("celeba64_uvit_s4") == ("euler_maruyama", 1000)
+    )
     assert bench.paper_protocol("imagenet64_uvit_l4") == bench.paper_protocol("digits_uvit_tiny") == ("dpm_solver", 50)
     for p in ("imagenet256_uvit_h2", "imagenet512_uvit_l4", "mscoco256_uvit_s2"):
         assert bench.paper_protocol(p) == ("dpm_solver_pp", 50)
@@ -424,14 +460,41 @@ def test_paper_protocols(bench):
 
 def test_nfe_sweep_rows(bench, tmp_path, capsys):
     out = tmp_path / "sweep.json"
-    result = bench.main(["--nfe-sweep", "--presets", "digits_uvit_tiny", "--samplers",
-                         "dpm_solver_pp_3m,unipc_bh2,euler_maruyama", "--nfe", "2,3", "--protocol", "dpm_solver:4", "--batch-size", "2", "--iters", "1",
-                         "--warmup", "0", "--device", "cpu", "--guidance-scale", "0.5", "--json", str(out)])
+    result = bench.main(
+        [
+            "--nfe-sweep",
+            "--presets",
+            "digits_uvit_tiny",
+            "--samplers",
+            "dpm_solver_pp_3m,unipc_bh2,euler_maruyama",
+            "--nfe",
+            "2,3",
+            "--protocol",
+            "dpm_solver:4",
+            "--batch-size",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--guidance-scale",
+            "0.5",
+            "--json",
+            str(out),
+        ]
+    )
     rows = result["results"]
     assert [(r["role"], r["sampler"], r["nfe"]) for r in rows] == [
-        ("paper", "dpm_solver", 4), ("sweep", "dpm_solver_pp_3m", 2), ("sweep", "dpm_solver_pp_3m", 3),
-        ("sweep", "unipc_bh2", 2), ("sweep", "unipc_bh2", 3),
-        ("sweep", "euler_maruyama", 2), ("sweep", "euler_maruyama", 3)]  # with its per-sample noise
+        ("paper", "dpm_solver", 4),
+        ("sweep", "dpm_solver_pp_3m", 2),
+        ("sweep", "dpm_solver_pp_3m", 3),
+        ("sweep", "unipc_bh2", 2),
+        ("sweep", "unipc_bh2", 3),
+        ("sweep", "euler_maruyama", 2),
+        ("sweep", "euler_maruyama", 3),
+    ]  # with its per-sample noise
     assert all(r["error"] is None and r["variant"] == "cfg_batched" for r in rows)
     assert [r["forwards"] for r in rows] == [4, 2, 3, 2, 3, 2, 3] and all(r["forward_batch"] == 4 for r in rows)
     base = rows[0]["images_per_s"]

@@ -51,14 +51,34 @@ def test_batched_and_two_pass_guidance_agree(bench, preset):
 
 def test_main_writes_json(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = bench.main(["--presets", "digits_uvit_tiny,cifar10_uvit_s2", "--samplers", "dpm_solver_pp_2m",
-                         "--steps", "2", "--batch-size", "2", "--iters", "1", "--warmup", "0", "--device", "cpu",
-                         "--json", str(out)])
+    result = bench.main(
+        [
+            "--presets",
+            "digits_uvit_tiny,cifar10_uvit_s2",
+            "--samplers",
+            "dpm_solver_pp_2m",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     rows = result["results"]
     # cifar10 is unconditional: no guidance variants for it.
     assert [(r["preset"], r["variant"]) for r in rows] == [
-        ("digits_uvit_tiny", "no_cfg"), ("digits_uvit_tiny", "cfg_batched"), ("digits_uvit_tiny", "cfg_two_pass"),
-        ("cifar10_uvit_s2", "no_cfg")]
+        ("digits_uvit_tiny", "no_cfg"),
+        ("digits_uvit_tiny", "cfg_batched"),
+        ("digits_uvit_tiny", "cfg_two_pass"),
+        ("cifar10_uvit_s2", "no_cfg"),
+    ]
     assert all(r["error"] is None and r["images_per_s"] > 0 for r in rows)
     assert rows[0]["ratio_vs_no_cfg"] == 1.0 and rows[3]["ratio_vs_no_cfg"] == 1.0
     assert [r["forward_batch"] for r in rows[:3]] == [2, 4, 2] and [r["forwards"] for r in rows[:3]] == [2, 2, 4]

@@ -57,8 +57,7 @@ def digits() -> dict[str, np.ndarray]:
 
     d = load_digits()
     images = np.floor(d.images * (255.0 / 16) + 0.5).astype(np.uint8)[:, None]
-    xtr, xte, ytr, yte = train_test_split(images, d.target, test_size=0.2, stratify=d.target,
-                                          random_state=0)
+    xtr, xte, ytr, yte = train_test_split(images, d.target, test_size=0.2, stratify=d.target, random_state=0)
     return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}
 
 
@@ -266,8 +265,9 @@ def test_inception_fid_with_local_weights(random_inception_weights, monkeypatch,
     # Direct: torch-fidelity's InceptionV3 called on the RGB-repeated images, Fréchet distance in numpy.
     from torch_fidelity import FeatureExtractorInceptionV3
 
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                      feature_extractor_weights_path=random_inception_weights).eval()
+    net = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=random_inception_weights
+    ).eval()
     with torch.no_grad():
         fa, fb = (net(torch.as_tensor(x).repeat(1, 3, 1, 1))[0].double().numpy() for x in (a, b))
     assert value == pytest.approx(_eig_fid(fa, fb), rel=1e-3)

@@ -24,8 +24,17 @@ from uvit.evaluate.sharded import (
 from uvit.models import UViT, UViTConfig
 
 N, K, SEED, STEPS, SCALE = 12, 4, 3, 4, 0.5
-RUN = dict(schedule="vpsde", sampler="dpm_solver", steps=STEPS, num_samples=N, seed=SEED, guidance_scale=SCALE,
-           num_classes_for_labels=K, batch_size=3, progress=False)
+RUN = dict(
+    schedule="vpsde",
+    sampler="dpm_solver",
+    steps=STEPS,
+    num_samples=N,
+    seed=SEED,
+    guidance_scale=SCALE,
+    num_classes_for_labels=K,
+    batch_size=3,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +48,17 @@ def model_dir(tmp_path_factory) -> Path:
 def reference(model_dir) -> np.ndarray:
     """All N samples in ONE generate batch, uint8 NCHW."""
     model = UViT.from_pretrained(model_dir)
-    x = generate(model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=sample_seeds(SEED, N),
-                 labels=torch.arange(N) % K, guidance_scale=SCALE, batch_size=N, progress=False)
+    x = generate(
+        model,
+        schedule="vpsde",
+        sampler="dpm_solver",
+        steps=STEPS,
+        seeds=sample_seeds(SEED, N),
+        labels=torch.arange(N) % K,
+        guidance_scale=SCALE,
+        batch_size=N,
+        progress=False,
+    )
     return to_uint8(x)
 
 
@@ -131,8 +149,11 @@ def test_unconditional_shards_have_no_labels(tmp_path):
     run = {**RUN, "num_samples": 3, "num_classes_for_labels": None, "guidance_scale": 0.0}
     sample_to_shards(model_dir, tmp_path / "out", shard_size=2, **run)
     merged = merge_shards(tmp_path / "out")
-    want = to_uint8(generate(model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=sample_seeds(SEED, 3),
-                             progress=False))
+    want = to_uint8(
+        generate(
+            model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=sample_seeds(SEED, 3), progress=False
+        )
+    )
     np.testing.assert_array_equal(merged, want)
     assert load_samples(tmp_path / "out" / MERGED_NAME)[1] is None
 

@@ -62,7 +62,8 @@ def test_round_trip_values_and_manifest(split: Path, arrays) -> None:
     assert m.shards[2].files["labels"].name == "labels-00002.npy"
     assert m.offsets.tolist() == [0, 4, 8, 10]
     assert sorted(p.name for p in split.iterdir()) == sorted(
-        ["manifest.json"] + [f"{f}-{k:05d}.npy" for f in arrays for k in range(3)])
+        ["manifest.json"] + [f"{f}-{k:05d}.npy" for f in arrays for k in range(3)]
+    )
 
     ds = ShardedArrays(split)
     assert len(ds) == N
@@ -155,8 +156,11 @@ def test_manifest_with_wrong_sha(split: Path) -> None:
     d = json.loads(path.read_text())
     d["shards"][0]["files"]["images"]["sha256"] = "0" * 64
     path.write_text(json.dumps(d))
-    with pytest.raises(DataIntegrityError, match=r"images-00000\.npy: sha256 mismatch, "
-                                                 r"expected 0{64}, actual [0-9a-f]{64}"):
+    with pytest.raises(
+        DataIntegrityError,
+        match=r"images-00000\.npy: sha256 mismatch, "
+        r"expected 0{64}, actual [0-9a-f]{64}",
+    ):
         verify_split(split)
 
 
@@ -215,8 +219,7 @@ def test_interrupted_overwrite_keeps_old_split(split: Path, arrays, monkeypatch)
     before = Manifest.load(split).to_dict()
     _fail_on_second_save(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
-        write_split(split, {"labels": np.arange(5)}, name="toy", split="train", shard_size=1,
-                    overwrite=True)
+        write_split(split, {"labels": np.arange(5)}, name="toy", split="train", shard_size=1, overwrite=True)
     assert verify_split(split).to_dict() == before
     assert sorted(p.name for p in split.parent.iterdir()) == ["train"]
 

@@ -84,8 +84,7 @@ def _adm_center_crop_arr(pil_image, image_size):
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
-                                 resample=Image.BICUBIC)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
@@ -128,8 +127,7 @@ def test_coco_crop_center_square_lanczos(wh):
     arr = _rand_img(w, h, seed=w + h)
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    ref = Image.fromarray(arr).crop((left, top, left + side, top + side)).resize((32, 32),
-                                                                                  Image.LANCZOS)
+    ref = Image.fromarray(arr).crop((left, top, left + side, top + side)).resize((32, 32), Image.LANCZOS)
     out = coco_crop(Image.fromarray(arr), 32)
     assert out.shape == (32, 32, 3)
     np.testing.assert_array_equal(out, np.asarray(ref))
@@ -182,13 +180,16 @@ def _cifar_tarball(path: Path, per_batch: int = 4, test_n: int = 5, seed: int = 
     rng = np.random.default_rng(seed)
     expect = {}
     with tarfile.open(path, "w:gz") as tar:
+
         def add(name: str, data: bytes):
             info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
-        for split, names, n in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)], per_batch),
-                                ("test", ["test_batch.bin"], test_n)):
+        for split, names, n in (
+            ("train", [f"data_batch_{i}.bin" for i in range(1, 6)], per_batch),
+            ("test", ["test_batch.bin"], test_n),
+        ):
             imgs, labs = [], []
             for name in names:
                 labels = rng.integers(0, 10, size=n, dtype=np.uint8)
@@ -235,8 +236,7 @@ def test_cifar10_download_over_http_and_no_overwrite(tmp_path, http_dir):
     expect = _cifar_tarball(www / "cifar-10-binary.tar.gz", seed=3)
     md5 = hashlib.md5((www / "cifar-10-binary.tar.gz").read_bytes()).hexdigest()
     out, dl = tmp_path / "cifar10", tmp_path / "downloads"
-    prepare_cifar10(out, download_dir=dl, md5=md5, url=f"{url}/cifar-10-binary.tar.gz",
-                    progress=False)
+    prepare_cifar10(out, download_dir=dl, md5=md5, url=f"{url}/cifar-10-binary.tar.gz", progress=False)
     assert (dl / "cifar-10-binary.tar.gz").is_file()
     np.testing.assert_array_equal(load_split_arrays(out / "test")[1], expect["test"][1])
     before = (out / "train" / "manifest.json").read_bytes()
@@ -284,11 +284,15 @@ def imagenet_root(tmp_path):
         (_save(a / "n01440764_2.JPEG", Image.fromarray(_rand_img(50, 90, 11))), 0),
         (_save(a / "sub" / "n01440764_3.JPEG", Image.fromarray(_rand_img(40, 40, 12))), 0),
         (_save(b / "n01443537_1.JPEG", Image.fromarray(_rand_img(70, 50, 13)[..., 0])), 1),  # L
-        (_save(b / "n01443537_2.JPEG",
-               Image.fromarray(_rand_img(64, 48, 14)).convert("CMYK")), 1),
-        (_save(c / "n01484850_1.png",
-               Image.fromarray(np.dstack([_rand_img(33, 45, 15),
-                                          np.full((45, 33), 128, np.uint8)]), "RGBA"), "PNG"), 2),
+        (_save(b / "n01443537_2.JPEG", Image.fromarray(_rand_img(64, 48, 14)).convert("CMYK")), 1),
+        (
+            _save(
+                c / "n01484850_1.png",
+                Image.fromarray(np.dstack([_rand_img(33, 45, 15), np.full((45, 33), 128, np.uint8)]), "RGBA"),
+                "PNG",
+            ),
+            2,
+        ),
         (_save(c / "n01484850_2.JPEG", Image.fromarray(_rand_img(12, 10, 16))), 2),  # < RES
     ]
     _truncated_jpeg(c / "n01484850_9.JPEG")
@@ -318,10 +322,8 @@ def test_imagenet_skip_bad_labels_pixels_and_meta(imagenet_root, tmp_path):
     images, got_labels = load_split_arrays(out / "train")
     assert images.shape == (7, 3, RES, RES) and images.dtype == np.uint8
     np.testing.assert_array_equal(got_labels, labels)
-    np.testing.assert_array_equal(
-        images, _expected_rows(paths, functools.partial(center_crop_arr, image_size=RES)))
-    assert m.meta["skipped"] == [{"file": "n01484850/n01484850_9.JPEG",
-                                  "error": m.meta["skipped"][0]["error"]}]
+    np.testing.assert_array_equal(images, _expected_rows(paths, functools.partial(center_crop_arr, image_size=RES)))
+    assert m.meta["skipped"] == [{"file": "n01484850/n01484850_9.JPEG", "error": m.meta["skipped"][0]["error"]}]
     assert "truncated" in m.meta["skipped"][0]["error"]
     assert m.meta["num_skipped"] == 1 and m.meta["count"] == 7
     assert m.meta["classes"] == ["n01440764", "n01443537", "n01484850"]
@@ -373,8 +375,12 @@ def moto_s3(monkeypatch):
     srv.start()
     host, port = srv.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "UVIT_S3_ENDPOINT_URL": endpoint}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "UVIT_S3_ENDPOINT_URL": endpoint,
+    }.items():
         monkeypatch.setenv(k, v)
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="datasets")
@@ -402,8 +408,9 @@ def test_imagenet_tar_of_class_tars_from_s3(imagenet_root, tmp_path, moto_s3):
     moto_s3.upload_file(str(tar_path), "datasets", "imagenet/ILSVRC-mini_train.tar")
     dl = tmp_path / "downloads"
     out = tmp_path / "out"
-    m = prepare_imagenet(out, "s3://datasets/imagenet/ILSVRC-mini_train.tar", RES,
-                         download_dir=dl, skip_bad=True, progress=False)["train"]
+    m = prepare_imagenet(
+        out, "s3://datasets/imagenet/ILSVRC-mini_train.tar", RES, download_dir=dl, skip_bad=True, progress=False
+    )["train"]
     extracted = dl / "ILSVRC-mini_train"
     assert (extracted / ".extracted").is_file()
     assert sorted(p.name for p in (extracted / "train").iterdir()) == m.meta["classes"]
@@ -414,8 +421,7 @@ def test_imagenet_tar_of_class_tars_from_s3(imagenet_root, tmp_path, moto_s3):
     assert m.meta["num_skipped"] == 3  # one per class folder
     images, got = load_split_arrays(out / "train")
     np.testing.assert_array_equal(got, labels)  # flattened 'sub/' keeps the same order
-    np.testing.assert_array_equal(
-        images, _expected_rows(paths, functools.partial(center_crop_arr, image_size=RES)))
+    np.testing.assert_array_equal(images, _expected_rows(paths, functools.partial(center_crop_arr, image_size=RES)))
 
 
 # =============================================================================================
@@ -430,8 +436,7 @@ def celeba_root(tmp_path):
     names = [f"{i:06d}.jpg" for i in range(1, 7)]
     for i, name in enumerate(names):
         _save(img_dir / name, Image.fromarray(_rand_img(178, 218, 100 + i)))
-    (root / "list_eval_partition.txt").write_text(
-        "".join(f"{n} {p}\n" for n, p in zip(names, [0, 0, 0, 0, 1, 2])))
+    (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, [0, 0, 0, 0, 1, 2])))
     return root, img_dir, names
 
 
@@ -445,8 +450,9 @@ def test_celeba_train_split_pixels(celeba_root, tmp_path):
     assert set(ms) == {"train", "test"}
     train = ShardedArrays(out / "train", verify=True)
     assert len(train) == 4 and list(train.field_names) == ["images"]
-    ref = np.stack([_chw(np.asarray(T.Resize(64)(F.crop(Image.open(img_dir / n), 57, 25, 128, 128))))
-                    for n in names[:4]])
+    ref = np.stack(
+        [_chw(np.asarray(T.Resize(64)(F.crop(Image.open(img_dir / n), 57, 25, 128, 128)))) for n in names[:4]]
+    )
     np.testing.assert_array_equal(train.field("images"), ref)
     assert ms["test"].count == 1 and ms["train"].meta["expected_count"] == 162_770
 
@@ -468,8 +474,7 @@ def test_celeba_missing_root_and_partition_formats(tmp_path):
     with pytest.raises(FileNotFoundError) as ei:
         prepare_celeba(tmp_path / "out", tmp_path / "nope", progress=False)
     msg = str(ei.value)
-    for word in ("Google Drive", "Kaggle", "img_align_celeba", "list_eval_partition.txt",
-                 "celeba64.data.root"):
+    for word in ("Google Drive", "Kaggle", "img_align_celeba", "list_eval_partition.txt", "celeba64.data.root"):
         assert word in msg
     csv = tmp_path / "list_eval_partition.csv"
     csv.write_text("image_id,partition\n000001.jpg,0\n000002.jpg,2\n")
@@ -490,10 +495,13 @@ COCO_RES = 32
 @pytest.fixture
 def coco_root(tmp_path):
     root = tmp_path / "coco"
-    specs = {"train": [(9, (64, 48), "RGB"), (25, (40, 60), "L"), (3, (50, 50), "RGB")],
-             "val": [(42, (70, 30), "RGB")]}
-    captions = {9: ["A cat on a mat.", "Un café ☕ près de la fenêtre"], 25: ["A dog."],
-                3: ["Three", "captions", "here  "], 42: ["Validation image."]}
+    specs = {"train": [(9, (64, 48), "RGB"), (25, (40, 60), "L"), (3, (50, 50), "RGB")], "val": [(42, (70, 30), "RGB")]}
+    captions = {
+        9: ["A cat on a mat.", "Un café ☕ près de la fenêtre"],
+        25: ["A dog."],
+        3: ["Three", "captions", "here  "],
+        42: ["Validation image."],
+    }
     for split, imgs in specs.items():
         images, anns = [], []
         for image_id, (w, h), mode in imgs:
@@ -506,8 +514,7 @@ def coco_root(tmp_path):
                 anns.append({"id": len(anns) + 1000, "image_id": image_id, "caption": cap})
         ann_dir = root / "annotations"
         ann_dir.mkdir(parents=True, exist_ok=True)
-        (ann_dir / f"captions_{split}2014.json").write_text(
-            json.dumps({"images": images, "annotations": anns}))
+        (ann_dir / f"captions_{split}2014.json").write_text(json.dumps({"images": images, "annotations": anns}))
     return root, captions
 
 
@@ -526,7 +533,8 @@ def test_coco_images_captions_ids(coco_root, tmp_path):
         assert all(c == "" for c in caps[row, k:])
     files = [root / "train2014" / f"COCO_train2014_{i:012d}.jpg" for i in (3, 9, 25)]
     np.testing.assert_array_equal(
-        train.field("images"), _expected_rows(files, functools.partial(coco_crop, size=COCO_RES)))
+        train.field("images"), _expected_rows(files, functools.partial(coco_crop, size=COCO_RES))
+    )
     assert train.field("images").shape == (3, 3, COCO_RES, COCO_RES)
     assert ms["val"].count == 1 and ms["train"].meta["num_captions_total"] == 6
     assert Manifest.load(out / "val").meta["expected_count"] == 40_504
@@ -559,11 +567,12 @@ def test_coco_missing_image_error_and_skip(coco_root, tmp_path):
         prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), progress=False)
     assert "image id 9" in str(ei.value) and str(missing) in str(ei.value)
     _truncated_jpeg(root / "train2014" / "COCO_train2014_000000000025.jpg")
-    m = prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), skip_bad=True,
-                     progress=False)["train"]
+    m = prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), skip_bad=True, progress=False)["train"]
     assert m.count == 1
     assert [(s["image_id"], s["file"]) for s in m.meta["skipped"]] == [
-        (9, "COCO_train2014_000000000009.jpg"), (25, "COCO_train2014_000000000025.jpg")]
+        (9, "COCO_train2014_000000000009.jpg"),
+        (25, "COCO_train2014_000000000025.jpg"),
+    ]
     np.testing.assert_array_equal(ShardedArrays(tmp_path / "out" / "train").field("image_ids"), [3])
     with pytest.raises(FileNotFoundError, match="mscoco256.data.root"):
         prepare_coco(tmp_path / "o2", tmp_path / "nope", progress=False)
@@ -593,9 +602,21 @@ def _cli_data(benchmark: str, data: dict, tmp: Path) -> str:
 
     (tmp / "params.yaml").write_text(yaml.safe_dump(_stage_params(benchmark, data)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "uvit"), "data", benchmark, "--params",
-                           str(tmp / "params.yaml"), "--root", str(tmp / "project")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "uvit"),
+            "data",
+            benchmark,
+            "--params",
+            str(tmp / "params.yaml"),
+            "--root",
+            str(tmp / "project"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and lines[0].startswith(f"error: [data {benchmark}] "), proc.stderr
@@ -715,12 +736,12 @@ def test_imagenet_tar_replaced_is_verified_and_extracted_afresh(tmp_path):
     _class_tar(tar, b)
     with pytest.raises(ChecksumMismatch):  # verified again although an extraction exists
         prepare_imagenet(tmp_path / "o2", tar, RES, download_dir=dl, md5=None, sha256="2" * 64, progress=False)
-    m = prepare_imagenet(tmp_path / "o3", tar, RES, download_dir=dl, md5=None, sha256=_sha256(tar),
-                         progress=False)["train"]
+    m = prepare_imagenet(tmp_path / "o3", tar, RES, download_dir=dl, md5=None, sha256=_sha256(tar), progress=False)[
+        "train"
+    ]
     assert m.meta["classes"] == ["n00000003", "n00000004"] and m.count == 3
     images, labels = load_split_arrays(tmp_path / "o3" / "train")
     np.testing.assert_array_equal(labels, [0, 1, 1])
     np.testing.assert_array_equal(images[0], _chw(center_crop_arr(Image.fromarray(b["n00000003"][0]), RES)))
     with pytest.raises(BadSourceError, match="folder"):  # a folder root takes no checksum
-        prepare_imagenet(tmp_path / "o4", dl / TRAIN_TAR.removesuffix(".tar"), RES, sha256=_sha256(tar),
-                         progress=False)
+        prepare_imagenet(tmp_path / "o4", dl / TRAIN_TAR.removesuffix(".tar"), RES, sha256=_sha256(tar), progress=False)

@@ -37,15 +37,21 @@ def test_every_code_dependency_exists_and_every_stage_function_imports():
 
 
 def test_a_study_run_is_trained_sampled_and_scored():
-    assert [s.name for s in chain(load_benchmark("digits/ablation/time-adaln-s1", params()))] == \
-        ["train", "sample", "score"]
+    assert [s.name for s in chain(load_benchmark("digits/ablation/time-adaln-s1", params()))] == [
+        "train",
+        "sample",
+        "score",
+    ]
 
 
-@pytest.mark.parametrize(("benchmark", "expected"), [
-    ("digits", ["data", "validate", "classifier", "train", "sample", "score", "samplers", "report", "publish"]),
-    ("cifar10", ["data", "validate", "train", "sample", "score", "report", "publish"]),
-    ("imagenet256", ["data", "validate", "encode", "train", "sample", "score", "report", "publish"]),
-])
+@pytest.mark.parametrize(
+    ("benchmark", "expected"),
+    [
+        ("digits", ["data", "validate", "classifier", "train", "sample", "score", "samplers", "report", "publish"]),
+        ("cifar10", ["data", "validate", "train", "sample", "score", "report", "publish"]),
+        ("imagenet256", ["data", "validate", "encode", "train", "sample", "score", "report", "publish"]),
+    ],
+)
 def test_chain_of_a_benchmark(benchmark, expected):
     assert [s.name for s in chain(load_benchmark(benchmark, params()))] == expected
 
@@ -58,10 +64,10 @@ def _expanded(text: str) -> dict[str, dict]:
             out[name] = body
             continue
         items = body["foreach"]
-        for key, item in (items.items() if isinstance(items, dict) else ((i, i) for i in items)):
+        for key, item in items.items() if isinstance(items, dict) else ((i, i) for i in items):
             blob = yaml.safe_dump(body["do"])
             blob = blob.replace("${key}", key) if isinstance(items, dict) else blob.replace("${item}", key)
-            for slot, value in (item.items() if isinstance(item, dict) else ()):
+            for slot, value in item.items() if isinstance(item, dict) else ():
                 blob = blob.replace(f"${{item.{slot}}}", value)
             out[f"{name}@{key}"] = yaml.safe_load(blob)
     return out
@@ -87,10 +93,15 @@ def test_addresses_name_the_generated_stages_with_the_external_files_as_deps():
     text_train = stages[dvcfile.PAPER_FILE][where["mscoco256"]["train"].name]
     assert {"data/mscoco256-latents", "data/mscoco256-contexts"} <= set(text_train["deps"])
     text_sample = stages[dvcfile.PAPER_FILE][where["mscoco256"]["sample"].name]
-    assert {"data/mscoco256-contexts", "models/autoencoder_kl.pth", "uvit/stages/evaluate.py"} <= set(text_sample["deps"])
+    assert {"data/mscoco256-contexts", "models/autoencoder_kl.pth", "uvit/stages/evaluate.py"} <= set(
+        text_sample["deps"]
+    )
     # Which keys each stage reads are DVC params: a VAE swap re-runs encode, sample (decoding) and train.
     assert "imagenet256.encode" in enc["params"][0]["params.yaml"]
-    assert "imagenet256.encode.vae" in stages[dvcfile.PAPER_FILE][where["imagenet256"]["sample"].name]["params"][0]["params.yaml"]
+    assert (
+        "imagenet256.encode.vae"
+        in stages[dvcfile.PAPER_FILE][where["imagenet256"]["sample"].name]["params"][0]["params.yaml"]
+    )
 
 
 def test_external_path_tells_files_from_hub_ids(tmp_path):
@@ -116,8 +127,9 @@ def test_only_the_table_lists_the_stages():
 
 
 def _run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([UVIT, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [UVIT, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
 
 
 def test_pipeline_cli_write_check_and_the_stale_guard(tmp_path):

@@ -49,5 +49,6 @@ def test_user_supplied_reference_statistics(tmp_path, random_inception_weights) 
     metrics = run_score(cfg, paths)
     assert metrics["reference"] == str(ref)
     assert not (paths.run / "reference").exists()  # nothing recomputed
-    assert metrics["fid"] == pytest.approx(fid(fake, real, extractor="inception",
-                                               weights_path=random_inception_weights), rel=1e-4)
+    assert metrics["fid"] == pytest.approx(
+        fid(fake, real, extractor="inception", weights_path=random_inception_weights), rel=1e-4
+    )

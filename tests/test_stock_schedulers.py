@@ -93,19 +93,30 @@ def test_dpm_solver_pp_2m_equals_diffusers_dpm_solver_multistep(latent_model, st
     its updates in float32, we in float64. 1e-4 leaves ~2.5x headroom and is 7x below the 12-step
     grid shift and ~100x below the 2M/3M difference.
     """
-    ours = _run(_pipe(latent_model, _ours(solver="dpm_solver_pp_2m", skip_type="time_uniform",
-                                          lower_order_final=lower_order_final)), steps)
+    ours = _run(
+        _pipe(
+            latent_model,
+            _ours(solver="dpm_solver_pp_2m", skip_type="time_uniform", lower_order_final=lower_order_final),
+        ),
+        steps,
+    )
     pipe = _pipe(latent_model, _ours())
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
-        final_sigmas_type="sigma_min", lower_order_final=lower_order_final)
+        pipe.scheduler.config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="linspace",
+        final_sigmas_type="sigma_min",
+        lower_order_final=lower_order_final,
+    )
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.beta_end == 0.012
     theirs = _run(pipe, steps)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=PARITY_TOL)
     assert ours.abs().max() > 10  # the tolerance is measured at this scale
     # the project's reference, outside any pipeline
-    want = _reference(latent_model, "dpm_solver_pp_2m", steps, skip_type="time_uniform",
-                      lower_order_final=lower_order_final)
+    want = _reference(
+        latent_model, "dpm_solver_pp_2m", steps, skip_type="time_uniform", lower_order_final=lower_order_final
+    )
     assert torch.equal(ours, want)
     third = _reference(latent_model, "dpm_solver_pp_3m", steps, skip_type="time_uniform")
     assert (third - theirs).abs().max() > 10 * PARITY_TOL  # the tolerance tells solvers apart
@@ -114,18 +125,28 @@ def test_dpm_solver_pp_2m_equals_diffusers_dpm_solver_multistep(latent_model, st
 def test_parity_tolerance_sees_a_grid_shift(latent_model):
     """At 12 steps diffusers' integer timesteps are not our grid: a real difference, not noise."""
     ours = _run(_pipe(latent_model, _ours(solver="dpm_solver_pp_2m", skip_type="time_uniform")), 12)
-    stock = DPMSolverMultistepScheduler.from_config(_ours().config, solver_order=2, timestep_spacing="linspace",
-                                                    final_sigmas_type="sigma_min")
+    stock = DPMSolverMultistepScheduler.from_config(
+        _ours().config, solver_order=2, timestep_spacing="linspace", final_sigmas_type="sigma_min"
+    )
     pipe = _pipe(latent_model, stock, schedule="discrete")
     assert (ours - _run(pipe, 12)).abs().max() > 5 * PARITY_TOL
 
 
 @pytest.mark.parametrize("name", ["dpm_solver_pp_3m", "unipc_bh1", "unipc_bh2"])
 def test_low_nfe_samplers_equal_their_stock_schedulers(latent_model, name):
-    stock = (DPMSolverMultistepScheduler.from_config(_ours().config, solver_order=3, timestep_spacing="linspace",
-                                                     final_sigmas_type="sigma_min") if name.endswith("3m") else
-             UniPCMultistepScheduler.from_config(_ours().config, solver_type=name[-3:], solver_order=2,
-                                                 timestep_spacing="linspace", final_sigmas_type="sigma_min"))
+    stock = (
+        DPMSolverMultistepScheduler.from_config(
+            _ours().config, solver_order=3, timestep_spacing="linspace", final_sigmas_type="sigma_min"
+        )
+        if name.endswith("3m")
+        else UniPCMultistepScheduler.from_config(
+            _ours().config,
+            solver_type=name[-3:],
+            solver_order=2,
+            timestep_spacing="linspace",
+            final_sigmas_type="sigma_min",
+        )
+    )
     theirs = _run(_pipe(latent_model, stock, schedule="discrete"), 9)
     ours = _run(_pipe(latent_model, _ours(solver=name, skip_type="time_uniform")), 9)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=PARITY_TOL)
@@ -142,8 +163,13 @@ def test_ddim_and_euler_equal_first_order_dpm_solver(latent_model):
     latents * init_noise_sigma = x_T / alpha_T exactly: this checks that the loop scales
     `latents` by init_noise_sigma and honours scale_model_input, as diffusers' pipelines do.
     """
-    ours = _run(_pipe(latent_model, _ours(solver="dpm_solver_pp", order=1, skip_type="time_uniform", t_end=0.1,
-                                          denoise_final=True)), 9)
+    ours = _run(
+        _pipe(
+            latent_model,
+            _ours(solver="dpm_solver_pp", order=1, skip_type="time_uniform", t_end=0.1, denoise_final=True),
+        ),
+        9,
+    )
     cfg = _ours().config
     ddim = DDIMScheduler.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=True)
     assert ddim.config.clip_sample is False  # carried by our config; diffusers' default would clip latents
@@ -165,10 +191,11 @@ def test_stock_scheduler_refusals(latent_model, tmp_path):
     with pytest.raises(ValueError, match="continuous VP SDE"):
         _run(vp, 3)
     disc = _pipe(latent_model, _ours())
-    for bad, why in ((DPMSolverMultistepScheduler(), "betas"),  # diffusers' default linear 1e-4..0.02
-                     (DPMSolverMultistepScheduler.from_config(disc.scheduler.config, prediction_type="v_prediction"),
-                      "epsilon"),
-                     (FlowMatchEulerDiscreteScheduler(), "alphas_cumprod")):
+    for bad, why in (
+        (DPMSolverMultistepScheduler(), "betas"),  # diffusers' default linear 1e-4..0.02
+        (DPMSolverMultistepScheduler.from_config(disc.scheduler.config, prediction_type="v_prediction"), "epsilon"),
+        (FlowMatchEulerDiscreteScheduler(), "alphas_cumprod"),
+    ):
         disc.scheduler = bad
         with pytest.raises(ValueError, match=why):
             _run(disc, 3)
@@ -207,8 +234,11 @@ def test_stochastic_stock_scheduler_draws_per_sample_noise(latent_model):
     one = _run(pipe, 5, class_labels=[LABELS[2]], seeds=seeds[2:3])
     torch.testing.assert_close(split, all4, rtol=0, atol=1e-5)
     torch.testing.assert_close(one[0], all4[2], rtol=0, atol=1e-5)
-    ode = _run(_pipe(latent_model, DPMSolverMultistepScheduler.from_config(_ours().config), schedule="discrete"), 5,
-               seeds=seeds)
+    ode = _run(
+        _pipe(latent_model, DPMSolverMultistepScheduler.from_config(_ours().config), schedule="discrete"),
+        5,
+        seeds=seeds,
+    )
     assert (ode - all4).abs().max() > 1e-2  # the noise is really there
 
 
@@ -251,8 +281,7 @@ def test_generator_list_draws_one_seed_per_image(latent_model):
 
 @pytest.mark.parametrize("stock", [False, True])
 def test_callback_on_step_end(latent_model, stock):
-    sched = (DPMSolverMultistepScheduler.from_config(_ours().config) if stock
-             else _ours(solver="dpm_solver_pp_2m"))
+    sched = DPMSolverMultistepScheduler.from_config(_ours().config) if stock else _ours(solver="dpm_solver_pp_2m")
     pipe = _pipe(latent_model, sched, schedule="discrete")
     plain = _run(pipe, 5)
     seen: list[tuple[int, float, torch.Tensor]] = []
@@ -317,20 +346,30 @@ def test_wrapper_equals_sample_for_every_sampler(latent_model, name):
     assert torch.equal(got, _reference(latent_model, name, steps, schedule=schedule))
 
 
-@pytest.mark.parametrize("name,kw", [("unipc_bh2", dict(order=3, skip_type="time_quadratic")),
-                                     ("unipc_bh1", dict(order=1, lower_order_final=False, denoise_final=True)),
-                                     ("dpm_solver_pp_3m", dict(skip_type="time_uniform", t_end=2e-3,
-                                                               denoise_final=True)),
-                                     ("dpm_solver", dict(order=2, denoise_final=True))])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("unipc_bh2", dict(order=3, skip_type="time_quadratic")),
+        ("unipc_bh1", dict(order=1, lower_order_final=False, denoise_final=True)),
+        ("dpm_solver_pp_3m", dict(skip_type="time_uniform", t_end=2e-3, denoise_final=True)),
+        ("dpm_solver", dict(order=2, denoise_final=True)),
+    ],
+)
 def test_wrapper_passes_sampler_options(latent_model, name, kw):
     got = _run(_pipe(latent_model, _ours(solver=name, **kw)), 7)
     assert torch.equal(got, _reference(latent_model, name, 7, **kw))
     assert not torch.equal(got, _reference(latent_model, name, 7))  # the options matter
 
 
-@pytest.mark.parametrize("solver,kw", [("dpm_solver_pp_3m", {}), ("dpm_solver_pp_3m", dict(lower_order_final=False)),
-                                       ("dpm_solver_pp_3m", dict(denoise_final=True)),
-                                       ("dpm_solver_pp_2m", dict(denoise_final=True))])
+@pytest.mark.parametrize(
+    "solver,kw",
+    [
+        ("dpm_solver_pp_3m", {}),
+        ("dpm_solver_pp_3m", dict(lower_order_final=False)),
+        ("dpm_solver_pp_3m", dict(denoise_final=True)),
+        ("dpm_solver_pp_2m", dict(denoise_final=True)),
+    ],
+)
 def test_step_loop_equals_sample(latent_model, solver, kw):
     sch = _ours(solver=solver, **kw)
     y = torch.tensor([0, 3])

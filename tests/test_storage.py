@@ -24,8 +24,13 @@ def _aws(offline_aws_env):
 @pytest.fixture
 def store(s3_endpoint) -> ArtifactStore:
     bucket = f"uvit-{uuid.uuid4().hex[:12]}"
-    s = ArtifactStore(f"s3://{bucket}/artifacts", endpoint_url=s3_endpoint,
-                      multipart_threshold=5 * MiB, part_size=5 * MiB, max_concurrency=1)
+    s = ArtifactStore(
+        f"s3://{bucket}/artifacts",
+        endpoint_url=s3_endpoint,
+        multipart_threshold=5 * MiB,
+        part_size=5 * MiB,
+        max_concurrency=1,
+    )
     s.client.create_bucket(Bucket=bucket)
     s.bucket = bucket  # for the tests' own boto3 calls
     return s
@@ -182,8 +187,12 @@ def test_stale_object_under_the_same_key_is_replaced(store, run_dir, tmp_path, b
     base = "artifacts/digits/r1"
     store.client.put_object(Bucket=store.bucket, Key=f"{base}/big.bin", Body=bytes(len(big_bytes)))
     weights = (run_dir / "sub" / "weights.bin").read_bytes()
-    store.client.put_object(Bucket=store.bucket, Key=f"{base}/sub/weights.bin", Body=weights[:-1] + b"\0",
-                            Metadata={"sha256": hashlib.sha256(b"other").hexdigest()})
+    store.client.put_object(
+        Bucket=store.bucket,
+        Key=f"{base}/sub/weights.bin",
+        Body=weights[:-1] + b"\0",
+        Metadata={"sha256": hashlib.sha256(b"other").hexdigest()},
+    )
     store.upload_run(run_dir, "digits", run_id="r1")
     head = store.client.head_object(Bucket=store.bucket, Key=f"{base}/big.bin")
     assert head["Metadata"]["sha256"] == hashlib.sha256(big_bytes).hexdigest()
@@ -194,8 +203,9 @@ def test_large_file_goes_up_in_parts_and_comes_down_in_parallel_ranges(s3_endpoi
     """~12 MiB with 5 MiB parts and 4 threads: a 3-part multipart upload, three ranged GETs, the
     sha256 intact at both ends."""
     bucket = f"uvit-{uuid.uuid4().hex[:12]}"
-    s = ArtifactStore(f"s3://{bucket}", endpoint_url=s3_endpoint, multipart_threshold=5 * MiB,
-                      part_size=5 * MiB, max_concurrency=4)
+    s = ArtifactStore(
+        f"s3://{bucket}", endpoint_url=s3_endpoint, multipart_threshold=5 * MiB, part_size=5 * MiB, max_concurrency=4
+    )
     s.client.create_bucket(Bucket=bucket)
     data = random.Random(2).randbytes(12 * MiB + 7)
     (tmp_path / "run").mkdir()
@@ -301,8 +311,10 @@ def test_one_endpoint_rule(monkeypatch):
     assert s3_endpoint_url("http://127.0.0.1:9000") == "http://127.0.0.1:9000"
     store = ArtifactStore("s3://uvit-rule/x")
     assert store.client.meta.endpoint_url == "http://127.0.0.1:1"
-    assert ArtifactStore("s3://uvit-rule/x", endpoint_url="http://127.0.0.1:9000").client.meta.endpoint_url == \
-        "http://127.0.0.1:9000"
+    assert (
+        ArtifactStore("s3://uvit-rule/x", endpoint_url="http://127.0.0.1:9000").client.meta.endpoint_url
+        == "http://127.0.0.1:9000"
+    )
 
 
 def test_training_storage_follows_the_same_endpoint_rule(s3_endpoint, monkeypatch):

@@ -45,12 +45,27 @@ def clip_dir(tmp_path_factory, write_tiny_clip_vocab) -> Path:
     transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(d))
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=16,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        projection_dim=16,
+    )
     transformers.CLIPModel(config).save_pretrained(str(d))
     return d
 
@@ -101,9 +116,16 @@ def test_clip_offline_error_says_what_to_fetch(tmp_path, monkeypatch):
 def _tiny_vae_dir(root: Path) -> Path:
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=8)
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=8,
+    )
     vae.save_pretrained(str(root))
     return root
 
@@ -123,10 +145,14 @@ def t2i_run(tmp_path_factory, clip_dir, random_inception_weights):
     width = max(len(c) for c in FLAT)
     caps = np.full((len(CAPTIONS), 3), "", dtype=f"<U{width}")
     for i, c in enumerate(CAPTIONS):
-        caps[i, :len(c)] = c
-    write_split(paths.data / "val", {"images": VAL_IMAGES,
-                                     "num_captions": np.array([len(c) for c in CAPTIONS], dtype=np.int64),
-                                     "captions": caps}, name="coco", split="val", shard_size=3)
+        caps[i, : len(c)] = c
+    write_split(
+        paths.data / "val",
+        {"images": VAL_IMAGES, "num_captions": np.array([len(c) for c in CAPTIONS], dtype=np.int64), "captions": caps},
+        name="coco",
+        split="val",
+        shard_size=3,
+    )
     real = np.random.default_rng(1).integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
     write_split(paths.data / "train", {"images": real}, name="coco", split="train")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip_dir))
@@ -162,11 +188,24 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     # Direct: the stored contexts, guidance against the stored empty-caption context, VAE decode.
     model = UViT.from_pretrained(paths.train / "ema")
     ctx = torch.from_numpy(np.asarray(ShardedArrays(paths.contexts / "val").field("contexts")[:5], np.float32))
-    kw = dict(schedule="discrete", sampler="dpm_solver_pp", steps=3, seeds=sample_seeds(0, 5), contexts=ctx,
-              guidance_scale=1.0, batch_size=5, progress=False)
+    kw = dict(
+        schedule="discrete",
+        sampler="dpm_solver_pp",
+        steps=3,
+        seeds=sample_seeds(0, 5),
+        contexts=ctx,
+        guidance_scale=1.0,
+        batch_size=5,
+        progress=False,
+    )
     vae = load_vae(cfg.encode.vae, scale_factor=cfg.encode.scale_factor)
-    want = to_uint8(decode(vae, generate(model, empty_context=torch.from_numpy(
-        load_empty_context(paths.contexts / "val")), **kw), batch_size=50))
+    want = to_uint8(
+        decode(
+            vae,
+            generate(model, empty_context=torch.from_numpy(load_empty_context(paths.contexts / "val")), **kw),
+            batch_size=50,
+        )
+    )
     np.testing.assert_array_equal(images, want)
     zeros = to_uint8(decode(vae, generate(model, empty_context=torch.zeros(77, 32), **kw), batch_size=50))
     assert not np.array_equal(images, zeros)  # the null context is the encoding of "", not zeros
@@ -180,8 +219,9 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     assert metrics["clip_score"] == pytest.approx(clip_score(images, FLAT[:5], m, proc), rel=1e-6)
     assert metrics["kid_subset_size"] == 3
     fg, logits = _inception(images, cfg.score.inception_weights)
-    direct = _direct_metrics(fg, logits, _inception(VAL_IMAGES, cfg.score.inception_weights)[0],
-                             metrics["kid_subset_size"])
+    direct = _direct_metrics(
+        fg, logits, _inception(VAL_IMAGES, cfg.score.inception_weights)[0], metrics["kid_subset_size"]
+    )
     for key, want in direct.items():
         assert metrics[key] == _close(key, want), key
     # Against a reference of sample 0 and a white image, four copies each (every k = 3 ball shrinks to
@@ -208,8 +248,9 @@ def _inception(images: np.ndarray, weights: str) -> tuple[np.ndarray, np.ndarray
     """(2048-d pool features, logits_unbiased) of uint8 images from torch-fidelity's InceptionV3 called directly."""
     from torch_fidelity import FeatureExtractorInceptionV3
 
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                      feature_extractor_weights_path=weights).eval()
+    net = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights
+    ).eval()
     with torch.no_grad():
         return tuple(t.double().numpy() for t in net(torch.from_numpy(images)))
 
@@ -223,13 +264,19 @@ def _direct_metrics(fg: np.ndarray, logits: np.ndarray, fr: np.ndarray, kid_subs
     sg, sr = np.cov(fg, rowvar=False), np.cov(fr, rowvar=False)
     w, v = np.linalg.eigh(sg)
     root = (v * np.sqrt(w.clip(0))) @ v.T
-    fid = ((fg.mean(0) - fr.mean(0)) ** 2).sum() + np.trace(sg) + np.trace(sr) \
+    fid = (
+        ((fg.mean(0) - fr.mean(0)) ** 2).sum()
+        + np.trace(sg)
+        + np.trace(sr)
         - 2 * np.sqrt(np.linalg.eigvalsh(root @ sr @ root).clip(0)).sum()
+    )
 
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    scores = [np.exp((q * (np.log(q) - np.log(q.mean(0, keepdims=True)))).sum(1).mean())
-              for q in np.array_split(p, min(10, len(p)))]
+    scores = [
+        np.exp((q * (np.log(q) - np.log(q.mean(0, keepdims=True)))).sum(1).mean())
+        for q in np.array_split(p, min(10, len(p)))
+    ]
 
     def mmd2(a, b):
         k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3  # noqa: E731
@@ -238,14 +285,22 @@ def _direct_metrics(fg: np.ndarray, logits: np.ndarray, fr: np.ndarray, kid_subs
         return (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * k(a, b).sum() / m**2
 
     rng = np.random.RandomState(2020)
-    kids = [mmd2(fg[rng.choice(len(fg), kid_subset, replace=False)], fr[rng.choice(len(fr), kid_subset, replace=False)])
-            for _ in range(100)]
+    kids = [
+        mmd2(fg[rng.choice(len(fg), kid_subset, replace=False)], fr[rng.choice(len(fr), kid_subset, replace=False)])
+        for _ in range(100)
+    ]
 
     d = lambda x, y: np.linalg.norm(x[:, None] - y[None], axis=-1)  # noqa: E731
     r_real, r_gen = np.sort(d(fr, fr), 1)[:, 3], np.sort(d(fg, fg), 1)[:, 3]
-    return {"fid": fid, "inception_score": np.mean(scores), "inception_score_std": np.std(scores),
-            "kid": np.mean(kids), "kid_std": np.std(kids),
-            "precision": (d(fg, fr) <= r_real[None]).any(1).mean(), "recall": (d(fr, fg) <= r_gen[None]).any(1).mean()}
+    return {
+        "fid": fid,
+        "inception_score": np.mean(scores),
+        "inception_score_std": np.std(scores),
+        "kid": np.mean(kids),
+        "kid_std": np.std(kids),
+        "precision": (d(fg, fr) <= r_real[None]).any(1).mean(),
+        "recall": (d(fr, fg) <= r_gen[None]).any(1).mean(),
+    }
 
 
 @pytest.mark.slow
@@ -257,9 +312,20 @@ def test_text_to_image_shards_through_ray_workers(t2i_run, tmp_path):
     from uvit.stages.evaluate import _decoder, caption_set
 
     cfg, paths = t2i_run
-    kw = dict(schedule="discrete", sampler="dpm_solver_pp", steps=3, num_samples=5, shard_size=2, seed=0,
-              guidance_scale=1.0, num_classes_for_labels=None, batch_size=5, captions=caption_set(cfg, paths, 5),
-              decoder=_decoder(cfg), progress=False)
+    kw = dict(
+        schedule="discrete",
+        sampler="dpm_solver_pp",
+        steps=3,
+        num_samples=5,
+        shard_size=2,
+        seed=0,
+        guidance_scale=1.0,
+        num_classes_for_labels=None,
+        batch_size=5,
+        captions=caption_set(cfg, paths, 5),
+        decoder=_decoder(cfg),
+        progress=False,
+    )
     try:
         sample_to_shards(paths.train / "ema", tmp_path / "ray", num_workers=2, **kw)
     finally:

@@ -21,13 +21,24 @@ from uvit.models import UViT  # noqa: E402
 from uvit.paths import BenchmarkPaths  # noqa: E402
 from uvit.train.data import ShardGather, StreamingLoader, training_field  # noqa: E402
 from uvit.train.step import (  # noqa: E402
-    EMA, build_optimizer, condition_context, draw_step, train_step, warmup_lambda,
+    EMA,
+    build_optimizer,
+    condition_context,
+    draw_step,
+    train_step,
+    warmup_lambda,
 )
 from uvit.train.trainer import contexts_data_dir, load_training_data, training_data_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CAPTIONS = [["a cat", "a dog"], ["the dog sat", "cat", "a dog at a cat"], ["dog"], ["cat sat", "at", "a", "t"],
-            ["dog dog"], ["a cat sat", "cat at"]]
+CAPTIONS = [
+    ["a cat", "a dog"],
+    ["the dog sat", "cat", "a dog at a cat"],
+    ["dog"],
+    ["cat sat", "at", "a", "t"],
+    ["dog dog"],
+    ["a cat sat", "cat at"],
+]
 N = len(CAPTIONS)
 D = 32  # the tiny CLIP's width
 
@@ -40,36 +51,62 @@ def t2i_data(tmp_path_factory, write_tiny_clip_vocab):
     clip.mkdir()
     vocab = write_tiny_clip_vocab(clip)
     torch.manual_seed(0)
-    text_model = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=D, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    text_model = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=D,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip))
 
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
-    params["mscoco256"]["model"]["overrides"] = {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                                                 "clip_dim": D}
+    params["mscoco256"]["model"]["overrides"] = {
+        "img_size": 4,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "clip_dim": D,
+    }
     cfg = load_benchmark("mscoco256", params)
     paths = BenchmarkPaths("mscoco256", tmp)
     width = max(len(c) for caps in CAPTIONS for c in caps)
     caps = np.full((N, 4), "", dtype=f"<U{width}")
     for i, c in enumerate(CAPTIONS):
-        caps[i, :len(c)] = c
+        caps[i, : len(c)] = c
     rng = np.random.default_rng(0)
     mean = rng.normal(size=(N, 4, 4, 4)).astype(np.float32)
     moments = np.concatenate([mean, np.full_like(mean, -6.0)], axis=1).astype(np.float16)
     fields = {"moments": moments, "num_captions": np.array([len(c) for c in CAPTIONS], np.int64), "captions": caps}
     write_split(paths.latents / "train", fields, name="coco", split="train", shard_size=4)
-    encode_captions(paths.latents / "train", paths.contexts / "train", tokenizer, text_model, shard_size=5,
-                    progress=False)
+    encode_captions(
+        paths.latents / "train", paths.contexts / "train", tokenizer, text_model, shard_size=5, progress=False
+    )
     return cfg, paths
 
 
 def _loader(paths, start, end, rank=0, world=1, batch=12, p_uncond=0.1):
     split, contexts = paths.latents / "train", paths.contexts / "train"
     gather = ShardGather(split, training_field(split), with_labels=False, contexts_dir=contexts)
-    return StreamingLoader(gather, seed=5, global_batch=batch, sample_shape=(4, 4, 4), schedule=make_schedule("discrete"),
-                           p_uncond=p_uncond, latent=True, start_step=start, end_step=end, rank=rank,
-                           world_size=world)
+    return StreamingLoader(
+        gather,
+        seed=5,
+        global_batch=batch,
+        sample_shape=(4, 4, 4),
+        schedule=make_schedule("discrete"),
+        p_uncond=p_uncond,
+        latent=True,
+        start_step=start,
+        end_step=end,
+        rank=rank,
+        world_size=world,
+    )
 
 
 def test_caption_choice_rank_slices_and_stored_contexts(t2i_data):
@@ -89,7 +126,9 @@ def test_caption_choice_rank_slices_and_stored_contexts(t2i_data):
     for b, h0, h1 in zip(full, *halves):
         rows = b.draws.caption_rows
         # Each caption row belongs to its image row.
-        assert ((rows >= torch.from_numpy(offsets[b.draws.idx])) & (rows < torch.from_numpy(offsets[b.draws.idx + 1]))).all()
+        assert (
+            (rows >= torch.from_numpy(offsets[b.draws.idx])) & (rows < torch.from_numpy(offsets[b.draws.idx + 1]))
+        ).all()
         assert b.context.dtype == torch.float32 and b.context.shape == (12, 77, D)
         assert torch.equal(b.context, torch.from_numpy(stored[rows.numpy()]))  # the stored rows, as stored
         # Two ranks' slices concatenate to the one-rank batch, contexts included.
@@ -156,15 +195,33 @@ def test_condition_dropout_uses_the_empty_context(t2i_data):
             draws = replace(b.draws, drop=torch.zeros_like(b.draws.drop))
         else:
             draws = b.draws
-        losses.append(train_step(model, opt, sched_lr, None, b.x, None, draws, sched, latent_scale=0.23010,
-                                 context=context, empty_context=empty_context).loss)
+        losses.append(
+            train_step(
+                model,
+                opt,
+                sched_lr,
+                None,
+                b.x,
+                None,
+                draws,
+                sched,
+                latent_scale=0.23010,
+                context=context,
+                empty_context=empty_context,
+            ).loss
+        )
     assert losses[0] == losses[1]
 
 
 def _tiny_cfg(paths):
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
-    params["mscoco256"]["model"]["overrides"] = {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                                                 "clip_dim": D}
+    params["mscoco256"]["model"]["overrides"] = {
+        "img_size": 4,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "clip_dim": D,
+    }
     return load_benchmark("mscoco256", params)
 
 
@@ -181,14 +238,35 @@ def test_training_steps_lower_the_loss(t2i_data):
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(0))
     ema = EMA(model, 0.99)
     gather = ShardGather(paths.latents / "train", "moments", with_labels=False, contexts_dir=paths.contexts / "train")
-    loader = StreamingLoader(gather, seed=0, global_batch=16, sample_shape=(4, 4, 4), schedule=sched,
-                             p_uncond=cfg.diffusion.p_uncond, latent=True, start_step=0, end_step=60)
+    loader = StreamingLoader(
+        gather,
+        seed=0,
+        global_batch=16,
+        sample_shape=(4, 4, 4),
+        schedule=sched,
+        p_uncond=cfg.diffusion.p_uncond,
+        latent=True,
+        start_step=0,
+        end_step=60,
+    )
     losses = []
     with loader:
         for b in loader:
             assert torch.equal(b.x, x_all[b.draws.idx])
-            losses.append(train_step(model, opt, sched_lr, ema, b.x, None, b.draws, sched,
-                                     latent_scale=cfg.encode.scale_factor, context=b.context,
-                                     empty_context=gather.empty_context).loss)
+            losses.append(
+                train_step(
+                    model,
+                    opt,
+                    sched_lr,
+                    ema,
+                    b.x,
+                    None,
+                    b.draws,
+                    sched,
+                    latent_scale=cfg.encode.scale_factor,
+                    context=b.context,
+                    empty_context=gather.empty_context,
+                ).loss
+            )
     assert all(np.isfinite(losses))
     assert sum(losses[-10:]) < 0.75 * sum(losses[:10])

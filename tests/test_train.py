@@ -28,7 +28,7 @@ def toy_data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     x = -torch.ones(n, 1, 8, 8)
     for k in range(4):
         r, c = divmod(k, 2)
-        x[y == k, :, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4] = 1.0
+        x[y == k, :, r * 4 : (r + 1) * 4, c * 4 : (c + 1) * 4] = 1.0
     return x, y
 
 
@@ -46,8 +46,16 @@ def run_steps(state: TrainingState, ema: EMA, data, start: int, stop: int, batch
     losses = []
     for step in range(start, stop):
         draws = draw_step(0, step, len(x), batch, (1, 8, 8), SCHEDULE, p_uncond=0.1)
-        stats = train_step(state.model, state.optimizer, state.scheduler, ema, *gather_rows(x, y, draws.idx), draws,
-                           SCHEDULE, null_class=3)
+        stats = train_step(
+            state.model,
+            state.optimizer,
+            state.scheduler,
+            ema,
+            *gather_rows(x, y, draws.idx),
+            draws,
+            SCHEDULE,
+            null_class=3,
+        )
         losses.append(stats.loss)
         state.step = step + 1
     return losses
@@ -229,6 +237,9 @@ def test_training_on_stored_vae_moments(tmp_path) -> None:
     losses = []
     for step in range(60):
         d = draw_step(0, step, n, 16, (4, 4, 4), SCHEDULE, 0.1, latent=True)
-        losses.append(train_step(model, opt, sched, None, *gather_rows(x, y, d.idx), d, SCHEDULE, null_class=4,
-                                 latent_scale=0.5).loss)
+        losses.append(
+            train_step(
+                model, opt, sched, None, *gather_rows(x, y, d.idx), d, SCHEDULE, null_class=4, latent_scale=0.5
+            ).loss
+        )
     assert sum(losses[-10:]) < 0.75 * sum(losses[:10])

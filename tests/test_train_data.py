@@ -37,9 +37,20 @@ def split(tmp_path) -> Path:
 
 def loader(split: Path, start: int, end: int, rank: int = 0, world: int = 1, **kw) -> StreamingLoader:
     gather = ShardGather(split / "train", training_field(split / "train"), with_labels=True)
-    return StreamingLoader(gather, seed=3, global_batch=16, sample_shape=(1, 8, 8), schedule=SCHEDULE,
-                           p_uncond=0.1, latent=False, start_step=start, end_step=end, rank=rank,
-                           world_size=world, **kw)
+    return StreamingLoader(
+        gather,
+        seed=3,
+        global_batch=16,
+        sample_shape=(1, 8, 8),
+        schedule=SCHEDULE,
+        p_uncond=0.1,
+        latent=False,
+        start_step=start,
+        end_step=end,
+        rank=rank,
+        world_size=world,
+        **kw,
+    )
 
 
 def test_streamed_batches_equal_the_in_memory_gather(split) -> None:
@@ -73,16 +84,26 @@ def test_data_position_on_resume_is_a_function_of_the_step(split) -> None:
 def test_loader_errors_reach_the_training_loop(split) -> None:
     gather = ShardGather(split / "train", "images", with_labels=True)
     gather.rows = lambda name, idx: (_ for _ in ()).throw(OSError("disk gone"))  # noqa: ARG005
-    stream = StreamingLoader(gather, seed=0, global_batch=4, sample_shape=(1, 8, 8), schedule=SCHEDULE,
-                             p_uncond=0.0, latent=False, start_step=0, end_step=3)
+    stream = StreamingLoader(
+        gather,
+        seed=0,
+        global_batch=4,
+        sample_shape=(1, 8, 8),
+        schedule=SCHEDULE,
+        p_uncond=0.0,
+        latent=False,
+        start_step=0,
+        end_step=3,
+    )
     with pytest.raises(OSError, match="disk gone"), stream:
         list(stream)
 
 
 def test_latent_moments_stream_as_float32(tmp_path) -> None:
     moments = np.random.default_rng(1).standard_normal((20, 8, 4, 4)).astype(np.float16)
-    write_split(tmp_path / "train", {"moments": moments, "labels": np.arange(20) % 4}, name="t", split="train",
-                shard_size=7)
+    write_split(
+        tmp_path / "train", {"moments": moments, "labels": np.arange(20) % 4}, name="t", split="train", shard_size=7
+    )
     gather = ShardGather(tmp_path / "train", training_field(tmp_path / "train"), with_labels=True)
     idx = torch.tensor([19, 0, 7, 7, 13])
     x, y = gather.gather(idx)
@@ -114,10 +135,21 @@ def test_metrics_log_truncates_on_resume_and_keeps_new_columns(tmp_path) -> None
 
     path = tmp_path / "metrics.csv"
     # A metrics file from before peak_mem_gib existed, with steps past the checkpoint.
-    path.write_text("step,loss,lr,grad_norm,images_per_s,elapsed_s\n2,1.0,0.1,1,5,1\n4,0.9,0.1,1,5,2\n6,0.8,0.1,1,5,3\n")
+    path.write_text(
+        "step,loss,lr,grad_norm,images_per_s,elapsed_s\n2,1.0,0.1,1,5,1\n4,0.9,0.1,1,5,2\n6,0.8,0.1,1,5,3\n"
+    )
     log = MetricsLog(path, resume_step=4)
-    log.append({"step": 6, "loss": 0.5, "lr": 0.1, "grad_norm": 2.0, "images_per_s": 9.0, "elapsed_s": 1.0,
-                "peak_mem_gib": None})
+    log.append(
+        {
+            "step": 6,
+            "loss": 0.5,
+            "lr": 0.1,
+            "grad_norm": 2.0,
+            "images_per_s": 9.0,
+            "elapsed_s": 1.0,
+            "peak_mem_gib": None,
+        }
+    )
     rows = list(csv.DictReader(path.open()))
     assert tuple(rows[0]) == METRICS_FIELDS
     assert [(r["step"], r["loss"]) for r in rows] == [("2", "1.0"), ("4", "0.9"), ("6", "0.5")]
@@ -191,7 +223,9 @@ def test_truncated_checkpoint_is_skipped_when_choosing_where_to_resume(tmp_path)
 
     model = UViT(digits_cfg().uvit_config())
     opt = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999))
-    state = TrainingState(model, EMA(model, 0.9).model, opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(0)), 4)
+    state = TrainingState(
+        model, EMA(model, 0.9).model, opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(0)), 4
+    )
     save_checkpoint(tmp_path / "fp/run/checkpoint_a", state)
     state.step = 8
     save_checkpoint(tmp_path / "fp/run/checkpoint_b", state)

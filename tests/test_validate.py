@@ -34,8 +34,7 @@ def train_arrays(digits_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    write_split(root, {"images": images, "labels": labels}, name="digits", split="train",
-                shard_size=500)
+    write_split(root, {"images": images, "labels": labels}, name="digits", split="train", shard_size=500)
     return root
 
 

@@ -1,11 +1,11 @@
 """The `uvit` command: the model family at a glance, and every pipeline stage per benchmark.
 
-    uvit models                      presets with exact parameter counts and GFLOPs
-    uvit data digits                 one stage (data, validate, train, sample, classifier, score, report)
-    uvit run digits                  every stage in order (what `dvc repro` does, without DVC's caching)
-    uvit publish digits              the run to digits.artifacts.url (S3 or a folder), sha256 manifest
-    uvit fetch digits [RUN_ID]       a published run back, every file verified
-    uvit generate runs/digits/train  images from a checkpoint: a grid, PNGs, samples.npz
+uvit models                      presets with exact parameter counts and GFLOPs
+uvit data digits                 one stage (data, validate, train, sample, classifier, score, report)
+uvit run digits                  every stage in order (what `dvc repro` does, without DVC's caching)
+uvit publish digits              the run to digits.artifacts.url (S3 or a folder), sha256 manifest
+uvit fetch digits [RUN_ID]       a published run back, every file verified
+uvit generate runs/digits/train  images from a checkpoint: a grid, PNGs, samples.npz
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="U-ViT (Bao et al., CVPR 2023): models, diffusion, and the benchmark pipeline.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="U-ViT (Bao et al., CVPR 2023): models, diffusion, and the benchmark pipeline.",
+)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameter file (one block per benchmark).")]
 RootOpt = Annotated[Path, typer.Option("--root", help="Project root holding data/, runs/ and reports/.")]
@@ -40,9 +44,17 @@ def models(
     rows = []
     for p in PRESETS.values():
         c = p.config
-        rows.append({"preset": p.name, "model": p.title, "benchmark": p.benchmark,
-                     "input": f"{c.in_chans}x{c.img_size}x{c.img_size}", "tokens": c.num_tokens,
-                     "params": count_params(c), "gflops_macs": round(count_macs(c) / 1e9, 2)})
+        rows.append(
+            {
+                "preset": p.name,
+                "model": p.title,
+                "benchmark": p.benchmark,
+                "input": f"{c.in_chans}x{c.img_size}x{c.img_size}",
+                "tokens": c.num_tokens,
+                "params": count_params(c),
+                "gflops_macs": round(count_macs(c) / 1e9, 2),
+            }
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -50,8 +62,10 @@ def models(
     typer.echo(header)
     typer.echo("-" * len(header))
     for r in rows:
-        typer.echo(f"{r['preset']:<24} {r['model']:<17} {r['benchmark']:<12} {r['input']:<9} {r['tokens']:>6} "
-                   f"{r['params']:>13,} {r['gflops_macs']:>8.2f}")
+        typer.echo(
+            f"{r['preset']:<24} {r['model']:<17} {r['benchmark']:<12} {r['input']:<9} {r['tokens']:>6} "
+            f"{r['params']:>13,} {r['gflops_macs']:>8.2f}"
+        )
     typer.echo("* GFLOPs as in the paper: G multiply-accumulates per forward, one image, condition tokens included.")
 
 
@@ -83,8 +97,10 @@ def _check_dvc_files(root: Path, params: Path) -> None:
     dvc_root = params_path.parent
     behind = dvcfile.stale(dvc_root, params_path.name)
     if behind:
-        raise ConfigError(f"{', '.join(map(str, behind))} no longer match(es) params.yaml and the stage table "
-                          "(a parameter naming a file changed?): run `uvit pipeline write`, then `dvc repro` again")
+        raise ConfigError(
+            f"{', '.join(map(str, behind))} no longer match(es) params.yaml and the stage table "
+            "(a parameter naming a file changed?): run `uvit pipeline write`, then `dvc repro` again"
+        )
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -93,14 +109,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from uvit.data.validate import ValidationFailed
     from uvit.storage.artifacts import ArtifactIntegrityError
 
-    return (ConfigError, DataIntegrityError, ValidationFailed, FileNotFoundError, NotImplementedError,
-            ArtifactIntegrityError, FileExistsError)
+    return (
+        ConfigError,
+        DataIntegrityError,
+        ValidationFailed,
+        FileNotFoundError,
+        NotImplementedError,
+        ArtifactIntegrityError,
+        FileExistsError,
+    )
 
 
 def _make_stage_command(name: str, doc: str):
     def command(
-        benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits), or a "
-                                                      "study run (digits/ablation/skip-none-s0).")],
+        benchmark: Annotated[
+            str,
+            typer.Argument(
+                help="Benchmark name: a block of params.yaml (e.g. digits), or a "
+                "study run (digits/ablation/skip-none-s0)."
+            ),
+        ],
         params: ParamsOpt = Path("params.yaml"),
         root: RootOpt = Path("."),
     ) -> None:
@@ -126,8 +154,14 @@ def train(
     benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits).")],
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
-    resume: Annotated[bool, typer.Option("--resume/--fresh", help="Continue from the newest good checkpoint of the "
-                                         "same configuration in runs/<benchmark>/ray/ (exact), or start afresh.")] = True,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--fresh",
+            help="Continue from the newest good checkpoint of the "
+            "same configuration in runs/<benchmark>/ray/ (exact), or start afresh.",
+        ),
+    ] = True,
 ) -> None:
     """Train with Ray Train (TorchTrainer; DDP across train.num_workers workers).
 
@@ -140,9 +174,13 @@ def train(
 @app.command()
 def fetch(
     benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits).")],
-    run_id: Annotated[str | None, typer.Argument(help="A published run id, or 'latest'; default: the one in "
-                                                      "runs/<benchmark>/publish.json.")] = None,
-    dest: Annotated[Path | None, typer.Option("--dest", help="Where to put it (default: fetched/<benchmark>/<run-id>/).")] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Argument(help="A published run id, or 'latest'; default: the one in runs/<benchmark>/publish.json."),
+    ] = None,
+    dest: Annotated[
+        Path | None, typer.Option("--dest", help="Where to put it (default: fetched/<benchmark>/<run-id>/).")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
 ) -> None:
@@ -155,8 +193,12 @@ def fetch(
 
 @app.command()
 def run(
-    benchmark: Annotated[str, typer.Argument(help="Benchmark name: a block of params.yaml (e.g. digits), or a "
-                                                  "study run (digits/ablation/skip-none-s0).")],
+    benchmark: Annotated[
+        str,
+        typer.Argument(
+            help="Benchmark name: a block of params.yaml (e.g. digits), or a study run (digits/ablation/skip-none-s0)."
+        ),
+    ],
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
 ) -> None:
@@ -229,10 +271,16 @@ def pipeline_show(
 
 @app.command()
 def miniature(
-    dest: Annotated[Path, typer.Argument(help="An empty folder: gets inputs/ (the miniature data and weights) and "
-                                              "project/ (a copy of this project pointed at them).")],
-    benchmarks: Annotated[str, typer.Option(help="Comma-separated paper benchmarks.")] =
-        "cifar10,celeba64,imagenet64,imagenet256,imagenet512,mscoco256",
+    dest: Annotated[
+        Path,
+        typer.Argument(
+            help="An empty folder: gets inputs/ (the miniature data and weights) and "
+            "project/ (a copy of this project pointed at them)."
+        ),
+    ],
+    benchmarks: Annotated[
+        str, typer.Option(help="Comma-separated paper benchmarks.")
+    ] = "cifar10,celeba64,imagenet64,imagenet256,imagenet512,mscoco256",
     root: RootOpt = Path("."),
 ) -> None:
     """A miniature of the paper chains, to check a machine or cluster before a multi-day run.
@@ -253,8 +301,11 @@ def miniature(
         typer.echo(f"error: {dest / 'project'} exists; choose an empty folder", err=True)
         raise typer.Exit(2)
     if not (root / "params.yaml").is_file():  # checked before any input is written
-        typer.echo(f"error: {root.resolve()} is not a uvit checkout (no params.yaml): run from the project root "
-                   "or pass --root", err=True)
+        typer.echo(
+            f"error: {root.resolve()} is not a uvit checkout (no params.yaml): run from the project root "
+            "or pass --root",
+            err=True,
+        )
         raise typer.Exit(2)
     try:
         overrides = write_miniature(dest / "inputs", names)
@@ -262,8 +313,10 @@ def miniature(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     project = make_project(root, dest / "project", overrides)
-    typer.echo(f"miniature inputs in {dest / 'inputs'}; project in {project}. Run one chain with:\n"
-               f"  cd {project} && dvc repro paper/dvc.yaml:publish@{names[0]}")
+    typer.echo(
+        f"miniature inputs in {dest / 'inputs'}; project in {project}. Run one chain with:\n"
+        f"  cd {project} && dvc repro paper/dvc.yaml:publish@{names[0]}"
+    )
 
 
 def _sampler_names() -> str:
@@ -276,60 +329,155 @@ def _sampler_names() -> str:
 
 @app.command()
 def generate(
-    source: Annotated[Path, typer.Argument(
-        help="A trained run (runs/<benchmark>/train or runs/<benchmark>: its ema/ weights, as the sample stage), "
-             "a save_pretrained directory (config.json + model.safetensors), or an official .pth (with --preset).",
-        show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: grid.png, images/{i:06d}.png, samples.npz "
-                                      "(uint8 NHWC arr_0 + labels/captions), generate.json.")] = Path("generated"),
-    preset: Annotated[str | None, typer.Option(help="The architecture of an official .pth, e.g. imagenet256_uvit_h2 "
-                                               "(`uvit models` lists them).")] = None,
-    vae: Annotated[str | None, typer.Option(help="Latent models: the autoencoder that decodes samples (an official "
-                                            "autoencoder_kl*.pth or a diffusers directory). Default: the benchmark "
-                                            "block's sample.vae / encode.vae when that file is there.")] = None,
-    text_encoder: Annotated[str | None, typer.Option("--text-encoder", help="Text-to-image models: the CLIP text "
-                                                     "encoder (a local directory). Default: the block's "
-                                                     "encode.text_encoder.")] = None,
-    classes: Annotated[list[str] | None, typer.Option("--class", "-c", help="Class-conditional models: class ids "
-                                                      "or names (ImageNet names such as 'golden retriever'); "
-                                                      "repeat it or give a comma list. Image i gets class i mod the "
-                                                      "number given. Default: every class in turn, as the sample "
-                                                      "stage.")] = None,
-    prompts: Annotated[list[str] | None, typer.Option("--prompt", help="Text-to-image models: a caption "
-                                                      "(repeatable); image i gets prompt i mod the number given.")] = None,
-    prompts_file: Annotated[Path | None, typer.Option("--prompts-file", help="A text file of prompts, one per "
-                                                      "line (added after --prompt).")] = None,
-    num: Annotated[int | None, typer.Option("--num", "-n", help="How many images. Default: 8 per --class or "
-                                            "prompt given, else 64.", show_default=False)] = None,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (0: none; the official "
-                                                   "scale, output = (1+s) cond - s uncond). Default: the block's "
-                                                   "sample.guidance_scale, else 0.", show_default=False)] = None,
-    sampler: Annotated[str | None, typer.Option(help=f"One of: {_sampler_names()}. Default: the block's "
-                                                "sample.sampler, else dpm_solver_pp_2m.", show_default=False)] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampler steps. Default: the block's sample.steps (for its own "
-                                              "sampler), else 25.", show_default=False)] = None,
-    skip_type: Annotated[str | None, typer.Option("--skip-type", help="The sampler's time grid: logSNR, "
-                                                  "time_uniform or time_quadratic. Default: the block's "
-                                                  "sample.skip_type (for its own sampler), else the sampler's "
-                                                  "own.", show_default=False)] = None,
-    schedule: Annotated[str | None, typer.Option(help="Noise schedule: vpsde or discrete. Default: the block's "
-                                                 "diffusion.schedule, else vpsde for pixel models and discrete "
-                                                 "for latent ones.", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help="Image i uses seed seed*10^7 + i, the sample stage's rule (same "
-                                             "seed, settings and labels: the stage's pixels). Default: the block's "
-                                             "sample.seed, else 0.", show_default=False)] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass (does not change "
-                                                   "the images). Default: the block's sample.batch_size, else 64.",
-                                                   show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N. Default: cuda when there is one.",
-                                               show_default=False)] = None,
-    precision: Annotated[str, typer.Option(help="fp32 (the sample stage's pixels), or bf16 / fp16 autocast for the "
-                                           "model's forward.")] = "fp32",
-    benchmark: Annotated[str | None, typer.Option(help="The params.yaml block whose settings are the defaults. "
-                                                  "Default: the run's benchmark, the preset's, or the block whose "
-                                                  "model has this architecture.", show_default=False)] = None,
-    params: Annotated[Path | None, typer.Option("--params", "-p", help="Parameter file. Default: the run's project "
-                                                "params.yaml, else ./params.yaml if there.", show_default=False)] = None,
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A trained run (runs/<benchmark>/train or runs/<benchmark>: its ema/ weights, as the sample stage), "
+            "a save_pretrained directory (config.json + model.safetensors), or an official .pth (with --preset).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder: grid.png, images/{i:06d}.png, samples.npz "
+            "(uint8 NHWC arr_0 + labels/captions), generate.json.",
+        ),
+    ] = Path("generated"),
+    preset: Annotated[
+        str | None,
+        typer.Option(help="The architecture of an official .pth, e.g. imagenet256_uvit_h2 (`uvit models` lists them)."),
+    ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option(
+            help="Latent models: the autoencoder that decodes samples (an official "
+            "autoencoder_kl*.pth or a diffusers directory). Default: the benchmark "
+            "block's sample.vae / encode.vae when that file is there."
+        ),
+    ] = None,
+    text_encoder: Annotated[
+        str | None,
+        typer.Option(
+            "--text-encoder",
+            help="Text-to-image models: the CLIP text "
+            "encoder (a local directory). Default: the block's "
+            "encode.text_encoder.",
+        ),
+    ] = None,
+    classes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--class",
+            "-c",
+            help="Class-conditional models: class ids "
+            "or names (ImageNet names such as 'golden retriever'); "
+            "repeat it or give a comma list. Image i gets class i mod the "
+            "number given. Default: every class in turn, as the sample "
+            "stage.",
+        ),
+    ] = None,
+    prompts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt", help="Text-to-image models: a caption (repeatable); image i gets prompt i mod the number given."
+        ),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts-file", help="A text file of prompts, one per line (added after --prompt).")
+    ] = None,
+    num: Annotated[
+        int | None,
+        typer.Option(
+            "--num", "-n", help="How many images. Default: 8 per --class or prompt given, else 64.", show_default=False
+        ),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance scale (0: none; the official "
+            "scale, output = (1+s) cond - s uncond). Default: the block's "
+            "sample.guidance_scale, else 0.",
+            show_default=False,
+        ),
+    ] = None,
+    sampler: Annotated[
+        str | None,
+        typer.Option(
+            help=f"One of: {_sampler_names()}. Default: the block's sample.sampler, else dpm_solver_pp_2m.",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Sampler steps. Default: the block's sample.steps (for its own sampler), else 25.", show_default=False
+        ),
+    ] = None,
+    skip_type: Annotated[
+        str | None,
+        typer.Option(
+            "--skip-type",
+            help="The sampler's time grid: logSNR, "
+            "time_uniform or time_quadratic. Default: the block's "
+            "sample.skip_type (for its own sampler), else the sampler's "
+            "own.",
+            show_default=False,
+        ),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="Noise schedule: vpsde or discrete. Default: the block's "
+            "diffusion.schedule, else vpsde for pixel models and discrete "
+            "for latent ones.",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Image i uses seed seed*10^7 + i, the sample stage's rule (same "
+            "seed, settings and labels: the stage's pixels). Default: the block's "
+            "sample.seed, else 0.",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Images per forward pass (does not change "
+            "the images). Default: the block's sample.batch_size, else 64.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N. Default: cuda when there is one.", show_default=False)
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="fp32 (the sample stage's pixels), or bf16 / fp16 autocast for the model's forward.")
+    ] = "fp32",
+    benchmark: Annotated[
+        str | None,
+        typer.Option(
+            help="The params.yaml block whose settings are the defaults. "
+            "Default: the run's benchmark, the preset's, or the block whose "
+            "model has this architecture.",
+            show_default=False,
+        ),
+    ] = None,
+    params: Annotated[
+        Path | None,
+        typer.Option(
+            "--params",
+            "-p",
+            help="Parameter file. Default: the run's project params.yaml, else ./params.yaml if there.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Images from a checkpoint: a PNG grid, one PNG per image and an ADM-style samples.npz.
@@ -345,16 +493,35 @@ def generate(
 
     try:
         result = run_generate(
-            source, out, preset=preset, params=params, benchmark=benchmark, schedule=schedule, sampler=sampler,
-            steps=steps, skip_type=skip_type, guidance=guidance, num=num, seed=seed, classes=classes or [],
-            prompts=read_prompts(prompts or [], prompts_file), vae=vae, text_encoder=text_encoder,
-            batch_size=batch_size, device=device, precision=precision, progress=not quiet)
+            source,
+            out,
+            preset=preset,
+            params=params,
+            benchmark=benchmark,
+            schedule=schedule,
+            sampler=sampler,
+            steps=steps,
+            skip_type=skip_type,
+            guidance=guidance,
+            num=num,
+            seed=seed,
+            classes=classes or [],
+            prompts=read_prompts(prompts or [], prompts_file),
+            vae=vae,
+            text_encoder=text_encoder,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            progress=not quiet,
+        )
     except (GenerateError, ConfigError, FileNotFoundError, WeightsNotAvailableError) as e:
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{result['num']} images ({result['sampler']} x{result['steps']}, guidance {result['guidance_scale']}) "
-               f"-> {result['grid']}, {result['images']}/, {result['npz']}")
+    typer.echo(
+        f"{result['num']} images ({result['sampler']} x{result['steps']}, guidance {result['guidance_scale']}) "
+        f"-> {result['grid']}, {result['images']}/, {result['npz']}"
+    )
 
 
 def main() -> None:  # pragma: no cover

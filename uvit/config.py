@@ -140,8 +140,9 @@ class TrainConfig(_Section):
     fid_samples: PositiveInt = 1000
 
 
-SamplerName = Literal["euler_maruyama", "dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "dpm_solver_pp_3m",
-                      "unipc_bh1", "unipc_bh2"]
+SamplerName = Literal[
+    "euler_maruyama", "dpm_solver", "dpm_solver_pp", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc_bh1", "unipc_bh2"
+]
 SkipType = Literal["logSNR", "time_uniform", "time_quadratic"]
 
 
@@ -174,6 +175,7 @@ class SampleConfig(_Section):
         """The options set, as keyword arguments of uvit.diffusion's samplers (and count_nfe)."""
         kw = {"skip_type": self.skip_type, "order": self.order, "denoise_final": self.denoise_final or None}
         return {k: v for k, v in kw.items() if v is not None}
+
     # Text-to-image: which validation captions (uvit.evaluate.captions): "first" N caption rows, or
     # "one_per_image" (the first caption of each of the first N images).
     captions: Literal["first", "one_per_image"] = "first"
@@ -249,8 +251,10 @@ class AblationConfig(_Section):
             for value in values:
                 if group == "scaling":
                     if not isinstance(value, dict) or len(value) != 1 or set(value) - set(SCALING_KEYS):
-                        raise ValueError(f"scaling: each variant changes one of {', '.join(SCALING_KEYS)} "
-                                         f"({{depth: 2}}), got {value!r}")
+                        raise ValueError(
+                            f"scaling: each variant changes one of {', '.join(SCALING_KEYS)} "
+                            f"({{depth: 2}}), got {value!r}"
+                        )
                 elif value not in SWITCHES[group]:
                     raise ValueError(f"{group}: {value!r} is not one of {SWITCHES[group]}")
         return v
@@ -411,8 +415,10 @@ def _check_study(cfg: BenchmarkConfig) -> None:
     model = cfg.uvit_config()
     for variant, overrides in cfg.ablation.variants().items():
         if overrides and all(getattr(model, k) == v for k, v in overrides.items()):
-            raise ConfigError(f"{cfg.name}.{STUDY}.groups: {variant} is the benchmark's own model, which every "
-                              "group has as its default; list only the variants that differ")
+            raise ConfigError(
+                f"{cfg.name}.{STUDY}.groups: {variant} is the benchmark's own model, which every "
+                "group has as its default; list only the variants that differ"
+            )
 
 
 def _study_run(name: str, params: dict[str, Any], cfg: BenchmarkConfig | None = None) -> BenchmarkConfig:
@@ -423,8 +429,10 @@ def _study_run(name: str, params: dict[str, Any], cfg: BenchmarkConfig | None = 
     study, _, run = rest.partition("/")
     cfg = cfg or load_benchmark(base, params)
     if study != STUDY or cfg.ablation is None:
-        raise ConfigError(f"{name!r} names no study run: runs are <benchmark>/{STUDY}/<run id>, for a benchmark "
-                          f"with an `{STUDY}` block")
+        raise ConfigError(
+            f"{name!r} names no study run: runs are <benchmark>/{STUDY}/<run id>, for a benchmark "
+            f"with an `{STUDY}` block"
+        )
     runs = cfg.ablation.runs()
     if run not in runs:
         raise ConfigError(f"{base}.{STUDY}: no run {run!r}; runs: {', '.join(runs)}")
@@ -449,11 +457,15 @@ def _validated(name: str, block: dict[str, Any], where: str | None = None) -> Be
         raise ConfigError("invalid parameters:\n  " + "\n  ".join(lines)) from None
     model = cfg.uvit_config()  # overrides must build a valid model
     if model.in_chans == 4 and cfg.encode is None:
-        raise ConfigError(f"{name}.encode: preset {cfg.model.preset} is a latent model and needs an encode "
-                          "section (vae, scale_factor)")
+        raise ConfigError(
+            f"{name}.encode: preset {cfg.model.preset} is a latent model and needs an encode "
+            "section (vae, scale_factor)"
+        )
     if model.in_chans == 4 and cfg.train.random_flip:
-        raise ConfigError(f"{name}.train.random_flip: latent benchmarks cannot flip at training time (the latents "
-                          "are stored already; the data stage stores mirrored copies where the recipe flips)")
+        raise ConfigError(
+            f"{name}.train.random_flip: latent benchmarks cannot flip at training time (the latents "
+            "are stored already; the data stage stores mirrored copies where the recipe flips)"
+        )
     if model.clip_dim is not None and (cfg.encode is None or not cfg.encode.text_encoder):
         raise ConfigError(f"{name}.encode.text_encoder: a text-to-image preset needs a CLIP text encoder")
     return cfg

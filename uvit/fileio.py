@@ -184,8 +184,9 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
-               default: Any = None) -> Path:
+def write_json(
+    path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False, default: Any = None
+) -> Path:
     """Write ``json.dumps(obj, ...)`` and a newline to ``path`` atomically."""
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n")
 

@@ -45,8 +45,19 @@ from uvit.models import UViT, UViTConfig
 SKIP_TYPES = get_args(SkipType)  # the samplers' time grids, as params.yaml names them
 
 __all__ = [
-    "Checkpoint", "GenerateError", "Settings", "class_names", "draw", "generate_images", "load_checkpoint",
-    "make_labels", "parse_classes", "read_prompts", "resolve_settings", "run_generate", "write_outputs",
+    "Checkpoint",
+    "GenerateError",
+    "Settings",
+    "class_names",
+    "draw",
+    "generate_images",
+    "load_checkpoint",
+    "make_labels",
+    "parse_classes",
+    "read_prompts",
+    "resolve_settings",
+    "run_generate",
+    "write_outputs",
 ]
 
 FALLBACK_SAMPLER = "dpm_solver_pp_2m"
@@ -151,8 +162,9 @@ def _read_pretrained(path: Path) -> UViT:
         raise GenerateError(f"{path}: not a loadable save_pretrained directory ({_one_line(str(e))})") from None
 
 
-def load_checkpoint(source: str | Path, *, preset: str | None = None, params: Path | None = None,
-                    benchmark: str | None = None) -> Checkpoint:
+def load_checkpoint(
+    source: str | Path, *, preset: str | None = None, params: Path | None = None, benchmark: str | None = None
+) -> Checkpoint:
     """Load the model at `source` (a trained run, a save_pretrained directory or an official
     .pth with its `preset`) and find the params.yaml block that gives its defaults: `params`, or
     for a run its project's params.yaml, else ./params.yaml."""
@@ -178,10 +190,13 @@ def load_checkpoint(source: str | Path, *, preset: str | None = None, params: Pa
     if (path / "config.json").is_file():
         found = _params_path(params, [Path("params.yaml")])
         model = _read_pretrained(path)
-        return Checkpoint(model, "pretrained", path, _block_for(model.config, found, benchmark),
-                          found.parent if found else None)
-    raise GenerateError(f"{path}: neither a trained run (runs/<benchmark>/train with ema/), a save_pretrained "
-                        "directory (config.json + model.safetensors) nor an official .pth file")
+        return Checkpoint(
+            model, "pretrained", path, _block_for(model.config, found, benchmark), found.parent if found else None
+        )
+    raise GenerateError(
+        f"{path}: neither a trained run (runs/<benchmark>/train with ema/), a save_pretrained "
+        "directory (config.json + model.safetensors) nor an official .pth file"
+    )
 
 
 def _shapes(config: UViTConfig) -> dict[str, tuple[int, ...]]:
@@ -201,8 +216,11 @@ def _mismatch(config: UViTConfig, state: dict[str, torch.Tensor]) -> str | None:
     own = _shapes(config)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs preset {own[k]}"
-              for k in sorted(set(own) & set(state)) if own[k] != tuple(state[k].shape)]
+    shaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs preset {own[k]}"
+        for k in sorted(set(own) & set(state))
+        if own[k] != tuple(state[k].shape)
+    ]
     if not (missing or unexpected or shaped):
         return None
     example = (shaped or missing or unexpected)[0]
@@ -213,8 +231,9 @@ def _load_official(path: Path, preset: str | None, params: Path | None, benchmar
     from uvit.models import get_preset, load_state_dict_strict, read_state_dict
 
     if preset is None:
-        raise GenerateError(f"{path} is a checkpoint file: name its architecture with --preset "
-                            "(`uvit models` lists the presets)")
+        raise GenerateError(
+            f"{path} is a checkpoint file: name its architecture with --preset (`uvit models` lists the presets)"
+        )
     try:
         p = get_preset(preset)
     except KeyError as e:
@@ -237,9 +256,15 @@ def _load_official(path: Path, preset: str | None, params: Path | None, benchmar
 
 
 # ----------------------------------------------------------------------------------- settings
-def resolve_settings(ckpt: Checkpoint, *, schedule: str | None = None, sampler: str | None = None,
-                     steps: int | None = None, guidance: float | None = None,
-                     skip_type: str | None = None) -> Settings:
+def resolve_settings(
+    ckpt: Checkpoint,
+    *,
+    schedule: str | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    skip_type: str | None = None,
+) -> Settings:
     """The given values, else the benchmark block's, else the fallbacks (module docstring).
     The block's sampler options (order, skip_type, denoise_final) apply only to its own sampler;
     a given `skip_type` (the time grid) replaces the block's."""
@@ -264,8 +289,10 @@ def resolve_settings(ckpt: Checkpoint, *, schedule: str | None = None, sampler: 
     if guidance < 0:
         raise GenerateError(f"--guidance must be >= 0, got {guidance}")
     if guidance > 0 and ckpt.config.num_classes > 0 and ckpt.num_real_classes >= ckpt.config.num_classes:
-        raise GenerateError(f"--guidance {guidance}: this model has no null class (its {ckpt.config.num_classes} "
-                            "classes are all real), so it was not trained for classifier-free guidance; use 0")
+        raise GenerateError(
+            f"--guidance {guidance}: this model has no null class (its {ckpt.config.num_classes} "
+            "classes are all real), so it was not trained for classifier-free guidance; use 0"
+        )
     kwargs = b.sample.sampler_kwargs() if b and sampler == b.sample.sampler else {}
     if skip_type is not None:
         if skip_type not in SKIP_TYPES:
@@ -379,8 +406,10 @@ def _decoder(ckpt: Checkpoint, vae: str | None) -> dict | None:
         raise GenerateError(f"--vae {vae}: no such file or directory")
     if vae is None:
         named = f" (params.yaml's {b.decoder_vae()[1]} names {b.decoder_vae()[0]}, not there)" if b and b.encode else ""
-        raise GenerateError(f"{ckpt.path} is a latent model: pass --vae FILE|DIR, the autoencoder that decodes "
-                            f"its samples (e.g. models/autoencoder_kl_ema.pth){named}")
+        raise GenerateError(
+            f"{ckpt.path} is a latent model: pass --vae FILE|DIR, the autoencoder that decodes "
+            f"its samples (e.g. models/autoencoder_kl_ema.pth){named}"
+        )
     scale = b.encode.scale_factor if b and b.encode else SCALE_FACTORS["mscoco" if ckpt.is_text else "imagenet"]
     return {"vae": vae, "scale_factor": scale, "batch_size": DECODE_BATCH_SIZE}
 
@@ -414,10 +443,20 @@ def _device(device: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- sampling
-def draw(model: UViT, settings: Settings, seeds: list[int], *, labels: torch.Tensor | None = None,
-         contexts: torch.Tensor | None = None, empty_context: torch.Tensor | None = None,
-         decoder: dict | None = None, batch_size: int = FALLBACK_BATCH_SIZE, device: str = "cpu",
-         precision: str = "fp32", progress: bool = True) -> np.ndarray:
+def draw(
+    model: UViT,
+    settings: Settings,
+    seeds: list[int],
+    *,
+    labels: torch.Tensor | None = None,
+    contexts: torch.Tensor | None = None,
+    empty_context: torch.Tensor | None = None,
+    decoder: dict | None = None,
+    batch_size: int = FALLBACK_BATCH_SIZE,
+    device: str = "cpu",
+    precision: str = "fp32",
+    progress: bool = True,
+) -> np.ndarray:
     """uint8 (N, C, H, W) images: generate -> VAE decode (latent models) -> to_uint8, the sample
     stage's calls. fp32 gives the stage's pixels; bf16/fp16 run the model under autocast."""
     from uvit.evaluate.sample import generate, to_uint8
@@ -425,13 +464,23 @@ def draw(model: UViT, settings: Settings, seeds: list[int], *, labels: torch.Ten
     if precision not in PRECISIONS:
         raise GenerateError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
-    autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None
-                else contextlib.nullcontext())
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
-        x = generate(model, schedule=settings.schedule, sampler=settings.sampler, steps=settings.steps, seeds=seeds,
-                     labels=labels, contexts=contexts, empty_context=empty_context,
-                     guidance_scale=settings.guidance_scale, batch_size=batch_size, device=device,
-                     progress=progress, **settings.sampler_kwargs)
+        x = generate(
+            model,
+            schedule=settings.schedule,
+            sampler=settings.sampler,
+            steps=settings.steps,
+            seeds=seeds,
+            labels=labels,
+            contexts=contexts,
+            empty_context=empty_context,
+            guidance_scale=settings.guidance_scale,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            **settings.sampler_kwargs,
+        )
     if decoder is not None:
         from uvit.encoders.vae import decode, load_vae
 
@@ -459,10 +508,21 @@ class Generated:
     seed: int
 
 
-def generate_images(ckpt: Checkpoint, settings: Settings, *, num: int | None = None, seed: int | None = None,
-                    classes: list[str] = (), prompts: list[str] = (), vae: str | None = None,
-                    text_encoder: str | None = None, batch_size: int | None = None, device: str | None = None,
-                    precision: str = "fp32", progress: bool = True) -> Generated:
+def generate_images(
+    ckpt: Checkpoint,
+    settings: Settings,
+    *,
+    num: int | None = None,
+    seed: int | None = None,
+    classes: list[str] = (),
+    prompts: list[str] = (),
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> Generated:
     """Sample `num` images (default 8 per class or prompt given, else 64) of seeds
     sample_seeds(seed, num) (seed default: the block's sample.seed, else 0); every input is
     checked before the model runs."""
@@ -493,8 +553,18 @@ def generate_images(ckpt: Checkpoint, settings: Settings, *, num: int | None = N
         rows = torch.arange(num) % len(prompts)
         per_image = [prompts[i] for i in rows.tolist()]
         text = {"contexts": contexts[rows], "empty_context": empty if settings.guidance_scale > 0 else None}
-    images = draw(ckpt.model, settings, sample_seeds(seed, num), labels=labels, decoder=decoder,
-                  batch_size=batch_size, device=device, precision=precision, progress=progress, **text)
+    images = draw(
+        ckpt.model,
+        settings,
+        sample_seeds(seed, num),
+        labels=labels,
+        decoder=decoder,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=progress,
+        **text,
+    )
     columns = groups or ckpt.num_real_classes
     nrow = columns if 0 < columns <= 16 else 8
     return Generated(images, None if labels is None else labels.numpy(), per_image, nrow, seed)
@@ -521,24 +591,45 @@ def write_outputs(out: Path, result: Generated, info: dict[str, Any]) -> dict[st
     return {"grid": str(grid), "images": str(out / "images"), "npz": str(npz), "info": str(out / "generate.json")}
 
 
-def run_generate(source: str | Path, out: Path, *, preset: str | None = None, params: Path | None = None,
-                 benchmark: str | None = None, schedule: str | None = None, sampler: str | None = None,
-                 steps: int | None = None, guidance: float | None = None, skip_type: str | None = None,
-                 **options: Any) -> dict[str, Any]:
+def run_generate(
+    source: str | Path,
+    out: Path,
+    *,
+    preset: str | None = None,
+    params: Path | None = None,
+    benchmark: str | None = None,
+    schedule: str | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    skip_type: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """Load, sample, write: what `uvit generate` does. `options` go to :func:`generate_images`."""
     ckpt = load_checkpoint(source, preset=preset, params=params, benchmark=benchmark)
-    settings = resolve_settings(ckpt, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance,
-                                skip_type=skip_type)
+    settings = resolve_settings(
+        ckpt, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance, skip_type=skip_type
+    )
     result = generate_images(ckpt, settings, **options)
-    info = {"source": str(ckpt.path), "kind": ckpt.kind, "preset": preset,
-            "benchmark": ckpt.benchmark.name if ckpt.benchmark else None, **asdict(settings),
-            "num": len(result.images), "seed": result.seed,
-            # label i is classes[i % len(classes)] (make_labels), prompt i likewise
-            "classes": None if result.labels is None else list(dict.fromkeys(result.labels.tolist())),
-            "prompts": list(dict.fromkeys(result.prompts)) if result.prompts else None,
-            "precision": options.get("precision", "fp32")}
-    return {**write_outputs(out, result, info), "num": len(result.images),
-            "grid_rows": math.ceil(len(result.images) / result.nrow), **asdict(settings)}
+    info = {
+        "source": str(ckpt.path),
+        "kind": ckpt.kind,
+        "preset": preset,
+        "benchmark": ckpt.benchmark.name if ckpt.benchmark else None,
+        **asdict(settings),
+        "num": len(result.images),
+        "seed": result.seed,
+        # label i is classes[i % len(classes)] (make_labels), prompt i likewise
+        "classes": None if result.labels is None else list(dict.fromkeys(result.labels.tolist())),
+        "prompts": list(dict.fromkeys(result.prompts)) if result.prompts else None,
+        "precision": options.get("precision", "fp32"),
+    }
+    return {
+        **write_outputs(out, result, info),
+        "num": len(result.images),
+        "grid_rows": math.ceil(len(result.images) / result.nrow),
+        **asdict(settings),
+    }
 
 
 def _one_line(message: str) -> str:

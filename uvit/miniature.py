@@ -43,8 +43,18 @@ __all__ = ["PAPER_BENCHMARKS", "PROJECT_FILES", "make_project", "merge_params", 
 
 # What a copy of the project needs to run its DVC chains: the DVC files and params, the code they
 # depend on (paths in the stage table), and the Prefect files.
-PROJECT_FILES = ("dvc.yaml", "paper", "studies", ".dvcignore", ".gitignore", "params.yaml", "pyproject.toml", "prefect.yaml",
-                 "uvit", "pipelines")
+PROJECT_FILES = (
+    "dvc.yaml",
+    "paper",
+    "studies",
+    ".dvcignore",
+    ".gitignore",
+    "params.yaml",
+    "pyproject.toml",
+    "prefect.yaml",
+    "uvit",
+    "pipelines",
+)
 
 PAPER_BENCHMARKS = ("cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256")
 MARKER = "MINIATURE.json"  # marks dest as ours (written first), so a re-run may replace what it wrote
@@ -58,12 +68,51 @@ COCO_IMAGES = {"train": 8, "val": 8}
 COCO_CAPTIONS_PER_IMAGE = 5
 
 _SMALL_UVIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # preset's img_size/patch_size/in_chans kept
-_TRAIN = {"steps": 4, "batch_size": 8, "warmup_steps": 2, "num_workers": 1, "threads_per_worker": 1,
-          "use_gpu": False, "precision": "fp32", "checkpoint_every": 2, "log_every": 1}
+_TRAIN = {
+    "steps": 4,
+    "batch_size": 8,
+    "warmup_steps": 2,
+    "num_workers": 1,
+    "threads_per_worker": 1,
+    "use_gpu": False,
+    "precision": "fp32",
+    "checkpoint_every": 2,
+    "log_every": 1,
+}
 _SAMPLE_STEPS = 4
-_WORDS = ("a", "an", "the", "two", "cat", "dog", "bird", "horse", "red", "green", "blue", "small", "big",
-          "sitting", "standing", "running", "on", "in", "near", "under", "mat", "grass", "table", "road",
-          "field", "with", "of", "and", "at", "picture", "photo")
+_WORDS = (
+    "a",
+    "an",
+    "the",
+    "two",
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "red",
+    "green",
+    "blue",
+    "small",
+    "big",
+    "sitting",
+    "standing",
+    "running",
+    "on",
+    "in",
+    "near",
+    "under",
+    "mat",
+    "grass",
+    "table",
+    "road",
+    "field",
+    "with",
+    "of",
+    "and",
+    "at",
+    "picture",
+    "photo",
+)
 _CAPTION_SUBJECTS = ("a cat", "a dog", "two birds", "a horse", "a small dog", "a big cat", "the bird", "a red horse")
 _CAPTION_VERBS = ("sitting on", "standing in", "running near", "under", "on")
 _CAPTION_PLACES = ("a green mat", "the grass", "a blue table", "the road", "a big field")
@@ -128,13 +177,18 @@ def _write_cifar10(dest: Path) -> tuple[Path, dict]:
     path = dest / "cifar10" / ARCHIVE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     per_file = {"train": CIFAR_TRAIN_PER_CLASS * 10 // len(SPLIT_FILES["train"]), "test": CIFAR_TEST_PER_CLASS * 10}
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for split in ("train", "test"):
             for j, fname in enumerate(SPLIT_FILES[split]):  # every class equally often in the split
                 labels = (j * per_file[split] + np.arange(per_file[split])) % 10
-                records = [np.concatenate([[lab], _picture(rng, 32, 32, tints[lab]).transpose(2, 0, 1).ravel()])
-                           for lab in labels]
+                records = [
+                    np.concatenate([[lab], _picture(rng, 32, 32, tints[lab]).transpose(2, 0, 1).ravel()])
+                    for lab in labels
+                ]
                 _tar_add(tar, f"cifar-10-batches-bin/{fname}", np.stack(records).astype(np.uint8).tobytes())
         _tar_add(tar, "cifar-10-batches-bin/batches.meta.txt", ("\n".join(CLASSES) + "\n\n").encode())
     return path, {s: per_file[s] * len(SPLIT_FILES[s]) for s in ("train", "test")}
@@ -193,8 +247,9 @@ def _write_imagenet_tar(dest: Path) -> Path:
 
 
 def _captions(rng: np.random.Generator, n: int) -> list[str]:
-    return [f"{rng.choice(_CAPTION_SUBJECTS)} {rng.choice(_CAPTION_VERBS)} {rng.choice(_CAPTION_PLACES)}"
-            for _ in range(n)]
+    return [
+        f"{rng.choice(_CAPTION_SUBJECTS)} {rng.choice(_CAPTION_VERBS)} {rng.choice(_CAPTION_PLACES)}" for _ in range(n)
+    ]
 
 
 def _write_coco(dest: Path) -> Path:
@@ -213,8 +268,12 @@ def _write_coco(dest: Path) -> Path:
             for caption in _captions(rng, COCO_CAPTIONS_PER_IMAGE):
                 ann_id += 1
                 annotations.append({"image_id": image_id, "id": ann_id, "caption": caption})
-        doc = {"info": {"description": "uvit miniature of COCO 2014 captions", "year": 2014},
-               "licenses": [{"id": 1, "name": "none"}], "images": images, "annotations": annotations}
+        doc = {
+            "info": {"description": "uvit miniature of COCO 2014 captions", "year": 2014},
+            "licenses": [{"id": 1, "name": "none"}],
+            "images": images,
+            "annotations": annotations,
+        }
         _write(root / "annotations" / f"captions_{split}2014.json", json.dumps(doc).encode())
     return root
 
@@ -238,11 +297,14 @@ def write_random_inception(path: Path, seed: int = 60) -> Path:
     empty = path.with_name(f".{path.name}.empty.pth")
     torch.save({}, empty)
     try:  # the constructor insists on loading weights: give it none
-        with torch.random.fork_rng(devices=[]), \
-                mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
+        with (
+            torch.random.fork_rng(devices=[]),
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None),
+        ):
             torch.manual_seed(seed)
-            model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                feature_extractor_weights_path=str(empty))
+            model = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)
+            )
             for m in model.modules():
                 if isinstance(m, torch.nn.Conv2d):
                     torch.nn.init.kaiming_normal_(m.weight)
@@ -275,9 +337,17 @@ def _write_vae(dest: Path, calibration: np.ndarray) -> Path:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(70)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=256).eval()
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=256,
+        ).eval()
     target = 2.0 / (SCALE_FACTORS["imagenet"] + SCALE_FACTORS["mscoco"])  # latent std: 1 / mean scale
     with torch.no_grad():
         x = pixels_to_unit(calibration)
@@ -333,8 +403,15 @@ def _bpe_files(d: Path) -> int:
 def _text_config(vocab_size: int, hidden: int, **kw):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, max_position_embeddings=77,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **kw,
+    )
 
 
 def _write_text_encoder(dest: Path, hidden: int) -> Path:
@@ -347,8 +424,7 @@ def _write_text_encoder(dest: Path, hidden: int) -> Path:
     CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt")).save_pretrained(str(d))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(80)
-        model = CLIPTextModel(_text_config(n, hidden, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=2))
+        model = CLIPTextModel(_text_config(n, hidden, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
     model.save_pretrained(str(d))
     return d
 
@@ -364,9 +440,18 @@ def _write_clip_model(dest: Path) -> Path:
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(str(d))
     text = _text_config(n, 32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2).to_dict()
-    config = CLIPConfig(text_config=text, projection_dim=16,
-                        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=1, num_attention_heads=2))
+    config = CLIPConfig(
+        text_config=text,
+        projection_dim=16,
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(90)
         model = CLIPModel(config)
@@ -454,8 +539,7 @@ def write_miniature(dest: str | Path, benchmarks: Iterable[str] = PAPER_BENCHMAR
     imagenet_train = len(IMAGENET_CLASSES) * IMAGENET_TRAIN_PER_CLASS
     out: dict[str, dict] = {}
     for b in benchmarks:
-        o: dict[str, Any] = {"model": {"overrides": dict(_SMALL_UVIT)}, "train": dict(_TRAIN),
-                             "score": dict(score)}
+        o: dict[str, Any] = {"model": {"overrides": dict(_SMALL_UVIT)}, "train": dict(_TRAIN), "score": dict(score)}
         if b == "cifar10":
             path, rows = made["cifar10"]
             o["data"] = {"root": str(path), "sha256": _sha256(path)}

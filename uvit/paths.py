@@ -31,7 +31,7 @@ def workspace_root(root: Path) -> Path:
     resolved = Path(root).resolve()
     parts = resolved.parts
     for i in range(len(parts) - 3):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return Path(root)
 

@@ -66,9 +66,7 @@ def _drop_mask(batch: int, p_uncond: float, generator: torch.Generator | None, d
     return _on_generator(torch.rand, (batch,), generator, device) < p_uncond
 
 
-def drop_labels(
-    y: Tensor, p_uncond: float, null_class: int, generator: torch.Generator | None = None
-) -> Tensor:
+def drop_labels(y: Tensor, p_uncond: float, null_class: int, generator: torch.Generator | None = None) -> Tensor:
     """Replace class labels y (B,) by `null_class` (1000 for ImageNet) with probability p_uncond."""
     mask = _drop_mask(y.shape[0], p_uncond, generator, y.device)
     return torch.where(mask, torch.full_like(y, null_class), y)

@@ -354,8 +354,9 @@ def dpm_solver_pp(
 ) -> Tensor:
     """Singlestep DPM-Solver++ (data prediction), the official discrete-time config:
     50 NFE on linspace(1, 1e-3, 51), orders [3]*16 + [2]."""
-    return dpm_solver(noise_fn, schedule, x_T, steps, order, skip_type, predict_x0=True, t_end=t_end,
-                      denoise_final=denoise_final)
+    return dpm_solver(
+        noise_fn, schedule, x_T, steps, order, skip_type, predict_x0=True, t_end=t_end, denoise_final=denoise_final
+    )
 
 
 @torch.no_grad()
@@ -522,7 +523,7 @@ def unipc(
         rhos_c = _unipc_rhos(rks, b)
         corr = sum((r * d for r, d in zip(rhos_c[:-1], d1s)), torch.zeros_like(x)) + rhos_c[-1] * (m_t - m_0)
         x = x_ddim - (alpha_t * b_h) * corr
-        hist = hist[-(order - 1):] + [(t, m_t)] if order > 1 else [(t, m_t)]
+        hist = hist[-(order - 1) :] + [(t, m_t)] if order > 1 else [(t, m_t)]
     return solver.denoise(x, ts[-1]) if denoise_final else x
 
 

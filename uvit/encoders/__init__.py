@@ -47,11 +47,13 @@ def hub_offline() -> bool:
     return False
 
 
-def missing_weights_message(what: str, hub_id: str, params_key: str, cause: BaseException | None,
-                            *, local_dir_hint: str) -> str:
+def missing_weights_message(
+    what: str, hub_id: str, params_key: str, cause: BaseException | None, *, local_dir_hint: str
+) -> str:
     """The error text for weights that could not be found: what, how to get them, where, which key."""
-    reason = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" \
-        if cause is not None else ""
+    reason = (
+        f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause is not None else ""
+    )
     offline = " The hub is not reachable from here (offline mode)." if hub_offline() else ""
     return (
         f"Could not load the {what} {hub_id!r}: it is not a local directory and not in the local "
@@ -60,11 +62,13 @@ def missing_weights_message(what: str, hub_id: str, params_key: str, cause: Base
         f"    huggingface-cli download {hub_id} --local-dir {local_dir_hint}\n"
         f"(or `hf download {hub_id} --local-dir {local_dir_hint}`), copy that directory to this "
         f"machine, and set `{params_key}: {local_dir_hint}` in params.yaml (a local path is loaded "
-        f"without any network access).")
+        f"without any network access)."
+    )
 
 
-def from_hub(source: str, loaders: Sequence[Callable[..., Any]], what: str, params_key: str, *,
-             note: str = "", **kwargs: Any) -> list[Any]:
+def from_hub(
+    source: str, loaders: Sequence[Callable[..., Any]], what: str, params_key: str, *, note: str = "", **kwargs: Any
+) -> list[Any]:
     """`load(source, local_files_only=<offline>, **kwargs)` for each loader (e.g. a class's
     ``from_pretrained``), from the hub or, offline, the local cache only. Any failure (not cached,
     offline, no network) means "get the files": a WeightsNotAvailableError saying what and where."""
@@ -74,4 +78,5 @@ def from_hub(source: str, loaders: Sequence[Callable[..., Any]], what: str, para
     except Exception as e:
         hint = f"models/{str(source).split('/')[-1]}"
         raise WeightsNotAvailableError(
-            missing_weights_message(what, str(source), params_key, e, local_dir_hint=hint) + note) from e
+            missing_weights_message(what, str(source), params_key, e, local_dir_hint=hint) + note
+        ) from e

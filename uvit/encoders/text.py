@@ -25,8 +25,15 @@ from uvit.encoders import from_hub, is_hub_id
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["DEFAULT_TEXT_ENCODER", "MAX_LENGTH", "empty_context", "encode_text",
-           "load_text_encoder", "text_encoder_fingerprint", "token_lengths"]
+__all__ = [
+    "DEFAULT_TEXT_ENCODER",
+    "MAX_LENGTH",
+    "empty_context",
+    "encode_text",
+    "load_text_encoder",
+    "text_encoder_fingerprint",
+    "token_lengths",
+]
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"
 MAX_LENGTH = 77
@@ -58,19 +65,27 @@ def load_text_encoder(
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True)
     elif is_hub_id(source):
-        tokenizer, model = from_hub(source, [CLIPTokenizer.from_pretrained, CLIPTextModel.from_pretrained],
-                                    "CLIP text encoder", params_key)
+        tokenizer, model = from_hub(
+            source, [CLIPTokenizer.from_pretrained, CLIPTextModel.from_pretrained], "CLIP text encoder", params_key
+        )
     else:
-        raise FileNotFoundError(f"text encoder source {str(source)!r} is neither an existing "
-                                f"directory nor a hub id of the form org/name")
+        raise FileNotFoundError(
+            f"text encoder source {str(source)!r} is neither an existing directory nor a hub id of the form org/name"
+        )
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval().requires_grad_(False)
     return tokenizer, model
 
 
 @torch.no_grad()
-def encode_text(tokenizer: CLIPTokenizer, model: CLIPTextModel, prompts: Sequence[str],
-                max_length: int = MAX_LENGTH, *, batch_size: int | None = None) -> torch.Tensor:
+def encode_text(
+    tokenizer: CLIPTokenizer,
+    model: CLIPTextModel,
+    prompts: Sequence[str],
+    max_length: int = MAX_LENGTH,
+    *,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """``last_hidden_state`` (B, max_length, hidden) float32 on the model's device, of ``prompts``
     tokenized with truncation and padding to ``max_length`` (the official ``libs/clip.py``)."""
     if isinstance(prompts, str):
@@ -80,8 +95,9 @@ def encode_text(tokenizer: CLIPTokenizer, model: CLIPTextModel, prompts: Sequenc
     outs = []
     step = batch_size or max(len(prompts), 1)
     for i in range(0, len(prompts), step):
-        tokens = tokenizer(prompts[i:i + step], truncation=True, max_length=max_length,
-                           padding="max_length", return_tensors="pt")
+        tokens = tokenizer(
+            prompts[i : i + step], truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+        )
         out = model(input_ids=tokens["input_ids"].to(device)).last_hidden_state
         outs.append(out.float())
     if not outs:
@@ -90,8 +106,7 @@ def encode_text(tokenizer: CLIPTokenizer, model: CLIPTextModel, prompts: Sequenc
     return torch.cat(outs)
 
 
-def empty_context(tokenizer: CLIPTokenizer, model: CLIPTextModel,
-                  max_length: int = MAX_LENGTH) -> torch.Tensor:
+def empty_context(tokenizer: CLIPTokenizer, model: CLIPTextModel, max_length: int = MAX_LENGTH) -> torch.Tensor:
     """The context of the empty prompt (max_length, hidden): the unconditional branch of
     classifier-free guidance (official ``extract_empty_feature.py``)."""
     return encode_text(tokenizer, model, [""], max_length)[0]
@@ -113,8 +128,9 @@ def text_encoder_fingerprint(tokenizer: CLIPTokenizer, model: torch.nn.Module) -
 
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)  # vocabulary, merges, normalizer
-    h.update(backend.to_str().encode() if backend is not None
-             else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(
+        backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    )
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -86,8 +86,7 @@ class UnsafeCheckpointError(ValueError):
 # LDM <-> diffusers key names
 # --------------------------------------------------------------------------------------------
 
-_RESNET_SUB = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
-               "nin_shortcut": "conv_shortcut"}
+_RESNET_SUB = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 _RESNET_SUB_INV = {v: k for k, v in _RESNET_SUB.items()}
 _ATTN_SUB = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_SUB_INV = {v: k for k, v in _ATTN_SUB.items()}
@@ -99,40 +98,68 @@ _LDM_PATTERNS = [
     (re.compile(rf"^(encoder|decoder)\.norm_out\.{_P}$"), lambda m, L: f"{m[1]}.conv_norm_out.{m[2]}"),
     (re.compile(rf"^(encoder|decoder)\.(conv_in|conv_out)\.{_P}$"), lambda m, L: m[0]),
     (re.compile(rf"^(quant_conv|post_quant_conv)\.{_P}$"), lambda m, L: m[0]),
-    (re.compile(rf"^encoder\.down\.(\d+)\.block\.(\d+)\.{_RES}\.{_P}$"),
-     lambda m, L: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_RESNET_SUB[m[3]]}.{m[4]}"),
-    (re.compile(rf"^encoder\.down\.(\d+)\.downsample\.conv\.{_P}$"),
-     lambda m, L: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"),
-    (re.compile(rf"^decoder\.up\.(\d+)\.block\.(\d+)\.{_RES}\.{_P}$"),
-     lambda m, L: f"decoder.up_blocks.{L - 1 - int(m[1])}.resnets.{m[2]}.{_RESNET_SUB[m[3]]}.{m[4]}"),
-    (re.compile(rf"^decoder\.up\.(\d+)\.upsample\.conv\.{_P}$"),
-     lambda m, L: f"decoder.up_blocks.{L - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"),
-    (re.compile(rf"^(encoder|decoder)\.mid\.block_([12])\.{_RES}\.{_P}$"),
-     lambda m, L: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_RESNET_SUB[m[3]]}.{m[4]}"),
-    (re.compile(rf"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.{_P}$"),
-     lambda m, L: f"{m[1]}.mid_block.attentions.0.{_ATTN_SUB[m[2]]}.{m[3]}"),
+    (
+        re.compile(rf"^encoder\.down\.(\d+)\.block\.(\d+)\.{_RES}\.{_P}$"),
+        lambda m, L: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_RESNET_SUB[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(rf"^encoder\.down\.(\d+)\.downsample\.conv\.{_P}$"),
+        lambda m, L: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}",
+    ),
+    (
+        re.compile(rf"^decoder\.up\.(\d+)\.block\.(\d+)\.{_RES}\.{_P}$"),
+        lambda m, L: f"decoder.up_blocks.{L - 1 - int(m[1])}.resnets.{m[2]}.{_RESNET_SUB[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(rf"^decoder\.up\.(\d+)\.upsample\.conv\.{_P}$"),
+        lambda m, L: f"decoder.up_blocks.{L - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}",
+    ),
+    (
+        re.compile(rf"^(encoder|decoder)\.mid\.block_([12])\.{_RES}\.{_P}$"),
+        lambda m, L: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_RESNET_SUB[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(rf"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.{_P}$"),
+        lambda m, L: f"{m[1]}.mid_block.attentions.0.{_ATTN_SUB[m[2]]}.{m[3]}",
+    ),
 ]
 
 _DIFFUSERS_PATTERNS = [
     (re.compile(rf"^(encoder|decoder)\.conv_norm_out\.{_P}$"), lambda m, L: f"{m[1]}.norm_out.{m[2]}"),
     (re.compile(rf"^(encoder|decoder)\.(conv_in|conv_out)\.{_P}$"), lambda m, L: m[0]),
     (re.compile(rf"^(quant_conv|post_quant_conv)\.{_P}$"), lambda m, L: m[0]),
-    (re.compile(rf"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.{_RES_D}\.{_P}$"),
-     lambda m, L: f"encoder.down.{m[1]}.block.{m[2]}.{_RESNET_SUB_INV[m[3]]}.{m[4]}"),
-    (re.compile(rf"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.{_P}$"),
-     lambda m, L: f"encoder.down.{m[1]}.downsample.conv.{m[2]}"),
-    (re.compile(rf"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.{_RES_D}\.{_P}$"),
-     lambda m, L: f"decoder.up.{L - 1 - int(m[1])}.block.{m[2]}.{_RESNET_SUB_INV[m[3]]}.{m[4]}"),
-    (re.compile(rf"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.{_P}$"),
-     lambda m, L: f"decoder.up.{L - 1 - int(m[1])}.upsample.conv.{m[2]}"),
-    (re.compile(rf"^(encoder|decoder)\.mid_block\.resnets\.([01])\.{_RES_D}\.{_P}$"),
-     lambda m, L: f"{m[1]}.mid.block_{int(m[2]) + 1}.{_RESNET_SUB_INV[m[3]]}.{m[4]}"),
-    (re.compile(rf"^(encoder|decoder)\.mid_block\.attentions\.0\."
-                rf"(group_norm|to_q|to_k|to_v|to_out\.0)\.{_P}$"),
-     lambda m, L: f"{m[1]}.mid.attn_1.{_ATTN_SUB_INV[m[2]]}.{m[3]}"),
+    (
+        re.compile(rf"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.{_RES_D}\.{_P}$"),
+        lambda m, L: f"encoder.down.{m[1]}.block.{m[2]}.{_RESNET_SUB_INV[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(rf"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.{_P}$"),
+        lambda m, L: f"encoder.down.{m[1]}.downsample.conv.{m[2]}",
+    ),
+    (
+        re.compile(rf"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.{_RES_D}\.{_P}$"),
+        lambda m, L: f"decoder.up.{L - 1 - int(m[1])}.block.{m[2]}.{_RESNET_SUB_INV[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(rf"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.{_P}$"),
+        lambda m, L: f"decoder.up.{L - 1 - int(m[1])}.upsample.conv.{m[2]}",
+    ),
+    (
+        re.compile(rf"^(encoder|decoder)\.mid_block\.resnets\.([01])\.{_RES_D}\.{_P}$"),
+        lambda m, L: f"{m[1]}.mid.block_{int(m[2]) + 1}.{_RESNET_SUB_INV[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(
+            rf"^(encoder|decoder)\.mid_block\.attentions\.0\."
+            rf"(group_norm|to_q|to_k|to_v|to_out\.0)\.{_P}$"
+        ),
+        lambda m, L: f"{m[1]}.mid.attn_1.{_ATTN_SUB_INV[m[2]]}.{m[3]}",
+    ),
 ]
-_ATTN_LINEAR = re.compile(r"\.(mid\.attn_1\.(q|k|v|proj_out)|mid_block\.attentions\.0\."
-                          r"(to_q|to_k|to_v|to_out\.0))\.weight$")
+_ATTN_LINEAR = re.compile(
+    r"\.(mid\.attn_1\.(q|k|v|proj_out)|mid_block\.attentions\.0\."
+    r"(to_q|to_k|to_v|to_out\.0))\.weight$"
+)
 
 
 def _num_levels(keys, pattern: str) -> int:
@@ -166,9 +193,12 @@ def ldm_to_diffusers_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{len(unknown)} key(s) are not part of an LDM KL autoencoder "
-                         f"(encoder.*, decoder.*, quant_conv.*, post_quant_conv.*): "
-                         + ", ".join(sorted(unknown)[:10]) + (" ..." if len(unknown) > 10 else ""))
+        raise ValueError(
+            f"{len(unknown)} key(s) are not part of an LDM KL autoencoder "
+            f"(encoder.*, decoder.*, quant_conv.*, post_quant_conv.*): "
+            + ", ".join(sorted(unknown)[:10])
+            + (" ..." if len(unknown) > 10 else "")
+        )
     return out
 
 
@@ -200,9 +230,13 @@ def _default_groups(channels: list[int]) -> int:
     return next(g for g in range(32, 0, -1) if all(c % g == 0 for c in channels))
 
 
-def vae_config_from_ldm(state: dict[str, torch.Tensor], *, norm_num_groups: int | None = None,
-                        sample_size: int = 256,
-                        scaling_factor: float = SCALE_FACTORS["imagenet"]) -> dict[str, Any]:
+def vae_config_from_ldm(
+    state: dict[str, torch.Tensor],
+    *,
+    norm_num_groups: int | None = None,
+    sample_size: int = 256,
+    scaling_factor: float = SCALE_FACTORS["imagenet"],
+) -> dict[str, Any]:
     """diffusers ``AutoencoderKL`` config for an LDM-named state dict, read from its shapes.
 
     Levels, channels per level, blocks per level, in/out/latent channels, quant convs and the
@@ -211,21 +245,26 @@ def vae_config_from_ldm(state: dict[str, torch.Tensor], *, norm_num_groups: int 
     ``norm_num_groups=None`` to the official 32 whenever the channels allow it (see
     :func:`_default_groups`).
     """
+
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
             raise ValueError(f"state dict has no {key!r}: not an LDM KL autoencoder")
         return tuple(state[key].shape)
 
     if any(re.match(r"^(encoder\.down|decoder\.up)\.\d+\.attn\.", k) for k in state):
-        raise ValueError("this autoencoder has attention outside the mid block (attn_resolutions "
-                         "non-empty); diffusers AutoencoderKL cannot represent it")
+        raise ValueError(
+            "this autoencoder has attention outside the mid block (attn_resolutions "
+            "non-empty); diffusers AutoencoderKL cannot represent it"
+        )
     L = _num_levels(state, r"^encoder\.down\.(\d+)\.")
     channels = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(L)]
     layers = _num_levels(state, r"^encoder\.down\.0\.block\.(\d+)\.")
     latent = shape("decoder.conv_in.weight")[1]
     if shape("encoder.conv_out.weight")[0] != 2 * latent:
-        raise ValueError(f"encoder.conv_out has {shape('encoder.conv_out.weight')[0]} outputs, "
-                         f"expected 2 x z_channels = {2 * latent} (double_z)")
+        raise ValueError(
+            f"encoder.conv_out has {shape('encoder.conv_out.weight')[0]} outputs, "
+            f"expected 2 x z_channels = {2 * latent} (double_z)"
+        )
     if "post_quant_conv.weight" in state and shape("post_quant_conv.weight")[0] != latent:
         raise ValueError("embed_dim != z_channels: diffusers AutoencoderKL needs them equal")
     if norm_num_groups is None:
@@ -268,7 +307,8 @@ def _read_ldm_state(path: Path) -> dict[str, torch.Tensor]:
         raise UnsafeCheckpointError(
             f"Refusing to load {path}: it is not a plain tensor state dict, and it is only ever "
             f"read with torch.load(weights_only=True), which does not run pickled code ({e}). "
-            f"Use the official autoencoder_kl.pth (or a diffusers directory) instead.") from e
+            f"Use the official autoencoder_kl.pth (or a diffusers directory) instead."
+        ) from e
 
 
 def _load_from_ldm_file(path: Path, norm_num_groups: int | None, sample_size: int) -> AutoencoderKL:
@@ -277,23 +317,25 @@ def _load_from_ldm_file(path: Path, norm_num_groups: int | None, sample_size: in
     state = _read_ldm_state(path)
     state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
     if any(k.startswith("encoder.down_blocks.") for k in state):
-        raise ValueError(f"{path} has diffusers key names; save the model with save_pretrained() "
-                         f"and pass that directory instead")
+        raise ValueError(
+            f"{path} has diffusers key names; save the model with save_pretrained() and pass that directory instead"
+        )
     config = vae_config_from_ldm(state, norm_num_groups=norm_num_groups, sample_size=sample_size)
     converted = ldm_to_diffusers_vae(state)
     vae = AutoencoderKL.from_config(config)
     own = vae.state_dict()
     missing = sorted(set(own) - set(converted))
     unexpected = sorted(set(converted) - set(own))
-    shapes = [f"{k}: file {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(converted)) if own[k].shape != converted[k].shape]
+    shapes = [
+        f"{k}: file {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(converted))
+        if own[k].shape != converted[k].shape
+    ]
     if missing or unexpected or shapes:
         lines = [f"{path} does not match the AutoencoderKL its shapes imply:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", shapes)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8])
-                             + (" ..." if len(items) > 8 else ""))
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
         raise ValueError("\n".join(lines))
     vae.load_state_dict(converted, strict=True)
     return vae
@@ -332,15 +374,17 @@ def load_vae(
         vae = AutoencoderKL.from_pretrained(str(path), subfolder=sub, local_files_only=True)
     elif path.is_file():
         if path.suffix not in _PTH_SUFFIXES | {".safetensors"}:
-            raise ValueError(f"{path}: expected a diffusers directory or an LDM checkpoint "
-                             f"({', '.join(sorted(_PTH_SUFFIXES))}, .safetensors)")
+            raise ValueError(
+                f"{path}: expected a diffusers directory or an LDM checkpoint "
+                f"({', '.join(sorted(_PTH_SUFFIXES))}, .safetensors)"
+            )
         vae = _load_from_ldm_file(path, norm_num_groups, sample_size)
     elif is_hub_id(source):
-        [vae] = from_hub(source, [AutoencoderKL.from_pretrained], "autoencoder (VAE)", params_key,
-                         subfolder=subfolder)
+        [vae] = from_hub(source, [AutoencoderKL.from_pretrained], "autoencoder (VAE)", params_key, subfolder=subfolder)
     else:
-        raise FileNotFoundError(f"VAE source {str(source)!r} is neither an existing file or "
-                                f"directory nor a hub id of the form org/name")
+        raise FileNotFoundError(
+            f"VAE source {str(source)!r} is neither an existing file or directory nor a hub id of the form org/name"
+        )
     if scale_factor is not None:
         if not scale_factor > 0:
             raise ValueError(f"scale_factor must be > 0, got {scale_factor}")
@@ -365,8 +409,7 @@ def _param(vae: torch.nn.Module) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _precision(device: torch.device, model_dtype: torch.dtype,
-               autocast_dtype: torch.dtype | None) -> Iterator[None]:
+def _precision(device: torch.device, model_dtype: torch.dtype, autocast_dtype: torch.dtype | None) -> Iterator[None]:
     if device.type == "cuda" and model_dtype == torch.float32 and autocast_dtype is not None:
         with torch.autocast("cuda", dtype=autocast_dtype):
             yield
@@ -386,8 +429,13 @@ def pixels_to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_moments(vae: AutoencoderKL, x: torch.Tensor, *, batch_size: int | None = None,
-                   autocast_dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+def encode_moments(
+    vae: AutoencoderKL,
+    x: torch.Tensor,
+    *,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = torch.bfloat16,
+) -> torch.Tensor:
     """The official ``encode_moments``: quant_conv(encoder(x)) for x in [−1, 1] (uint8 is
     converted). Returns float32 (B, 2·latent_channels, H/f, W/f) on the VAE's device: mean ‖
     logvar along channels, logvar unclamped."""
@@ -401,8 +449,9 @@ def encode_moments(vae: AutoencoderKL, x: torch.Tensor, *, batch_size: int | Non
     return torch.cat(outs)
 
 
-def sample_latents(moments: torch.Tensor, scale: float,
-                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+def sample_latents(
+    moments: torch.Tensor, scale: float, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """z = scale · (mean + exp(½·clamp(logvar, −30, 20)) · ε), ε ~ N(0, I) from ``generator``
     (drawn on the generator's device, then moved) unless ``noise`` gives it; float32, on the
     moments' device. Training re-samples z from the stored moments every step (the official recipe)."""
@@ -416,9 +465,14 @@ def sample_latents(moments: torch.Tensor, scale: float,
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKL, z: torch.Tensor, *, scale: float | None = None,
-           batch_size: int | None = None,
-           autocast_dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+def decode(
+    vae: AutoencoderKL,
+    z: torch.Tensor,
+    *,
+    scale: float | None = None,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = torch.bfloat16,
+) -> torch.Tensor:
     """Images in (about) [−1, 1] from scaled latents: ``vae.decode(z / scale).sample``, with
     ``scale`` = ``vae.config.scaling_factor`` unless given. float32 on the VAE's device."""
     p = _param(vae)

@@ -43,8 +43,10 @@ def select_caption_rows(contexts_root: str | Path, num_samples: int, mode: str =
     else:
         raise ValueError(f"unknown caption selection {mode!r}; choose one of {CAPTION_SELECTIONS}")
     if num_samples > available:
-        raise ValueError(f"{num_samples} samples asked for but {contexts_root} has {available} "
-                         f"{'captions' if mode == 'first' else 'images'} (caption selection {mode!r})")
+        raise ValueError(
+            f"{num_samples} samples asked for but {contexts_root} has {available} "
+            f"{'captions' if mode == 'first' else 'images'} (caption selection {mode!r})"
+        )
     return rows
 
 
@@ -71,7 +73,7 @@ class CaptionSet:
         from uvit.data.shards import ShardedArrays
 
         ds = ShardedArrays(self.contexts_root)
-        rows = self.rows[start:start + count].tolist()
+        rows = self.rows[start : start + count].tolist()
         return torch.from_numpy(np.stack([_row(ds, "contexts", r).astype(np.float32) for r in rows]))
 
     def empty_context(self) -> Tensor:
@@ -83,15 +85,17 @@ class CaptionSet:
     def metadata(self, start: int, count: int) -> dict[str, np.ndarray]:
         """Per-sample arrays stored with the samples: `caption_rows` int64 (count,), and the
         caption texts `captions` (fixed-width unicode, count) when `captions_root` is set."""
-        rows = np.ascontiguousarray(self.rows[start:start + count], dtype=np.int64)
+        rows = np.ascontiguousarray(self.rows[start : start + count], dtype=np.int64)
         out = {"caption_rows": rows}
         if self.captions_root is not None:
             from uvit.data.shards import ShardedArrays
 
             ctx = ShardedArrays(self.contexts_root)
             src = ShardedArrays(self.captions_root)
-            texts = [str(_row(src, "captions", int(_row(ctx, "image_rows", r)))[int(_row(ctx, "caption_index", r))])
-                     for r in rows.tolist()]
+            texts = [
+                str(_row(src, "captions", int(_row(ctx, "image_rows", r)))[int(_row(ctx, "caption_index", r))])
+                for r in rows.tolist()
+            ]
             out["captions"] = np.array(texts, dtype=str)
         return out
 

@@ -167,8 +167,10 @@ def predict(model: DigitClassifier, images: np.ndarray | Tensor, batch_size: int
     model.eval()
     device = next(model.parameters()).device
     x = _as_uint8_tensor(images)
-    out = [model(DigitClassifier.preprocess(x[i : i + batch_size].to(device))).argmax(1).cpu()
-           for i in range(0, len(x), batch_size)]
+    out = [
+        model(DigitClassifier.preprocess(x[i : i + batch_size].to(device))).argmax(1).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
@@ -217,7 +219,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Dig
     if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"{path} is not a saved classifier: expected {WEIGHTS_FILE} and {CONFIG_FILE} in it "
-            "(written by uvit.evaluate.classifier.save_classifier)")
+            "(written by uvit.evaluate.classifier.save_classifier)"
+        )
     config = ClassifierConfig(**json.loads((path / CONFIG_FILE).read_text()))
     model = DigitClassifier(config)
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))

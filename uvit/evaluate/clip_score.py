@@ -31,12 +31,22 @@ __all__ = ["DEFAULT_CLIP_MODEL", "REQUIRED_FILES", "clip_score", "clip_scores", 
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 # What a local CLIP directory must hold (what `huggingface-cli download` of the hub repo gives).
-REQUIRED_FILES = ("config.json", "model.safetensors (or pytorch_model.bin)", "preprocessor_config.json",
-                  "tokenizer_config.json", "vocab.json", "merges.txt")
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors (or pytorch_model.bin)",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
-def load_clip(source: str | Path = DEFAULT_CLIP_MODEL, *, device: str | torch.device = "cpu",
-              params_key: str = "mscoco256.score.clip_model") -> tuple[CLIPModel, CLIPProcessor]:
+def load_clip(
+    source: str | Path = DEFAULT_CLIP_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    params_key: str = "mscoco256.score.clip_model",
+) -> tuple[CLIPModel, CLIPProcessor]:
     """(CLIPModel in eval mode without gradients, CLIPProcessor) from a local directory holding
     :data:`REQUIRED_FILES` or a hub id (local cache only when offline)."""
     from transformers import CLIPModel, CLIPProcessor
@@ -53,20 +63,28 @@ def load_clip(source: str | Path = DEFAULT_CLIP_MODEL, *, device: str | torch.de
                 f"{path} is not a complete CLIP model directory ({type(e).__name__}: {str(e).splitlines()[0]}). "
                 f"It needs {', '.join(REQUIRED_FILES)}: the files of the hub repo, e.g. "
                 f"`huggingface-cli download {DEFAULT_CLIP_MODEL} --local-dir {path}`; "
-                f"`{params_key}` names the directory.") from e
+                f"`{params_key}` names the directory."
+            ) from e
     elif is_hub_id(source):
-        model, processor = from_hub(source, [CLIPModel.from_pretrained, CLIPProcessor.from_pretrained],
-                                    "CLIP model (CLIP score)", params_key,
-                                    note=f" The directory must hold {', '.join(REQUIRED_FILES)}.")
+        model, processor = from_hub(
+            source,
+            [CLIPModel.from_pretrained, CLIPProcessor.from_pretrained],
+            "CLIP model (CLIP score)",
+            params_key,
+            note=f" The directory must hold {', '.join(REQUIRED_FILES)}.",
+        )
     else:
-        raise FileNotFoundError(f"CLIP model source {str(source)!r} is neither an existing directory nor a hub "
-                                f"id of the form org/name (set `{params_key}`)")
+        raise FileNotFoundError(
+            f"CLIP model source {str(source)!r} is neither an existing directory nor a hub "
+            f"id of the form org/name (set `{params_key}`)"
+        )
     return model.to(device).eval().requires_grad_(False), processor
 
 
 @torch.no_grad()
-def clip_scores(images: np.ndarray, texts: Sequence[str], model: CLIPModel, processor: CLIPProcessor,
-                batch_size: int = 64) -> np.ndarray:
+def clip_scores(
+    images: np.ndarray, texts: Sequence[str], model: CLIPModel, processor: CLIPProcessor, batch_size: int = 64
+) -> np.ndarray:
     """Per-sample scores float64 (N,): 100 * max(cos(image_i, text_i), 0).
 
     images: uint8 (N, 3, H, W) in 0..255; texts: N captions, text i belonging to image i.
@@ -82,20 +100,30 @@ def clip_scores(images: np.ndarray, texts: Sequence[str], model: CLIPModel, proc
     max_length = model.config.text_config.max_position_embeddings
     out = []
     for s in range(0, len(images), batch_size):
-        batch = list(images[s:s + batch_size].transpose(0, 2, 3, 1))  # the processor takes HWC arrays
-        inputs = processor(text=[str(t) for t in texts[s:s + batch_size]], images=batch, return_tensors="pt",
-                           padding=True, truncation=True, max_length=max_length)
+        batch = list(images[s : s + batch_size].transpose(0, 2, 3, 1))  # the processor takes HWC arrays
+        inputs = processor(
+            text=[str(t) for t in texts[s : s + batch_size]],
+            images=batch,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )
         # The projected pooled embeddings, spelled out: get_*_features changed return types across
         # transformers versions.
         img = model.visual_projection(model.vision_model(pixel_values=inputs["pixel_values"].to(device)).pooler_output)
-        txt = model.text_projection(model.text_model(input_ids=inputs["input_ids"].to(device),
-                                                     attention_mask=inputs["attention_mask"].to(device)).pooler_output)
+        txt = model.text_projection(
+            model.text_model(
+                input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
+            ).pooler_output
+        )
         cos = torch.nn.functional.cosine_similarity(img.double(), txt.double(), dim=-1)
         out.append((100 * cos.clamp(min=0)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def clip_score(images: np.ndarray, texts: Sequence[str], model: CLIPModel, processor: CLIPProcessor,
-               batch_size: int = 64) -> float:
+def clip_score(
+    images: np.ndarray, texts: Sequence[str], model: CLIPModel, processor: CLIPProcessor, batch_size: int = 64
+) -> float:
     """The CLIP score of uint8 (N, 3, H, W) images against their N captions (module docstring)."""
     return float(clip_scores(images, texts, model, processor, batch_size).mean())

@@ -21,7 +21,7 @@ __all__ = ["caption_set", "decoder_spec", "device_for", "draw_samples", "paper_c
 
 
 def device_for(cfg: BenchmarkConfig) -> str:
-    """"cuda" when the benchmark asks for a GPU and one is there, else "cpu"."""
+    """ "cuda" when the benchmark asks for a GPU and one is there, else "cpu"."""
     return "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
 
 
@@ -47,15 +47,21 @@ def caption_set(cfg: BenchmarkConfig, paths: BenchmarkPaths, num_samples: int):
     split = "val" if (paths.contexts / "val").is_dir() else "test"
     root = paths.contexts / split
     if not (root / "manifest.json").is_file():
-        raise FileNotFoundError(f"{paths.contexts}/val: no encoded validation captions; run "
-                                f"`uvit encode {cfg.name}` first (it writes the CLIP contexts of every caption)")
+        raise FileNotFoundError(
+            f"{paths.contexts}/val: no encoded validation captions; run "
+            f"`uvit encode {cfg.name}` first (it writes the CLIP contexts of every caption)"
+        )
     texts = paths.data / split
-    return CaptionSet(str(root), select_caption_rows(root, num_samples, cfg.sample.captions),
-                      captions_root=str(texts) if (texts / "manifest.json").is_file() else None)
+    return CaptionSet(
+        str(root),
+        select_caption_rows(root, num_samples, cfg.sample.captions),
+        captions_root=str(texts) if (texts / "manifest.json").is_file() else None,
+    )
 
 
-def draw_samples(cfg: BenchmarkConfig, model, num_samples: int | None = None, progress: bool = True,
-                 captions=None) -> tuple[np.ndarray, np.ndarray | None]:
+def draw_samples(
+    cfg: BenchmarkConfig, model, num_samples: int | None = None, progress: bool = True, captions=None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 (N, C, H, W) samples of `model` with the benchmark's sampler settings, and their labels,
     in memory (the untrained-model ceiling; the stage itself samples through shards).
     captions: a CaptionSet for a text-to-image model."""
@@ -66,12 +72,25 @@ def draw_samples(cfg: BenchmarkConfig, model, num_samples: int | None = None, pr
     text = {}
     if model.config.clip_dim is not None:
         if captions is None:
-            raise ValueError(f"{cfg.name}: a text-to-image model samples from captions (pass captions=caption_set(...))")
+            raise ValueError(
+                f"{cfg.name}: a text-to-image model samples from captions (pass captions=caption_set(...))"
+            )
         text = {"contexts": captions.contexts(0, n), "empty_context": captions.empty_context()}
     labels = sample_labels(cfg, n)
-    x = generate(model, schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
-                 seeds=sample_seeds(s.seed, n), labels=labels, guidance_scale=s.guidance_scale,
-                 batch_size=s.batch_size, device=device_for(cfg), progress=progress, **text, **s.sampler_kwargs())
+    x = generate(
+        model,
+        schedule=cfg.diffusion.schedule,
+        sampler=s.sampler,
+        steps=s.steps,
+        seeds=sample_seeds(s.seed, n),
+        labels=labels,
+        guidance_scale=s.guidance_scale,
+        batch_size=s.batch_size,
+        device=device_for(cfg),
+        progress=progress,
+        **text,
+        **s.sampler_kwargs(),
+    )
     if cfg.encode is not None:  # latent benchmarks: decode with the VAE, in chunks of 50 as the official code
         from uvit.encoders.vae import decode, load_vae
 
@@ -91,16 +110,27 @@ def paper_caption_images(cfg: BenchmarkConfig, weights: Path, per_caption: int =
     from uvit.report.paper import PAPER_CAPTIONS
 
     s, dev = cfg.sample, device_for(cfg)
-    tokenizer, text_model = load_text_encoder(cfg.encode.text_encoder, device=dev,
-                                              params_key=f"{cfg.name}.encode.text_encoder")
+    tokenizer, text_model = load_text_encoder(
+        cfg.encode.text_encoder, device=dev, params_key=f"{cfg.name}.encode.text_encoder"
+    )
     prompts = [c for c in PAPER_CAPTIONS for _ in range(per_caption)]
     contexts = encode_text(tokenizer, text_model, prompts).cpu()
     empty = empty_context(tokenizer, text_model).cpu()
     model = UViT.from_pretrained(weights)
-    x = generate(model, schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
-                 seeds=sample_seeds(s.seed + 1, len(prompts)), contexts=contexts, empty_context=empty,
-                 guidance_scale=s.guidance_scale, batch_size=s.batch_size, device=dev, progress=False,
-                 **s.sampler_kwargs())
+    x = generate(
+        model,
+        schedule=cfg.diffusion.schedule,
+        sampler=s.sampler,
+        steps=s.steps,
+        seeds=sample_seeds(s.seed + 1, len(prompts)),
+        contexts=contexts,
+        empty_context=empty,
+        guidance_scale=s.guidance_scale,
+        batch_size=s.batch_size,
+        device=dev,
+        progress=False,
+        **s.sampler_kwargs(),
+    )
     decoder = decoder_spec(cfg)
     from uvit.encoders.vae import decode, load_vae
 

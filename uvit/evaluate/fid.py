@@ -61,9 +61,7 @@ DIGITS_EXTRACTOR = "uvit-digits-classifier"  # our registry name in torch-fideli
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 # Where torch-fidelity 0.4.0 itself would download the file from
 # (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3).
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
-)
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 
 
 class UInt8Images(Dataset):
@@ -114,11 +112,14 @@ def _register_digits_extractor() -> str:
         (B, num_classes).
         """
 
-        def __init__(self, name: str, features_list: list[str],
-                     feature_extractor_weights_path: str | None = None, **kwargs: Any) -> None:
+        def __init__(
+            self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs: Any
+        ) -> None:
             super().__init__(name, features_list)
-            vassert(feature_extractor_weights_path is not None,
-                    f"{name} needs feature_extractor_weights_path: a directory written by save_classifier")
+            vassert(
+                feature_extractor_weights_path is not None,
+                f"{name} needs feature_extractor_weights_path: a directory written by save_classifier",
+            )
             self.classifier = load_classifier(feature_extractor_weights_path)
             self.requires_grad_(False)
             self.eval()
@@ -166,18 +167,22 @@ def inception_weights_path(weights_path: str | Path | None = None) -> Path:
         f"FID with Inception needs torch-fidelity's InceptionV3 weights {INCEPTION_WEIGHTS_FILE}, "
         f"but {where}. Nothing is downloaded automatically: fetch {INCEPTION_WEIGHTS_URL} on a "
         f"connected machine and either place it at {default} (torch-fidelity's cache under "
-        f"$TORCH_HOME/hub/checkpoints) or pass its location as weights_path=...")
+        f"$TORCH_HOME/hub/checkpoints) or pass its location as weights_path=..."
+    )
 
 
-def _resolve(extractor: str, weights_path: str | Path | None,
-             classifier_path: str | Path | None) -> tuple[str, str, bool]:
+def _resolve(
+    extractor: str, weights_path: str | Path | None, classifier_path: str | Path | None
+) -> tuple[str, str, bool]:
     """-> (torch-fidelity extractor name, its feature_extractor_weights_path, needs RGB input)."""
     if extractor == "inception":
         return INCEPTION_EXTRACTOR, str(inception_weights_path(weights_path)), True
     if extractor == "digits-classifier":
         if classifier_path is None:
-            raise ValueError("extractor='digits-classifier' needs classifier_path "
-                             "(the directory written by uvit.evaluate.classifier.save_classifier)")
+            raise ValueError(
+                "extractor='digits-classifier' needs classifier_path "
+                "(the directory written by uvit.evaluate.classifier.save_classifier)"
+            )
         if not Path(classifier_path).is_dir():
             raise FileNotFoundError(f"classifier directory {classifier_path} does not exist")
         return _register_digits_extractor(), str(classifier_path), False
@@ -265,9 +270,11 @@ def fid_statistics(
     dataset = UInt8Images(images, rgb=rgb)
     with _on_device(device) as cuda:
         extractor_module = create_feature_extractor(
-            name, [layer], cuda=cuda, feature_extractor_weights_path=weights, verbose=False)
+            name, [layer], cuda=cuda, feature_extractor_weights_path=weights, verbose=False
+        )
         features = get_featuresdict_from_dataset(
-            dataset, extractor_module, batch_size, cuda, save_cpu_ram=True, verbose=_show(progress))
+            dataset, extractor_module, batch_size, cuda, save_cpu_ram=True, verbose=_show(progress)
+        )
     stats = fid_featuresdict_to_statistics(features, layer)
     return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
 
@@ -326,23 +333,40 @@ def extract_features(
 
     name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
     with _on_device(device) as cuda:
-        module = create_feature_extractor(name, list(layers), cuda=cuda, feature_extractor_weights_path=weights,
-                                          verbose=False)
-        feats = get_featuresdict_from_dataset(UInt8Images(images, rgb=rgb), module, batch_size, cuda,
-                                              save_cpu_ram=True, verbose=_show(progress))
+        module = create_feature_extractor(
+            name, list(layers), cuda=cuda, feature_extractor_weights_path=weights, verbose=False
+        )
+        feats = get_featuresdict_from_dataset(
+            UInt8Images(images, rgb=rgb), module, batch_size, cuda, save_cpu_ram=True, verbose=_show(progress)
+        )
     return {k: v.cpu() for k, v in feats.items()}
 
 
-def kid_from_features(features_a: np.ndarray | Tensor, features_b: np.ndarray | Tensor, *, subset_size: int = 1000,
-                      subsets: int = 100, seed: int = 2020) -> tuple[float, float]:
+def kid_from_features(
+    features_a: np.ndarray | Tensor,
+    features_b: np.ndarray | Tensor,
+    *,
+    subset_size: int = 1000,
+    subsets: int = 100,
+    seed: int = 2020,
+) -> tuple[float, float]:
     """(mean, std) of KID over `subsets` random subsets of min(subset_size, N_a, N_b) rows each:
     torch-fidelity's ``kid_features_to_metric`` (kernel (x.y / D + 1)^3) on float (N, D) features."""
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     a, b = torch.as_tensor(features_a).float(), torch.as_tensor(features_b).float()
-    m = kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=min(subset_size, len(a), len(b)),
-                               kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
-                               kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
+    m = kid_features_to_metric(
+        a,
+        b,
+        kid_subsets=subsets,
+        kid_subset_size=min(subset_size, len(a), len(b)),
+        kid_kernel="poly",
+        kid_kernel_poly_degree=3,
+        kid_kernel_poly_gamma=None,
+        kid_kernel_poly_coef0=1,
+        rng_seed=seed,
+        verbose=False,
+    )
     return float(m[KEY_METRIC_KID_MEAN]), float(m[KEY_METRIC_KID_STD])
 
 
@@ -367,9 +391,17 @@ def kid(
     a, b = UInt8Images(images_a, rgb=rgb), UInt8Images(images_b, rgb=rgb)
     with _on_device(device) as cuda:
         metrics = torch_fidelity.calculate_metrics(
-            input1=a, input2=b, kid=True, kid_subsets=subsets, kid_subset_size=min(subset_size, len(a), len(b)),
-            feature_extractor=name, feature_extractor_weights_path=weights, batch_size=batch_size, cuda=cuda,
-            **_FIDELITY_KWARGS)
+            input1=a,
+            input2=b,
+            kid=True,
+            kid_subsets=subsets,
+            kid_subset_size=min(subset_size, len(a), len(b)),
+            feature_extractor=name,
+            feature_extractor_weights_path=weights,
+            batch_size=batch_size,
+            cuda=cuda,
+            **_FIDELITY_KWARGS,
+        )
     return float(metrics[torch_fidelity.KEY_METRIC_KID_MEAN]), float(metrics[torch_fidelity.KEY_METRIC_KID_STD])
 
 
@@ -384,8 +416,9 @@ def inception_score_from_logits(logits: np.ndarray | Tensor, splits: int = 10, s
     return float(m[KEY_METRIC_ISC_MEAN]), float(m[KEY_METRIC_ISC_STD])
 
 
-def precision_recall_from_features(generated: np.ndarray | Tensor, real: np.ndarray | Tensor,
-                                   neighborhood: int = 3) -> tuple[float, float]:
+def precision_recall_from_features(
+    generated: np.ndarray | Tensor, real: np.ndarray | Tensor, neighborhood: int = 3
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of float features (N, D), (M, D):
     precision = share of generated samples inside some real sample's k-NN ball (k = neighborhood),
     recall = share of real samples inside some generated sample's ball. torch-fidelity's
@@ -394,6 +427,7 @@ def precision_recall_from_features(generated: np.ndarray | Tensor, real: np.ndar
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
     g, r = torch.as_tensor(generated).float(), torch.as_tensor(real).float()
-    m = prc_features_to_metric(g, r, prc_neighborhood=neighborhood, prc_batch_size=10_000, save_cpu_ram=True,
-                               verbose=False)
+    m = prc_features_to_metric(
+        g, r, prc_neighborhood=neighborhood, prc_batch_size=10_000, save_cpu_ram=True, verbose=False
+    )
     return float(m[KEY_METRIC_PRECISION]), float(m[KEY_METRIC_RECALL])

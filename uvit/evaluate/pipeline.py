@@ -112,12 +112,27 @@ class UViTTransformer(ModelMixin, UViT, ConfigMixin):
         position_embedding: str = "learned",
         use_checkpoint: bool = False,
     ):
-        cfg = UViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         num_classes=num_classes, clip_dim=clip_dim, num_text_tokens=num_text_tokens,
-                         mlp_time_embed=mlp_time_embed, conv=conv, conv_position=conv_position, skip=skip,
-                         time=time, patch_embedding=patch_embedding, position_embedding=position_embedding,
-                         use_checkpoint=use_checkpoint)
+        cfg = UViTConfig(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            num_classes=num_classes,
+            clip_dim=clip_dim,
+            num_text_tokens=num_text_tokens,
+            mlp_time_embed=mlp_time_embed,
+            conv=conv,
+            conv_position=conv_position,
+            skip=skip,
+            time=time,
+            patch_embedding=patch_embedding,
+            position_embedding=position_embedding,
+            use_checkpoint=use_checkpoint,
+        )
         # In this MRO UViT.__init__'s super().__init__() is nn.Module.__init__, while ModelMixin.__init__
         # would reach UViT.__init__ with no config: so call UViT's and set ModelMixin's one attribute.
         UViT.__init__(self, cfg)
@@ -210,13 +225,16 @@ class UViTPipeline(DiffusionPipeline):
             raise ValueError("text_encoder and tokenizer come together (both or neither)")
         if schedule is None:
             if not isinstance(scheduler, UViTDPMSolverScheduler):
-                raise ValueError(f"pass schedule='discrete' or 'vpsde' (the model's training schedule) with a "
-                                 f"{type(scheduler).__name__}: a stock scheduler cannot say which the model uses")
+                raise ValueError(
+                    f"pass schedule='discrete' or 'vpsde' (the model's training schedule) with a "
+                    f"{type(scheduler).__name__}: a stock scheduler cannot say which the model uses"
+                )
             schedule = scheduler.config.schedule
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}: valid choices are {SCHEDULES}")
-        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae,
-                              text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer
+        )
         self.register_to_config(schedule=schedule)  # the model's, kept in model_index.json across swaps
         self._guidance_scale, self._num_timesteps, self._interrupt = 0.0, 0, False
 
@@ -228,8 +246,9 @@ class UViTPipeline(DiffusionPipeline):
             raise ValueError("this pipeline has no text_encoder/tokenizer: it cannot encode prompts")
         device = device or self._execution_device
         length = self.transformer.config.num_text_tokens
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
-                             return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
         return self.text_encoder(ids.to(device)).last_hidden_state.float()
 
     def _conditions(self, class_labels, prompt, num_images: int | None, per_prompt: int = 1):
@@ -251,8 +270,10 @@ class UViTPipeline(DiffusionPipeline):
         if c.num_classes > 0:
             labels = _as_list(class_labels, "class_labels")
             if not labels:
-                raise ValueError(f"a class-conditional model needs `class_labels` (0..{c.num_classes - 1}; the "
-                                 f"last, {c.num_classes - 1}, is the null class of CFG training)")
+                raise ValueError(
+                    f"a class-conditional model needs `class_labels` (0..{c.num_classes - 1}; the "
+                    f"last, {c.num_classes - 1}, is the null class of CFG training)"
+                )
             if num_images is not None and len(labels) == 1:
                 labels = labels * num_images
             labels = [v for v in labels for _ in range(per_prompt)]
@@ -269,9 +290,11 @@ class UViTPipeline(DiffusionPipeline):
         model = self.transformer
         dtype = model.dtype
         if dtype != torch.float32:  # samplers keep x in float32; run the network in its own dtype
+
             def model(x, t, _m=model, **kw):  # noqa: E306
                 kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kw.items()}
                 return _m(x.to(dtype), t, **kw).float()
+
         if kind == "none":
             return model
         if kind == "class":
@@ -293,7 +316,7 @@ class UViTPipeline(DiffusionPipeline):
         scale = vae.config.scaling_factor
         out = []
         for i in range(0, z.shape[0], batch_size):
-            zi = (z[i:i + batch_size] / scale).to(device=vae.device, dtype=vae.dtype)
+            zi = (z[i : i + batch_size] / scale).to(device=vae.device, dtype=vae.dtype)
             out.append(vae.decode(zi).sample.float())
         return torch.cat(out)
 
@@ -316,8 +339,10 @@ class UViTPipeline(DiffusionPipeline):
         sched, schedule = self.scheduler, self.config.schedule
         if isinstance(sched, UViTDPMSolverScheduler):
             if sched.config.schedule != schedule:
-                raise ValueError(f"the scheduler's schedule {sched.config.schedule!r} is not the model's "
-                                 f"{schedule!r} (pipeline.config.schedule): the network was trained on one schedule")
+                raise ValueError(
+                    f"the scheduler's schedule {sched.config.schedule!r} is not the model's "
+                    f"{schedule!r} (pipeline.config.schedule): the network was trained on one schedule"
+                )
             return False
         name = type(sched).__name__
         if schedule != "discrete":
@@ -325,7 +350,8 @@ class UViTPipeline(DiffusionPipeline):
                 f"{name} is a discrete-time diffusers scheduler, but this model was trained on the continuous "
                 f"VP SDE (schedule {schedule!r}: alpha(t) continuous in t in [0, 1], network time 999 t), which "
                 "no stock scheduler's betas and integer timesteps describe; use "
-                "UViTDPMSolverScheduler(schedule='vpsde', solver=...) (any sampler of uvit.diffusion)")
+                "UViTDPMSolverScheduler(schedule='vpsde', solver=...) (any sampler of uvit.diffusion)"
+            )
         for attr in ("set_timesteps", "step"):
             if not callable(getattr(sched, attr, None)):
                 raise TypeError(f"{name} has no {attr}(): not a diffusers scheduler with the standard step API")
@@ -334,8 +360,10 @@ class UViTPipeline(DiffusionPipeline):
             raise ValueError(f"{name} has prediction_type={pred!r}, but U-ViT predicts the noise: use 'epsilon'")
         ac = getattr(sched, "alphas_cumprod", None)
         if ac is None:
-            raise ValueError(f"{name} has no alphas_cumprod, so its schedule cannot be checked against the "
-                             "model's discrete scaled-linear one")
+            raise ValueError(
+                f"{name} has no alphas_cumprod, so its schedule cannot be checked against the "
+                "model's discrete scaled-linear one"
+            )
         want = DiscreteSchedule().alphas_cumprod
         got = torch.as_tensor(ac).detach().cpu().double()
         # diffusers computes its betas in float32: a relative 1e-4 is far above that, far below any other schedule
@@ -343,7 +371,8 @@ class UViTPipeline(DiffusionPipeline):
             raise ValueError(
                 f"{name}'s betas are not the model's (scaled_linear, beta_start=0.00085, beta_end=0.012, "
                 f"1000 steps): build it with {name}.from_config(pipe.scheduler.config) from a "
-                "UViTDPMSolverScheduler(schedule='discrete'), or pass those beta keys")
+                "UViTDPMSolverScheduler(schedule='discrete'), or pass those beta keys"
+            )
         return True
 
     @property
@@ -359,8 +388,16 @@ class UViTPipeline(DiffusionPipeline):
         """Set `pipe._interrupt = True` in a step-end callback to stop the loop (diffusers' rule)."""
         return self._interrupt
 
-    def _step_loop(self, net, x: Tensor, num_inference_steps: int, noise: PerSampleNoise, stock: bool,
-                   callback, callback_inputs: list[str]) -> Tensor:
+    def _step_loop(
+        self,
+        net,
+        x: Tensor,
+        num_inference_steps: int,
+        noise: PerSampleNoise,
+        stock: bool,
+        callback,
+        callback_inputs: list[str],
+    ) -> Tensor:
         """diffusers' denoising loop over scheduler.timesteps for one batch of x_T (B, C, H, W)."""
         sched = self.scheduler
         sched.set_timesteps(num_inference_steps, device=x.device)  # also resets multistep history
@@ -438,14 +475,17 @@ class UViTPipeline(DiffusionPipeline):
         cb_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
         bad = [k for k in cb_inputs if k not in self._callback_tensor_inputs]
         if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {self._callback_tensor_inputs}, "
-                             f"but found {bad}")
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has to be in {self._callback_tensor_inputs}, but found {bad}"
+            )
         stock = self.check_scheduler()
         sched = self.scheduler
         use_steps = stock or callback_on_step_end is not None
         if use_steps and not stock and not sched.has_step_loop:
-            raise ValueError(f"callback_on_step_end needs a step loop; solver {sched.config.solver!r} runs its "
-                             f"whole trajectory in sample(): use {STEP_SOLVERS} or a stock diffusers scheduler")
+            raise ValueError(
+                f"callback_on_step_end needs a step loop; solver {sched.config.solver!r} runs its "
+                f"whole trajectory in sample(): use {STEP_SOLVERS} or a stock diffusers scheduler"
+            )
         n, kind, cond = self._conditions(class_labels, prompt, num_images, num_images_per_prompt)
         if seeds is None:
             if isinstance(generator, list):
@@ -476,23 +516,27 @@ class UViTPipeline(DiffusionPipeline):
         out = []
         with self.progress_bar(total=n) as bar:
             for start in range(0, n, batch_size):
-                chunk = seeds[start:start + batch_size]
+                chunk = seeds[start : start + batch_size]
                 noise = PerSampleNoise(chunk, device=device)
                 x_T = noise.randn(shape)
                 if latents is not None:  # (drawing x_T anyway keeps the generators where the seeds put them)
-                    x_T = latents[start:start + len(chunk)].to(device=device, dtype=torch.float32)
+                    x_T = latents[start : start + len(chunk)].to(device=device, dtype=torch.float32)
                 if kind == "class":
-                    cond_b = cond[start:start + len(chunk)]
+                    cond_b = cond[start : start + len(chunk)]
                 elif kind == "text":
-                    cond_b = self.encode_prompt(cond[start:start + len(chunk)], device)
+                    cond_b = self.encode_prompt(cond[start : start + len(chunk)], device)
                 else:
                     cond_b = None
                 net = self._network(kind, cond_b, empty, guidance_scale, device)
                 if use_steps:
                     x = self._step_loop(net, x_T, num_inference_steps, noise, stock, callback_on_step_end, cb_inputs)
                 else:
-                    x = sched.sample(wrap_model(net, sched.noise_schedule), x_T * sched.init_noise_sigma,
-                                     num_inference_steps, noise=noise)
+                    x = sched.sample(
+                        wrap_model(net, sched.noise_schedule),
+                        x_T * sched.init_noise_sigma,
+                        num_inference_steps,
+                        noise=noise,
+                    )
                 out.append(x.float())
                 bar.update(len(chunk))
         x = torch.cat(out)

@@ -24,8 +24,15 @@ from tqdm import tqdm
 
 from uvit.data.shards import DataIntegrityError, Manifest
 
-__all__ = ["KID_REFERENCE_ROWS", "ReferenceStatistics", "RunningMoments", "extractor_statistics",
-           "iter_image_batches", "kid_rows", "stream_statistics"]
+__all__ = [
+    "KID_REFERENCE_ROWS",
+    "ReferenceStatistics",
+    "RunningMoments",
+    "extractor_statistics",
+    "iter_image_batches",
+    "kid_rows",
+    "stream_statistics",
+]
 
 # Reference features kept for KID (a fixed, evenly spaced subset: KID needs features, not statistics).
 KID_REFERENCE_ROWS = 10_000
@@ -85,8 +92,9 @@ def kid_rows(count: int, limit: int = KID_REFERENCE_ROWS) -> np.ndarray:
     return np.linspace(0, count - 1, min(count, limit)).round().astype(np.int64)
 
 
-def iter_image_batches(split: str | Path, field: str = "images",
-                       batch_size: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+def iter_image_batches(
+    split: str | Path, field: str = "images", batch_size: int = 256
+) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, uint8 images (B, C, H, W)) over the split in row order, B <= batch_size (a
     batch never spans two shards). Each batch is read from its shard file on its own, so memory
     holds one batch, whatever the shard and split sizes; shapes and dtypes are checked against the
@@ -123,15 +131,23 @@ def _check_npy_header(f, path: Path, shape: tuple[int, ...], dtype: np.dtype) ->
     except ValueError as e:
         raise DataIntegrityError(f"Cannot read {path}: {e} (run the data stage again)") from e
     if tuple(file_shape) != shape or file_dtype != dtype or (fortran and len(shape) > 1):
-        raise DataIntegrityError(f"{path}: expected C-ordered {dtype} {shape}, found {file_dtype} "
-                                 f"{tuple(file_shape)}{' (Fortran order)' if fortran else ''} "
-                                 f"(run the data stage again)")
+        raise DataIntegrityError(
+            f"{path}: expected C-ordered {dtype} {shape}, found {file_dtype} "
+            f"{tuple(file_shape)}{' (Fortran order)' if fortran else ''} "
+            f"(run the data stage again)"
+        )
     return f.tell()
 
 
-def stream_statistics(split: str | Path, features: FeaturesFn, *, batch_size: int = 256,
-                      kid_limit: int = KID_REFERENCE_ROWS, progress: bool | None = None,
-                      desc: str = "reference statistics") -> ReferenceStatistics:
+def stream_statistics(
+    split: str | Path,
+    features: FeaturesFn,
+    *,
+    batch_size: int = 256,
+    kid_limit: int = KID_REFERENCE_ROWS,
+    progress: bool | None = None,
+    desc: str = "reference statistics",
+) -> ReferenceStatistics:
     """Statistics of ``features(images)`` over every row of the split's ``images`` field.
 
     features: uint8 (B, C, H, W) numpy -> float (B, D) (numpy or tensor). progress: a tqdm bar over
@@ -141,11 +157,12 @@ def stream_statistics(split: str | Path, features: FeaturesFn, *, batch_size: in
     rows = kid_rows(count, kid_limit)
     moments = RunningMoments()
     kid: np.ndarray | None = None
-    with tqdm(total=count, desc=desc, unit="img", disable=None if progress is None else not progress,
-              ascii=True) as bar:
+    with tqdm(
+        total=count, desc=desc, unit="img", disable=None if progress is None else not progress, ascii=True
+    ) as bar:
         for start, images in iter_image_batches(split, batch_size=batch_size):
             f = features(images)
-            f = (f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f))
+            f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
             if f.ndim != 2 or len(f) != len(images):
                 raise ValueError(f"features must be (B, D) for B={len(images)} images, got {f.shape}")
             moments.update(f)
@@ -159,9 +176,17 @@ def stream_statistics(split: str | Path, features: FeaturesFn, *, batch_size: in
     return ReferenceStatistics(mu=mu, sigma=sigma, kid_features=kid, count=count)
 
 
-def extractor_statistics(split: str | Path, *, extractor: str = "inception", weights_path: str | Path | None = None,
-                         classifier_path: str | Path | None = None, device: str = "cpu", batch_size: int = 256,
-                         kid_limit: int = KID_REFERENCE_ROWS, progress: bool | None = None) -> ReferenceStatistics:
+def extractor_statistics(
+    split: str | Path,
+    *,
+    extractor: str = "inception",
+    weights_path: str | Path | None = None,
+    classifier_path: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 256,
+    kid_limit: int = KID_REFERENCE_ROWS,
+    progress: bool | None = None,
+) -> ReferenceStatistics:
     """:func:`stream_statistics` in the FID feature space of ``extractor`` ("inception": the
     2048-d pool features; "digits-classifier": its penultimate features), the torch-fidelity
     extractor object created as :mod:`uvit.evaluate.fid` creates it; grey images are repeated to
@@ -174,8 +199,9 @@ def extractor_statistics(split: str | Path, *, extractor: str = "inception", wei
     name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
     layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
     with _on_device(device) as cuda:
-        module = create_feature_extractor(name, [layer], cuda=cuda, feature_extractor_weights_path=weights,
-                                          verbose=False)
+        module = create_feature_extractor(
+            name, [layer], cuda=cuda, feature_extractor_weights_path=weights, verbose=False
+        )
 
         @torch.no_grad()
         def features(images: np.ndarray) -> torch.Tensor:
@@ -186,5 +212,11 @@ def extractor_statistics(split: str | Path, *, extractor: str = "inception", wei
                 x = x.cuda(non_blocking=True)
             return module.convert_features_tuple_to_dict(module(x))[layer].cpu()
 
-        return stream_statistics(split, features, batch_size=batch_size, kid_limit=kid_limit, progress=progress,
-                                 desc=f"reference statistics ({extractor})")
+        return stream_statistics(
+            split,
+            features,
+            batch_size=batch_size,
+            kid_limit=kid_limit,
+            progress=progress,
+            desc=f"reference statistics ({extractor})",
+        )

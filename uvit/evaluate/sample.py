@@ -30,10 +30,22 @@ def balanced_labels(num_samples: int, num_classes: int) -> Tensor:
 
 
 @torch.no_grad()
-def generate(model: UViT, *, schedule: str, sampler: str, steps: int, seeds: list[int],
-             labels: Tensor | None = None, contexts: Tensor | None = None, empty_context: Tensor | None = None,
-             guidance_scale: float = 0.0, batch_size: int = 500, device: str | torch.device = "cpu",
-             progress: bool = True, **sampler_kwargs) -> Tensor:
+def generate(
+    model: UViT,
+    *,
+    schedule: str,
+    sampler: str,
+    steps: int,
+    seeds: list[int],
+    labels: Tensor | None = None,
+    contexts: Tensor | None = None,
+    empty_context: Tensor | None = None,
+    guidance_scale: float = 0.0,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **sampler_kwargs,
+) -> Tensor:
     """Samples (N, C, H, W) in the model's data range ([-1, 1] for pixels), N = len(seeds).
 
     labels: (N,) class indices for a class-conditional model; guidance uses the model's last
@@ -55,23 +67,25 @@ def generate(model: UViT, *, schedule: str, sampler: str, steps: int, seeds: lis
     out = []
     bar = tqdm(total=len(seeds), desc=f"sample {sampler} x{steps}", unit="img", disable=not progress, ascii=True)
     for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
+        chunk = seeds[start : start + batch_size]
         noise = PerSampleNoise(chunk, device=device)
         x_T = noise.randn((c.in_chans, c.img_size, c.img_size))
         if c.num_classes > 0:
-            y = labels[start:start + len(chunk)].to(device)
+            y = labels[start : start + len(chunk)].to(device)
             if guidance_scale > 0:
                 null = torch.full_like(y, c.num_classes - 1)
                 net = classifier_free_guidance(model, guidance_scale, {"y": y}, {"y": null})
             else:
+
                 def net(x, t, y=y):
                     return model(x, t, y=y)
         elif c.clip_dim is not None:
-            ctx = torch.as_tensor(contexts[start:start + len(chunk)]).to(device, torch.float32)
+            ctx = torch.as_tensor(contexts[start : start + len(chunk)]).to(device, torch.float32)
             if guidance_scale > 0:
                 empty = torch.as_tensor(empty_context).to(device, torch.float32)[None]
                 net = classifier_free_guidance(model, guidance_scale, {"context": ctx}, {"context": empty})
             else:
+
                 def net(x, t, ctx=ctx):
                     return model(x, t, context=ctx)
         else:
@@ -109,15 +123,16 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int, upscale: int = 1)
         grid = np.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=np.uint8)
         for k in range(n):
             top, left = (k // cols) * (h + pad) + pad, (k % cols) * (w + pad) + pad
-            grid[:, top:top + h, left:left + w] = x[k]
+            grid[:, top : top + h, left : left + w] = x[k]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(grid.transpose(1, 2, 0))).save(path)
     return path
 
 
-def save_samples(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None,
-                 extras: dict[str, np.ndarray] | None = None) -> Path:
+def save_samples(
+    path: str | Path, images: np.ndarray, labels: np.ndarray | None = None, extras: dict[str, np.ndarray] | None = None
+) -> Path:
     """`.npz` with `arr_0` uint8 NHWC (the layout the reference evaluation suites read), labels,
     and any per-sample `extras` (N, ...) such as text-to-image `caption_rows` and `captions`."""
     arrays = {"arr_0": images.transpose(0, 2, 3, 1)}

@@ -17,8 +17,17 @@ import pandas as pd
 from uvit.config import BenchmarkConfig, SamplerStudyConfig
 from uvit.paths import BenchmarkPaths
 
-__all__ = ["Setting", "cheapest_within", "fid_bar", "load_results", "run_study", "settings", "steps_for_nfe",
-           "summarize", "write_results"]
+__all__ = [
+    "Setting",
+    "cheapest_within",
+    "fid_bar",
+    "load_results",
+    "run_study",
+    "settings",
+    "steps_for_nfe",
+    "summarize",
+    "write_results",
+]
 
 
 @dataclass(frozen=True)
@@ -78,8 +87,10 @@ def run_study(cfg: BenchmarkConfig, paths: BenchmarkPaths, progress: bool = True
     if study is None:
         raise ValueError(f"{cfg.name} has no sampler_study block in params.yaml")
     if cfg.score.feature_extractor != "digits-classifier":
-        raise NotImplementedError(f"{cfg.name}: the sampler study scores in the digits classifier's feature space; "
-                                  "it is not wired for Inception benchmarks")
+        raise NotImplementedError(
+            f"{cfg.name}: the sampler study scores in the digits classifier's feature space; "
+            "it is not wired for Inception benchmarks"
+        )
     torch.set_num_threads(max(1, cfg.train.threads_per_worker))
     model = UViT.from_pretrained(paths.train / ("ema" if s.use_ema else "model")).eval()
     kw = {"extractor": "digits-classifier", "classifier_path": paths.classifier}
@@ -89,17 +100,35 @@ def run_study(cfg: BenchmarkConfig, paths: BenchmarkPaths, progress: bool = True
     labels = sample_labels(cfg, s.num_samples)
     points = [(setting, seed) for setting in settings(study) for seed in study.seeds]
     rows = []
-    for setting, seed in tqdm(points, desc=f"sampler study {cfg.name}", unit="point", disable=not progress,
-                              ascii=True):
-        x = generate(model, schedule=cfg.diffusion.schedule, sampler=setting.sampler, steps=setting.steps,
-                     seeds=sample_seeds(seed, s.num_samples), labels=labels, guidance_scale=s.guidance_scale,
-                     batch_size=s.batch_size, device=device_for(cfg), progress=False, **setting.kwargs())
+    for setting, seed in tqdm(points, desc=f"sampler study {cfg.name}", unit="point", disable=not progress, ascii=True):
+        x = generate(
+            model,
+            schedule=cfg.diffusion.schedule,
+            sampler=setting.sampler,
+            steps=setting.steps,
+            seeds=sample_seeds(seed, s.num_samples),
+            labels=labels,
+            guidance_scale=s.guidance_scale,
+            batch_size=s.batch_size,
+            device=device_for(cfg),
+            progress=False,
+            **setting.kwargs(),
+        )
         images = to_uint8(x)
         fid = fid_from_statistics(*fid_statistics(images, **kw), mu_real, sigma_real)
         accuracy = conditional_accuracy(classifier, images, labels.numpy()) if labels is not None else None
-        rows.append({"sampler": setting.sampler, "skip_type": setting.skip_type or "default",
-                     "steps": setting.steps, "nfe": setting.nfe, "reference": setting.reference, "seed": seed,
-                     "fid": fid, "conditional_accuracy": accuracy})
+        rows.append(
+            {
+                "sampler": setting.sampler,
+                "skip_type": setting.skip_type or "default",
+                "steps": setting.steps,
+                "nfe": setting.nfe,
+                "reference": setting.reference,
+                "seed": seed,
+                "fid": fid,
+                "conditional_accuracy": accuracy,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -108,10 +137,16 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     per setting (reference first, then by sampler, grid and NFE)."""
     keys = ["reference", "sampler", "skip_type", "steps", "nfe"]
     g = results.groupby(keys, sort=False)
-    out = g.agg(fid_mean=("fid", "mean"), fid_std=("fid", "std"), accuracy_mean=("conditional_accuracy", "mean"),
-                accuracy_std=("conditional_accuracy", "std"), seeds=("seed", "count")).reset_index()
-    return out.sort_values(["reference", "sampler", "skip_type", "nfe"], ascending=[False, True, True, True],
-                           kind="stable").reset_index(drop=True)
+    out = g.agg(
+        fid_mean=("fid", "mean"),
+        fid_std=("fid", "std"),
+        accuracy_mean=("conditional_accuracy", "mean"),
+        accuracy_std=("conditional_accuracy", "std"),
+        seeds=("seed", "count"),
+    ).reset_index()
+    return out.sort_values(
+        ["reference", "sampler", "skip_type", "nfe"], ascending=[False, True, True, True], kind="stable"
+    ).reset_index(drop=True)
 
 
 def cheapest_within(summary: pd.DataFrame, tolerance: float) -> pd.Series | None:

@@ -58,8 +58,15 @@ from uvit.diffusion import SKIP_TYPES as SAMPLER_SKIP_TYPES
 from uvit.diffusion.samplers import _ExpIntegrator, _f64, get_time_steps
 from uvit.diffusion.schedules import NoiseSchedule
 
-__all__ = ["UViTDPMSolverScheduler", "UViTSchedulerOutput", "SOLVERS", "STEP_SOLVERS", "SCHEDULES", "SKIP_TYPES",
-           "DIFFUSERS_BETAS"]
+__all__ = [
+    "UViTDPMSolverScheduler",
+    "UViTSchedulerOutput",
+    "SOLVERS",
+    "STEP_SOLVERS",
+    "SCHEDULES",
+    "SKIP_TYPES",
+    "DIFFUSERS_BETAS",
+]
 
 SOLVERS: tuple[str, ...] = tuple(ALL_SAMPLERS)  # every sampler of uvit.diffusion
 STEP_SOLVERS: tuple[str, ...] = ("dpm_solver_pp_2m", "dpm_solver_pp_3m")  # those with a step() loop
@@ -147,16 +154,25 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         clip_sample: bool = False,
     ):
-        given = {k: v for k, v in dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
-                                        beta_end=beta_end, beta_schedule=beta_schedule).items() if v is not None}
+        given = {
+            k: v
+            for k, v in dict(
+                num_train_timesteps=num_train_timesteps,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                beta_schedule=beta_schedule,
+            ).items()
+            if v is not None
+        }
         if schedule is None:
             matches = [name for name, betas in DIFFUSERS_BETAS.items() if given and _betas_agree(given, betas)]
             schedule = matches[0] if matches else "vpsde"
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}: valid choices are {SCHEDULES}")
         if not _betas_agree(given, DIFFUSERS_BETAS[schedule]):
-            raise ValueError(f"beta keys {given} disagree with schedule={schedule!r}, whose betas are "
-                             f"{DIFFUSERS_BETAS[schedule]}")
+            raise ValueError(
+                f"beta keys {given} disagree with schedule={schedule!r}, whose betas are {DIFFUSERS_BETAS[schedule]}"
+            )
         if solver not in SOLVERS:
             raise ValueError(f"solver={solver!r}: valid choices are {SOLVERS}")
         if order is not None and order not in (1, 2, 3):
@@ -200,8 +216,13 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
     def sampler_kwargs(self) -> dict:
         """Keyword arguments this config hands to `uvit.diffusion.sample` (None = sampler default)."""
         c = self.config
-        kwargs = {"order": c.order, "skip_type": c.skip_type, "t_end": c.t_end,
-                  "lower_order_final": c.lower_order_final, "denoise_final": c.denoise_final}
+        kwargs = {
+            "order": c.order,
+            "skip_type": c.skip_type,
+            "t_end": c.t_end,
+            "lower_order_final": c.lower_order_final,
+            "denoise_final": c.denoise_final,
+        }
         return {k: kwargs[k] for k in _SOLVER_KWARGS[c.solver] if kwargs[k] is not None}
 
     @property
@@ -212,11 +233,13 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
     def num_model_evaluations(self, num_inference_steps: int) -> int:
         """Network evaluations of one `sample` call (before the CFG doubling of the batch)."""
         c = self.config
-        return count_nfe(c.solver, num_inference_steps, 3 if c.order is None else c.order,
-                         denoise_final=c.denoise_final)
+        return count_nfe(
+            c.solver, num_inference_steps, 3 if c.order is None else c.order, denoise_final=c.denoise_final
+        )
 
-    def sample(self, noise_fn: NoiseFn, x_T: Tensor, num_inference_steps: int,
-               noise: PerSampleNoise | None = None) -> Tensor:
+    def sample(
+        self, noise_fn: NoiseFn, x_T: Tensor, num_inference_steps: int, noise: PerSampleNoise | None = None
+    ) -> Tensor:
         """Run the configured sampler from x_T (B, ...) to x_0 with `num_inference_steps` steps.
 
         noise_fn(x, t) -> eps takes CONTINUOUS time t in [0, 1]; build it from a network with
@@ -225,8 +248,15 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
         """
         if self.config.solver == "euler_maruyama" and noise is None:
             raise ValueError("solver 'euler_maruyama' needs `noise` (a PerSampleNoise) for its Brownian increments")
-        return sample(self.config.solver, noise_fn, self.noise_schedule, x_T, num_inference_steps,
-                      noise=noise, **self.sampler_kwargs)
+        return sample(
+            self.config.solver,
+            noise_fn,
+            self.noise_schedule,
+            x_T,
+            num_inference_steps,
+            noise=noise,
+            **self.sampler_kwargs,
+        )
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Fill `self.timesteps` (float32 network times, one per model evaluation, in call order)
@@ -249,8 +279,13 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
         if self.has_step_loop:
             kw = self.sampler_kwargs
             t_end = self.noise_schedule.default_t_end if kw.get("t_end") is None else kw["t_end"]
-            self._grid = get_time_steps(self.noise_schedule, kw.get("skip_type", "logSNR"),
-                                        self.noise_schedule.t_max, t_end, num_inference_steps).tolist()
+            self._grid = get_time_steps(
+                self.noise_schedule,
+                kw.get("skip_type", "logSNR"),
+                self.noise_schedule.t_max,
+                t_end,
+                num_inference_steps,
+            ).tolist()
             max_order = {"dpm_solver_pp_2m": 2, "dpm_solver_pp_3m": 3}[self.config.solver]
             # both samplers lower their final orders below 10 steps only (dpm_solver_pp_2m's rule)
             self._orders = multistep_orders(num_inference_steps, max_order, self.config.lower_order_final, 10)
@@ -262,8 +297,9 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
         """Identity: VP samplers feed x_t to the network unscaled."""
         return sample
 
-    def step(self, model_output: Tensor, timestep: Tensor | float, sample: Tensor,
-             return_dict: bool = True, **_: object) -> UViTSchedulerOutput | tuple[Tensor]:
+    def step(
+        self, model_output: Tensor, timestep: Tensor | float, sample: Tensor, return_dict: bool = True, **_: object
+    ) -> UViTSchedulerOutput | tuple[Tensor]:
         """One DPM-Solver++(2M / 3M) step from timesteps[i] to the next grid point, or, with
         denoise_final, after the last one the x0 prediction at t_end.
 
@@ -275,13 +311,15 @@ class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
             raise NotImplementedError(
                 f"step() exists only for solvers {STEP_SOLVERS}; {c.solver!r} evaluates the network at "
                 "intermediate states off the trajectory grid or corrects a step with the next call, so "
-                "drive it with scheduler.sample(noise_fn, x_T, steps)")
+                "drive it with scheduler.sample(noise_fn, x_T, steps)"
+            )
         if self.num_inference_steps is None:
             raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
         i, n = self._step_index, self.num_inference_steps
         if i >= len(self.timesteps):
-            raise RuntimeError(f"all {len(self.timesteps)} steps are done; call set_timesteps() to start "
-                               "a new trajectory")
+            raise RuntimeError(
+                f"all {len(self.timesteps)} steps are done; call set_timesteps() to start a new trajectory"
+            )
         expected = float(self.timesteps[i])
         if abs(float(torch.as_tensor(timestep)) - expected) > 1e-3 * max(1.0, abs(expected)):
             raise ValueError(f"step {i} expects timestep {expected}, got {float(torch.as_tensor(timestep))}")

@@ -29,8 +29,7 @@ from uvit.paths import BenchmarkPaths
 __all__ = ["KID_REFERENCE_ROWS", "reference_split", "reference_statistics", "score_digits", "score_inception"]
 
 
-def score_digits(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.ndarray,
-                 labels: np.ndarray | None) -> dict:
+def score_digits(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.ndarray, labels: np.ndarray | None) -> dict:
     """The digits metrics of `samples` (and their class `labels`, None if unconditional), in the
     feature space of the classifier at `paths.classifier`."""
     from uvit.data.shards import load_split_arrays
@@ -105,8 +104,14 @@ def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, progres
     if cache.is_file():
         with np.load(cache) as f:
             return f["mu"], f["sigma"], (f["kid_features"] if "kid_features" in f.files else None)
-    stats = extractor_statistics(split, extractor="inception", weights_path=cfg.score.inception_weights,
-                                 device=device_for(cfg), kid_limit=KID_REFERENCE_ROWS, progress=progress)
+    stats = extractor_statistics(
+        split,
+        extractor="inception",
+        weights_path=cfg.score.inception_weights,
+        device=device_for(cfg),
+        kid_limit=KID_REFERENCE_ROWS,
+        progress=progress,
+    )
     write_npz(cache, mu=stats.mu, sigma=stats.sigma, kid_features=stats.kid_features)
     return stats.mu, stats.sigma, stats.kid_features
 
@@ -141,15 +146,24 @@ def score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.nda
     )
 
     ref_mu, ref_sigma, ref_kid = reference_statistics(cfg, paths)
-    feats = extract_features(samples, ("2048", "logits_unbiased"), extractor="inception",
-                             weights_path=cfg.score.inception_weights, device=device_for(cfg))
+    feats = extract_features(
+        samples,
+        ("2048", "logits_unbiased"),
+        extractor="inception",
+        weights_path=cfg.score.inception_weights,
+        device=device_for(cfg),
+    )
     mu, sigma = _fid_stats(feats["2048"])
     is_mean, is_std = inception_score_from_logits(feats["logits_unbiased"])
-    metrics = {"fid": fid_from_statistics(mu, sigma, ref_mu, ref_sigma), "inception_score": is_mean,
-               "inception_score_std": is_std}
+    metrics = {
+        "fid": fid_from_statistics(mu, sigma, ref_mu, ref_sigma),
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+    }
     if ref_kid is not None:
-        metrics["kid"], metrics["kid_std"] = kid_from_features(feats["2048"], ref_kid,
-                                                               subset_size=cfg.score.kid_subset_size)
+        metrics["kid"], metrics["kid_std"] = kid_from_features(
+            feats["2048"], ref_kid, subset_size=cfg.score.kid_subset_size
+        )
         metrics["kid_subset_size"] = min(cfg.score.kid_subset_size, len(samples), len(ref_kid))
         # Against the same reference features (up to KID_REFERENCE_ROWS images).
         metrics["precision"], metrics["recall"] = precision_recall_from_features(feats["2048"], ref_kid)
@@ -157,9 +171,14 @@ def score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.nda
         metrics["kid"] = None  # a statistics-only reference (mu, sigma) has no features to compare with
     if cfg.uvit_config().clip_dim is not None:
         metrics.update(_score_clip(cfg, paths, samples))
-    metrics.update({"feature_extractor": "inception", "num_samples": int(len(samples)),
-                    "reference": cfg.score.reference_stats
-                    or f"{reference_split(cfg, paths).name} images (runs/<benchmark>/reference/)"})
+    metrics.update(
+        {
+            "feature_extractor": "inception",
+            "num_samples": int(len(samples)),
+            "reference": cfg.score.reference_stats
+            or f"{reference_split(cfg, paths).name} images (runs/<benchmark>/reference/)",
+        }
+    )
     return metrics
 
 
@@ -170,9 +189,13 @@ def _score_clip(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.ndarray
 
     extras = load_sample_extras(paths.samples / "samples.npz")
     if "captions" not in extras:
-        raise ValueError(f"{paths.samples / 'samples.npz'} holds no caption texts: the CLIP score needs them "
-                         f"(they are stored when data/{cfg.name}/val has the captions)")
+        raise ValueError(
+            f"{paths.samples / 'samples.npz'} holds no caption texts: the CLIP score needs them "
+            f"(they are stored when data/{cfg.name}/val has the captions)"
+        )
     source = cfg.score.clip_model or DEFAULT_CLIP_MODEL
     model, processor = load_clip(source, device=device_for(cfg), params_key=f"{cfg.name}.score.clip_model")
-    return {"clip_score": clip_score(samples, [str(t) for t in extras["captions"]], model, processor),
-            "clip_model": str(source)}
+    return {
+        "clip_score": clip_score(samples, [str(t) for t in extras["captions"]], model, processor),
+        "clip_model": str(source),
+    }

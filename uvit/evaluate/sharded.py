@@ -57,8 +57,15 @@ from uvit.models.uvit import CONFIG_NAME, WEIGHTS_NAME
 from uvit.parallel import for_each_completed, init_ray_for_tasks
 
 __all__ = [
-    "MANIFEST_NAME", "MERGED_NAME", "ShardIntegrityError", "shard_name", "shard_ranges", "sample_to_shards",
-    "merge_shards", "read_manifest", "verify_shards",
+    "MANIFEST_NAME",
+    "MERGED_NAME",
+    "ShardIntegrityError",
+    "shard_name",
+    "shard_ranges",
+    "sample_to_shards",
+    "merge_shards",
+    "read_manifest",
+    "verify_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,21 +129,44 @@ def _load_decoder(vae: str, scale_factor: float, device: str):
 
 
 # ---------------------------------------------------------------------------- one shard
-def _sample_shard(model: UViT, out_dir: Path, k: int, start: int, count: int, run: dict,
-                  batch_size: int, device: str, captions: CaptionSet | None = None,
-                  decoder: dict | None = None, png_dir: Path | None = None) -> dict:
+def _sample_shard(
+    model: UViT,
+    out_dir: Path,
+    k: int,
+    start: int,
+    count: int,
+    run: dict,
+    batch_size: int,
+    device: str,
+    captions: CaptionSet | None = None,
+    decoder: dict | None = None,
+    png_dir: Path | None = None,
+) -> dict:
     """Generate samples [start, start + count) (decoded to images for latent models), write their
     PNGs, then shard k atomically; returns its manifest entry."""
     seeds = sample_seeds(run["seed"], count, start=start)
     K = run["num_classes_for_labels"]
-    labels = (balanced_labels(start + count, K)[start:] if K else None)
+    labels = balanced_labels(start + count, K)[start:] if K else None
     text = {}
     if captions is not None:
-        text = {"contexts": captions.contexts(start, count),
-                "empty_context": captions.empty_context() if run["guidance_scale"] > 0 else None}
-    x = generate(model, schedule=run["schedule"], sampler=run["sampler"], steps=run["steps"], seeds=seeds,
-                 labels=labels, guidance_scale=run["guidance_scale"], batch_size=batch_size, device=device,
-                 progress=False, **text, **run["sampler_kwargs"])
+        text = {
+            "contexts": captions.contexts(start, count),
+            "empty_context": captions.empty_context() if run["guidance_scale"] > 0 else None,
+        }
+    x = generate(
+        model,
+        schedule=run["schedule"],
+        sampler=run["sampler"],
+        steps=run["steps"],
+        seeds=seeds,
+        labels=labels,
+        guidance_scale=run["guidance_scale"],
+        batch_size=batch_size,
+        device=device,
+        progress=False,
+        **text,
+        **run["sampler_kwargs"],
+    )
     if decoder is not None:
         from uvit.encoders.vae import decode
 
@@ -150,15 +180,37 @@ def _sample_shard(model: UViT, out_dir: Path, k: int, start: int, count: int, ru
     return {"file": path.name, "start": start, "count": count, "sha256": sha256_file(path)}
 
 
-def _shard_task(model_dir: str, out_dir: str, k: int, start: int, count: int, run: dict,
-                batch_size: int, device: str, threads: int, captions: CaptionSet | None,
-                decoder: dict | None, png_dir: str | None) -> tuple[int, dict]:
+def _shard_task(
+    model_dir: str,
+    out_dir: str,
+    k: int,
+    start: int,
+    count: int,
+    run: dict,
+    batch_size: int,
+    device: str,
+    threads: int,
+    captions: CaptionSet | None,
+    decoder: dict | None,
+    png_dir: str | None,
+) -> tuple[int, dict]:
     """A Ray task: load the model, sample one shard."""
     if device == "cpu":
         torch.set_num_threads(threads)
     model = UViT.from_pretrained(model_dir, device=device)
-    return k, _sample_shard(model, Path(out_dir), k, start, count, run, batch_size, device, captions, decoder,
-                            None if png_dir is None else Path(png_dir))
+    return k, _sample_shard(
+        model,
+        Path(out_dir),
+        k,
+        start,
+        count,
+        run,
+        batch_size,
+        device,
+        captions,
+        decoder,
+        None if png_dir is None else Path(png_dir),
+    )
 
 
 def _ensure_pngs(out_dir: Path, png_dir: Path, k: int, start: int, count: int) -> None:
@@ -217,12 +269,19 @@ def sample_to_shards(
     ranges = shard_ranges(num_samples, shard_size)
     run = {
         "model_sha256": _model_fingerprint(model_dir),
-        "schedule": schedule, "sampler": sampler, "steps": int(steps), "num_samples": int(num_samples),
-        "shard_size": int(shard_size), "seed": int(seed), "guidance_scale": float(guidance_scale),
-        "num_classes_for_labels": num_classes_for_labels, "sampler_kwargs": dict(sampler_kwargs or {}),
+        "schedule": schedule,
+        "sampler": sampler,
+        "steps": int(steps),
+        "num_samples": int(num_samples),
+        "shard_size": int(shard_size),
+        "seed": int(seed),
+        "guidance_scale": float(guidance_scale),
+        "num_classes_for_labels": num_classes_for_labels,
+        "sampler_kwargs": dict(sampler_kwargs or {}),
         "captions": None if captions is None else captions.fingerprint(),
-        "decoder": None if decoder is None else {"vae_sha256": _source_fingerprint(str(decoder["vae"])),
-                                                 "scale_factor": float(decoder["scale_factor"])},
+        "decoder": None
+        if decoder is None
+        else {"vae_sha256": _source_fingerprint(str(decoder["vae"])), "scale_factor": float(decoder["scale_factor"])},
     }
     run = json.loads(json.dumps(run))  # the form it takes in the manifest (tuples -> lists, ...)
     remove_temps(out_dir, "samples-*.npz")  # left by an interrupted run
@@ -237,8 +296,13 @@ def sample_to_shards(
     for k, (start, count) in enumerate(ranges):
         entry = manifest["shards"].get(str(k))
         path = out_dir / shard_name(k)
-        if (entry and entry.get("start") == start and entry.get("count") == count and path.is_file()
-                and sha256_file(path) == entry.get("sha256")):
+        if (
+            entry
+            and entry.get("start") == start
+            and entry.get("count") == count
+            and path.is_file()
+            and sha256_file(path) == entry.get("sha256")
+        ):
             done.append(k)
         else:
             if entry:
@@ -260,8 +324,14 @@ def sample_to_shards(
 
     t0 = time.perf_counter()
     new_images = 0
-    bar = tqdm(total=num_samples, initial=sum(ranges[k][1] for k in done), desc=f"sample {sampler} x{steps}",
-               unit="img", disable=not progress, ascii=True)
+    bar = tqdm(
+        total=num_samples,
+        initial=sum(ranges[k][1] for k in done),
+        desc=f"sample {sampler} x{steps}",
+        unit="img",
+        disable=not progress,
+        ascii=True,
+    )
 
     def finished(k: int, entry: dict) -> None:
         nonlocal new_images
@@ -277,17 +347,32 @@ def sample_to_shards(
             model = UViT.from_pretrained(model_dir, device=device)
             for k in todo:
                 start, count = ranges[k]
-                finished(k, _sample_shard(model, out_dir, k, start, count, run, batch_size, device, captions,
-                                          decoder, png_dir))
+                finished(
+                    k,
+                    _sample_shard(model, out_dir, k, start, count, run, batch_size, device, captions, decoder, png_dir),
+                )
         elif todo:
             import ray
 
             init_ray_for_tasks(num_workers, use_gpu)
             task = ray.remote(_shard_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)
             dev = "cuda" if use_gpu else "cpu"
-            pending = {task.remote(str(model_dir), str(out_dir), k, *ranges[k], run, batch_size, dev, 1, captions,
-                                   decoder, None if png_dir is None else str(png_dir)): k
-                       for k in todo}
+            pending = {
+                task.remote(
+                    str(model_dir),
+                    str(out_dir),
+                    k,
+                    *ranges[k],
+                    run,
+                    batch_size,
+                    dev,
+                    1,
+                    captions,
+                    decoder,
+                    None if png_dir is None else str(png_dir),
+                ): k
+                for k in todo
+            }
             for_each_completed(pending, lambda k, result: finished(*result))
     finally:
         bar.close()
@@ -339,8 +424,9 @@ def merge_shards(out_dir: str | Path, path: str | Path | None = None) -> np.ndar
     for k in range(manifest["num_shards"]):
         x, y = load_samples(out_dir / shard_name(k))
         if x.shape[0] != manifest["shards"][str(k)]["count"]:
-            raise ShardIntegrityError(f"shard {k} holds {x.shape[0]} samples, the manifest says "
-                                      f"{manifest['shards'][str(k)]['count']}")
+            raise ShardIntegrityError(
+                f"shard {k} holds {x.shape[0]} samples, the manifest says {manifest['shards'][str(k)]['count']}"
+            )
         images.append(x)
         labels.append(y)
         extras.append(load_sample_extras(out_dir / shard_name(k)))

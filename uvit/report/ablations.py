@@ -47,10 +47,21 @@ def collect(runs: list[StudyRun]) -> pd.DataFrame:
     for r in runs:
         summary = json.loads((r.train / "summary.json").read_text())
         metrics = json.loads((r.score / "metrics.json").read_text())
-        rows.append({"run": r.run, "variant": r.variant, "seed": r.seed, "params": summary["params"],
-                     "gmacs": summary["gmacs"], "steps": summary["steps"], "wall_time_s": summary["wall_time_s"],
-                     "fid": metrics["fid"], "fid_floor": metrics["fid_floor"],
-                     "fid_over_floor": metrics["fid_over_floor"], "accuracy": metrics.get("conditional_accuracy")})
+        rows.append(
+            {
+                "run": r.run,
+                "variant": r.variant,
+                "seed": r.seed,
+                "params": summary["params"],
+                "gmacs": summary["gmacs"],
+                "steps": summary["steps"],
+                "wall_time_s": summary["wall_time_s"],
+                "fid": metrics["fid"],
+                "fid_floor": metrics["fid_floor"],
+                "fid_over_floor": metrics["fid_over_floor"],
+                "accuracy": metrics.get("conditional_accuracy"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -59,11 +70,16 @@ def fid_curves(runs: list[StudyRun]) -> pd.DataFrame:
     frames = []
     for r in runs:
         with (r.train / "fid.csv").open() as f:
-            rows = [{"run": r.run, "variant": r.variant, "seed": r.seed, "step": int(x["step"]), "fid": float(x["fid"])}
-                    for x in csv.DictReader(f)]
+            rows = [
+                {"run": r.run, "variant": r.variant, "seed": r.seed, "step": int(x["step"]), "fid": float(x["fid"])}
+                for x in csv.DictReader(f)
+            ]
         frames.append(pd.DataFrame(rows, columns=["run", "variant", "seed", "step", "fid"]))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "variant", "seed", "step",
-                                                                                   "fid"])
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["run", "variant", "seed", "step", "fid"])
+    )
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -82,15 +98,24 @@ def _separated(a: pd.Series, b: pd.Series) -> bool:
     return abs(a["fid_mean"] - b["fid_mean"]) > a["fid_std"] + b["fid_std"]
 
 
-def verdict(group: str, variants: list[str], summary: pd.DataFrame, finding: dict[str, Any],
-            base_model: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> tuple[str, str]:
+def verdict(
+    group: str,
+    variants: list[str],
+    summary: pd.DataFrame,
+    finding: dict[str, Any],
+    base_model: dict[str, Any],
+    overrides: dict[str, dict[str, Any]],
+) -> tuple[str, str]:
     """(verdict, our finding in words) for a group's claim(s), from the variants' FID summary.
 
     `variants` are the group's labels (the default first), `overrides` each label's model overrides,
     `base_model` the benchmark's own UViTConfig values (what "default" is)."""
     rows = summary.loc[variants]
-    value = {v: (base_model[group] if v == "default" else overrides[v][group]) for v in variants} \
-        if group != "scaling" else {}
+    value = (
+        {v: (base_model[group] if v == "default" else overrides[v][group]) for v in variants}
+        if group != "scaling"
+        else {}
+    )
     checks: list[tuple[str, bool, bool]] = []  # (claim, holds, separated)
     words = []
     best, worst = rows["fid_mean"].idxmin(), rows["fid_mean"].idxmax()
@@ -104,19 +129,26 @@ def verdict(group: str, variants: list[str], summary: pd.DataFrame, finding: dic
             holds = (rows.loc[v, "fid_mean"] < default["fid_mean"]) == expect_lower
             direction = "larger" if grew else "smaller"
             checks.append((f"{knob} {val} ({direction})", holds, _separated(rows.loc[v], default)))
-            words.append(f"{_name(group, v, base_model, overrides)}: FID {rows.loc[v, 'fid_mean']:.2f} against "
-                         f"{default['fid_mean']:.2f}")
+            words.append(
+                f"{_name(group, v, base_model, overrides)}: FID {rows.loc[v, 'fid_mean']:.2f} against "
+                f"{default['fid_mean']:.2f}"
+            )
     else:
-        words.append(f"best {value[best]} (FID {rows.loc[best, 'fid_mean']:.2f}), worst {value[worst]} "
-                     f"(FID {rows.loc[worst, 'fid_mean']:.2f})")
+        words.append(
+            f"best {value[best]} (FID {rows.loc[best, 'fid_mean']:.2f}), worst {value[worst]} "
+            f"(FID {rows.loc[worst, 'fid_mean']:.2f})"
+        )
         label = {value[v]: v for v in variants}
         for claim, ours in (("best", best), ("worst", worst)):
             theirs = finding.get(claim)
             if theirs is None or theirs not in label:
                 continue
             holds = value[ours] == theirs
-            other = rows.loc[ours] if not holds else rows.drop(index=ours).sort_values(
-                "fid_mean", ascending=claim == "best").iloc[0]
+            other = (
+                rows.loc[ours]
+                if not holds
+                else rows.drop(index=ours).sort_values("fid_mean", ascending=claim == "best").iloc[0]
+            )
             checks.append((f"{theirs} {claim}", holds, _separated(rows.loc[label[theirs]], other)))
     if not checks:
         return UNCLEAR, "; ".join(words)
@@ -126,8 +158,9 @@ def verdict(group: str, variants: list[str], summary: pd.DataFrame, finding: dic
         result = DISAGREES
     else:
         result = UNCLEAR
-    detail = ", ".join(f"{claim}: {'yes' if holds else 'no'}{'' if sep else ' (within spread)'}"
-                       for claim, holds, sep in checks)
+    detail = ", ".join(
+        f"{claim}: {'yes' if holds else 'no'}{'' if sep else ' (within spread)'}" for claim, holds, sep in checks
+    )
     return result, f"{'; '.join(words)} ({detail})"
 
 
@@ -146,21 +179,29 @@ def _cell(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}")
 
 
-def group_table(group: str, variants: list[str], summary: pd.DataFrame, base_model: dict[str, Any],
-                overrides: dict[str, dict[str, Any]]) -> str:
+def group_table(
+    group: str,
+    variants: list[str],
+    summary: pd.DataFrame,
+    base_model: dict[str, Any],
+    overrides: dict[str, dict[str, Any]],
+) -> str:
     """Markdown: one row per variant: params, MACs of one forward, FID, FID/floor, accuracy (mean ± std), seeds."""
-    lines = ["| variant | params | MACs per image | FID | FID / floor | cond. accuracy | seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | params | MACs per image | FID | FID / floor | cond. accuracy | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for v in variants:
         r = summary.loc[v]
-        lines.append(f"| {_name(group, v, base_model, overrides)} | {int(r['params']):,} | {r['gmacs'] * 1e3:.2f} M | "
-                     f"{_cell(r['fid_mean'], r['fid_std'])} | {_cell(r['fid_over_floor_mean'], r['fid_over_floor_std'])} | "
-                     f"{_cell(r['accuracy_mean'], r['accuracy_std'], 3)} | {int(r['seeds'])} |")
+        lines.append(
+            f"| {_name(group, v, base_model, overrides)} | {int(r['params']):,} | {r['gmacs'] * 1e3:.2f} M | "
+            f"{_cell(r['fid_mean'], r['fid_std'])} | {_cell(r['fid_over_floor_mean'], r['fid_over_floor_std'])} | "
+            f"{_cell(r['accuracy_mean'], r['accuracy_std'], 3)} | {int(r['seeds'])} |"
+        )
     return "\n".join(lines)
 
 
-def plot_fid_vs_step(curves: pd.DataFrame, variants: list[str], names: dict[str, str], title: str,
-                     path: Path) -> Path:
+def plot_fid_vs_step(curves: pd.DataFrame, variants: list[str], names: dict[str, str], title: str, path: Path) -> Path:
     """FID against training step, one line per variant (mean over seeds, band: min to max)."""
     import matplotlib
 
@@ -174,7 +215,7 @@ def plot_fid_vs_step(curves: pd.DataFrame, variants: list[str], names: dict[str,
             if by_step.ngroups == 0:
                 continue
             mean, lo, hi = by_step.mean(), by_step.min(), by_step.max()
-            line, = ax.plot(mean.index, mean.values, marker="o", ms=3, label=names[v])
+            (line,) = ax.plot(mean.index, mean.values, marker="o", ms=3, label=names[v])
             ax.fill_between(mean.index, lo.values, hi.values, color=line.get_color(), alpha=0.15)
         ax.set_yscale("log")
         ax.set_xlabel("training step")
@@ -190,9 +231,16 @@ def plot_fid_vs_step(curves: pd.DataFrame, variants: list[str], names: dict[str,
     return path
 
 
-def ablation_page(benchmark: str, groups: dict[str, list[str]], overrides: dict[str, dict[str, Any]],
-                  results: pd.DataFrame, curves: pd.DataFrame, base_model: dict[str, Any], budget: str,
-                  reports: Path) -> tuple[str, dict[str, Any]]:
+def ablation_page(
+    benchmark: str,
+    groups: dict[str, list[str]],
+    overrides: dict[str, dict[str, Any]],
+    results: pd.DataFrame,
+    curves: pd.DataFrame,
+    base_model: dict[str, Any],
+    budget: str,
+    reports: Path,
+) -> tuple[str, dict[str, Any]]:
     """(the markdown page, its summary as JSON) of a study; writes one FID-vs-step figure per group
     under `reports`/ablations/. `groups` maps each group to its variant labels, the default first."""
     summary = summarize(results)
@@ -234,12 +282,28 @@ def ablation_page(benchmark: str, groups: dict[str, list[str]], overrides: dict[
         lines.append(f"| [{finding['title']}](#{group}) | {finding['finding']} | {ours} | **{result}** |")
         names = {v: _name(group, v, base_model, overrides) for v in variants}
         figure = plot_fid_vs_step(curves, variants, names, finding["title"], reports / "ablations" / f"{group}.png")
-        sections += [f'<a id="{group}"></a>', "", f"## {finding['title']} (`{group}`)", "",
-                     f"The paper compares {finding['compares']}. **Paper:** {finding['finding']} **Ours:** {ours}: "
-                     f"**{result}**.", "", group_table(group, variants, summary, base_model, overrides), "",
-                     f"![FID against training step, {finding['title']}]({figure.relative_to(reports).as_posix()})", ""]
+        sections += [
+            f'<a id="{group}"></a>',
+            "",
+            f"## {finding['title']} (`{group}`)",
+            "",
+            f"The paper compares {finding['compares']}. **Paper:** {finding['finding']} **Ours:** {ours}: "
+            f"**{result}**.",
+            "",
+            group_table(group, variants, summary, base_model, overrides),
+            "",
+            f"![FID against training step, {finding['title']}]({figure.relative_to(reports).as_posix()})",
+            "",
+        ]
     page = "\n".join([*lines, "", *sections])
-    meta = {"groups": verdicts, "runs": len(results), "train_wall_time_s": round(float(results["wall_time_s"].sum()), 1),
-            "default": {"seeds": int(len(seeds)), "fid_mean": float(default["fid_mean"]),
-                        "fid_std": float(default["fid_std"])}}
+    meta = {
+        "groups": verdicts,
+        "runs": len(results),
+        "train_wall_time_s": round(float(results["wall_time_s"].sum()), 1),
+        "default": {
+            "seeds": int(len(seeds)),
+            "fid_mean": float(default["fid_mean"]),
+            "fid_std": float(default["fid_std"]),
+        },
+    }
     return page, meta

@@ -19,11 +19,12 @@ def fid_table(summary: pd.DataFrame, value: str = "fid", digits: int = 2) -> str
     """Markdown: one row per sampler and grid, one column per NFE, cells mean ± std of `value`."""
     study = summary[~summary["reference"]]
     nfes = sorted(study["nfe"].unique())
-    lines = ["| sampler | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-             "|---|---|" + "---|" * len(nfes)]
+    lines = ["| sampler | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
     for (sampler, grid), rows in study.groupby(["sampler", "skip_type"], sort=False):
-        by_nfe = {int(r.nfe): _cell(getattr(r, f"{value}_mean"), getattr(r, f"{value}_std"), digits)
-                  for r in rows.itertuples()}
+        by_nfe = {
+            int(r.nfe): _cell(getattr(r, f"{value}_mean"), getattr(r, f"{value}_std"), digits)
+            for r in rows.itertuples()
+        }
         lines.append(f"| {sampler} | {grid} | " + " | ".join(by_nfe.get(int(n), "–") for n in nfes) + " |")
     return "\n".join(lines)
 
@@ -43,10 +44,18 @@ def plot_fid_vs_nfe(summary: pd.DataFrame, path: Path) -> Path:
     try:
         for ax, grid in zip(axes[0], grids):
             for sampler, rows in study[study["skip_type"] == grid].groupby("sampler", sort=False):
-                ax.errorbar(rows["nfe"], rows["fid_mean"], yerr=rows["fid_std"].fillna(0), marker="o", ms=3,
-                            capsize=2, label=sampler)
-            ax.axhline(ref["fid_mean"], color="k", ls="--", lw=1,
-                       label=f"{ref['sampler']} x{int(ref['steps'])} (reference)")
+                ax.errorbar(
+                    rows["nfe"],
+                    rows["fid_mean"],
+                    yerr=rows["fid_std"].fillna(0),
+                    marker="o",
+                    ms=3,
+                    capsize=2,
+                    label=sampler,
+                )
+            ax.axhline(
+                ref["fid_mean"], color="k", ls="--", lw=1, label=f"{ref['sampler']} x{int(ref['steps'])} (reference)"
+            )
             ax.set_title(f"grid: {grid}")
             ax.set_xlabel("NFE")
             ax.grid(alpha=0.3)
@@ -60,8 +69,15 @@ def plot_fid_vs_nfe(summary: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def sampler_page(summary: pd.DataFrame, *, benchmark: str, tolerance: float, num_samples: int,
-                 guidance_scale: float, figure: str | None) -> str:
+def sampler_page(
+    summary: pd.DataFrame,
+    *,
+    benchmark: str,
+    tolerance: float,
+    num_samples: int,
+    guidance_scale: float,
+    figure: str | None,
+) -> str:
     """The markdown page of a study's summary (uvit.evaluate.sampler_study.summarize)."""
     ref = summary[summary["reference"]].iloc[0]
     best = cheapest_within(summary, tolerance)
@@ -83,17 +99,30 @@ def sampler_page(summary: pd.DataFrame, *, benchmark: str, tolerance: float, num
         "",
     ]
     if best is None:
-        lines.append(f"**No setting of the study** stays within {tolerance:.0%} of the reference's mean FID "
-                     f"(at most {fid_bar(summary, tolerance):.2f}).")
+        lines.append(
+            f"**No setting of the study** stays within {tolerance:.0%} of the reference's mean FID "
+            f"(at most {fid_bar(summary, tolerance):.2f})."
+        )
     else:
-        lines.append(f"**Cheapest setting within {tolerance:.0%}** of the reference's mean FID (at most "
-                     f"{fid_bar(summary, tolerance):.2f}): {best['sampler']}, grid {best['skip_type']}, "
-                     f"{int(best['steps'])} steps, **NFE {int(best['nfe'])}** "
-                     f"({int(best['nfe']) / int(ref['nfe']):.0%} of the reference's): FID "
-                     f"{_cell(best['fid_mean'], best['fid_std'])}, conditional accuracy "
-                     f"{_cell(best['accuracy_mean'], best['accuracy_std'], 3)}.")
-    lines += ["", "## FID", "", fid_table(summary), "", "## Conditional accuracy", "",
-              fid_table(summary, "accuracy", 3), ""]
+        lines.append(
+            f"**Cheapest setting within {tolerance:.0%}** of the reference's mean FID (at most "
+            f"{fid_bar(summary, tolerance):.2f}): {best['sampler']}, grid {best['skip_type']}, "
+            f"{int(best['steps'])} steps, **NFE {int(best['nfe'])}** "
+            f"({int(best['nfe']) / int(ref['nfe']):.0%} of the reference's): FID "
+            f"{_cell(best['fid_mean'], best['fid_std'])}, conditional accuracy "
+            f"{_cell(best['accuracy_mean'], best['accuracy_std'], 3)}."
+        )
+    lines += [
+        "",
+        "## FID",
+        "",
+        fid_table(summary),
+        "",
+        "## Conditional accuracy",
+        "",
+        fid_table(summary, "accuracy", 3),
+        "",
+    ]
     if figure:
         lines += [f"![FID against NFE]({figure})", ""]
     return "\n".join(lines)

@@ -72,7 +72,7 @@ class RunArtifacts:
 
     @property
     def status(self) -> str:
-        """"done" (scored), "partial" (some stages ran, no score yet) or "not run"."""
+        """ "done" (scored), "partial" (some stages ran, no score yet) or "not run"."""
         if self.score is not None:
             return "done"
         return "partial" if self.ran else NOT_RUN
@@ -109,8 +109,10 @@ def load_run(run_dir: str | Path, benchmark: str) -> RunArtifacts:
     """Read whatever artifacts `run_dir` holds. Missing files give None fields (no error);
     a file that exists but cannot be parsed raises ValueError naming it."""
     run_dir = Path(run_dir)
-    found = [run_dir / rel for rel in (TRAIN_SUMMARY, TRAIN_METRICS, SAMPLE_SUMMARY, SAMPLE_GRID, EXAMPLES_GRID,
-                                       EXAMPLES, SCORE)]
+    found = [
+        run_dir / rel
+        for rel in (TRAIN_SUMMARY, TRAIN_METRICS, SAMPLE_SUMMARY, SAMPLE_GRID, EXAMPLES_GRID, EXAMPLES, SCORE)
+    ]
     grid, examples = run_dir / SAMPLE_GRID, run_dir / EXAMPLES_GRID
     return RunArtifacts(
         benchmark=benchmark,
@@ -218,7 +220,8 @@ def results_table(art: RunArtifacts) -> pd.DataFrame:
         "FID / floor": _float(_fid_over_floor(sc)),
         "KID (± std over subsets)": _kid(sc),
         "Inception score": _float(_num(sc, "inception_score")),
-        "precision / recall": DASH if _num(sc, "precision") is None
+        "precision / recall": DASH
+        if _num(sc, "precision") is None
         else f"{_float(_num(sc, 'precision'), 3)} / {_float(_num(sc, 'recall'), 3)}",
         "conditional accuracy": _float(_num(sc, "conditional_accuracy"), 3),
         "CLIP score": _float(_num(sc, "clip_score"), 3),
@@ -311,7 +314,9 @@ def _description(art: RunArtifacts) -> str:
     if t is not None:
         title, preset = _text(t, "title"), _text(t, "preset")
         bits = [f"Trained {title or 'U-ViT'} (preset `{preset or DASH}`, {_int(_num(t, 'params'))} parameters,"]
-        bits.append(f"{_float(_num(t, 'gmacs') * 1000, 1) if _num(t, 'gmacs') is not None else DASH} M MACs per forward)")
+        bits.append(
+            f"{_float(_num(t, 'gmacs') * 1000, 1) if _num(t, 'gmacs') is not None else DASH} M MACs per forward)"
+        )
         data = t.get("data") if isinstance(t.get("data"), dict) else None
         if data is not None and data.get("rows") is not None:
             classes = data.get("classes") or []
@@ -330,9 +335,12 @@ def _description(art: RunArtifacts) -> str:
             f"{_general(_num(s, 'guidance_scale'))}, {_text(s, 'weights') or DASH} weights, seed "
             f"{_int(_num(s, 'seed'))}, in {_duration(_num(s, 'wall_time_s'))} "
             f"({_float(_num(s, 'images_per_s'))} images/s)"
-            + (f", as {_int(_num(s, 'shards_computed') + _num(s, 'shards_reused'))} resumable shards on "
-               f"{_int(_num(s, 'num_workers'))} worker(s)"
-               if None not in (_num(s, "shards_computed"), _num(s, "shards_reused"), _num(s, "num_workers")) else "")
+            + (
+                f", as {_int(_num(s, 'shards_computed') + _num(s, 'shards_reused'))} resumable shards on "
+                f"{_int(_num(s, 'num_workers'))} worker(s)"
+                if None not in (_num(s, "shards_computed"), _num(s, "shards_reused"), _num(s, "num_workers"))
+                else ""
+            )
             + "."
         )
     if sc is not None:
@@ -348,11 +356,15 @@ def _description(art: RunArtifacts) -> str:
         if _num(sc, "kid") is not None:
             k, std = _num(sc, "kid"), _num(sc, "kid_std")
             within = std is not None and abs(k) <= std
-            extras.append(f"KID {_kid(sc)} on subsets of {_int(_num(sc, 'kid_subset_size'))}"
-                          + (", within its spread of 0 (not told apart from real images at this count)"
-                             if within else "")
-                          + (f", real-vs-real {_kid({'kid': _num(sc, 'kid_floor')})}"
-                             if _num(sc, "kid_floor") is not None else ""))
+            extras.append(
+                f"KID {_kid(sc)} on subsets of {_int(_num(sc, 'kid_subset_size'))}"
+                + (", within its spread of 0 (not told apart from real images at this count)" if within else "")
+                + (
+                    f", real-vs-real {_kid({'kid': _num(sc, 'kid_floor')})}"
+                    if _num(sc, "kid_floor") is not None
+                    else ""
+                )
+            )
         if _num(sc, "clip_score") is not None:
             extras.append(f"CLIP score {_float(_num(sc, 'clip_score'), 3)} with {_text(sc, 'clip_model') or DASH}")
         if _num(sc, "classifier_test_accuracy") is not None:
@@ -480,8 +492,9 @@ def _paper_uvit_cell(benchmark: str) -> str:
     return DASH if best is None else f"{best['fid']:.2f} ({best['method']})"
 
 
-def index_table(run_root: str | Path, benchmarks: tuple[str, ...] = BENCHMARKS,
-                reports_dir: str | Path | None = None) -> pd.DataFrame:
+def index_table(
+    run_root: str | Path, benchmarks: tuple[str, ...] = BENCHMARKS, reports_dir: str | Path | None = None
+) -> pd.DataFrame:
     """The summary table of `write_index`: one row per benchmark, linking pages that exist
     (every page when `reports_dir` is None)."""
     import pandas as pd
@@ -502,18 +515,18 @@ def index_table(run_root: str | Path, benchmarks: tuple[str, ...] = BENCHMARKS,
                 "FID (ours)": _float(_num(art.score, "fid")) if art.score is not None else NOT_RUN,
                 "FID (paper's U-ViT)": _paper_uvit_cell(b),
                 "CLIP score (ours)": (_float(_num(art.score, "clip_score"), 3) if art.score is not None else NOT_RUN)
-                if b in TEXT_TO_IMAGE else DASH,
+                if b in TEXT_TO_IMAGE
+                else DASH,
                 "status": art.status,
-                "report": f"[{b}]({b}.md)" if reports_dir is None or (Path(reports_dir) / f"{b}.md").is_file()
+                "report": f"[{b}]({b}.md)"
+                if reports_dir is None or (Path(reports_dir) / f"{b}.md").is_file()
                 else f"`{run_command(b)}`",
             }
         )
     return pd.DataFrame(rows)
 
 
-def write_index(
-    run_root: str | Path, reports_dir: str | Path, benchmarks: tuple[str, ...] = BENCHMARKS
-) -> Path:
+def write_index(run_root: str | Path, reports_dir: str | Path, benchmarks: tuple[str, ...] = BENCHMARKS) -> Path:
     """Write `reports_dir/README.md`: one summary row per benchmark, linking its page."""
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)

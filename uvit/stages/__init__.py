@@ -15,10 +15,20 @@ from uvit.stages.table import STAGE_NAMES, STAGES, Stage, chain, get_stage
 
 # The stage functions import torch, great-expectations, Ray...: loaded on first use, so `uvit
 # --help`, `uvit pipeline check` and the stages that need none of them start in a fraction of the time.
-_FUNCTIONS = {"run_ablation": "ablation", "run_classifier": "evaluate", "run_data": "data", "run_encode": "encode", "run_fetch": "publish",
-              "run_publish": "publish", "run_report": "report", "run_sample": "evaluate", "run_samplers": "samplers",
-              "run_score": "evaluate",
-              "run_train": "train", "run_validate": "validate"}
+_FUNCTIONS = {
+    "run_ablation": "ablation",
+    "run_classifier": "evaluate",
+    "run_data": "data",
+    "run_encode": "encode",
+    "run_fetch": "publish",
+    "run_publish": "publish",
+    "run_report": "report",
+    "run_sample": "evaluate",
+    "run_samplers": "samplers",
+    "run_score": "evaluate",
+    "run_train": "train",
+    "run_validate": "validate",
+}
 
 
 def __getattr__(name: str) -> Any:

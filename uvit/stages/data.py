@@ -33,8 +33,10 @@ def image_resolution(cfg: BenchmarkConfig) -> int:
 
 def _root(cfg: BenchmarkConfig, what: str) -> str:
     if not cfg.data.root:
-        raise ConfigError(f"{cfg.name}.data.root is not set: {what} cannot be downloaded here. Download it "
-                          f"yourself, then set {cfg.name}.data.root in params.yaml (a local folder or an s3:// prefix).")
+        raise ConfigError(
+            f"{cfg.name}.data.root is not set: {what} cannot be downloaded here. Download it "
+            f"yourself, then set {cfg.name}.data.root in params.yaml (a local folder or an s3:// prefix)."
+        )
     return cfg.data.root
 
 
@@ -45,8 +47,10 @@ def _declared(cfg: BenchmarkConfig) -> bool:
 def _no_checksum_for_folders(cfg: BenchmarkConfig, what: str) -> None:
     if _declared(cfg):
         key = "sha256" if cfg.data.sha256 is not None else "md5"
-        raise ConfigError(f"{cfg.name}.data.{key}: {what} is read from a folder, and a checksum applies to an "
-                          f"archive only (the CIFAR-10 tarball, an ImageNet tar); remove {cfg.name}.data.{key}")
+        raise ConfigError(
+            f"{cfg.name}.data.{key}: {what} is read from a folder, and a checksum applies to an "
+            f"archive only (the CIFAR-10 tarball, an ImageNet tar); remove {cfg.name}.data.{key}"
+        )
 
 
 def _prepare(cfg: BenchmarkConfig, out: Path) -> dict:
@@ -77,21 +81,40 @@ def _prepare(cfg: BenchmarkConfig, out: Path) -> dict:
         latent = cfg.uvit_config().in_chans == 4
         checks = {"md5": d.md5, "sha256": d.sha256} if _declared(cfg) else {}  # else: "auto", the official MD5
         # The latent benchmarks bake the flip augmentation into stored latents (the official recipe).
-        return prepare_imagenet(out, _root(cfg, "ILSVRC2012 (needs an image-net.org account)"),
-                                image_resolution(cfg), flip=latent, download_dir=d.download_dir,
-                                skip_bad=d.on_bad == "skip", **checks, **kw)
+        return prepare_imagenet(
+            out,
+            _root(cfg, "ILSVRC2012 (needs an image-net.org account)"),
+            image_resolution(cfg),
+            flip=latent,
+            download_dir=d.download_dir,
+            skip_bad=d.on_bad == "skip",
+            **checks,
+            **kw,
+        )
     if source == "imagefolder":
         from uvit.data.download import default_download_dir
         from uvit.data.sources.imagefolder import prepare_imagefolder
 
         if not d.root:
-            raise ConfigError(f"{cfg.name}.data.root is not set: name a folder, a tar or an s3:// prefix of your "
-                              "images (class sub-folders for a class-conditional benchmark, a flat folder for an "
-                              "unconditional one)")
+            raise ConfigError(
+                f"{cfg.name}.data.root is not set: name a folder, a tar or an s3:// prefix of your "
+                "images (class sub-folders for a class-conditional benchmark, a flat folder for an "
+                "unconditional one)"
+            )
         root = d.root
-        return prepare_imagefolder(out, root, image_resolution(cfg), test_fraction=d.test_fraction, seed=d.seed,
-                                   store_flips=d.store_flips, skip_bad=d.on_bad == "skip", sha256=d.sha256,
-                                   md5=d.md5, download_dir=d.download_dir or default_download_dir(), **kw)
+        return prepare_imagefolder(
+            out,
+            root,
+            image_resolution(cfg),
+            test_fraction=d.test_fraction,
+            seed=d.seed,
+            store_flips=d.store_flips,
+            skip_bad=d.on_bad == "skip",
+            sha256=d.sha256,
+            md5=d.md5,
+            download_dir=d.download_dir or default_download_dir(),
+            **kw,
+        )
     if source == "coco":
         from uvit.data.sources.coco import prepare_coco
 
@@ -109,11 +132,15 @@ def _name_the_key(cfg: BenchmarkConfig, e: BaseException) -> None:
     where = f"{name}.data.root={d.root}" if d.root else f"{name}.data.root (unset: the official download)"
     if isinstance(e, ChecksumMismatch):
         if _declared(cfg):
-            prefix = (f"{where} does not match the checksum declared in {name}.data.{e.algorithm} "
-                      f"({e.algorithm} {e.actual}, declared {e.expected}): ")
+            prefix = (
+                f"{where} does not match the checksum declared in {name}.data.{e.algorithm} "
+                f"({e.algorithm} {e.actual}, declared {e.expected}): "
+            )
         else:
-            prefix = (f"{where} is not the official archive (if it is a copy of your own, e.g. a subset or a "
-                      f"miniature, declare its checksum as {name}.data.sha256 in params.yaml): ")
+            prefix = (
+                f"{where} is not the official archive (if it is a copy of your own, e.g. a subset or a "
+                f"miniature, declare its checksum as {name}.data.sha256 in params.yaml): "
+            )
     else:
         prefix = f"{where}: "
     if isinstance(e, OSError) and e.errno is not None:  # str() comes from strerror, not args

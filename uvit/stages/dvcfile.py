@@ -90,8 +90,15 @@ def _present(block: dict[str, Any], dotted: str) -> bool:
     return True
 
 
-def _entry(stage: Stage, cfg: BenchmarkConfig, block: dict[str, Any], name: str, params_file: str | None,
-           slots: dict[str, str] | None, root: Path) -> dict[str, Any]:
+def _entry(
+    stage: Stage,
+    cfg: BenchmarkConfig,
+    block: dict[str, Any],
+    name: str,
+    params_file: str | None,
+    slots: dict[str, str] | None,
+    root: Path,
+) -> dict[str, Any]:
     """The DVC stage of `cfg` for `stage`, paths written for benchmark `name` (a placeholder in templates).
 
     Only the parameter keys present in the benchmark's `block` of params.yaml are listed (DVC
@@ -138,8 +145,9 @@ def root_stages(cfgs: list[tuple[BenchmarkConfig, dict]], root: Path) -> dict[st
     return stages
 
 
-def _groups(stage: Stage, cfgs: list[tuple[BenchmarkConfig, dict]],
-            root: Path) -> list[tuple[str, dict, dict[str, dict]]]:
+def _groups(
+    stage: Stage, cfgs: list[tuple[BenchmarkConfig, dict]], root: Path
+) -> list[tuple[str, dict, dict[str, dict]]]:
     """Benchmarks whose entries differ only in their name and external files, grouped:
     [(kind label, template, {benchmark: slot values})], in first-seen order."""
     groups: dict[str, tuple[str, dict, dict[str, dict]]] = {}
@@ -221,8 +229,10 @@ def study_stages(cfgs: list[tuple[BenchmarkConfig, dict]], params: dict[str, Any
                 stages[_study_name(stage, one)] = {"foreach": foreach, "do": {"wdir": "..", **body}}
         for stage in STUDY_STAGES:
             if stage.applies(cfg):
-                stages[_study_name(stage, one)] = {"wdir": "..", **_entry(stage, cfg, block, cfg.name, "params.yaml",
-                                                                          None, root)}
+                stages[_study_name(stage, one)] = {
+                    "wdir": "..",
+                    **_entry(stage, cfg, block, cfg.name, "params.yaml", None, root),
+                }
     return stages
 
 
@@ -243,8 +253,10 @@ def addresses(params: dict[str, Any], root: Path = Path(".")) -> dict[str, dict[
     for cfg, block in studied:
         one = [(cfg, block)] if len(studied) > 1 else studied
         for run in study_runs(cfg):
-            out[run] = {s.name: Address(STUDY_FILE, f"{_study_name(s, one)}@{run.rsplit('/', 1)[1]}")
-                        for s in run_stages(load_benchmark(run, params))}
+            out[run] = {
+                s.name: Address(STUDY_FILE, f"{_study_name(s, one)}@{run.rsplit('/', 1)[1]}")
+                for s in run_stages(load_benchmark(run, params))
+            }
         out[cfg.name].update({s.name: Address(STUDY_FILE, _study_name(s, one)) for s in STUDY_STAGES if s.applies(cfg)})
     return out
 
@@ -287,5 +299,8 @@ def write(root: Path = Path("."), params: str | Path = "params.yaml") -> list[Pa
 
 def stale(root: Path = Path("."), params: str | Path = "params.yaml") -> list[Path]:
     """The generated files that differ from what `write` would write (empty: up to date)."""
-    return [rel for rel, text in render(root / params, root).items()
-            if not (root / rel).is_file() or (root / rel).read_text() != text]
+    return [
+        rel
+        for rel, text in render(root / params, root).items()
+        if not (root / rel).is_file() or (root / rel).read_text() != text
+    ]

@@ -34,12 +34,22 @@ def run_encode(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     result = {}
     for split in splits:
         out = paths.latents / split
-        manifest = encode_image_split(paths.data / split, out, vae, batch_size=e.batch_size, flip=False,
-                                      shard_size=cfg.data.shard_size, device=device, dtype=e.dtype)
+        manifest = encode_image_split(
+            paths.data / split,
+            out,
+            vae,
+            batch_size=e.batch_size,
+            flip=False,
+            shard_size=cfg.data.shard_size,
+            device=device,
+            dtype=e.dtype,
+        )
         # flip=False: this stage encodes each stored row once (ImageNet stores its mirrors as rows).
-        report = validate_latent_split(out, LatentSplitExpectations(scale_factor=e.scale_factor, flip=False,
-                                                                    num_classes=cfg.validate_.num_classes),
-                                       source_root=paths.data / split)
+        report = validate_latent_split(
+            out,
+            LatentSplitExpectations(scale_factor=e.scale_factor, flip=False, num_classes=cfg.validate_.num_classes),
+            source_root=paths.data / split,
+        )
         print(f"[{split} latents]\n{report.summary()}")
         if not report.success:
             raise ValidationFailed(report)
@@ -47,13 +57,15 @@ def run_encode(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     if e.text_encoder:
         from uvit.encoders.text import load_text_encoder
 
-        tokenizer, text_model = load_text_encoder(e.text_encoder, device=device,
-                                                  params_key=f"{cfg.name}.encode.text_encoder")
+        tokenizer, text_model = load_text_encoder(
+            e.text_encoder, device=device, params_key=f"{cfg.name}.encode.text_encoder"
+        )
         for split in splits:
             out = paths.contexts / split
             manifest = encode_captions(paths.data / split, out, tokenizer, text_model, device=device, dtype=e.dtype)
-            report = validate_caption_split(paths.data / split, CaptionSplitExpectations(), tokenizer=tokenizer,
-                                            contexts_root=out)
+            report = validate_caption_split(
+                paths.data / split, CaptionSplitExpectations(), tokenizer=tokenizer, contexts_root=out
+            )
             print(f"[{split} captions]\n{report.summary()}")
             if not report.success:
                 raise ValidationFailed(report)

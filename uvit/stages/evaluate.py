@@ -58,12 +58,25 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         path, key = cfg.decoder_vae()
         load_vae(path, scale_factor=cfg.encode.scale_factor, params_key=key)
     result = sample_to_shards(
-        weights, out / "shards", schedule=cfg.diffusion.schedule, sampler=s.sampler, steps=s.steps,
-        num_samples=s.num_samples, shard_size=s.shard_size, seed=s.seed, guidance_scale=s.guidance_scale,
-        num_classes_for_labels=labels_k, batch_size=s.batch_size, num_workers=s.num_workers,
-        use_gpu=cfg.train.use_gpu, device=device_for(cfg),
-        captions=caption_set(cfg, paths, s.num_samples) if t2i else None, decoder=decoder_spec(cfg),
-        png_dir=out / "png" if s.png else None, sampler_kwargs=s.sampler_kwargs())
+        weights,
+        out / "shards",
+        schedule=cfg.diffusion.schedule,
+        sampler=s.sampler,
+        steps=s.steps,
+        num_samples=s.num_samples,
+        shard_size=s.shard_size,
+        seed=s.seed,
+        guidance_scale=s.guidance_scale,
+        num_classes_for_labels=labels_k,
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+        use_gpu=cfg.train.use_gpu,
+        device=device_for(cfg),
+        captions=caption_set(cfg, paths, s.num_samples) if t2i else None,
+        decoder=decoder_spec(cfg),
+        png_dir=out / "png" if s.png else None,
+        sampler_kwargs=s.sampler_kwargs(),
+    )
     if not s.png:
         import shutil
 
@@ -80,12 +93,21 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         grid = images[: k * min(10, math.ceil(len(images) / k))]
         save_grid(grid, view / "grid.png", nrow=k, upscale=max(1, 64 // cfg.uvit_config().img_size))
         examples = None
-    summary = {"sampler": s.sampler, "steps": s.steps, "nfe": count_nfe(s.sampler, s.steps, **s.sampler_kwargs()),
-               "guidance_scale": s.guidance_scale, "num_samples": len(images),
-               # Time and rate of the shards sampled by this run (reused shards cost nothing).
-               "wall_time_s": round(result["seconds"], 2), "images_per_s": round(result["images_per_s"], 2),
-               "shards_computed": len(result["computed"]), "shards_reused": len(result["reused"]),
-               "num_workers": s.num_workers, "seed": s.seed, "weights": "ema" if s.use_ema else "raw"}
+    summary = {
+        "sampler": s.sampler,
+        "steps": s.steps,
+        "nfe": count_nfe(s.sampler, s.steps, **s.sampler_kwargs()),
+        "guidance_scale": s.guidance_scale,
+        "num_samples": len(images),
+        # Time and rate of the shards sampled by this run (reused shards cost nothing).
+        "wall_time_s": round(result["seconds"], 2),
+        "images_per_s": round(result["images_per_s"], 2),
+        "shards_computed": len(result["computed"]),
+        "shards_reused": len(result["reused"]),
+        "num_workers": s.num_workers,
+        "seed": s.seed,
+        "weights": "ema" if s.use_ema else "raw",
+    }
     previous = view / "summary.json"
     if not result["computed"] and previous.is_file():  # all reused: keep the timing of the run that sampled
         old = json.loads(previous.read_text())
@@ -97,8 +119,7 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     return summary
 
 
-def sample_paper_captions(cfg: BenchmarkConfig, paths: BenchmarkPaths, weights: Path,
-                          per_caption: int = 4) -> str:
+def sample_paper_captions(cfg: BenchmarkConfig, paths: BenchmarkPaths, weights: Path, per_caption: int = 4) -> str:
     """Samples for the paper's eight example captions -> sample-summary/examples.png, one row per
     caption, and examples.json (the captions)."""
     from uvit.evaluate.sample import save_grid
@@ -106,23 +127,28 @@ def sample_paper_captions(cfg: BenchmarkConfig, paths: BenchmarkPaths, weights: 
 
     images = paper_caption_images(cfg, weights, per_caption)
     save_grid(images, paths.sample_summary / "examples.png", nrow=per_caption)
-    write_json(paths.sample_summary / "examples.json", {"captions": list(PAPER_CAPTIONS), "per_caption": per_caption,
-                                                 "seed": cfg.sample.seed + 1})
+    write_json(
+        paths.sample_summary / "examples.json",
+        {"captions": list(PAPER_CAPTIONS), "per_caption": per_caption, "seed": cfg.sample.seed + 1},
+    )
     return "examples.png"
 
 
 def run_classifier(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     if cfg.score.feature_extractor != "digits-classifier":
-        raise ValueError(f"{cfg.name}.score.feature_extractor is {cfg.score.feature_extractor!r}: "
-                         "the classifier stage only serves the digits benchmark")
+        raise ValueError(
+            f"{cfg.name}.score.feature_extractor is {cfg.score.feature_extractor!r}: "
+            "the classifier stage only serves the digits benchmark"
+        )
     from uvit.data.shards import load_split_arrays
     from uvit.evaluate.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
 
     torch.set_num_threads(max(1, cfg.train.threads_per_worker))
     train_x, train_y = load_split_arrays(paths.data / "train")
     test_x, test_y = load_split_arrays(paths.data / "test")
-    config = ClassifierConfig(in_chans=train_x.shape[1], image_size=train_x.shape[2],
-                              num_classes=cfg.validate_.num_classes)
+    config = ClassifierConfig(
+        in_chans=train_x.shape[1], image_size=train_x.shape[2], num_classes=cfg.validate_.num_classes
+    )
     model = train_classifier(train_x, train_y, config, epochs=cfg.score.classifier_epochs, seed=cfg.data.seed)
     save_classifier(model, paths.classifier)
     result = {"test_accuracy": accuracy(model, test_x, test_y)}

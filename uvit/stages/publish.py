@@ -63,8 +63,11 @@ def _tree(src: Path, prefix: str) -> dict[str, Path]:
     """Every file under `src` (a file or directory) at `prefix/<relative path>`; hidden temp files skipped."""
     if src.is_file():
         return {prefix: src}
-    return {f"{prefix}/{p.relative_to(src).as_posix()}": p for p in sorted(src.rglob("*"))
-            if p.is_file() and not p.name.endswith((".tmp", ".part")) and not is_temp_name(p.name)}
+    return {
+        f"{prefix}/{p.relative_to(src).as_posix()}": p
+        for p in sorted(src.rglob("*"))
+        if p.is_file() and not p.name.endswith((".tmp", ".part")) and not is_temp_name(p.name)
+    }
 
 
 def final_ray_checkpoint(paths: BenchmarkPaths, summary: dict) -> Path | None:
@@ -115,8 +118,11 @@ def collect(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> tuple[dict[str, Path
         summary = json.loads((paths.train / "summary.json").read_text())
         ckpt = final_ray_checkpoint(paths, summary)
         if ckpt is None:
-            log.warning("%s: the final Ray checkpoint (%s) is not on disk; publishing the exported weights only",
-                        cfg.name, summary.get("ray_run"))
+            log.warning(
+                "%s: the final Ray checkpoint (%s) is not on disk; publishing the exported weights only",
+                cfg.name,
+                summary.get("ray_run"),
+            )
         else:
             ray_prefix = f"checkpoints/ray/{ckpt.name}"
             files.update(_tree(ckpt, ray_prefix))
@@ -157,8 +163,14 @@ def run_publish(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, progress: bool |
     return result
 
 
-def run_fetch(cfg: BenchmarkConfig, paths: BenchmarkPaths, run_id: str | None = None,
-              dest: str | Path | None = None, *, progress: bool | None = None) -> dict:
+def run_fetch(
+    cfg: BenchmarkConfig,
+    paths: BenchmarkPaths,
+    run_id: str | None = None,
+    dest: str | Path | None = None,
+    *,
+    progress: bool | None = None,
+) -> dict:
     """Download a published run, every file verified against the manifest's sha256.
 
     `run_id`: an id, `latest` (the newest complete run in the store), or None for the run recorded
@@ -178,5 +190,10 @@ def run_fetch(cfg: BenchmarkConfig, paths: BenchmarkPaths, run_id: str | None = 
     target = Path(dest) if dest is not None else paths.root / "fetched" / cfg.name / run_id
     manifest = store.manifest(cfg.name, run_id)
     store.download_run(cfg.name, run_id, target, progress=progress)
-    return {"benchmark": cfg.name, "run_id": run_id, "dest": str(target), "files": len(manifest["files"]),
-            "total_size": manifest["total_size"]}
+    return {
+        "benchmark": cfg.name,
+        "run_id": run_id,
+        "dest": str(target),
+        "files": len(manifest["files"]),
+        "total_size": manifest["total_size"],
+    }

@@ -27,13 +27,23 @@ def write_sampler_report(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     study = cfg.sampler_study
     summary = summarize(load_results(paths.samplers / "results.csv"))
     figure = plot_fid_vs_nfe(summary, paths.reports / "samplers" / "fid_vs_nfe.png")
-    page = sampler_page(summary, benchmark=cfg.name, tolerance=study.tolerance, num_samples=cfg.sample.num_samples,
-                        guidance_scale=cfg.sample.guidance_scale, figure=figure.relative_to(paths.reports).as_posix())
+    page = sampler_page(
+        summary,
+        benchmark=cfg.name,
+        tolerance=study.tolerance,
+        num_samples=cfg.sample.num_samples,
+        guidance_scale=cfg.sample.guidance_scale,
+        figure=figure.relative_to(paths.reports).as_posix(),
+    )
     write_text(paths.reports / "samplers.md", page)
     best = cheapest_within(summary, study.tolerance)
-    metrics = {"reference": _setting(summary[summary["reference"]].iloc[0]),
-               "cheapest_within_tolerance": None if best is None else _setting(best),
-               "tolerance": study.tolerance, "settings": len(summary), "seeds": len(study.seeds)}
+    metrics = {
+        "reference": _setting(summary[summary["reference"]].iloc[0]),
+        "cheapest_within_tolerance": None if best is None else _setting(best),
+        "tolerance": study.tolerance,
+        "settings": len(summary),
+        "seeds": len(study.seeds),
+    }
     write_json(paths.samplers / "summary.json", metrics)
     return metrics
 
@@ -41,5 +51,11 @@ def write_sampler_report(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
 def _setting(row) -> dict:
     """A summary row as JSON: the setting, and its FID mean and spread (None with one seed)."""
     std = float(row["fid_std"])
-    return {"sampler": row["sampler"], "skip_type": row["skip_type"], "steps": int(row["steps"]),
-            "nfe": int(row["nfe"]), "fid_mean": float(row["fid_mean"]), "fid_std": None if math.isnan(std) else std}
+    return {
+        "sampler": row["sampler"],
+        "skip_type": row["skip_type"],
+        "steps": int(row["steps"]),
+        "nfe": int(row["nfe"]),
+        "fid_mean": float(row["fid_mean"]),
+        "fid_std": None if math.isnan(std) else std,
+    }

@@ -78,7 +78,7 @@ class Stage:
 
 # -- facts about a benchmark that decide its chain --------------------------------------------------
 def kind(cfg: BenchmarkConfig) -> str:
-    """"pixel", "latent" (SD-VAE latents) or "text" (text-to-image on latents)."""
+    """ "pixel", "latent" (SD-VAE latents) or "text" (text-to-image on latents)."""
     model = cfg.uvit_config()
     if model.clip_dim is not None:
         return "text"
@@ -140,8 +140,12 @@ def _train_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
 
 
 def _train_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
-    outs = [Out(str(p.train / "model")), Out(str(p.train / "ema")), Out(str(p.train / "summary.json"), cache=False),
-            Out(str(p.train / "metrics.csv"), cache=False, kind="plots", plot=(("x", "step"), ("y", "loss")))]
+    outs = [
+        Out(str(p.train / "model")),
+        Out(str(p.train / "ema")),
+        Out(str(p.train / "summary.json"), cache=False),
+        Out(str(p.train / "metrics.csv"), cache=False, kind="plots", plot=(("x", "step"), ("y", "loss"))),
+    ]
     if cfg.train.fid_every:  # the periodic FID, step by step
         outs.append(Out(str(p.train / "fid.csv"), cache=False, kind="plots", plot=(("x", "step"), ("y", "fid"))))
     return outs
@@ -187,8 +191,11 @@ def _score_externals(cfg: BenchmarkConfig) -> dict[str, str | None]:
     s = cfg.score
     if uses_classifier(cfg):
         return {}
-    return {"score.inception_weights": s.inception_weights, "score.reference_stats": s.reference_stats,
-            "score.clip_model": s.clip_model if kind(cfg) == "text" else None}
+    return {
+        "score.inception_weights": s.inception_weights,
+        "score.reference_stats": s.reference_stats,
+        "score.clip_model": s.clip_model if kind(cfg) == "text" else None,
+    }
 
 
 def _report_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
@@ -203,97 +210,156 @@ def _report_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
 
 
 def _publish_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
-    deps = [p.train / "model", p.train / "ema", p.train / "summary.json", p.train / "metrics.csv", p.samples,
-            p.sample_summary]
+    deps = [
+        p.train / "model",
+        p.train / "ema",
+        p.train / "summary.json",
+        p.train / "metrics.csv",
+        p.samples,
+        p.sample_summary,
+    ]
     deps += [p.classifier] if uses_classifier(cfg) else [p.run / "reference"]
     return deps + [p.score / "metrics.json", p.reports / f"{p.benchmark}.md", p.reports / p.benchmark]
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "uvit.stages.data:run_data",
-          "Download/locate and preprocess a benchmark's data into shards + manifest (data/<benchmark>/).",
-          code=("uvit/data", "uvit/stages/data.py"),
-          params=_sections("data", "model"),  # the model's resolution decides the crop size
-          deps=lambda cfg, p: [],
-          outs=lambda cfg, p: [Out(str(p.data))],
-          externals=lambda cfg: {"data.root": cfg.data.root},
-          retries=3),
-    Stage("validate", "uvit.stages.validate:run_validate",
-          "Check the data with great-expectations suites; exit non-zero with a summary on failure.",
-          code=("uvit/data/validate.py", "uvit/stages/validate.py"),
-          params=_sections("validate"),
-          deps=lambda cfg, p: [p.data],
-          outs=lambda cfg, p: [Out(str(p.validate))]),
-    Stage("encode", "uvit.stages.encode:run_encode",
-          "Latent benchmarks: SD-VAE moments (and CLIP text features) of the data, validated.",
-          code=("uvit/encoders", "uvit/data/encode.py", "uvit/data/validate_latents.py", "uvit/stages/encode.py"),
-          params=_sections("encode", "data.shard_size", "validate.num_classes"),
-          deps=lambda cfg, p: [p.data, p.validate],
-          outs=lambda cfg, p: [Out(str(p.latents)), *([Out(str(p.contexts))] if kind(cfg) == "text" else [])],
-          externals=lambda cfg: {"encode.vae": cfg.encode.vae, "encode.text_encoder": cfg.encode.text_encoder},
-          applies=lambda cfg: cfg.encode is not None),
-    Stage("classifier", "uvit.stages.evaluate:run_classifier",
-          "Train the digits feature extractor used for FID and conditional accuracy.",
-          code=("uvit/evaluate/classifier.py", "uvit/stages/evaluate.py"),
-          params=_sections("score.classifier_epochs", "data.seed", "validate.num_classes", "train.threads_per_worker"),
-          deps=lambda cfg, p: [p.data],
-          outs=lambda cfg, p: [Out(str(p.classifier))],
-          applies=uses_classifier),
-    Stage("train", "uvit.stages.train:run_train",
-          "Train with Ray Train (TorchTrainer, DDP or FSDP over train.num_workers workers); resumes by default.",
-          code=("uvit/models", "uvit/diffusion", "uvit/train", "uvit/stages/train.py"),
-          params=_train_params,
-          deps=_train_deps,
-          outs=_train_outs,
-          externals=lambda cfg: {"score.inception_weights": cfg.score.inception_weights,
-                                 "score.reference_stats": cfg.score.reference_stats} if cfg.train.fid_every else {}),
-    Stage("sample", "uvit.stages.evaluate:run_sample",
-          "Draw samples from the trained EMA weights in resumable shards (runs/<benchmark>/samples/).",
-          code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/evaluate.py"),
-          code_if=lambda cfg: ("uvit/encoders", "uvit/report/paper.py") if cfg.encode is not None else (),
-          params=_sample_params,
-          deps=_sample_deps,
-          # samples/ (cached): every sample; sample-summary/ (in git): the summary and grids the report shows.
-          outs=lambda cfg, p: [Out(str(p.samples), persist=True), Out(str(p.sample_summary), cache=False, persist=True)],
-          externals=_decoder_externals),
-    Stage("score", "uvit.stages.evaluate:run_score",
-          "FID, KID, precision/recall (torch-fidelity), conditional accuracy or CLIP score of the samples.",
-          code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/evaluate.py"),  # + the ceiling's samples
-          code_if=lambda cfg: ("uvit/encoders",) if kind(cfg) == "text" else (),  # CLIP score
-          params=_score_params,
-          deps=_score_deps,
-          outs=_score_outs,
-          externals=_score_externals,
-          retries=1),
-    Stage("samplers", "uvit.stages.samplers:run_samplers",
-          "The sampler study: FID and conditional accuracy against NFE for every sampler and time grid, "
-          "over seeds (runs/<benchmark>/samplers/, reports/samplers.md); benchmarks with a sampler_study block.",
-          code=("uvit/models", "uvit/diffusion", "uvit/evaluate/sampler_study.py", "uvit/evaluate/sample.py",
-                "uvit/evaluate/draw.py", "uvit/evaluate/fid.py", "uvit/evaluate/classifier.py",
-                "uvit/report/samplers.py", "uvit/stages/samplers.py"),
-          # Not sample.sampler/steps: the study's settings are its own, so the sample stage can adopt one.
-          params=_sections("sampler_study", "sample.guidance_scale", "sample.num_samples", "sample.batch_size",
-                           "sample.use_ema", "model", "diffusion", "validate.num_classes", "train.use_gpu",
-                           "train.threads_per_worker"),
-          deps=lambda cfg, p: [p.train / ("ema" if cfg.sample.use_ema else "model"), p.classifier, p.data],
-          outs=lambda cfg, p: [Out(f"{p.samplers}/results.csv", cache=False),
-                               Out(f"{p.samplers}/summary.json", cache=False, kind="metrics"),
-                               Out(f"{p.reports}/samplers.md", cache=False), Out(f"{p.reports}/samplers", cache=False)],
-          applies=lambda cfg: cfg.sampler_study is not None and uses_classifier(cfg)),
-    Stage("report", "uvit.stages.report:run_report",
-          "Write reports/<benchmark>.md and the reports/README.md index from the artifacts.",
-          code=("uvit/report", "uvit/stages/report.py"),
-          params=_sections(),
-          deps=_report_deps,
-          outs=_report_outs),
-    Stage("publish", "uvit.stages.publish:run_publish",
-          "Upload the run to <benchmark>.artifacts.url (S3 or a folder), content-addressed with a sha256 "
-          "manifest; records the run id in runs/<benchmark>/publish.json.",
-          code=("uvit/storage", "uvit/stages/publish.py"),
-          params=_sections("artifacts"),
-          deps=_publish_deps,
-          outs=lambda cfg, p: [Out(str(p.run / "publish.json"), cache=False)],
-          retries=3),
+    Stage(
+        "data",
+        "uvit.stages.data:run_data",
+        "Download/locate and preprocess a benchmark's data into shards + manifest (data/<benchmark>/).",
+        code=("uvit/data", "uvit/stages/data.py"),
+        params=_sections("data", "model"),  # the model's resolution decides the crop size
+        deps=lambda cfg, p: [],
+        outs=lambda cfg, p: [Out(str(p.data))],
+        externals=lambda cfg: {"data.root": cfg.data.root},
+        retries=3,
+    ),
+    Stage(
+        "validate",
+        "uvit.stages.validate:run_validate",
+        "Check the data with great-expectations suites; exit non-zero with a summary on failure.",
+        code=("uvit/data/validate.py", "uvit/stages/validate.py"),
+        params=_sections("validate"),
+        deps=lambda cfg, p: [p.data],
+        outs=lambda cfg, p: [Out(str(p.validate))],
+    ),
+    Stage(
+        "encode",
+        "uvit.stages.encode:run_encode",
+        "Latent benchmarks: SD-VAE moments (and CLIP text features) of the data, validated.",
+        code=("uvit/encoders", "uvit/data/encode.py", "uvit/data/validate_latents.py", "uvit/stages/encode.py"),
+        params=_sections("encode", "data.shard_size", "validate.num_classes"),
+        deps=lambda cfg, p: [p.data, p.validate],
+        outs=lambda cfg, p: [Out(str(p.latents)), *([Out(str(p.contexts))] if kind(cfg) == "text" else [])],
+        externals=lambda cfg: {"encode.vae": cfg.encode.vae, "encode.text_encoder": cfg.encode.text_encoder},
+        applies=lambda cfg: cfg.encode is not None,
+    ),
+    Stage(
+        "classifier",
+        "uvit.stages.evaluate:run_classifier",
+        "Train the digits feature extractor used for FID and conditional accuracy.",
+        code=("uvit/evaluate/classifier.py", "uvit/stages/evaluate.py"),
+        params=_sections("score.classifier_epochs", "data.seed", "validate.num_classes", "train.threads_per_worker"),
+        deps=lambda cfg, p: [p.data],
+        outs=lambda cfg, p: [Out(str(p.classifier))],
+        applies=uses_classifier,
+    ),
+    Stage(
+        "train",
+        "uvit.stages.train:run_train",
+        "Train with Ray Train (TorchTrainer, DDP or FSDP over train.num_workers workers); resumes by default.",
+        code=("uvit/models", "uvit/diffusion", "uvit/train", "uvit/stages/train.py"),
+        params=_train_params,
+        deps=_train_deps,
+        outs=_train_outs,
+        externals=lambda cfg: (
+            {"score.inception_weights": cfg.score.inception_weights, "score.reference_stats": cfg.score.reference_stats}
+            if cfg.train.fid_every
+            else {}
+        ),
+    ),
+    Stage(
+        "sample",
+        "uvit.stages.evaluate:run_sample",
+        "Draw samples from the trained EMA weights in resumable shards (runs/<benchmark>/samples/).",
+        code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/evaluate.py"),
+        code_if=lambda cfg: ("uvit/encoders", "uvit/report/paper.py") if cfg.encode is not None else (),
+        params=_sample_params,
+        deps=_sample_deps,
+        # samples/ (cached): every sample; sample-summary/ (in git): the summary and grids the report shows.
+        outs=lambda cfg, p: [Out(str(p.samples), persist=True), Out(str(p.sample_summary), cache=False, persist=True)],
+        externals=_decoder_externals,
+    ),
+    Stage(
+        "score",
+        "uvit.stages.evaluate:run_score",
+        "FID, KID, precision/recall (torch-fidelity), conditional accuracy or CLIP score of the samples.",
+        code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/evaluate.py"),  # + the ceiling's samples
+        code_if=lambda cfg: ("uvit/encoders",) if kind(cfg) == "text" else (),  # CLIP score
+        params=_score_params,
+        deps=_score_deps,
+        outs=_score_outs,
+        externals=_score_externals,
+        retries=1,
+    ),
+    Stage(
+        "samplers",
+        "uvit.stages.samplers:run_samplers",
+        "The sampler study: FID and conditional accuracy against NFE for every sampler and time grid, "
+        "over seeds (runs/<benchmark>/samplers/, reports/samplers.md); benchmarks with a sampler_study block.",
+        code=(
+            "uvit/models",
+            "uvit/diffusion",
+            "uvit/evaluate/sampler_study.py",
+            "uvit/evaluate/sample.py",
+            "uvit/evaluate/draw.py",
+            "uvit/evaluate/fid.py",
+            "uvit/evaluate/classifier.py",
+            "uvit/report/samplers.py",
+            "uvit/stages/samplers.py",
+        ),
+        # Not sample.sampler/steps: the study's settings are its own, so the sample stage can adopt one.
+        params=_sections(
+            "sampler_study",
+            "sample.guidance_scale",
+            "sample.num_samples",
+            "sample.batch_size",
+            "sample.use_ema",
+            "model",
+            "diffusion",
+            "validate.num_classes",
+            "train.use_gpu",
+            "train.threads_per_worker",
+        ),
+        deps=lambda cfg, p: [p.train / ("ema" if cfg.sample.use_ema else "model"), p.classifier, p.data],
+        outs=lambda cfg, p: [
+            Out(f"{p.samplers}/results.csv", cache=False),
+            Out(f"{p.samplers}/summary.json", cache=False, kind="metrics"),
+            Out(f"{p.reports}/samplers.md", cache=False),
+            Out(f"{p.reports}/samplers", cache=False),
+        ],
+        applies=lambda cfg: cfg.sampler_study is not None and uses_classifier(cfg),
+    ),
+    Stage(
+        "report",
+        "uvit.stages.report:run_report",
+        "Write reports/<benchmark>.md and the reports/README.md index from the artifacts.",
+        code=("uvit/report", "uvit/stages/report.py"),
+        params=_sections(),
+        deps=_report_deps,
+        outs=_report_outs,
+    ),
+    Stage(
+        "publish",
+        "uvit.stages.publish:run_publish",
+        "Upload the run to <benchmark>.artifacts.url (S3 or a folder), content-addressed with a sha256 "
+        "manifest; records the run id in runs/<benchmark>/publish.json.",
+        code=("uvit/storage", "uvit/stages/publish.py"),
+        params=_sections("artifacts"),
+        deps=_publish_deps,
+        outs=lambda cfg, p: [Out(str(p.run / "publish.json"), cache=False)],
+        retries=3,
+    ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -314,17 +380,23 @@ def _run_files(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
 
 
 STUDY_STAGES: tuple[Stage, ...] = (
-    Stage("ablation", "uvit.stages.ablation:run_ablation",
-          "The design study's page: every ablation run's FID, FID/floor and conditional accuracy per group, "
-          "mean ± spread over seeds, FID against training step, the paper's finding beside ours "
-          "(runs/<benchmark>/ablation/, reports/ablations.md); `dvc repro studies/dvc.yaml` runs the study.",
-          code=("uvit/report/ablations.py", "uvit/report/data/paper_ablations.yaml", "uvit/stages/ablation.py"),
-          params=_sections("ablation"),
-          deps=_run_files,
-          outs=lambda cfg, p: [Out(f"{p.ablation}/results.csv", cache=False),
-                               Out(f"{p.ablation}/summary.json", cache=False, kind="metrics"),
-                               Out(f"{p.reports}/ablations.md", cache=False), Out(f"{p.reports}/ablations", cache=False)],
-          applies=lambda cfg: cfg.ablation is not None),
+    Stage(
+        "ablation",
+        "uvit.stages.ablation:run_ablation",
+        "The design study's page: every ablation run's FID, FID/floor and conditional accuracy per group, "
+        "mean ± spread over seeds, FID against training step, the paper's finding beside ours "
+        "(runs/<benchmark>/ablation/, reports/ablations.md); `dvc repro studies/dvc.yaml` runs the study.",
+        code=("uvit/report/ablations.py", "uvit/report/data/paper_ablations.yaml", "uvit/stages/ablation.py"),
+        params=_sections("ablation"),
+        deps=_run_files,
+        outs=lambda cfg, p: [
+            Out(f"{p.ablation}/results.csv", cache=False),
+            Out(f"{p.ablation}/summary.json", cache=False, kind="metrics"),
+            Out(f"{p.reports}/ablations.md", cache=False),
+            Out(f"{p.reports}/ablations", cache=False),
+        ],
+        applies=lambda cfg: cfg.ablation is not None,
+    ),
 )
 
 

@@ -17,8 +17,10 @@ def run_validate(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         if not root.exists():
             continue
         expectations = ImageSplitExpectations(
-            num_classes=v.num_classes, min_rows=v.min_rows if split == "train" else 1,
-            min_class_share=v.min_class_share, max_class_share=v.max_class_share,
+            num_classes=v.num_classes,
+            min_rows=v.min_rows if split == "train" else 1,
+            min_class_share=v.min_class_share,
+            max_class_share=v.max_class_share,
         )
         report = validate_image_split(root, expectations)
         reports[split] = report.to_dict()

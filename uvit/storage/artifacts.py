@@ -78,9 +78,7 @@ class ArtifactIntegrityError(RuntimeError):
     """Stored bytes differ from what they should be (the object, expected and actual value)."""
 
     def __init__(self, obj: str, expected: str, actual: str, what: str = "sha256") -> None:
-        super().__init__(
-            f"integrity check failed for {obj}: expected {what} {expected}, got {actual}"
-        )
+        super().__init__(f"integrity check failed for {obj}: expected {what} {expected}, got {actual}")
         self.object = obj
         self.expected = expected
         self.actual = actual
@@ -114,8 +112,10 @@ def _check_name(kind: str, value: str) -> str:
 
 def _is_safe_relpath(rel: str) -> bool:
     """A relative POSIX path that stays inside its root ("a/b.txt", not "/a", "../a" or "a//b")."""
-    return bool(rel) and not PurePosixPath(rel).is_absolute() and all(
-        part not in ("", ".", "..") for part in rel.split("/")
+    return (
+        bool(rel)
+        and not PurePosixPath(rel).is_absolute()
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
     )
 
 
@@ -135,8 +135,15 @@ def _copy_stream(src: BinaryIO, dst: BinaryIO, on_bytes: OnBytes | None) -> None
 
 def _bytes_bar(total: int, desc: str, progress: bool | None) -> tqdm:
     """A tqdm bar over `total` bytes on stderr (None: only when stderr is a terminal)."""
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, ascii=True,
-                disable=None if progress is None else not progress)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        ascii=True,
+        disable=None if progress is None else not progress,
+    )
 
 
 def _entries_id(entries: list[dict[str, Any]]) -> str:
@@ -202,8 +209,16 @@ class _LocalBackend:
 
 
 class _S3Backend:
-    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, multipart_threshold: int,
-                 part_size: int, max_concurrency: int) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint_url: str | None,
+        multipart_threshold: int,
+        part_size: int,
+        max_concurrency: int,
+    ) -> None:
         from boto3.s3.transfer import TransferConfig
 
         if part_size < S3_MIN_PART_SIZE:
@@ -213,8 +228,12 @@ class _S3Backend:
         self.client = s3_client(endpoint_url, max_pool_connections=max(10, 2 * concurrency))
         # Multipart uploads and parallel ranged downloads above the threshold; the transfer
         # manager keeps within S3's 10,000 parts by growing the part size where it must.
-        self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=part_size,
-                                       max_concurrency=concurrency, use_threads=concurrency > 1)
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=part_size,
+            max_concurrency=concurrency,
+            use_threads=concurrency > 1,
+        )
 
     def full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -261,14 +280,25 @@ class _S3Backend:
             raise ArtifactIntegrityError(self.uri(key), expected, actual, what)
 
     def put_file(self, local: Path, key: str, digest: _Digest, on_bytes: OnBytes | None = None) -> None:
-        self.client.upload_file(str(local), self.bucket, self.full(key), Config=self.transfer,
-                                ExtraArgs={"Metadata": {META_SHA256: digest.sha256}}, Callback=on_bytes)
+        self.client.upload_file(
+            str(local),
+            self.bucket,
+            self.full(key),
+            Config=self.transfer,
+            ExtraArgs={"Metadata": {META_SHA256: digest.sha256}},
+            Callback=on_bytes,
+        )
         self._verify(key, digest)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         digest = _Digest(len(data), hashlib.sha256(data).hexdigest())
-        self.client.put_object(Bucket=self.bucket, Key=self.full(key), Body=data, ContentType="application/json",
-                               Metadata={META_SHA256: digest.sha256})
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self.full(key),
+            Body=data,
+            ContentType="application/json",
+            Metadata={META_SHA256: digest.sha256},
+        )
         self._verify(key, digest)
 
     def get_bytes(self, key: str) -> bytes | None:
@@ -290,12 +320,10 @@ class _S3Backend:
     def list_runs(self, benchmark: str) -> list[tuple[str, float]]:
         base = self.full(f"{benchmark}/")
         names = []
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=base, Delimiter="/"
-        )
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/")
         for page in pages:
             for cp in page.get("CommonPrefixes", []):
-                names.append(cp["Prefix"][len(base):].rstrip("/"))
+                names.append(cp["Prefix"][len(base) :].rstrip("/"))
         out = []
         for name in names:
             head = self.head(f"{benchmark}/{name}/{MANIFEST}")
@@ -384,7 +412,11 @@ class ArtifactStore:
         return self.upload_files(files, benchmark, run_id, progress=progress)
 
     def upload_files(
-        self, files: Mapping[str, str | Path], benchmark: str, run_id: str | None = None, *,
+        self,
+        files: Mapping[str, str | Path],
+        benchmark: str,
+        run_id: str | None = None,
+        *,
         progress: bool | None = None,
     ) -> ArtifactRef:
         """Upload ``{relative path in the run: local file}`` as one run, then its manifest.
@@ -405,9 +437,7 @@ class ArtifactStore:
             raise ValueError(f"{MANIFEST}: the name is reserved for the run manifest")
         paths = [Path(files[rel]) for rel in rels]
         digests = [_digest(p) for p in paths]
-        entries = [
-            {"path": rel, "size": d.size, "sha256": d.sha256} for rel, d in zip(rels, digests)
-        ]
+        entries = [{"path": rel, "size": d.size, "sha256": d.sha256} for rel, d in zip(rels, digests)]
         content_id = _entries_id(entries)
         run_id = _check_name("run_id", run_id or content_id)
         base = f"{benchmark}/{run_id}"

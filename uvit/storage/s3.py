@@ -26,8 +26,14 @@ def s3_endpoint_url(endpoint_url: str | None = None) -> str | None:
     return next((os.environ[var] for var in ENDPOINT_ENV if os.environ.get(var)), None)
 
 
-def s3_client(endpoint_url: str | None = None, *, max_attempts: int = 8, connect_timeout: float = 10,
-              read_timeout: float = 120, max_pool_connections: int = 10) -> Any:
+def s3_client(
+    endpoint_url: str | None = None,
+    *,
+    max_attempts: int = 8,
+    connect_timeout: float = 10,
+    read_timeout: float = 120,
+    max_pool_connections: int = 10,
+) -> Any:
     """A boto3 S3 client for :func:`s3_endpoint_url` (``endpoint_url``), retrying transient errors
     with exponential backoff ("standard" mode, ``max_attempts`` tries in all).
 

@@ -17,8 +17,14 @@ from typing import Iterator
 
 # Variables that would point boto3 at a profile, a session or another endpoint than the loopback one:
 # cleared wherever a test or demo talks to `local_s3` with throwaway credentials.
-AWS_OVERRIDE_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                     "AWS_ENDPOINT_URL_S3", "UVIT_S3_ENDPOINT_URL")
+AWS_OVERRIDE_VARS = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "UVIT_S3_ENDPOINT_URL",
+)
 
 
 def free_port() -> int:

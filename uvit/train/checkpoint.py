@@ -45,15 +45,17 @@ def save_checkpoint(directory: str | Path, state: TrainingState, metrics_csv: st
         state.model.save_pretrained(tmp / "model")
         if state.ema is not None:
             state.ema.save_pretrained(tmp / "ema")
-        torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+        torch.save(
+            {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()}, tmp / "optimizer.pt"
+        )
         if metrics_csv is not None and Path(metrics_csv).is_file():
             shutil.copy2(metrics_csv, tmp / "metrics.csv")
         # state.json last: its presence marks a complete checkpoint, and the byte size of every
         # other file lets a reader spot a truncated copy (a crash mid-upload) without reading it.
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "format_version": FORMAT_VERSION,
-                                                    "files": files}) + "\n")
+        (tmp / "state.json").write_text(
+            json.dumps({"step": state.step, "format_version": FORMAT_VERSION, "files": files}) + "\n"
+        )
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -82,8 +84,11 @@ def read_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     step = checkpoint_step(directory)
     try:
         model = UViT.from_pretrained(directory / "model", device=device).state_dict()
-        ema = (UViT.from_pretrained(directory / "ema", device=device).state_dict()
-               if (directory / "ema").is_dir() else None)
+        ema = (
+            UViT.from_pretrained(directory / "ema", device=device).state_dict()
+            if (directory / "ema").is_dir()
+            else None
+        )
         opt = torch.load(directory / "optimizer.pt", map_location=device, weights_only=True)
         return {"step": step, "model": model, "ema": ema, "optimizer": opt["optimizer"], "scheduler": opt["scheduler"]}
     except CheckpointError:

@@ -72,8 +72,7 @@ class ShardGather:
     checked) and `gather_contexts` reads caption rows.
     """
 
-    def __init__(self, split_dir: str | Path, field: str, with_labels: bool,
-                 contexts_dir: str | Path | None = None):
+    def __init__(self, split_dir: str | Path, field: str, with_labels: bool, contexts_dir: str | Path | None = None):
         from uvit.data.shards import ShardedArrays
 
         self.split = ShardedArrays(split_dir)
@@ -92,11 +91,15 @@ class ShardGather:
             self.contexts = ShardedArrays(contexts_dir)
             offsets = load_caption_index(contexts_dir)
             if len(offsets) != len(self.split) + 1:
-                raise ValueError(f"{contexts_dir}: captions of {len(offsets) - 1} images, but {split_dir} has "
-                                 f"{len(self.split)} rows (re-run the encode stage)")
+                raise ValueError(
+                    f"{contexts_dir}: captions of {len(offsets) - 1} images, but {split_dir} has "
+                    f"{len(self.split)} rows (re-run the encode stage)"
+                )
             if (np.diff(offsets) <= 0).any():
-                raise ValueError(f"{contexts_dir}: images without captions, rows "
-                                 f"{np.nonzero(np.diff(offsets) <= 0)[0][:10].tolist()}")
+                raise ValueError(
+                    f"{contexts_dir}: images without captions, rows "
+                    f"{np.nonzero(np.diff(offsets) <= 0)[0][:10].tolist()}"
+                )
             self.caption_offsets = torch.from_numpy(offsets.astype(np.int64))
             self.empty_context = torch.from_numpy(load_empty_context(contexts_dir)).float()
 
@@ -148,14 +151,37 @@ class StreamingLoader:
     thread are re-raised in the consumer. Use as a context manager, or call `close()`.
     """
 
-    def __init__(self, gather: ShardGather, *, seed: int, global_batch: int, sample_shape: tuple[int, ...],
-                 schedule: NoiseSchedule, p_uncond: float, latent: bool, start_step: int, end_step: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", prefetch: int = 2,
-                 random_flip: bool = False):
+    def __init__(
+        self,
+        gather: ShardGather,
+        *,
+        seed: int,
+        global_batch: int,
+        sample_shape: tuple[int, ...],
+        schedule: NoiseSchedule,
+        p_uncond: float,
+        latent: bool,
+        start_step: int,
+        end_step: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        prefetch: int = 2,
+        random_flip: bool = False,
+    ):
         self.gather = gather
-        self.kw = dict(num_rows=len(gather), global_batch=global_batch, sample_shape=sample_shape,
-                       schedule=schedule, p_uncond=p_uncond, rank=rank, world_size=world_size, latent=latent,
-                       caption_offsets=getattr(gather, "caption_offsets", None), flip=random_flip)
+        self.kw = dict(
+            num_rows=len(gather),
+            global_batch=global_batch,
+            sample_shape=sample_shape,
+            schedule=schedule,
+            p_uncond=p_uncond,
+            rank=rank,
+            world_size=world_size,
+            latent=latent,
+            caption_offsets=getattr(gather, "caption_offsets", None),
+            flip=random_flip,
+        )
         self.seed, self.start, self.end = seed, start_step, end_step
         self.device = torch.device(device)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))

@@ -23,9 +23,22 @@ def contexts_data_dir(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path | Non
 
 # Knobs that change how long, where or how visibly a run goes, not the trajectory it follows
 # (the strategy changes only float summation order: DDP and FSDP checkpoints are interchangeable).
-_RUN_LENGTH_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every", "strategy",
-                    "storage_path", "storage_endpoint", "async_checkpoint", "prefetch", "sample_every",
-                    "tensorboard", "fid_every", "fid_samples"}
+_RUN_LENGTH_KEYS = {
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_failures",
+    "log_every",
+    "strategy",
+    "storage_path",
+    "storage_endpoint",
+    "async_checkpoint",
+    "prefetch",
+    "sample_every",
+    "tensorboard",
+    "fid_every",
+    "fid_samples",
+}
 
 
 def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path, contexts_dir: Path | None = None) -> str:
@@ -36,8 +49,12 @@ def train_fingerprint(cfg: BenchmarkConfig, data_dir: Path, contexts_dir: Path |
     checkpoints of the same trajectory, and raising `train.steps` continues an earlier run.
     """
     train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RUN_LENGTH_KEYS}
-    key = {"model": cfg.model.model_dump(mode="json"), "diffusion": cfg.diffusion.model_dump(mode="json"),
-           "train": train, "encode": cfg.encode.model_dump(mode="json") if cfg.encode else None}
+    key = {
+        "model": cfg.model.model_dump(mode="json"),
+        "diffusion": cfg.diffusion.model_dump(mode="json"),
+        "train": train,
+        "encode": cfg.encode.model_dump(mode="json") if cfg.encode else None,
+    }
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     manifest = data_dir / "train" / "manifest.json"
     if manifest.is_file():

@@ -101,16 +101,30 @@ class PeriodicFID:
     Everything it needs is checked when it is built, so a missing extractor fails at step 0.
     """
 
-    def __init__(self, cfg, num_samples: int, images_split: str | Path | None, classifier_dir: str | Path | None,
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        cfg,
+        num_samples: int,
+        images_split: str | Path | None,
+        classifier_dir: str | Path | None,
+        device: str = "cpu",
+    ):
         from uvit.evaluate.fid import fid_statistics, load_fid_statistics
 
         self.cfg, self.num_samples = cfg, num_samples
-        self.kw = dict(extractor=cfg.score.feature_extractor, weights_path=cfg.score.inception_weights,
-                       classifier_path=classifier_dir, device=device)
-        if cfg.score.feature_extractor == "digits-classifier" and not (classifier_dir and Path(classifier_dir).is_dir()):
-            raise FileNotFoundError(f"{cfg.name}.train.fid_every: the FID feature extractor (the digits classifier) "
-                                    f"is not at {classifier_dir}; run `uvit classifier {cfg.name}` first")
+        self.kw = dict(
+            extractor=cfg.score.feature_extractor,
+            weights_path=cfg.score.inception_weights,
+            classifier_path=classifier_dir,
+            device=device,
+        )
+        if cfg.score.feature_extractor == "digits-classifier" and not (
+            classifier_dir and Path(classifier_dir).is_dir()
+        ):
+            raise FileNotFoundError(
+                f"{cfg.name}.train.fid_every: the FID feature extractor (the digits classifier) "
+                f"is not at {classifier_dir}; run `uvit classifier {cfg.name}` first"
+            )
         if cfg.score.reference_stats:
             self.mu, self.sigma = load_fid_statistics(cfg.score.reference_stats)
         else:

@@ -42,9 +42,20 @@ class StepDraws:
     flip: Tensor | None = None  # (b,) bool: mirror the image horizontally (pixel recipes with random flips)
 
 
-def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_shape: tuple[int, ...],
-              schedule: NoiseSchedule, p_uncond: float, rank: int = 0, world_size: int = 1,
-              latent: bool = False, caption_offsets: Tensor | None = None, flip: bool = False) -> StepDraws:
+def draw_step(
+    seed: int,
+    step: int,
+    num_rows: int,
+    global_batch: int,
+    sample_shape: tuple[int, ...],
+    schedule: NoiseSchedule,
+    p_uncond: float,
+    rank: int = 0,
+    world_size: int = 1,
+    latent: bool = False,
+    caption_offsets: Tensor | None = None,
+    flip: bool = False,
+) -> StepDraws:
     """Draw the whole global batch's randomness, then keep this worker's slice.
 
     Text-to-image (`caption_offsets` (num_rows + 1,) int64: image i's captions are caption rows
@@ -76,12 +87,14 @@ def draw_step(seed: int, step: int, num_rows: int, global_batch: int, sample_sha
     def mine(x: Tensor | None) -> Tensor | None:
         return None if x is None else x[local]
 
-    return StepDraws(idx[local], t[local], noise[local], drop[local], mine(latent_noise), mine(caption_rows),
-                     mine(flips))
+    return StepDraws(
+        idx[local], t[local], noise[local], drop[local], mine(latent_noise), mine(caption_rows), mine(flips)
+    )
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    fused: bool | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool | None = None
+) -> torch.optim.AdamW:
     """AdamW over every parameter (the official code has no parameter groups)."""
     if fused is None:
         fused = next(model.parameters()).is_cuda
@@ -90,8 +103,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
 
 def warmup_lambda(warmup_steps: int):
     """min(step / warmup, 1): linear warmup from 0, then constant (the official schedule)."""
+
     def factor(step: int) -> float:
         return 1.0 if warmup_steps == 0 else min(step / warmup_steps, 1.0)
+
     return factor
 
 
@@ -156,12 +171,24 @@ class StepStats:
         return float(self.grad_norm_t)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ema: EMA | None,
-               x: Tensor, labels: Tensor | None, draws: StepDraws, schedule: NoiseSchedule, *,
-               null_class: int | None = None, grad_clip: float | None = None,
-               autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-               latent_scale: float | None = None, context: Tensor | None = None,
-               empty_context: Tensor | None = None) -> StepStats:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    ema: EMA | None,
+    x: Tensor,
+    labels: Tensor | None,
+    draws: StepDraws,
+    schedule: NoiseSchedule,
+    *,
+    null_class: int | None = None,
+    grad_clip: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    latent_scale: float | None = None,
+    context: Tensor | None = None,
+    empty_context: Tensor | None = None,
+) -> StepStats:
     """Noise-prediction loss on one batch, backward, (clip), AdamW, LR schedule, EMA.
 
     x: (b, C, H, W) the batch's rows `draws.idx` in [-1, 1] on the model's device, or (b, 2C, h, w)
@@ -188,8 +215,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, em
     if context is not None:
         cond["context"] = condition_context(context, draws.drop, empty_context)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = noise_prediction_loss(model, x0, schedule, t=draws.t.to(device),
-                                     noise=draws.noise.to(device, x0.dtype), **cond).mean()
+        loss = noise_prediction_loss(
+            model, x0, schedule, t=draws.t.to(device), noise=draws.noise.to(device, x0.dtype), **cond
+        ).mean()
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()

@@ -43,7 +43,7 @@ def resolve_storage(location: str | Path, endpoint: str | None = None) -> Storag
 
     location = str(location)
     if location.startswith("s3://"):
-        bucket_prefix = location[len("s3://"):].strip("/")
+        bucket_prefix = location[len("s3://") :].strip("/")
         if not bucket_prefix:
             raise ValueError(f"{location!r} names no bucket")
         kwargs: dict = {}
@@ -92,8 +92,10 @@ def find_checkpoints(storage: Storage) -> list[tuple[int, float, str]]:
                 continue
             problem = _size_mismatch(storage.fs, ckpt.path, state.get("files") or {})
             if problem:
-                warnings.warn(f"skipping checkpoint {ckpt.path} (step {step}): {problem}; "
-                              "falling back to an older one", stacklevel=2)
+                warnings.warn(
+                    f"skipping checkpoint {ckpt.path} (step {step}): {problem}; falling back to an older one",
+                    stacklevel=2,
+                )
                 continue
             mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
             found.append((step, mtime, ckpt.path))

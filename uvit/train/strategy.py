@@ -89,8 +89,9 @@ class Strategy:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        osd = get_optimizer_state_dict(unwrap(net), optimizer,
-                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        osd = get_optimizer_state_dict(
+            unwrap(net), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         return _fqn_to_index(osd, _names(net)) if osd else {}
 
     def load_optimizer(self, net: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -100,8 +101,9 @@ class Strategy:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(unwrap(net), optimizer, _index_to_fqn(state, _names(net)),
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            unwrap(net), optimizer, _index_to_fqn(state, _names(net)), options=StateDictOptions(full_state_dict=True)
+        )
 
 
 def _fsdp_available() -> bool:

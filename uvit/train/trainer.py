@@ -115,8 +115,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     text = uconf.clip_dim is not None
     split = Path(loop_config["data_dir"]) / "train"
     contexts = Path(loop_config["contexts_dir"]) / "train" if text else None
-    gather = ShardGather(split, training_field(split), with_labels=cfg.validate_.num_classes > 0 and not text,
-                         contexts_dir=contexts)
+    gather = ShardGather(
+        split, training_field(split), with_labels=cfg.validate_.num_classes > 0 and not text, contexts_dir=contexts
+    )
 
     # Restore (if any) into the plain model first, then wrap: both strategies load full state dicts.
     scratch = Path(tempfile.mkdtemp(prefix=f"uvit-rank{rank}-"))
@@ -152,8 +153,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     fid_inputs = loop_config.get("fid")
     periodic_fid = None
     if fid_inputs and rank == 0:  # the reference statistics are computed once, here
-        periodic_fid = PeriodicFID(cfg, tc.fid_samples, fid_inputs["images"], fid_inputs["classifier"],
-                                   device="cuda" if device.type == "cuda" else "cpu")
+        periodic_fid = PeriodicFID(
+            cfg,
+            tc.fid_samples,
+            fid_inputs["images"],
+            fid_inputs["classifier"],
+            device="cuda" if device.type == "cuda" else "cpu",
+        )
     schedule = make_schedule(cfg.diffusion.schedule)
     p_uncond = cfg.diffusion.p_uncond if uconf.num_classes > 0 or text else 0.0
     null_class = uconf.num_classes - 1 if p_uncond > 0 and not text else None
@@ -191,8 +197,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # synchronous, which also waits for the earlier uploads (reports commit in order).
         sync = not tc.async_checkpoint or step == tc.steps
         mode = ray.train.CheckpointUploadMode.SYNC if sync else ray.train.CheckpointUploadMode.ASYNC
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
-                         delete_local_checkpoint_after_upload=True)  # a barrier: every rank calls it
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True
+        )  # a barrier: every rank calls it
 
     def grid(step: int) -> None:
         ema_full = full_copy("ema", ema.model)
@@ -215,21 +222,53 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f.write(f"{step},{value}\n")
         print(f"step {step}: FID ({tc.fid_samples} samples, {cfg.score.feature_extractor}) {value:.3f}")
 
-    bar = tqdm(total=tc.steps, initial=start, disable=rank != 0, desc=f"train {cfg.name}",
-               unit="step", mininterval=3.0, ascii=True)
+    bar = tqdm(
+        total=tc.steps,
+        initial=start,
+        disable=rank != 0,
+        desc=f"train {cfg.name}",
+        unit="step",
+        mininterval=3.0,
+        ascii=True,
+    )
     window_start, window_images, t_start = time.perf_counter(), 0, time.perf_counter()
-    loader = StreamingLoader(gather, seed=tc.seed, global_batch=tc.batch_size, sample_shape=sample_shape,
-                             schedule=schedule, p_uncond=p_uncond, latent=latent_scale is not None,
-                             start_step=start, end_step=tc.steps, rank=rank, world_size=world, device=device,
-                             prefetch=tc.prefetch, random_flip=tc.random_flip)
+    loader = StreamingLoader(
+        gather,
+        seed=tc.seed,
+        global_batch=tc.batch_size,
+        sample_shape=sample_shape,
+        schedule=schedule,
+        p_uncond=p_uncond,
+        latent=latent_scale is not None,
+        start_step=start,
+        end_step=tc.steps,
+        rank=rank,
+        world_size=world,
+        device=device,
+        prefetch=tc.prefetch,
+        random_flip=tc.random_flip,
+    )
     with loader:
         for batch in loader:
             step = batch.step
             _maybe_die(loop_config, step, rank)
-            stats = train_step(net, optimizer, scheduler, ema, batch.x, batch.y, batch.draws, schedule,
-                               null_class=null_class, grad_clip=tc.grad_clip, autocast_dtype=autocast,
-                               scaler=scaler, latent_scale=latent_scale, context=batch.context,
-                               empty_context=empty_context)
+            stats = train_step(
+                net,
+                optimizer,
+                scheduler,
+                ema,
+                batch.x,
+                batch.y,
+                batch.draws,
+                schedule,
+                null_class=null_class,
+                grad_clip=tc.grad_clip,
+                autocast_dtype=autocast,
+                scaler=scaler,
+                latent_scale=latent_scale,
+                context=batch.context,
+                empty_context=empty_context,
+            )
             done = step + 1
             window_images += tc.batch_size
             bar.update(1)
@@ -239,9 +278,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 loss = global_mean_loss(stats.loss_t, len(batch.x))
             if logging_step:
                 now = time.perf_counter()
-                row = {"step": done, "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
-                       "images_per_s": window_images / (now - window_start), "elapsed_s": now - t_start,
-                       "peak_mem_gib": peak_memory_gib(device)}
+                row = {
+                    "step": done,
+                    "loss": loss,
+                    "lr": stats.lr,
+                    "grad_norm": stats.grad_norm,
+                    "images_per_s": window_images / (now - window_start),
+                    "elapsed_s": now - t_start,
+                    "peak_mem_gib": peak_memory_gib(device),
+                }
                 if log is not None:
                     log.append(row)
                     tb.scalars(done, {k: v for k, v in row.items() if k != "step"})
@@ -326,8 +371,7 @@ def _torch_trainer() -> type:
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
 
     return Trainer
 
@@ -352,14 +396,20 @@ WORKER_FILE = "worker.json"  # in every checkpoint: the hardware rank 0 trained 
 def worker_hardware(device: torch.device, world_size: int, tc) -> dict[str, Any]:
     """What the workers run on, as rank 0 sees it (the driver may be another machine)."""
     cpu = platform.processor() or platform.machine()
-    info: dict[str, Any] = {"device": device.type, "num_workers": world_size, "host_cpus": os.cpu_count(),
-                            "cpu": cpu, "threads_per_worker": tc.threads_per_worker}
+    info: dict[str, Any] = {
+        "device": device.type,
+        "num_workers": world_size,
+        "host_cpus": os.cpu_count(),
+        "cpu": cpu,
+        "threads_per_worker": tc.threads_per_worker,
+    }
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), gpus_on_host=torch.cuda.device_count())
         info["description"] = f"{world_size}x {info['gpu']} ({info['gpus_on_host']} GPU(s) on rank 0's host)"
     else:
-        info["description"] = (f"CPU ({info['host_cpus']} cores, {cpu}), {world_size} worker(s) x "
-                               f"{tc.threads_per_worker} thread(s)")
+        info["description"] = (
+            f"CPU ({info['host_cpus']} cores, {cpu}), {world_size} worker(s) x {tc.threads_per_worker} thread(s)"
+        )
     return info
 
 
@@ -371,8 +421,14 @@ def hardware_description(cfg: BenchmarkConfig, checkpoint: Path | None = None) -
     return worker_hardware(device, cfg.train.num_workers, cfg.train)["description"]
 
 
-def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = True,
-                 storage_path: str | None = None, kill_at_step: dict | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: BenchmarkConfig,
+    paths: BenchmarkPaths,
+    *,
+    resume: bool = True,
+    storage_path: str | None = None,
+    kill_at_step: dict | None = None,
+) -> dict[str, Any]:
     """Train `cfg` with Ray Train and export the result to `paths.train`. Returns the summary.
 
     Checkpoints go to `storage_path`, else `train.storage_path` (a directory or s3://bucket/prefix),
@@ -388,8 +444,10 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
 
     tc = cfg.train
     if cfg.uvit_config().clip_dim is not None and (tc.sample_every or tc.fid_every):
-        raise NotImplementedError(f"{cfg.name}.train: sample grids and periodic FID during text-to-image training "
-                                  "(they need captions) are not supported; set sample_every and fid_every to 0")
+        raise NotImplementedError(
+            f"{cfg.name}.train: sample grids and periodic FID during text-to-image training "
+            "(they need captions) are not supported; set sample_every and fid_every to 0"
+        )
     data_dir = training_data_dir(cfg, paths).resolve()
     contexts_dir = contexts_data_dir(cfg, paths)
     contexts_dir = contexts_dir.resolve() if contexts_dir is not None else None
@@ -414,8 +472,14 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
             step = checkpoint_step(d)
             print(f"resuming from {_uri(storage, last)} (step {step})")
             if step == tc.steps:  # already trained this far: export, nothing to run
-                return _export(cfg, paths, Path(d), wall=0.0, run_dir=_uri(storage, str(Path(last).parent)),
-                               fid_log=local / "fid.csv")
+                return _export(
+                    cfg,
+                    paths,
+                    Path(d),
+                    wall=0.0,
+                    run_dir=_uri(storage, str(Path(last).parent)),
+                    fid_log=local / "fid.csv",
+                )
         loop_config["resume_from"] = last_ckpt
     if kill_at_step:
         loop_config["kill_at_step"] = kill_at_step
@@ -425,8 +489,9 @@ def run_training(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = 
     trainer = _torch_trainer()(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                               resources_per_worker={"CPU": tc.threads_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.threads_per_worker}
+        ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage.path,
@@ -448,16 +513,19 @@ def _fid_inputs(cfg: BenchmarkConfig, paths: BenchmarkPaths, local: Path) -> dic
     """What periodic FID reads, checked before any worker starts (a missing extractor fails now)."""
     classifier = paths.classifier.resolve()
     if cfg.score.feature_extractor == "digits-classifier" and not classifier.is_dir():
-        raise FileNotFoundError(f"{cfg.name}.train.fid_every: the FID feature extractor (the digits classifier) "
-                                f"is not at {classifier}; run `uvit classifier {cfg.name}` first")
+        raise FileNotFoundError(
+            f"{cfg.name}.train.fid_every: the FID feature extractor (the digits classifier) "
+            f"is not at {classifier}; run `uvit classifier {cfg.name}` first"
+        )
     if cfg.score.feature_extractor == "inception":
         from uvit.evaluate.fid import inception_weights_path
 
         inception_weights_path(cfg.score.inception_weights)  # raises with what to fetch
     images = (paths.data / "train").resolve()
     if not cfg.score.reference_stats and not (images / "manifest.json").is_file():
-        raise FileNotFoundError(f"{cfg.name}.train.fid_every: no training images at {images} to compare with "
-                                "(or set score.reference_stats)")
+        raise FileNotFoundError(
+            f"{cfg.name}.train.fid_every: no training images at {images} to compare with (or set score.reference_stats)"
+        )
     local.mkdir(parents=True, exist_ok=True)
     return {"images": str(images), "classifier": str(classifier), "log": str(local / "fid.csv")}
 
@@ -467,8 +535,9 @@ def _uri(storage, path: str) -> str:
     return f"s3://{path}" if not storage.is_local else path
 
 
-def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall: float, run_dir: Path,
-            fid_log: Path) -> dict[str, Any]:
+def _export(
+    cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall: float, run_dir: Path, fid_log: Path
+) -> dict[str, Any]:
     """Copy a checkpoint's weights and metrics to runs/<benchmark>/train/ and write summary.json
     (and fid.csv, the periodic FID up to the checkpoint's step, with train.fid_every)."""
     from uvit.models import UViT, count_macs
@@ -490,7 +559,7 @@ def _export(cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall:
     # Median logged throughput: robust to resumed runs, whose elapsed time restarts.
     speeds = sorted(float(r["images_per_s"]) for r in rows)
     steps_per_s = speeds[len(speeds) // 2] / tc.batch_size if speeds else None
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     summary = {
         "benchmark": cfg.name,
         "preset": cfg.model.preset,

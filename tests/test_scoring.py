@@ -277,3 +277,44 @@ def test_inception_fid_with_local_weights(random_inception_weights, monkeypatch,
     (ckpt / INCEPTION_WEIGHTS_FILE).symlink_to(random_inception_weights)
     mu, sigma = fid_statistics(a[:2], extractor="inception")
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.isfinite(mu).all()
+
+
+def test_digits_metrics_extract_each_set_once_and_equal_the_one_call_metrics(
+    classifier, classifier_dir, digits, tmp_path, monkeypatch
+):
+    """The score stage's digits metrics: one classifier pass per image set (train, samples, floor,
+    ceiling), and every figure exactly the value of the one-call fid()/kid() on the same images."""
+    import json
+    import shutil
+
+    import importlib
+
+    from uvit.evaluate.score import DigitsReal, digits_metrics
+
+    fid_module = importlib.import_module("uvit.evaluate.fid")  # uvit.evaluate.fid is also a function's name
+
+    clf = tmp_path / "clf"
+    shutil.copytree(classifier_dir, clf)
+    (clf / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    rng = np.random.default_rng(1)
+    xtr, xte = digits["x_train"], digits["x_test"]
+    samples = np.clip(xte[:120].astype(int) + rng.integers(-40, 40, xte[:120].shape), 0, 255).astype(np.uint8)
+    untrained = rng.integers(0, 256, size=samples.shape, dtype=np.uint8)
+    labels = digits["y_test"][:120]
+    passes = []
+    real_extract = fid_module.extract_features
+    monkeypatch.setattr(
+        fid_module, "extract_features", lambda x, *a, **k: passes.append(len(x)) or real_extract(x, *a, **k)
+    )
+
+    m = digits_metrics(samples, labels, untrained, DigitsReal(train=xtr, test=xte, classifier=clf), kid_subset_size=50)
+    assert sorted(passes) == sorted([len(xtr), 120, 120, 120])  # the train split once, not six times
+    kw = dict(extractor="digits-classifier", classifier_path=clf)
+    assert m["fid"] == fid(samples, xtr, **kw)
+    assert m["fid_floor"] == fid(xte[:120], xtr, **kw)
+    assert m["fid_ceiling"] == fid(untrained, xtr, **kw)
+    assert (m["kid"], m["kid_std"]) == kid(samples, xtr, subset_size=50, **kw)
+    assert m["kid_floor"] == kid(xte[:120], xtr, subset_size=50, **kw)[0]
+    assert m["fid_over_floor"] == m["fid"] / m["fid_floor"] and m["fid_ceiling"] > m["fid"]
+    assert m["num_samples"] == 120 and m["num_reference"] == len(xtr) and m["classifier_test_accuracy"] == 0.5
+    assert 0 <= m["conditional_accuracy"] <= 1 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1

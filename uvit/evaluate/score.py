@@ -15,6 +15,7 @@ Samples are uint8 (N, C, H, W).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,59 +27,93 @@ from uvit.evaluate.reference import KID_REFERENCE_ROWS
 from uvit.fileio import sha256_file, write_npz
 from uvit.paths import BenchmarkPaths
 
-__all__ = ["KID_REFERENCE_ROWS", "reference_split", "reference_statistics", "score_digits", "score_inception"]
+__all__ = [
+    "KID_REFERENCE_ROWS",
+    "DigitsReal",
+    "digits_metrics",
+    "reference_split",
+    "reference_statistics",
+    "score_digits",
+    "score_inception",
+]
 
 
 def score_digits(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.ndarray, labels: np.ndarray | None) -> dict:
     """The digits metrics of `samples` (and their class `labels`, None if unconditional), in the
     feature space of the classifier at `paths.classifier`."""
     from uvit.data.shards import load_split_arrays
-    from uvit.evaluate.classifier import conditional_accuracy, load_classifier
-    from uvit.evaluate.fid import fid, kid
     from uvit.models import UViT
 
     torch.set_num_threads(max(1, cfg.train.threads_per_worker))
     train_x, _ = load_split_arrays(paths.data / "train")
     test_x, _ = load_split_arrays(paths.data / "test")
-    kw = {"extractor": "digits-classifier", "classifier_path": paths.classifier}
-    fid_samples = fid(samples, train_x, **kw)
-    # The floor uses as many real test images as there are samples: FID's bias depends on the count.
-    floor = fid(test_x[: len(samples)], train_x, **kw)
     # Ceiling: the same sampler on an untrained model (same init seed as training).
     torch.manual_seed(cfg.train.seed)
     untrained, _ = draw_samples(cfg, UViT(cfg.uvit_config()), num_samples=len(samples), progress=False)
-    ceiling = fid(untrained, train_x, **kw)
-    classifier = load_classifier(paths.classifier)
-    kid_mean, kid_std = kid(samples, train_x, subset_size=cfg.score.kid_subset_size, **kw)
-    kid_floor, _ = kid(test_x[: len(samples)], train_x, subset_size=cfg.score.kid_subset_size, **kw)
-    precision, recall = _precision_recall(samples, train_x, **kw)
+    real = DigitsReal(train=train_x, test=test_x, classifier=Path(paths.classifier))
+    return digits_metrics(samples, labels, untrained, real, kid_subset_size=cfg.score.kid_subset_size)
+
+
+@dataclass(frozen=True)
+class DigitsReal:
+    """The real digits a score compares with: uint8 (N, C, H, W) train and test splits, and the
+    classifier directory whose penultimate features are the metric space."""
+
+    train: np.ndarray
+    test: np.ndarray
+    classifier: Path
+
+
+def digits_metrics(
+    samples: np.ndarray, labels: np.ndarray | None, untrained: np.ndarray, real: DigitsReal, *, kid_subset_size: int
+) -> dict:
+    """FID, KID and precision/recall of `samples` against the train split, with the floor (as many
+    test images as samples: FID's bias depends on the count) and the untrained-model ceiling.
+
+    Each image set goes through the classifier once; FID and KID are then torch-fidelity's own
+    feature-to-metric steps, so every figure equals :func:`uvit.evaluate.fid.fid` /
+    :func:`~uvit.evaluate.fid.kid` on the same images."""
+    from uvit.evaluate.classifier import conditional_accuracy, load_classifier
+    from uvit.evaluate.fid import extract_features, kid_from_features, precision_recall_from_features
+
+    def features(images: np.ndarray) -> torch.Tensor:  # float32 (N, D)
+        return extract_features(images, ("features",), extractor="digits-classifier", classifier_path=real.classifier)[
+            "features"
+        ]
+
+    f_train, f_samples = features(real.train), features(samples)
+    f_floor, f_ceiling = features(real.test[: len(samples)]), features(untrained)
+    fid_samples, floor = _fid_from_features(f_samples, f_train), _fid_from_features(f_floor, f_train)
+    kid_mean, kid_std = kid_from_features(f_samples, f_train, subset_size=kid_subset_size)
+    kid_floor, _ = kid_from_features(f_floor, f_train, subset_size=kid_subset_size)
+    precision, recall = precision_recall_from_features(f_samples, f_train)
+    classifier = load_classifier(real.classifier)
     return {
         "fid": fid_samples,
         "fid_floor": floor,
-        "fid_ceiling": ceiling,
+        "fid_ceiling": _fid_from_features(f_ceiling, f_train),
         "fid_over_floor": fid_samples / floor,
         "kid": kid_mean,
         "kid_std": kid_std,
         "kid_floor": kid_floor,
-        "kid_subset_size": min(cfg.score.kid_subset_size, len(samples)),
+        "kid_subset_size": min(kid_subset_size, len(samples)),
         "precision": precision,  # against the whole train split, in the classifier's feature space
         "recall": recall,
         "conditional_accuracy": conditional_accuracy(classifier, samples, labels) if labels is not None else None,
-        "classifier_test_accuracy": json.loads((paths.classifier / "metrics.json").read_text())["test_accuracy"],
+        "classifier_test_accuracy": json.loads((real.classifier / "metrics.json").read_text())["test_accuracy"],
         "feature_extractor": "digits-classifier",
         "num_samples": int(len(samples)),
-        "num_reference": int(len(train_x)),
+        "num_reference": int(len(real.train)),
     }
 
 
-def _precision_recall(generated: np.ndarray, real: np.ndarray, **kw) -> tuple[float, float]:
-    """Improved precision/recall of uint8 image sets in the feature space of `fid(..., **kw)`."""
-    from uvit.evaluate.fid import extract_features, precision_recall_from_features
+def _fid_from_features(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """FID of two (N, D) float32 feature sets by torch-fidelity's own statistics and metric steps
+    (float32 means, as ``calculate_metrics(fid=True)`` computes them)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
-    layer = ("features",) if kw.get("extractor") == "digits-classifier" else ("2048",)
-    fg = extract_features(generated, layer, **kw)[layer[0]]
-    fr = extract_features(real, layer, **kw)[layer[0]]
-    return precision_recall_from_features(fg, fr)
+    stats_a, stats_b = fid_features_to_statistics(features_a), fid_features_to_statistics(features_b)
+    return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
 
 
 def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, progress: bool | None = None):

@@ -215,7 +215,7 @@ def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers,
 
         from uvit.train.checkpoint import TrainingState, load_checkpoint
         from uvit.train.step import EMA, build_optimizer, warmup_lambda
-        from uvit.train.storage import find_checkpoints, resolve_storage
+        from uvit.train.checkpoint_storage import find_checkpoints, resolve_storage
 
         storage = resolve_storage("s3://uvit-ray/ckpt", endpoint)
         fp = resumed["summary"]["ray_run"].split("/")[-2]

@@ -128,7 +128,7 @@ class _Place:
     device: torch.device
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Learner:
     """A worker's trainable state: the wrapped model `net` and its EMA, AdamW, the LR schedule,
     the strategy that wraps them, and `start`, the first step to run (the restored step, or 0)."""

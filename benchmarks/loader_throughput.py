@@ -42,6 +42,7 @@ def main() -> None:
     from uvit.data.shards import write_split
     from uvit.diffusion import make_schedule
     from uvit.train.data import ShardGather, StreamingLoader
+    from uvit.train.step import DrawConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
@@ -57,21 +58,12 @@ def main() -> None:
         del moments
         gather = ShardGather(Path(tmp) / "train", "moments", with_labels=True)
         latent_shape = (args.shape[0] // 2, *args.shape[1:])
-        kw = dict(
-            seed=0,
-            global_batch=args.batch_size,
-            sample_shape=latent_shape,
-            schedule=make_schedule("discrete"),
-            p_uncond=0.1,
-            latent=True,
-            rank=0,
-            world_size=args.world,
-            prefetch=args.prefetch,
-        )
-        with StreamingLoader(gather, start_step=0, end_step=3, **kw) as warm:
+        draws = DrawConfig(0, args.batch_size, latent_shape, make_schedule("discrete"), 0.1, latent=True)
+        kw = dict(rank=0, world_size=args.world, prefetch=args.prefetch)
+        with StreamingLoader(gather, draws, 0, 3, **kw) as warm:
             list(warm)
         t0 = time.perf_counter()
-        with StreamingLoader(gather, start_step=0, end_step=args.steps, **kw) as stream:
+        with StreamingLoader(gather, draws, 0, args.steps, **kw) as stream:
             for batch in stream:
                 pass
         wall = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Ray Train on CPU (gloo): DDP equivalence and recovery from a killed worker."""
+"""Ray Train on CPU (gloo): DDP equivalence and recovery from a worker the test kills."""
 
 from __future__ import annotations
 
@@ -19,17 +19,54 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def pause_plan(tmp_path_factory) -> Path:
+    """Where a test tells the Ray workers to pause (see `ray_session`); absent, none ever does."""
+    return tmp_path_factory.mktemp("faults") / "pause.json"
+
+
+@pytest.fixture(scope="module")
+def ray_session(pause_plan):
     import os
 
     import ray
+
+    plan_path = str(pause_plan)
+
+    def pause_hook() -> None:
+        """Runs in every Ray worker process of the session: wraps `ray.train.report` so that, while
+        a test's pause plan exists, every report is logged ("rank step pid") and the planned rank
+        writes its pid and sleeps after reporting the planned step, once, for the test to kill it."""
+        import json
+        import os
+        import time
+        from pathlib import Path
+
+        import ray.train
+
+        report = ray.train.report
+
+        def report_then_maybe_pause(metrics, *args, **kwargs):
+            report(metrics, *args, **kwargs)
+            if not Path(plan_path).is_file():
+                return
+            plan = json.loads(Path(plan_path).read_text())
+            rank, pid_file = ray.train.get_context().get_world_rank(), Path(plan["pid_file"])
+            with open(plan["log"], "a") as f:
+                f.write(f"{rank} {metrics['step']} {os.getpid()}\n")
+            if rank == plan["rank"] and metrics["step"] == plan["step"] and not pid_file.exists():
+                pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+                pid_file.with_suffix(".tmp").replace(pid_file)
+                time.sleep(plan["pause_s"])  # bounded: the test kills this process long before
+
+        ray.train.report = report_then_maybe_pause
 
     # Credentials of the loopback moto S3 (any value is accepted there); set before ray.init so
     # the workers inherit them. Nothing is sent anywhere but 127.0.0.1.
     fake = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in fake}
     os.environ.update(fake)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1"}, "worker_process_setup_hook": pause_hook}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env=runtime_env)
     yield
     ray.shutdown()
     for k, v in saved.items():
@@ -117,20 +154,46 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(ray_session, tw
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), atol=1e-5, rtol=1e-4)
 
 
+def kill_when_checkpointed(pid_file: Path, runs: Path, deadline_s: float, killed: dict) -> None:
+    """SIGKILL the worker whose pid `pid_file` names once Ray has registered a checkpoint of a run
+    under `runs` (its checkpoint_manager_snapshot.json exists); give up after `deadline_s`."""
+    import os
+    import signal
+    import time
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if pid_file.is_file() and any(runs.glob("run-*/runs/digits/ray/*/*/checkpoint_manager_snapshot.json")):
+            killed["pid"] = int(pid_file.read_text())
+            os.kill(killed["pid"], signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
 def test_killed_worker_is_replaced_and_training_resumes_exactly(
-    ray_session, digits_data, two_workers, tmp_path
+    ray_session, pause_plan, digits_data, two_workers, tmp_path
 ) -> None:
+    import threading
+
     reference = two_workers
-    marker = tmp_path / "killed"
-    # Rank 1 dies at step 6: after the step-4 checkpoint, before the step-8 one.
-    crashed = train(
-        digits_data,
-        tmp_path,
-        workers=2,
-        train={"max_failures": 2},
-        kill_at_step={"step": 6, "rank": 1, "marker": str(marker)},
-    )
-    assert marker.read_text() == "6"  # the worker really was killed
+    # Rank 1 pauses right after reporting its step-4 checkpoint and is killed from here once Ray
+    # has registered that checkpoint: after the step-4 checkpoint, before the step-8 one.
+    log, pid_file, killed = tmp_path / "reports.log", tmp_path / "rank1.pid", {}
+    plan = {"rank": 1, "step": 4, "pid_file": str(pid_file), "log": str(log), "pause_s": 300}
+    pause_plan.write_text(json.dumps(plan))
+    killer = threading.Thread(target=kill_when_checkpointed, args=(pid_file, tmp_path, 300, killed), daemon=True)
+    killer.start()
+    try:
+        crashed = train(digits_data, tmp_path, workers=2, train={"max_failures": 2})
+    finally:
+        pause_plan.unlink()
+        killer.join(timeout=10)
+    assert "pid" in killed  # the worker really was killed
+    reports = [tuple(int(v) for v in line.split()) for line in log.read_text().splitlines()]
+    for rank in (0, 1):  # the replacement workers went on from step 4: no step reported twice
+        assert sorted(step for r, step, _ in reports if r == rank) == [4, 8, 12]
+    rank1 = {step: pid for r, step, pid in reports if r == 1}
+    assert rank1[4] == killed["pid"] and rank1[8] == rank1[12] != killed["pid"]
     assert crashed["summary"]["steps"] == 12
     rows = (crashed["dir"] / "metrics.csv").read_text().strip().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [2, 4, 6, 8, 10, 12]  # no lost or repeated steps
@@ -215,7 +278,7 @@ def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers,
 
         from uvit.train.checkpoint import TrainingState, load_checkpoint
         from uvit.train.step import EMA, build_optimizer, warmup_lambda
-        from uvit.train.storage import find_checkpoints, resolve_storage
+        from uvit.train.checkpoint_storage import find_checkpoints, resolve_storage
 
         storage = resolve_storage("s3://uvit-ray/ckpt", endpoint)
         fp = resumed["summary"]["ray_run"].split("/")[-2]

@@ -321,7 +321,7 @@ def test_training_storage_follows_the_same_endpoint_rule(s3_endpoint, monkeypatc
     """Ray Train's pyarrow S3 filesystem honours $UVIT_S3_ENDPOINT_URL too (it once read only the
     AWS_* variables): a file written through it is there for boto3 at the same endpoint."""
     from uvit.storage.s3 import s3_client
-    from uvit.train.storage import resolve_storage
+    from uvit.train.checkpoint_storage import resolve_storage
 
     bucket = f"uvit-{uuid.uuid4().hex[:12]}"
     client = s3_client(s3_endpoint)

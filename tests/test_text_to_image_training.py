@@ -22,6 +22,9 @@ from uvit.paths import BenchmarkPaths  # noqa: E402
 from uvit.train.data import ShardGather, StreamingLoader, training_field  # noqa: E402
 from uvit.train.step import (  # noqa: E402
     EMA,
+    Batch,
+    DrawConfig,
+    StepConfig,
     build_optimizer,
     condition_context,
     draw_step,
@@ -94,19 +97,8 @@ def t2i_data(tmp_path_factory, write_tiny_clip_vocab):
 def _loader(paths, start, end, rank=0, world=1, batch=12, p_uncond=0.1):
     split, contexts = paths.latents / "train", paths.contexts / "train"
     gather = ShardGather(split, training_field(split), with_labels=False, contexts_dir=contexts)
-    return StreamingLoader(
-        gather,
-        seed=5,
-        global_batch=batch,
-        sample_shape=(4, 4, 4),
-        schedule=make_schedule("discrete"),
-        p_uncond=p_uncond,
-        latent=True,
-        start_step=start,
-        end_step=end,
-        rank=rank,
-        world_size=world,
-    )
+    draws = DrawConfig(5, batch, (4, 4, 4), make_schedule("discrete"), p_uncond, latent=True)
+    return StreamingLoader(gather, draws, start, end, rank=rank, world_size=world)
 
 
 def test_caption_choice_rank_slices_and_stored_contexts(t2i_data):
@@ -146,7 +138,7 @@ def test_caption_choice_rank_slices_and_stored_contexts(t2i_data):
     assert len({r for i, r in chosen if i == 3}) >= 2
     # The caption draw comes last: everything else is what a non-text step draws.
     sched = make_schedule("discrete")
-    plain = draw_step(5, 2, N, 12, (4, 4, 4), sched, 0.1, latent=True)
+    plain = draw_step(DrawConfig(5, 12, (4, 4, 4), sched, 0.1, latent=True), 2, N)
     for f in ("idx", "t", "noise", "drop", "latent_noise"):
         assert torch.equal(getattr(plain, f), getattr(full[2].draws, f))
     assert plain.caption_rows is None
@@ -154,7 +146,7 @@ def test_caption_choice_rank_slices_and_stored_contexts(t2i_data):
     counts = np.zeros(4)
     offs = torch.tensor([0, 4])
     for step in range(400):
-        d = draw_step(1, step, 1, 8, (1,), sched, 0.0, caption_offsets=offs)
+        d = draw_step(DrawConfig(1, 8, (1,), sched, 0.0), step, 1, caption_offsets=offs)
         counts += np.bincount(d.caption_rows.numpy(), minlength=4)
     assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
 
@@ -201,13 +193,8 @@ def test_condition_dropout_uses_the_empty_context(t2i_data):
                 opt,
                 sched_lr,
                 None,
-                b.x,
-                None,
-                draws,
-                sched,
-                latent_scale=0.23010,
-                context=context,
-                empty_context=empty_context,
+                Batch(b.step, b.x, None, draws, context),
+                StepConfig(sched, empty_context=empty_context, latent_scale=0.23010),
             ).loss
         )
     assert losses[0] == losses[1]
@@ -238,17 +225,7 @@ def test_training_steps_lower_the_loss(t2i_data):
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(0))
     ema = EMA(model, 0.99)
     gather = ShardGather(paths.latents / "train", "moments", with_labels=False, contexts_dir=paths.contexts / "train")
-    loader = StreamingLoader(
-        gather,
-        seed=0,
-        global_batch=16,
-        sample_shape=(4, 4, 4),
-        schedule=sched,
-        p_uncond=cfg.diffusion.p_uncond,
-        latent=True,
-        start_step=0,
-        end_step=60,
-    )
+    loader = StreamingLoader(gather, DrawConfig(0, 16, (4, 4, 4), sched, cfg.diffusion.p_uncond, latent=True), 0, 60)
     losses = []
     with loader:
         for b in loader:
@@ -259,13 +236,8 @@ def test_training_steps_lower_the_loss(t2i_data):
                     opt,
                     sched_lr,
                     ema,
-                    b.x,
-                    None,
-                    b.draws,
-                    sched,
-                    latent_scale=cfg.encode.scale_factor,
-                    context=b.context,
-                    empty_context=gather.empty_context,
+                    b,
+                    StepConfig(sched, empty_context=gather.empty_context, latent_scale=cfg.encode.scale_factor),
                 ).loss
             )
     assert all(np.isfinite(losses))

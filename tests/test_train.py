@@ -16,7 +16,17 @@ from uvit.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from uvit.train.step import EMA, build_optimizer, draw_step, gather_rows, train_step, warmup_lambda
+from uvit.train.step import (
+    EMA,
+    Batch,
+    DrawConfig,
+    StepConfig,
+    build_optimizer,
+    draw_step,
+    gather_rows,
+    train_step,
+    warmup_lambda,
+)
 
 CFG = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=4)
 SCHEDULE = make_schedule("vpsde")
@@ -45,16 +55,14 @@ def run_steps(state: TrainingState, ema: EMA, data, start: int, stop: int, batch
     x, y = data
     losses = []
     for step in range(start, stop):
-        draws = draw_step(0, step, len(x), batch, (1, 8, 8), SCHEDULE, p_uncond=0.1)
+        draws = draw_step(DrawConfig(0, batch, (1, 8, 8), SCHEDULE, p_uncond=0.1), step, len(x))
         stats = train_step(
             state.model,
             state.optimizer,
             state.scheduler,
             ema,
-            *gather_rows(x, y, draws.idx),
-            draws,
-            SCHEDULE,
-            null_class=3,
+            Batch(step, *gather_rows(x, y, draws.idx), draws),
+            StepConfig(SCHEDULE, null_class=3),
         )
         losses.append(stats.loss)
         state.step = step + 1
@@ -62,14 +70,15 @@ def run_steps(state: TrainingState, ema: EMA, data, start: int, stop: int, batch
 
 
 def test_workers_split_the_global_batch_exactly() -> None:
-    one = draw_step(7, 12, 100, 8, (1, 8, 8), SCHEDULE, p_uncond=0.5)
-    halves = [draw_step(7, 12, 100, 8, (1, 8, 8), SCHEDULE, p_uncond=0.5, rank=r, world_size=2) for r in range(2)]
+    spec = DrawConfig(7, 8, (1, 8, 8), SCHEDULE, p_uncond=0.5)
+    one = draw_step(spec, 12, 100)
+    halves = [draw_step(spec, 12, 100, rank=r, world_size=2) for r in range(2)]
     for field in ("idx", "t", "noise", "drop"):
         assert torch.equal(torch.cat([getattr(h, field) for h in halves]), getattr(one, field))
-    other = draw_step(7, 13, 100, 8, (1, 8, 8), SCHEDULE, p_uncond=0.5)
+    other = draw_step(spec, 13, 100)
     assert not torch.equal(other.noise, one.noise)
     with pytest.raises(ValueError, match="not divisible"):
-        draw_step(0, 0, 100, 9, (1, 8, 8), SCHEDULE, 0.0, rank=0, world_size=2)
+        draw_step(DrawConfig(0, 9, (1, 8, 8), SCHEDULE, 0.0), 0, 100, rank=0, world_size=2)
 
 
 def test_two_half_batches_give_the_full_batch_gradient() -> None:
@@ -83,7 +92,7 @@ def test_two_half_batches_give_the_full_batch_gradient() -> None:
 
     def grads(rank: int, world: int) -> list[torch.Tensor]:
         model.zero_grad()
-        d = draw_step(3, 5, len(x), 16, (1, 8, 8), schedule, 0.0, rank=rank, world_size=world)
+        d = draw_step(DrawConfig(3, 16, (1, 8, 8), schedule, 0.0), 5, len(x), rank=rank, world_size=world)
         noise_prediction_loss(model, x[d.idx], schedule, t=d.t, noise=d.noise, y=y[d.idx]).mean().backward()
         return [p.grad.clone() for p in model.parameters()]
 
@@ -204,8 +213,8 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch) -> None:
 
 
 def test_latent_draws_leave_the_pixel_draws_unchanged() -> None:
-    pixel = draw_step(3, 9, 50, 8, (4, 4, 4), SCHEDULE, 0.1)
-    latent = draw_step(3, 9, 50, 8, (4, 4, 4), SCHEDULE, 0.1, latent=True)
+    pixel = draw_step(DrawConfig(3, 8, (4, 4, 4), SCHEDULE, 0.1), 9, 50)
+    latent = draw_step(DrawConfig(3, 8, (4, 4, 4), SCHEDULE, 0.1, latent=True), 9, 50)
     for field in ("idx", "t", "noise", "drop"):
         assert torch.equal(getattr(pixel, field), getattr(latent, field))
     assert pixel.latent_noise is None and latent.latent_noise.shape == (8, 4, 4, 4)
@@ -236,10 +245,9 @@ def test_training_on_stored_vae_moments(tmp_path) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(0))
     losses = []
     for step in range(60):
-        d = draw_step(0, step, n, 16, (4, 4, 4), SCHEDULE, 0.1, latent=True)
+        d = draw_step(DrawConfig(0, 16, (4, 4, 4), SCHEDULE, 0.1, latent=True), step, n)
+        batch = Batch(step, *gather_rows(x, y, d.idx), d)
         losses.append(
-            train_step(
-                model, opt, sched, None, *gather_rows(x, y, d.idx), d, SCHEDULE, null_class=4, latent_scale=0.5
-            ).loss
+            train_step(model, opt, sched, None, batch, StepConfig(SCHEDULE, null_class=4, latent_scale=0.5)).loss
         )
     assert sum(losses[-10:]) < 0.75 * sum(losses[:10])

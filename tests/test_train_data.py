@@ -14,7 +14,7 @@ from uvit.config import load_benchmark, load_params
 from uvit.data.shards import write_split
 from uvit.diffusion import make_schedule
 from uvit.train.data import ShardGather, StreamingLoader, training_field
-from uvit.train.step import draw_step, gather_rows
+from uvit.train.step import DrawConfig, draw_step, gather_rows
 from uvit.train.trainer import load_training_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,22 +35,12 @@ def split(tmp_path) -> Path:
     return tmp_path
 
 
-def loader(split: Path, start: int, end: int, rank: int = 0, world: int = 1, **kw) -> StreamingLoader:
+def loader(
+    split: Path, start: int, end: int, rank: int = 0, world: int = 1, prefetch: int = 2, random_flip: bool = False
+) -> StreamingLoader:
     gather = ShardGather(split / "train", training_field(split / "train"), with_labels=True)
-    return StreamingLoader(
-        gather,
-        seed=3,
-        global_batch=16,
-        sample_shape=(1, 8, 8),
-        schedule=SCHEDULE,
-        p_uncond=0.1,
-        latent=False,
-        start_step=start,
-        end_step=end,
-        rank=rank,
-        world_size=world,
-        **kw,
-    )
+    draws = DrawConfig(3, 16, (1, 8, 8), SCHEDULE, 0.1, latent=False, random_flip=random_flip)
+    return StreamingLoader(gather, draws, start, end, rank=rank, world_size=world, prefetch=prefetch)
 
 
 def test_streamed_batches_equal_the_in_memory_gather(split) -> None:
@@ -60,7 +50,7 @@ def test_streamed_batches_equal_the_in_memory_gather(split) -> None:
             batches = list(stream)
         assert [b.step for b in batches] == list(range(6))
         for b in batches:
-            d = draw_step(3, b.step, 53, 16, (1, 8, 8), SCHEDULE, 0.1, rank=rank, world_size=2)
+            d = draw_step(DrawConfig(3, 16, (1, 8, 8), SCHEDULE, 0.1), b.step, 53, rank=rank, world_size=2)
             x, y = gather_rows(x_all, y_all, d.idx)
             assert b.x.shape == (8, 1, 8, 8) and b.x.dtype == torch.float32
             assert torch.equal(b.x, x) and torch.equal(b.y, y)  # bit for bit
@@ -84,17 +74,7 @@ def test_data_position_on_resume_is_a_function_of_the_step(split) -> None:
 def test_loader_errors_reach_the_training_loop(split) -> None:
     gather = ShardGather(split / "train", "images", with_labels=True)
     gather.rows = lambda name, idx: (_ for _ in ()).throw(OSError("disk gone"))  # noqa: ARG005
-    stream = StreamingLoader(
-        gather,
-        seed=0,
-        global_batch=4,
-        sample_shape=(1, 8, 8),
-        schedule=SCHEDULE,
-        p_uncond=0.0,
-        latent=False,
-        start_step=0,
-        end_step=3,
-    )
+    stream = StreamingLoader(gather, DrawConfig(0, 4, (1, 8, 8), SCHEDULE, 0.0, latent=False), 0, 3)
     with pytest.raises(OSError, match="disk gone"), stream:
         list(stream)
 
@@ -112,7 +92,7 @@ def test_latent_moments_stream_as_float32(tmp_path) -> None:
 
 
 def test_storage_locations(tmp_path, monkeypatch) -> None:
-    from uvit.train.storage import find_checkpoints, resolve_storage
+    from uvit.train.checkpoint_storage import find_checkpoints, resolve_storage
 
     local = resolve_storage(tmp_path / "ray").child("fp")
     assert local.is_local and local.path == str((tmp_path / "ray" / "fp").resolve())
@@ -219,7 +199,7 @@ def test_truncated_checkpoint_is_skipped_when_choosing_where_to_resume(tmp_path)
     from uvit.models import UViT
     from uvit.train.checkpoint import TrainingState, save_checkpoint
     from uvit.train.step import EMA, build_optimizer, warmup_lambda
-    from uvit.train.storage import find_checkpoints, resolve_storage
+    from uvit.train.checkpoint_storage import find_checkpoints, resolve_storage
 
     model = UViT(digits_cfg().uvit_config())
     opt = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999))
@@ -243,7 +223,7 @@ def test_flips_mirror_exactly_the_drawn_rows_and_leave_other_draws_unchanged(spl
     x_all, y_all = load_training_data(digits_cfg(), split)
     flipped_rows = total = 0
     for step in range(8):
-        plain = draw_step(3, step, 53, 16, (1, 8, 8), SCHEDULE, 0.1)
+        plain = draw_step(DrawConfig(3, 16, (1, 8, 8), SCHEDULE, 0.1), step, 53)
         with loader(split, step, step + 1, random_flip=True) as stream:
             (b,) = list(stream)
         for f in ("idx", "t", "noise", "drop"):  # drawn before the flips: identical to a no-flip run

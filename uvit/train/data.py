@@ -1,7 +1,7 @@
 """Streaming training batches: each rank gathers its slice of a step's global batch from
 memory-mapped shards, a background thread prefetches the next steps, pinned memory feeds CUDA.
 
-The rows of step s are `draw_step(seed, s, ...)` (see uvit/train/step.py): a pure function of
+The rows of step s are `draw_step(config, s, ...)` (see uvit/train/step.py): a pure function of
 (seed, step), so the data position needs no state of its own. A run resumed at step s starts
 the loader at s and sees exactly the batches an uninterrupted run would. Nothing but the rows a
 rank needs is ever read, so the split may be much larger than host or device memory (ImageNet
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -20,44 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from uvit.diffusion.schedules import NoiseSchedule
-from uvit.train.step import StepDraws, draw_step
-
-
-@dataclass
-class Batch:
-    """One rank's share of one step: the training rows and that step's random draws.
-
-    x: (b, C, H, W) float32 images in [-1, 1], or (b, 2C, h, w) float32 VAE moments;
-    y: (b,) int64 labels or None; draws: the rank's `StepDraws` (idx are global row ids);
-    context: text-to-image, (b, 77, D) float32 CLIP features of caption rows `draws.caption_rows`
-    as stored (condition dropout is applied by `train_step`), else None.
-    """
-
-    step: int
-    x: Tensor
-    y: Tensor | None
-    draws: StepDraws
-    context: Tensor | None = None
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        d = self.draws
-        # idx and drop stay on the host: train_step tests `drop.any()`, which would sync a GPU.
-        draws = replace(d, t=move(d.t), noise=move(d.noise), latent_noise=move(d.latent_noise))
-        return Batch(self.step, move(self.x), move(self.y), draws, move(self.context))
-
-    def pin_memory(self) -> Batch:
-        """Page-locked copies, so `to(cuda, non_blocking=True)` overlaps with compute."""
-        d = self.draws
-
-        def pin(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.pin_memory()
-
-        draws = replace(d, t=pin(d.t), noise=pin(d.noise), latent_noise=pin(d.latent_noise))
-        return Batch(self.step, pin(self.x), pin(self.y), draws, pin(self.context))
+from uvit.train.step import Batch, DrawConfig, draw_step
 
 
 class ShardGather:
@@ -142,8 +104,9 @@ def _rows(split, name: str, idx: np.ndarray) -> np.ndarray:
 class StreamingLoader:
     """Iterates `Batch`es for steps [start_step, end_step) of one rank, `prefetch` steps ahead.
 
-    With `random_flip`, each row is mirrored horizontally with p = 0.5 (the draw is part of the
-    step's randomness, so resuming and splitting across ranks stay exact).
+    `draws` says what each step draws (the rows among `len(gather)`, their captions when `gather`
+    has a caption split). With `draws.random_flip`, each row is mirrored horizontally with p = 0.5
+    (the draw is part of the step's randomness, so resuming and splitting across ranks stay exact).
 
     A daemon thread draws each step's randomness and gathers the rank's rows (numpy releases
     the GIL while copying from the memmaps), pins them when `device` is CUDA, and queues them;
@@ -154,35 +117,17 @@ class StreamingLoader:
     def __init__(
         self,
         gather: ShardGather,
-        *,
-        seed: int,
-        global_batch: int,
-        sample_shape: tuple[int, ...],
-        schedule: NoiseSchedule,
-        p_uncond: float,
-        latent: bool,
+        draws: DrawConfig,
         start_step: int,
         end_step: int,
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
         prefetch: int = 2,
-        random_flip: bool = False,
     ):
-        self.gather = gather
-        self.kw = dict(
-            num_rows=len(gather),
-            global_batch=global_batch,
-            sample_shape=sample_shape,
-            schedule=schedule,
-            p_uncond=p_uncond,
-            rank=rank,
-            world_size=world_size,
-            latent=latent,
-            caption_offsets=getattr(gather, "caption_offsets", None),
-            flip=random_flip,
-        )
-        self.seed, self.start, self.end = seed, start_step, end_step
+        self.gather, self.draws = gather, draws
+        self.num_rows, self.caption_offsets = len(gather), getattr(gather, "caption_offsets", None)
+        self.start, self.end, self.rank, self.world_size = start_step, end_step, rank, world_size
         self.device = torch.device(device)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
@@ -191,7 +136,9 @@ class StreamingLoader:
 
     def batch(self, step: int) -> Batch:
         """The batch of `step` on the CPU (what the thread produces; also usable directly)."""
-        draws = draw_step(self.seed, step, **self.kw)
+        draws = draw_step(
+            self.draws, step, self.num_rows, self.caption_offsets, rank=self.rank, world_size=self.world_size
+        )
         x, y = self.gather.gather(draws.idx)
         if draws.flip is not None:  # mirror the width axis of the drawn rows
             x = torch.where(draws.flip[:, None, None, None], x.flip(-1), x)

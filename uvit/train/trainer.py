@@ -8,7 +8,7 @@ Each worker streams its share of every step's batch from the memory-mapped shard
 (uvit/train/data.py), holds the model with DDP or FSDP2 (uvit/train/strategy.py) and, on rank 0,
 logs metrics, TensorBoard, sample grids and periodic FID (uvit/train/monitor.py).
 Checkpoints go through Ray's checkpointing to `runs/<benchmark>/ray/<config-hash>/`, or to
-`train.storage_path` (a directory or `s3://`, uvit/train/storage.py), uploaded in the
+`train.storage_path` (a directory or `s3://`, uvit/train/checkpoint_storage.py), uploaded in the
 background. A worker that dies is replaced and the run continues from the last checkpoint
 (`train.max_failures`); `resume=True` continues a previous invocation's run.
 """
@@ -17,29 +17,53 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from uvit.config import BenchmarkConfig
+from uvit.diffusion import make_schedule
+from uvit.models import UViT
 from uvit.paths import BenchmarkPaths
+from uvit.train.checkpoint import TrainingState, checkpoint_step, read_checkpoint, save_checkpoint
+from uvit.train.data import ShardGather, StreamingLoader, training_field
 from uvit.train.fingerprint import (  # noqa: F401  (re-exported)
     contexts_data_dir,
     train_fingerprint,
     training_data_dir,
 )
-from uvit.train.monitor import METRICS_FIELDS, MetricsLog  # noqa: F401  (re-exported)
-from uvit.train.step import unwrap
+from uvit.train.monitor import (  # noqa: F401  (METRICS_FIELDS re-exported)
+    METRICS_FIELDS,
+    MetricsLog,
+    peak_memory_gib,
+    sample_grid,
+)
+from uvit.train.step import (
+    EMA,
+    DrawConfig,
+    StepConfig,
+    StepStats,
+    build_optimizer,
+    train_step,
+    unwrap,
+    warmup_lambda,
+)
+from uvit.train.strategy import Strategy
+
+if TYPE_CHECKING:
+    from uvit.train.checkpoint_storage import Storage
 
 
 # ---------------------------------------------------------------------------- data
@@ -66,6 +90,57 @@ def load_training_data(cfg: BenchmarkConfig, data_dir: Path) -> tuple[torch.Tens
 
 
 # ---------------------------------------------------------------------------- worker
+@dataclass(frozen=True)
+class FIDInputs:
+    """What periodic FID reads, resolved by the driver: the training images' split directory, the
+    digits classifier's directory, and the "step,fid" log that rank 0 appends to."""
+
+    images: str
+    classifier: str
+    log: str
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver hands every Ray Train worker (plain data: it is pickled to each).
+
+    benchmark: the `BenchmarkConfig` as `model_dump` data (each worker validates it again);
+    data_dir / contexts_dir: absolute parents of the training split and (text-to-image) of its
+    caption split; tensorboard_dir, samples_dir and fid are None when off; resume_from: the
+    `ray.train.Checkpoint` of an earlier invocation to continue, or None.
+    """
+
+    benchmark: dict[str, Any]
+    data_dir: str
+    contexts_dir: str | None = None
+    tensorboard_dir: str | None = None
+    samples_dir: str | None = None
+    fid: FIDInputs | None = None
+    resume_from: Any = None
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a worker runs: its rank among `world` workers, and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class _Learner:
+    """A worker's trainable state: the wrapped model `net` and its EMA, AdamW, the LR schedule,
+    the strategy that wraps them, and `start`, the first step to run (the restored step, or 0)."""
+
+    strategy: Strategy
+    net: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start: int
+
+
 class _Frozen:
     """A state dict standing in for an optimizer/scheduler when saving (FSDP: gathered state)."""
 
@@ -76,34 +151,24 @@ class _Frozen:
         return self._state
 
 
-def _maybe_die(loop_config: dict, step: int, rank: int) -> None:
-    """Test hook: SIGKILL this worker once at `kill_at_step` (a marker file makes it once only)."""
-    hook = loop_config.get("kill_at_step")
-    if not hook or step != hook["step"] or rank != hook.get("rank", 0):
-        return
-    marker = Path(hook["marker"])
-    if marker.exists():
-        return
-    marker.write_text(str(step))
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: WorkerConfig) -> None:
     """Runs in every Ray Train worker: build, (restore), train, checkpoint through Ray."""
+    cfg = BenchmarkConfig.model_validate(config.benchmark)
+    place = _place_worker(cfg.train)
+    gather = _shard_gather(cfg, config)
+    scratch = Path(tempfile.mkdtemp(prefix=f"uvit-rank{place.rank}-"))  # metrics.csv, checkpoints to upload
+    learner = _build_learner(cfg, place, _restore(config, scratch, place.device))
+    worker = _Worker(cfg, config, place, learner, scratch)
+    draws, step_config = _step_configs(cfg, gather, place.device)
+    worker.train(gather, draws, step_config)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _place_worker(tc) -> _Place:
+    """This worker's rank, world size and device; sets its torch threads (and TF32 on CUDA)."""
     import ray.train
     import ray.train.torch
-    from tqdm import tqdm
 
-    from uvit.diffusion import make_schedule
-    from uvit.models import UViT
-    from uvit.train.checkpoint import TrainingState, read_checkpoint, save_checkpoint
-    from uvit.train.data import ShardGather, StreamingLoader, training_field
-    from uvit.train.monitor import PeriodicFID, TensorBoard, peak_memory_gib, sample_grid
-    from uvit.train.step import build_optimizer, train_step, warmup_lambda
-    from uvit.train.strategy import Strategy
-
-    cfg = BenchmarkConfig.model_validate(loop_config["benchmark"])
-    tc = cfg.train
     torch.set_num_threads(tc.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -111,29 +176,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    uconf = cfg.uvit_config()
-    text = uconf.clip_dim is not None
-    split = Path(loop_config["data_dir"]) / "train"
-    contexts = Path(loop_config["contexts_dir"]) / "train" if text else None
-    gather = ShardGather(
-        split, training_field(split), with_labels=cfg.validate_.num_classes > 0 and not text, contexts_dir=contexts
-    )
+    return _Place(rank, world, device)
 
-    # Restore (if any) into the plain model first, then wrap: both strategies load full state dicts.
-    scratch = Path(tempfile.mkdtemp(prefix=f"uvit-rank{rank}-"))
-    metrics_path = scratch / "metrics.csv"
-    restored = ray.train.get_checkpoint() or loop_config.get("resume_from")  # a Ray Checkpoint
-    ckpt = None
-    if restored is not None:
-        with _local_copy(restored, scratch / "restore") as d:
-            ckpt = read_checkpoint(d, device)
-            if (Path(d) / "metrics.csv").is_file():
-                shutil.copy2(Path(d) / "metrics.csv", metrics_path)
+
+def _shard_gather(cfg: BenchmarkConfig, config: WorkerConfig) -> ShardGather:
+    """Row gathers from the training split (and, text-to-image, its caption split)."""
+    text = cfg.uvit_config().clip_dim is not None
+    split = Path(config.data_dir) / "train"
+    contexts = Path(config.contexts_dir) / "train" if text else None
+    with_labels = cfg.validate_.num_classes > 0 and not text
+    return ShardGather(split, training_field(split), with_labels=with_labels, contexts_dir=contexts)
+
+
+def _restore(config: WorkerConfig, scratch: Path, device: torch.device) -> dict | None:
+    """The checkpoint to continue from, read onto `device` (`read_checkpoint`'s dict), or None:
+    Ray's latest after a worker failure, else the driver's `resume_from`. Its metrics.csv is
+    copied into `scratch`, where the metrics log continues it."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint() or config.resume_from  # a Ray Checkpoint
+    if restored is None:
+        return None
+    with _local_copy(restored, scratch / "restore") as d:
+        ckpt = read_checkpoint(d, device)
+        if (Path(d) / "metrics.csv").is_file():
+            shutil.copy2(Path(d) / "metrics.csv", scratch / "metrics.csv")
+    return ckpt
+
+
+def _build_learner(cfg: BenchmarkConfig, place: _Place, ckpt: dict | None) -> _Learner:
+    """The model (seeded by train.seed), EMA, AdamW and LR schedule, restored from `ckpt` if any.
+
+    The weights are restored into the plain model first, then wrapped: both strategies load
+    full state dicts."""
+    tc = cfg.train
     torch.manual_seed(tc.seed)
-    model = UViT(uconf).to(device)
+    model = UViT(cfg.uvit_config()).to(place.device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    strategy = Strategy(tc.strategy, world, device)
+    strategy = Strategy(tc.strategy, place.world, place.device)
     ema = strategy.make_ema(model, tc.ema_decay, ckpt["ema"] if ckpt is not None else None)
     net = strategy.wrap(model)
     optimizer = build_optimizer(net, tc.lr, tc.weight_decay, tuple(tc.betas))
@@ -143,55 +224,178 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         strategy.load_optimizer(net, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start = ckpt["step"]
-        del ckpt
     if tc.compile:
         net = torch.compile(net)
+    return _Learner(strategy, net, ema, optimizer, scheduler, start)
 
-    log = MetricsLog(metrics_path, resume_step=start) if rank == 0 else None
-    tb = TensorBoard(loop_config.get("tensorboard_dir") if rank == 0 else None, resume_step=start)
-    samples_dir = Path(loop_config["samples_dir"]) if loop_config.get("samples_dir") else None
-    fid_inputs = loop_config.get("fid")
-    periodic_fid = None
-    if fid_inputs and rank == 0:  # the reference statistics are computed once, here
-        periodic_fid = PeriodicFID(
-            cfg,
-            tc.fid_samples,
-            fid_inputs["images"],
-            fid_inputs["classifier"],
-            device="cuda" if device.type == "cuda" else "cpu",
-        )
+
+def _step_configs(cfg: BenchmarkConfig, gather: ShardGather, device: torch.device) -> tuple[DrawConfig, StepConfig]:
+    """What every step of `cfg` draws, and the recipe every step trains with."""
+    tc, uconf = cfg.train, cfg.uvit_config()
+    text = uconf.clip_dim is not None
     schedule = make_schedule(cfg.diffusion.schedule)
     p_uncond = cfg.diffusion.p_uncond if uconf.num_classes > 0 or text else 0.0
-    null_class = uconf.num_classes - 1 if p_uncond > 0 and not text else None
-    empty_context = gather.empty_context.to(device) if text else None  # dropout's stand-in (not zeros)
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
-    scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
     latent_scale = cfg.encode.scale_factor if cfg.encode is not None else None
     sample_shape = (uconf.in_chans, uconf.img_size, uconf.img_size)
-    shadow: dict[str, UViT] = {}  # rank 0, FSDP: full-weight CPU copies to save / sample from
+    draws = DrawConfig(
+        tc.seed, tc.batch_size, sample_shape, schedule, p_uncond, latent_scale is not None, tc.random_flip
+    )
+    step = StepConfig(
+        schedule,
+        null_class=uconf.num_classes - 1 if p_uncond > 0 and not text else None,
+        empty_context=gather.empty_context.to(device) if text else None,  # dropout's stand-in (not zeros)
+        grad_clip=tc.grad_clip,
+        autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision],
+        latent_scale=latent_scale,
+    )
+    return draws, step
 
-    def full_copy(which: str, module: torch.nn.Module) -> UViT:
-        """`module` itself (DDP) or, under FSDP, a plain copy with its gathered weights (collective)."""
+
+class _Worker:
+    """One worker's training run: the steps, and around them rank 0's metrics log, TensorBoard,
+    sample grids and periodic FID, and the checkpoints every rank reports to Ray."""
+
+    def __init__(self, cfg: BenchmarkConfig, config: WorkerConfig, place: _Place, learner: _Learner, scratch: Path):
+        from uvit.train.monitor import PeriodicFID, TensorBoard
+
+        self.cfg, self.tc, self.place, self.learner, self.scratch = cfg, cfg.train, place, learner, scratch
+        metrics_path = self.metrics_path = scratch / "metrics.csv"
+        rank0 = place.rank == 0
+        self.log = MetricsLog(metrics_path, resume_step=learner.start) if rank0 else None
+        self.tb = TensorBoard(config.tensorboard_dir if rank0 else None, resume_step=learner.start)
+        self.samples_dir = Path(config.samples_dir) if config.samples_dir else None
+        self.fid_inputs = config.fid
+        self.periodic_fid = None
+        if config.fid is not None and rank0:  # the reference statistics are computed once, here
+            device = "cuda" if place.device.type == "cuda" else "cpu"
+            self.periodic_fid = PeriodicFID(
+                cfg, self.tc.fid_samples, config.fid.images, config.fid.classifier, device=device
+            )
+        self.shadow: dict[str, UViT] = {}  # rank 0, FSDP: full-weight CPU copies to save / sample from
+
+    def train(self, gather: ShardGather, draws: DrawConfig, step_config: StepConfig) -> None:
+        """Steps [learner.start, train.steps), streamed from `gather`, with logs and checkpoints."""
+        from tqdm import tqdm
+
+        tc, place, learner = self.tc, self.place, self.learner
+        scaler = torch.amp.GradScaler(place.device.type) if tc.precision == "fp16" else None
+        self.bar = tqdm(
+            total=tc.steps,
+            initial=learner.start,
+            disable=place.rank != 0,
+            desc=f"train {self.cfg.name}",
+            unit="step",
+            mininterval=3.0,
+            ascii=True,
+        )
+        self.window_start, self.window_images, self.t_start = time.perf_counter(), 0, time.perf_counter()
+        loader = StreamingLoader(
+            gather, draws, learner.start, tc.steps, place.rank, place.world, place.device, tc.prefetch
+        )
+        with loader:
+            for batch in loader:
+                stats = train_step(
+                    learner.net, learner.optimizer, learner.scheduler, learner.ema, batch, step_config, scaler
+                )
+                self.after_step(batch.step + 1, stats, len(batch.x))
+        self.bar.close()
+        self.tb.close()
+
+    def after_step(self, done: int, stats: StepStats, rows: int) -> None:
+        """Log, sample, score and checkpoint after `done` steps, as train.* asks."""
+        tc = self.tc
+        self.window_images += tc.batch_size
+        self.bar.update(1)
+        logging_step = done % tc.log_every == 0 or done == tc.steps
+        checkpoint_step = done % tc.checkpoint_every == 0 or done == tc.steps
+        if logging_step or checkpoint_step:  # the same steps on every rank: a collective is safe
+            loss = global_mean_loss(stats.loss_t, rows)
+        if logging_step:
+            self.log_metrics(done, loss, stats)
+        if tc.sample_every and done % tc.sample_every == 0:
+            self.grid(done)
+        if self.fid_inputs and done % tc.fid_every == 0:
+            self.fid(done)
+        if checkpoint_step:
+            self.report({"step": done, "loss": loss}, done)
+
+    def log_metrics(self, done: int, loss: float, stats: StepStats) -> None:
+        """One metrics row (rank 0: metrics.csv and TensorBoard); throughput since the last row."""
+        now = time.perf_counter()
+        row = {
+            "step": done,
+            "loss": loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "images_per_s": self.window_images / (now - self.window_start),
+            "elapsed_s": now - self.t_start,
+            "peak_mem_gib": peak_memory_gib(self.place.device),
+        }
+        if self.log is not None:
+            self.log.append(row)
+            self.tb.scalars(done, {k: v for k, v in row.items() if k != "step"})
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.window_start, self.window_images = now, 0
+
+    def full_copy(self, which: str, module: nn.Module) -> UViT | None:
+        """`module` itself (DDP) or, under FSDP, a plain copy with its gathered weights on rank 0
+        and None elsewhere (a collective: every rank calls it)."""
+        strategy = self.learner.strategy
         if not strategy.sharded:
             return unwrap(module)
         sd = strategy.model_state(module)
-        if rank != 0:
+        if self.place.rank != 0:
             return None
-        if which not in shadow:
-            shadow[which] = UViT(uconf)
-        shadow[which].load_state_dict(sd)
-        return shadow[which]
+        if which not in self.shadow:
+            self.shadow[which] = UViT(self.cfg.uvit_config())
+        self.shadow[which].load_state_dict(sd)
+        return self.shadow[which]
 
-    def report(metrics: dict[str, float], step: int) -> None:
-        model_full, ema_full = full_copy("model", net), full_copy("ema", ema.model)
-        optim_state = strategy.optimizer_state(net, optimizer)
+    def on_ema(self, wanted: bool, fn: Callable[[UViT], Any]) -> Any:
+        """`fn(ema)` on rank 0 with the full EMA weights on this device when `wanted`, else None;
+        every rank calls this (the FSDP gather is a collective)."""
+        ema_full = self.full_copy("ema", self.learner.ema.model)
+        if self.place.rank != 0 or not wanted:
+            return None
+        out = fn(ema_full.to(self.place.device))
+        if self.learner.strategy.sharded:
+            ema_full.cpu()  # the full copy lives on the host between uses
+        return out
+
+    def grid(self, step: int) -> None:
+        """A grid of EMA samples to samples_dir and TensorBoard."""
+        path = self.on_ema(
+            self.samples_dir is not None,
+            lambda ema: sample_grid(self.cfg, ema, self.samples_dir / f"step_{step:07d}.png"),
+        )
+        if path is not None:
+            self.tb.image("samples/ema", path, step)
+
+    def fid(self, step: int) -> None:
+        """The EMA model's periodic FID, to TensorBoard and the FID log."""
+        value = self.on_ema(self.periodic_fid is not None, lambda ema: self.periodic_fid(ema))
+        if value is None:
+            return
+        self.tb.scalars(step, {"fid": value}, prefix="eval")
+        with open(self.fid_inputs.log, "a") as f:
+            f.write(f"{step},{value}\n")
+        print(f"step {step}: FID ({self.tc.fid_samples} samples, {self.cfg.score.feature_extractor}) {value:.3f}")
+
+    def report(self, metrics: dict[str, float], step: int) -> None:
+        """Report `metrics` to Ray with a checkpoint of step `step` (rank 0 writes it)."""
+        import ray.train
+
+        learner, place, tc = self.learner, self.place, self.tc
+        model_full, ema_full = self.full_copy("model", learner.net), self.full_copy("ema", learner.ema.model)
+        optim_state = learner.strategy.optimizer_state(learner.net, learner.optimizer)
         checkpoint = None
-        if rank == 0:
+        if place.rank == 0:
             # Not a TemporaryDirectory: with asynchronous upload Ray deletes it once uploaded.
-            directory = Path(tempfile.mkdtemp(dir=scratch)) / "checkpoint"
-            state = TrainingState(model_full, ema_full, _Frozen(optim_state), scheduler, step)
-            save_checkpoint(directory, state, metrics_path)
-            (directory / WORKER_FILE).write_text(json.dumps(worker_hardware(device, world, tc), indent=2) + "\n")
+            directory = Path(tempfile.mkdtemp(dir=self.scratch)) / "checkpoint"
+            state = TrainingState(model_full, ema_full, _Frozen(optim_state), learner.scheduler, step)
+            save_checkpoint(directory, state, self.metrics_path)
+            hardware = worker_hardware(place.device, place.world, tc)
+            (directory / WORKER_FILE).write_text(json.dumps(hardware, indent=2) + "\n")
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
         # Asynchronous upload lets training go on while the files travel; the last one is
         # synchronous, which also waits for the earlier uploads (reports commit in order).
@@ -200,107 +404,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True
         )  # a barrier: every rank calls it
-
-    def grid(step: int) -> None:
-        ema_full = full_copy("ema", ema.model)
-        if rank != 0 or samples_dir is None:
-            return
-        path = sample_grid(cfg, ema_full.to(device), samples_dir / f"step_{step:07d}.png")
-        if strategy.sharded:
-            ema_full.cpu()  # the full copy lives on the host between grids
-        tb.image("samples/ema", path, step)
-
-    def fid(step: int) -> None:
-        ema_full = full_copy("ema", ema.model)
-        if periodic_fid is None:
-            return
-        value = periodic_fid(ema_full.to(device))
-        if strategy.sharded:
-            ema_full.cpu()
-        tb.scalars(step, {"fid": value}, prefix="eval")
-        with open(fid_inputs["log"], "a") as f:
-            f.write(f"{step},{value}\n")
-        print(f"step {step}: FID ({tc.fid_samples} samples, {cfg.score.feature_extractor}) {value:.3f}")
-
-    bar = tqdm(
-        total=tc.steps,
-        initial=start,
-        disable=rank != 0,
-        desc=f"train {cfg.name}",
-        unit="step",
-        mininterval=3.0,
-        ascii=True,
-    )
-    window_start, window_images, t_start = time.perf_counter(), 0, time.perf_counter()
-    loader = StreamingLoader(
-        gather,
-        seed=tc.seed,
-        global_batch=tc.batch_size,
-        sample_shape=sample_shape,
-        schedule=schedule,
-        p_uncond=p_uncond,
-        latent=latent_scale is not None,
-        start_step=start,
-        end_step=tc.steps,
-        rank=rank,
-        world_size=world,
-        device=device,
-        prefetch=tc.prefetch,
-        random_flip=tc.random_flip,
-    )
-    with loader:
-        for batch in loader:
-            step = batch.step
-            _maybe_die(loop_config, step, rank)
-            stats = train_step(
-                net,
-                optimizer,
-                scheduler,
-                ema,
-                batch.x,
-                batch.y,
-                batch.draws,
-                schedule,
-                null_class=null_class,
-                grad_clip=tc.grad_clip,
-                autocast_dtype=autocast,
-                scaler=scaler,
-                latent_scale=latent_scale,
-                context=batch.context,
-                empty_context=empty_context,
-            )
-            done = step + 1
-            window_images += tc.batch_size
-            bar.update(1)
-            logging_step = done % tc.log_every == 0 or done == tc.steps
-            checkpoint_step = done % tc.checkpoint_every == 0 or done == tc.steps
-            if logging_step or checkpoint_step:  # the same steps on every rank: a collective is safe
-                loss = global_mean_loss(stats.loss_t, len(batch.x))
-            if logging_step:
-                now = time.perf_counter()
-                row = {
-                    "step": done,
-                    "loss": loss,
-                    "lr": stats.lr,
-                    "grad_norm": stats.grad_norm,
-                    "images_per_s": window_images / (now - window_start),
-                    "elapsed_s": now - t_start,
-                    "peak_mem_gib": peak_memory_gib(device),
-                }
-                if log is not None:
-                    log.append(row)
-                    tb.scalars(done, {k: v for k, v in row.items() if k != "step"})
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                window_start, window_images = now, 0
-            if tc.sample_every and done % tc.sample_every == 0:
-                grid(done)
-            if fid_inputs and done % tc.fid_every == 0:
-                fid(done)
-            if checkpoint_step:
-                report({"step": done, "loss": loss}, done)
-    bar.close()
-    tb.close()
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def global_mean_loss(loss: torch.Tensor, rows: int) -> float:
@@ -378,9 +481,9 @@ def _torch_trainer() -> type:
 
 def latest_checkpoint(storage, max_step: int | None = None) -> str | None:
     """The newest complete checkpoint (all runs) under a storage location (a local Path or a
-    `uvit.train.storage.Storage`, S3 included) whose step is at most `max_step`, or None.
+    `uvit.train.checkpoint_storage.Storage`, S3 included) whose step is at most `max_step`, or None.
     Incomplete ones (no state.json) are skipped."""
-    from uvit.train.storage import Storage, find_checkpoints, resolve_storage
+    from uvit.train.checkpoint_storage import Storage, find_checkpoints, resolve_storage
 
     if not isinstance(storage, Storage):
         storage = resolve_storage(storage)
@@ -422,12 +525,7 @@ def hardware_description(cfg: BenchmarkConfig, checkpoint: Path | None = None) -
 
 
 def run_training(
-    cfg: BenchmarkConfig,
-    paths: BenchmarkPaths,
-    *,
-    resume: bool = True,
-    storage_path: str | None = None,
-    kill_at_step: dict | None = None,
+    cfg: BenchmarkConfig, paths: BenchmarkPaths, *, resume: bool = True, storage_path: str | None = None
 ) -> dict[str, Any]:
     """Train `cfg` with Ray Train and export the result to `paths.train`. Returns the summary.
 
@@ -439,15 +537,46 @@ def run_training(
     """
     import ray.train
 
-    from uvit.train.checkpoint import checkpoint_step
-    from uvit.train.storage import ensure_dir, resolve_storage
+    _check_monitoring(cfg)
+    plan = _plan_run(cfg, paths, storage_path)
+    last = latest_checkpoint(plan.storage, max_step=cfg.train.steps) if resume else None
+    if last is None:
+        return _fit(cfg, paths, plan)
+    resume_from = ray.train.Checkpoint(last, filesystem=plan.storage.fs)
+    with resume_from.as_directory() as d:
+        step = checkpoint_step(d)
+        print(f"resuming from {_uri(plan.storage, last)} (step {step})")
+        if step == cfg.train.steps:  # already trained this far: export, nothing to run
+            run_dir = _uri(plan.storage, str(Path(last).parent))
+            return _export(cfg, paths, Path(d), wall=0.0, run_dir=run_dir, fid_log=plan.local / "fid.csv")
+    return _fit(cfg, paths, replace(plan, worker=replace(plan.worker, resume_from=resume_from)))
 
+
+def _check_monitoring(cfg: BenchmarkConfig) -> None:
+    """Refuse what the training monitor cannot do for `cfg` before anything starts."""
     tc = cfg.train
     if cfg.uvit_config().clip_dim is not None and (tc.sample_every or tc.fid_every):
         raise NotImplementedError(
             f"{cfg.name}.train: sample grids and periodic FID during text-to-image training "
             "(they need captions) are not supported; set sample_every and fid_every to 0"
         )
+
+
+@dataclass(frozen=True)
+class _RunPlan:
+    """One invocation's places: checkpoints under `storage` (the trajectory's folder), rank 0's
+    TensorBoard logs, sample grids and FID log in `local`, and what the workers are handed."""
+
+    storage: Storage
+    local: Path
+    worker: WorkerConfig
+
+
+def _plan_run(cfg: BenchmarkConfig, paths: BenchmarkPaths, storage_path: str | None) -> _RunPlan:
+    """Resolve the data, the trajectory's fingerprint and the storage (created if local)."""
+    from uvit.train.checkpoint_storage import ensure_dir, resolve_storage
+
+    tc = cfg.train
     data_dir = training_data_dir(cfg, paths).resolve()
     contexts_dir = contexts_data_dir(cfg, paths)
     contexts_dir = contexts_dir.resolve() if contexts_dir is not None else None
@@ -455,47 +584,34 @@ def run_training(
     where = storage_path or tc.storage_path or paths.ray_storage.resolve()
     storage = resolve_storage(where, tc.storage_endpoint).child(fingerprint)
     ensure_dir(storage)
-    local = paths.ray_storage.resolve() / fingerprint  # rank 0's TensorBoard logs and sample grids
-    loop_config: dict[str, Any] = {
-        "benchmark": cfg.model_dump(by_alias=True, mode="json", exclude={"name"}) | {"name": cfg.name},
-        "data_dir": str(data_dir),
-        "contexts_dir": str(contexts_dir) if contexts_dir is not None else None,
-        "tensorboard_dir": str(local / "tensorboard") if tc.tensorboard else None,
-        "samples_dir": str(local / "samples") if tc.sample_every else None,
-    }
-    if tc.fid_every:
-        loop_config["fid"] = _fid_inputs(cfg, paths, local)
-    last = latest_checkpoint(storage, max_step=tc.steps) if resume else None
-    if last is not None:
-        last_ckpt = ray.train.Checkpoint(last, filesystem=storage.fs)
-        with last_ckpt.as_directory() as d:
-            step = checkpoint_step(d)
-            print(f"resuming from {_uri(storage, last)} (step {step})")
-            if step == tc.steps:  # already trained this far: export, nothing to run
-                return _export(
-                    cfg,
-                    paths,
-                    Path(d),
-                    wall=0.0,
-                    run_dir=_uri(storage, str(Path(last).parent)),
-                    fid_log=local / "fid.csv",
-                )
-        loop_config["resume_from"] = last_ckpt
-    if kill_at_step:
-        loop_config["kill_at_step"] = kill_at_step
+    local = paths.ray_storage.resolve() / fingerprint
+    worker = WorkerConfig(
+        benchmark=cfg.model_dump(by_alias=True, mode="json", exclude={"name"}) | {"name": cfg.name},
+        data_dir=str(data_dir),
+        contexts_dir=str(contexts_dir) if contexts_dir is not None else None,
+        tensorboard_dir=str(local / "tensorboard") if tc.tensorboard else None,
+        samples_dir=str(local / "samples") if tc.sample_every else None,
+        fid=_fid_inputs(cfg, paths, local) if tc.fid_every else None,
+    )
+    return _RunPlan(storage, local, worker)
 
+
+def _fit(cfg: BenchmarkConfig, paths: BenchmarkPaths, plan: _RunPlan) -> dict[str, Any]:
+    """Run `plan` on Ray Train (a new run under its storage) and export the last checkpoint."""
+    import ray.train
+
+    tc = cfg.train
     _init_ray(cfg)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = _torch_trainer()(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
+        functools.partial(train_loop_per_worker, plan.worker),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.threads_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage.path,
-            storage_filesystem=None if storage.is_local else storage.fs,
+            storage_path=plan.storage.path,
+            storage_filesystem=None if plan.storage.is_local else plan.storage.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
         ),
@@ -504,12 +620,13 @@ def run_training(
     result = trainer.fit()
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
-        raise RuntimeError(f"training {cfg.name} finished without a checkpoint under {storage.uri}/{run_name}")
+        raise RuntimeError(f"training {cfg.name} finished without a checkpoint under {plan.storage.uri}/{run_name}")
+    run_dir = plan.storage.child(run_name).uri
     with result.checkpoint.as_directory() as d:
-        return _export(cfg, paths, Path(d), wall=wall, run_dir=storage.child(run_name).uri, fid_log=local / "fid.csv")
+        return _export(cfg, paths, Path(d), wall=wall, run_dir=run_dir, fid_log=plan.local / "fid.csv")
 
 
-def _fid_inputs(cfg: BenchmarkConfig, paths: BenchmarkPaths, local: Path) -> dict[str, str]:
+def _fid_inputs(cfg: BenchmarkConfig, paths: BenchmarkPaths, local: Path) -> FIDInputs:
     """What periodic FID reads, checked before any worker starts (a missing extractor fails now)."""
     classifier = paths.classifier.resolve()
     if cfg.score.feature_extractor == "digits-classifier" and not classifier.is_dir():
@@ -527,7 +644,7 @@ def _fid_inputs(cfg: BenchmarkConfig, paths: BenchmarkPaths, local: Path) -> dic
             f"{cfg.name}.train.fid_every: no training images at {images} to compare with (or set score.reference_stats)"
         )
     local.mkdir(parents=True, exist_ok=True)
-    return {"images": str(images), "classifier": str(classifier), "log": str(local / "fid.csv")}
+    return FIDInputs(images=str(images), classifier=str(classifier), log=str(local / "fid.csv"))
 
 
 def _uri(storage, path: str) -> str:

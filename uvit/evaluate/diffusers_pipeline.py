@@ -443,7 +443,8 @@ class UViTPipeline(DiffusionPipeline):
 
     @staticmethod
     def _seeds(call: PipelineCall, n: int) -> list[int]:
-        """One seed per image: `seeds`, or drawn from `generator` (one per generator of a list), else sample_seeds(0, n)."""
+        """One seed per image: `seeds`, or drawn from `generator` (one per generator of a list),
+        else sample_seeds(0, n)."""
         seeds, generator = call.seeds, call.generator
         if seeds is None:
             if isinstance(generator, list):

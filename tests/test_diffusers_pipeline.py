@@ -1,4 +1,4 @@
-"""uvit.evaluate.pipeline / scheduler: U-ViT as a diffusers pipeline, offline, with tiny models.
+"""uvit.evaluate.diffusers_pipeline / scheduler: U-ViT as a diffusers pipeline, offline, with tiny models.
 
 The pipeline must reproduce `uvit.evaluate.sample.generate` exactly (same seeds, labels, sampler,
 steps, guidance), survive save_pretrained/from_pretrained, swap schedulers, decode latents with an
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from uvit.diffusion import PerSampleNoise, count_nfe, make_schedule, sample, wrap_model
-from uvit.evaluate.pipeline import UViTPipeline, UViTTransformer
-from uvit.evaluate.sample import generate, sample_seeds, to_uint8
+from uvit.evaluate.diffusers_pipeline import UViTPipeline, UViTTransformer
+from uvit.evaluate.sample import Condition, SamplingRecipe, generate, sample_seeds, to_uint8
 from uvit.evaluate.scheduler import UViTDPMSolverScheduler
 from uvit.models import UViT, UViTConfig
 
@@ -88,12 +88,9 @@ def test_roundtrip_pipeline_equals_generate(class_model, saved_class_pipe, scale
     ).images
     want = generate(
         class_model,
-        schedule="vpsde",
-        sampler="dpm_solver",
-        steps=STEPS,
-        seeds=sample_seeds(0, 7),
-        labels=labels,
-        guidance_scale=scale,
+        SamplingRecipe("vpsde", "dpm_solver", STEPS, scale),
+        sample_seeds(0, 7),
+        Condition(labels),
         batch_size=4,
         progress=False,
     )
@@ -113,12 +110,9 @@ def test_roundtrip_pipeline_equals_generate(class_model, saved_class_pipe, scale
         [
             generate(
                 class_model,
-                schedule="vpsde",
-                sampler="dpm_solver",
-                steps=STEPS,
-                seeds=[s],
-                labels=torch.tensor([c]),
-                guidance_scale=scale,
+                SamplingRecipe("vpsde", "dpm_solver", STEPS, scale),
+                [s],
+                Condition(torch.tensor([c])),
                 batch_size=1,
                 progress=False,
             )
@@ -137,12 +131,9 @@ def test_scheduler_swap_changes_result_and_matches_generate(class_model, saved_c
     assert not torch.allclose(base, two_m, atol=1e-3)
     want = generate(
         class_model,
-        schedule="vpsde",
-        sampler="dpm_solver_pp_2m",
-        steps=STEPS,
-        seeds=sample_seeds(0, 2),
-        labels=torch.tensor([1, 3]),
-        guidance_scale=0.4,
+        SamplingRecipe("vpsde", "dpm_solver_pp_2m", STEPS, 0.4),
+        sample_seeds(0, 2),
+        Condition(torch.tensor([1, 3])),
         progress=False,
     )
     assert torch.equal(two_m, want)
@@ -298,12 +289,9 @@ def test_latent_pipeline_decodes_with_the_vae(tmp_path):
     assert z.shape == (3, 4, 4, 4)
     want_z = generate(
         model,
-        schedule="discrete",
-        sampler="dpm_solver_pp",
-        steps=3,
-        seeds=sample_seeds(0, 3),
-        labels=torch.tensor([0, 1, 0]),
-        guidance_scale=0.5,
+        SamplingRecipe("discrete", "dpm_solver_pp", 3, 0.5),
+        sample_seeds(0, 3),
+        Condition(torch.tensor([0, 1, 0])),
         progress=False,
     )
     assert torch.equal(z, want_z)

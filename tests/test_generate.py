@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from uvit.cli import app
 from uvit.config import load_benchmark, load_params
-from uvit.evaluate.sample import generate, load_samples, sample_seeds, to_uint8
-from uvit.generate import make_labels, parse_classes, resolve_settings
+from uvit.evaluate.sample import Condition, SamplingRecipe, generate, load_samples, sample_seeds, to_uint8
+from uvit.generate import Overrides, make_labels, parse_classes, resolve_settings
 from uvit.models import UViT, UViTConfig, preset_config
 from uvit.paths import BenchmarkPaths
 from uvit.stages.evaluate import run_sample
@@ -151,14 +151,10 @@ def test_chosen_classes_give_the_stage_images_of_those_labels(digits, tmp_path):
     model = UViT.from_pretrained(paths.train / "ema")
     x = generate(
         model,
-        schedule=cfg.diffusion.schedule,
-        sampler=s.sampler,
-        steps=s.steps,
-        seeds=sample_seeds(s.seed, 6),
-        labels=torch.tensor([7, 2, 7, 7, 2, 7]),
-        guidance_scale=s.guidance_scale,
+        SamplingRecipe(cfg.diffusion.schedule, s.sampler, s.steps, s.guidance_scale, s.sampler_kwargs()),
+        sample_seeds(s.seed, 6),
+        Condition(torch.tensor([7, 2, 7, 7, 2, 7])),
         progress=False,
-        **s.sampler_kwargs(),
     )
     assert np.array_equal(images, to_uint8(x))
 
@@ -266,13 +262,11 @@ def test_prompts_condition_a_text_model(tmp_path, write_tiny_clip_vocab):
     tokenizer, text_model = load_text_encoder(clip)
     x = generate(
         model,
-        schedule="discrete",
-        sampler="dpm_solver_pp_2m",
-        steps=2,
-        seeds=sample_seeds(3, 4),
-        contexts=encode_text(tokenizer, text_model, captions),
-        guidance_scale=1.0,
-        empty_context=empty_context(tokenizer, text_model),
+        SamplingRecipe("discrete", "dpm_solver_pp_2m", 2, 1.0),
+        sample_seeds(3, 4),
+        Condition(
+            contexts=encode_text(tokenizer, text_model, captions), empty_context=empty_context(tokenizer, text_model)
+        ),
         progress=False,
     )
     want = to_uint8(decode(load_vae(vae, scale_factor=0.2301), x, batch_size=50))
@@ -419,7 +413,7 @@ def test_official_imagenet_defaults_come_from_its_block(tmp_path):
     ckpt = Checkpoint(model, "official", tmp_path / "x.pth", cfg, ROOT)
     s = resolve_settings(ckpt)
     assert (s.schedule, s.sampler, s.steps, s.guidance_scale) == ("discrete", "dpm_solver_pp", 50, 0.4)
-    assert resolve_settings(ckpt, sampler="unipc_bh2").steps == 25  # the block's steps are for its sampler
+    assert resolve_settings(ckpt, Overrides(sampler="unipc_bh2")).steps == 25  # the block's steps are for its sampler
     names = class_names(ckpt)
     assert ckpt.num_real_classes == 1000 and names[207] == "golden retriever"
     assert parse_classes(["golden retriever", "1"], 1000, names) == [207, 1]

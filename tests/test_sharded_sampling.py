@@ -3,6 +3,7 @@ what is missing or corrupt, and gives the same result through Ray workers."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import uvit.evaluate.sharded as sharded
-from uvit.evaluate.sample import generate, load_samples, sample_seeds, to_uint8
+from uvit.evaluate.sample import Condition, SamplingRecipe, generate, load_samples, sample_seeds, to_uint8
 from uvit.evaluate.sharded import (
     MANIFEST_NAME,
     MERGED_NAME,
@@ -50,12 +51,9 @@ def reference(model_dir) -> np.ndarray:
     model = UViT.from_pretrained(model_dir)
     x = generate(
         model,
-        schedule="vpsde",
-        sampler="dpm_solver",
-        steps=STEPS,
-        seeds=sample_seeds(SEED, N),
-        labels=torch.arange(N) % K,
-        guidance_scale=SCALE,
+        SamplingRecipe("vpsde", "dpm_solver", STEPS, SCALE),
+        sample_seeds(SEED, N),
+        Condition(torch.arange(N) % K),
         batch_size=N,
         progress=False,
     )
@@ -97,7 +95,7 @@ def test_resume_recomputes_only_missing_or_corrupt_shards(model_dir, reference, 
     real_generate = sharded.generate
 
     def counting_generate(*args, **kw):
-        calls.append(list(kw["seeds"]))
+        calls.append(list(inspect.signature(real_generate).bind(*args, **kw).arguments["seeds"]))
         return real_generate(*args, **kw)
 
     monkeypatch.setattr(sharded, "generate", counting_generate)
@@ -150,9 +148,7 @@ def test_unconditional_shards_have_no_labels(tmp_path):
     sample_to_shards(model_dir, tmp_path / "out", shard_size=2, **run)
     merged = merge_shards(tmp_path / "out")
     want = to_uint8(
-        generate(
-            model, schedule="vpsde", sampler="dpm_solver", steps=STEPS, seeds=sample_seeds(SEED, 3), progress=False
-        )
+        generate(model, SamplingRecipe("vpsde", "dpm_solver", STEPS), sample_seeds(SEED, 3), progress=False)
     )
     np.testing.assert_array_equal(merged, want)
     assert load_samples(tmp_path / "out" / MERGED_NAME)[1] is None

@@ -23,7 +23,7 @@ from diffusers import (
 
 from uvit.diffusion import ALL_SAMPLERS, PerSampleNoise, classifier_free_guidance, make_schedule, sample, wrap_model
 from uvit.diffusion.samplers import unipc
-from uvit.evaluate.pipeline import UViTPipeline, UViTTransformer
+from uvit.evaluate.diffusers_pipeline import UViTPipeline, UViTTransformer
 from uvit.evaluate.sample import sample_seeds
 from uvit.evaluate.scheduler import _SOLVER_KWARGS, SOLVERS, UViTDPMSolverScheduler
 from uvit.models import UViT, UViTConfig

@@ -23,7 +23,15 @@ from uvit.data.shards import ShardedArrays, write_split  # noqa: E402
 from uvit.encoders import WeightsNotAvailableError  # noqa: E402
 from uvit.evaluate.captions import select_caption_rows  # noqa: E402
 from uvit.evaluate.clip_score import clip_score, clip_scores, load_clip  # noqa: E402
-from uvit.evaluate.sample import generate, load_sample_extras, load_samples, sample_seeds, to_uint8  # noqa: E402
+from uvit.evaluate.sample import (  # noqa: E402
+    Condition,
+    SamplingRecipe,
+    generate,
+    load_sample_extras,
+    load_samples,
+    sample_seeds,
+    to_uint8,
+)
 from uvit.models import UViT  # noqa: E402
 from uvit.paths import BenchmarkPaths  # noqa: E402
 from uvit.report.paper import PAPER_CAPTIONS  # noqa: E402
@@ -188,26 +196,16 @@ def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     # Direct: the stored contexts, guidance against the stored empty-caption context, VAE decode.
     model = UViT.from_pretrained(paths.train / "ema")
     ctx = torch.from_numpy(np.asarray(ShardedArrays(paths.contexts / "val").field("contexts")[:5], np.float32))
-    kw = dict(
-        schedule="discrete",
-        sampler="dpm_solver_pp",
-        steps=3,
-        seeds=sample_seeds(0, 5),
-        contexts=ctx,
-        guidance_scale=1.0,
-        batch_size=5,
-        progress=False,
-    )
+    recipe, seeds = SamplingRecipe("discrete", "dpm_solver_pp", 3, 1.0), sample_seeds(0, 5)
+    kw = dict(batch_size=5, progress=False)
     vae = load_vae(cfg.encode.vae, scale_factor=cfg.encode.scale_factor)
+    empty = torch.from_numpy(load_empty_context(paths.contexts / "val"))
     want = to_uint8(
-        decode(
-            vae,
-            generate(model, empty_context=torch.from_numpy(load_empty_context(paths.contexts / "val")), **kw),
-            batch_size=50,
-        )
+        decode(vae, generate(model, recipe, seeds, Condition(contexts=ctx, empty_context=empty), **kw), batch_size=50)
     )
     np.testing.assert_array_equal(images, want)
-    zeros = to_uint8(decode(vae, generate(model, empty_context=torch.zeros(77, 32), **kw), batch_size=50))
+    zero = Condition(contexts=ctx, empty_context=torch.zeros(77, 32))
+    zeros = to_uint8(decode(vae, generate(model, recipe, seeds, zero, **kw), batch_size=50))
     assert not np.array_equal(images, zeros)  # the null context is the encoding of "", not zeros
 
     ex = json.loads((paths.sample_summary / "examples.json").read_text())

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from uvit.signatures import takes_fields
 
 app = typer.Typer(
     add_completion=False,
@@ -327,8 +330,11 @@ def _sampler_names() -> str:
     return ", ".join(get_args(SampleConfig.model_fields["sampler"].annotation))
 
 
-@app.command()
-def generate(
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The options of `uvit generate`, declared once: typer makes one option per field (with its
+    help), and the command turns them into the `uvit.generate` inputs."""
+
     source: Annotated[
         Path,
         typer.Argument(
@@ -336,7 +342,7 @@ def generate(
             "a save_pretrained directory (config.json + model.safetensors), or an official .pth (with --preset).",
             show_default=False,
         ),
-    ],
+    ]
     out: Annotated[
         Path,
         typer.Option(
@@ -345,11 +351,11 @@ def generate(
             help="Output folder: grid.png, images/{i:06d}.png, samples.npz "
             "(uint8 NHWC arr_0 + labels/captions), generate.json.",
         ),
-    ] = Path("generated"),
+    ] = Path("generated")
     preset: Annotated[
         str | None,
         typer.Option(help="The architecture of an official .pth, e.g. imagenet256_uvit_h2 (`uvit models` lists them)."),
-    ] = None,
+    ] = None
     vae: Annotated[
         str | None,
         typer.Option(
@@ -357,7 +363,7 @@ def generate(
             "autoencoder_kl*.pth or a diffusers directory). Default: the benchmark "
             "block's sample.vae / encode.vae when that file is there."
         ),
-    ] = None,
+    ] = None
     text_encoder: Annotated[
         str | None,
         typer.Option(
@@ -366,7 +372,7 @@ def generate(
             "encoder (a local directory). Default: the block's "
             "encode.text_encoder.",
         ),
-    ] = None,
+    ] = None
     classes: Annotated[
         list[str] | None,
         typer.Option(
@@ -378,22 +384,22 @@ def generate(
             "number given. Default: every class in turn, as the sample "
             "stage.",
         ),
-    ] = None,
+    ] = None
     prompts: Annotated[
         list[str] | None,
         typer.Option(
             "--prompt", help="Text-to-image models: a caption (repeatable); image i gets prompt i mod the number given."
         ),
-    ] = None,
+    ] = None
     prompts_file: Annotated[
         Path | None, typer.Option("--prompts-file", help="A text file of prompts, one per line (added after --prompt).")
-    ] = None,
+    ] = None
     num: Annotated[
         int | None,
         typer.Option(
             "--num", "-n", help="How many images. Default: 8 per --class or prompt given, else 64.", show_default=False
         ),
-    ] = None,
+    ] = None
     guidance: Annotated[
         float | None,
         typer.Option(
@@ -402,20 +408,20 @@ def generate(
             "sample.guidance_scale, else 0.",
             show_default=False,
         ),
-    ] = None,
+    ] = None
     sampler: Annotated[
         str | None,
         typer.Option(
             help=f"One of: {_sampler_names()}. Default: the block's sample.sampler, else dpm_solver_pp_2m.",
             show_default=False,
         ),
-    ] = None,
+    ] = None
     steps: Annotated[
         int | None,
         typer.Option(
             help="Sampler steps. Default: the block's sample.steps (for its own sampler), else 25.", show_default=False
         ),
-    ] = None,
+    ] = None
     skip_type: Annotated[
         str | None,
         typer.Option(
@@ -426,7 +432,7 @@ def generate(
             "own.",
             show_default=False,
         ),
-    ] = None,
+    ] = None
     schedule: Annotated[
         str | None,
         typer.Option(
@@ -435,7 +441,7 @@ def generate(
             "for latent ones.",
             show_default=False,
         ),
-    ] = None,
+    ] = None
     seed: Annotated[
         int | None,
         typer.Option(
@@ -444,7 +450,7 @@ def generate(
             "sample.seed, else 0.",
             show_default=False,
         ),
-    ] = None,
+    ] = None
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -453,13 +459,13 @@ def generate(
             "the images). Default: the block's sample.batch_size, else 64.",
             show_default=False,
         ),
-    ] = None,
+    ] = None
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N. Default: cuda when there is one.", show_default=False)
-    ] = None,
+    ] = None
     precision: Annotated[
         str, typer.Option(help="fp32 (the sample stage's pixels), or bf16 / fp16 autocast for the model's forward.")
-    ] = "fp32",
+    ] = "fp32"
     benchmark: Annotated[
         str | None,
         typer.Option(
@@ -468,7 +474,7 @@ def generate(
             "model has this architecture.",
             show_default=False,
         ),
-    ] = None,
+    ] = None
     params: Annotated[
         Path | None,
         typer.Option(
@@ -477,9 +483,35 @@ def generate(
             help="Parameter file. Default: the run's project params.yaml, else ./params.yaml if there.",
             show_default=False,
         ),
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-) -> None:
+    ] = None
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False
+
+    def source_spec(self):
+        from uvit.generate import Source
+
+        return Source(self.source, self.preset, self.params, self.benchmark)
+
+    def overrides(self):
+        from uvit.generate import Overrides
+
+        return Overrides(self.schedule, self.sampler, self.steps, self.guidance, self.skip_type)
+
+    def request(self):
+        """The images asked for; reads --prompts-file (a GenerateError when it is missing)."""
+        from uvit.generate import Request, read_prompts
+
+        prompts = read_prompts(self.prompts or [], self.prompts_file)
+        return Request(self.num, self.seed, tuple(self.classes or ()), tuple(prompts), self.vae, self.text_encoder)
+
+    def runtime(self):
+        from uvit.generate import Runtime
+
+        return Runtime(self.batch_size, self.device, self.precision, progress=not self.quiet)
+
+
+@app.command()
+@takes_fields(GenerateOptions)
+def generate(options: GenerateOptions) -> None:
     """Images from a checkpoint: a PNG grid, one PNG per image and an ADM-style samples.npz.
 
     The sampling is the sample stage's own (its generate call, seed and label rules, VAE decoding), so the same seeds and settings give the same pixels.
@@ -489,31 +521,11 @@ def generate(
     """
     from uvit.config import ConfigError
     from uvit.encoders import WeightsNotAvailableError
-    from uvit.generate import GenerateError, read_prompts, run_generate
+    from uvit.generate import GenerateError, run_generate
 
+    o = options
     try:
-        result = run_generate(
-            source,
-            out,
-            preset=preset,
-            params=params,
-            benchmark=benchmark,
-            schedule=schedule,
-            sampler=sampler,
-            steps=steps,
-            skip_type=skip_type,
-            guidance=guidance,
-            num=num,
-            seed=seed,
-            classes=classes or [],
-            prompts=read_prompts(prompts or [], prompts_file),
-            vae=vae,
-            text_encoder=text_encoder,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-            progress=not quiet,
-        )
+        result = run_generate(o.source_spec(), o.out, o.overrides(), o.request(), o.runtime())
     except (GenerateError, ConfigError, FileNotFoundError, WeightsNotAvailableError) as e:
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         typer.echo(f"error: {message}", err=True)

@@ -32,7 +32,7 @@ import contextlib
 import difflib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from uvit.config import BenchmarkConfig, ConfigError, SkipType, load_benchmark, load_params
+from uvit.evaluate.sample import Condition, SamplingRecipe
 from uvit.models import UViT, UViTConfig
 
 SKIP_TYPES = get_args(SkipType)  # the samplers' time grids, as params.yaml names them
@@ -47,7 +48,11 @@ SKIP_TYPES = get_args(SkipType)  # the samplers' time grids, as params.yaml name
 __all__ = [
     "Checkpoint",
     "GenerateError",
-    "Settings",
+    "Overrides",
+    "Request",
+    "Runtime",
+    "SamplingRecipe",
+    "Source",
     "class_names",
     "draw",
     "generate_images",
@@ -106,14 +111,54 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """How to sample: schedule, sampler and its options, steps, guidance scale."""
+class Source:
+    """Where the model comes from: path (a trained run, a save_pretrained directory or an official
+    .pth), preset (the architecture of a .pth), params (a params.yaml) and benchmark (its block)
+    that give the defaults; see `load_checkpoint`."""
 
-    schedule: str
-    sampler: str
-    steps: int
-    guidance_scale: float
-    sampler_kwargs: dict[str, Any] = field(default_factory=dict)
+    path: str | Path
+    preset: str | None = None
+    params: Path | None = None
+    benchmark: str | None = None
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The sampling settings given by the user; None takes the block's, else the fallbacks
+    (see `resolve_settings`)."""
+
+    schedule: str | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    skip_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to draw: num images (None: 8 per class or prompt given, else 64) of seed (None: the
+    block's sample.seed, else 0), for classes (ids or names, or comma lists of them) or prompts;
+    with vae, the autoencoder that decodes a latent model's samples, and text_encoder, the CLIP
+    text encoder of a text-to-image model's prompts (None: the block's)."""
+
+    num: int | None = None
+    seed: int | None = None
+    classes: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    vae: str | None = None
+    text_encoder: str | None = None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs (none of it changes the fp32 images): images per forward pass
+    (None: the block's sample.batch_size, else 64), the device (None: cuda when there is one),
+    the precision (fp32, or bf16 / fp16 autocast) and a progress bar."""
+
+    batch_size: int | None = None
+    device: str | None = None
+    precision: str = "fp32"
+    progress: bool = True
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -256,22 +301,15 @@ def _load_official(path: Path, preset: str | None, params: Path | None, benchmar
 
 
 # ----------------------------------------------------------------------------------- settings
-def resolve_settings(
-    ckpt: Checkpoint,
-    *,
-    schedule: str | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    skip_type: str | None = None,
-) -> Settings:
+def resolve_settings(ckpt: Checkpoint, overrides: Overrides | None = None) -> SamplingRecipe:
     """The given values, else the benchmark block's, else the fallbacks (module docstring).
     The block's sampler options (order, skip_type, denoise_final) apply only to its own sampler;
     a given `skip_type` (the time grid) replaces the block's."""
     from uvit.diffusion import make_schedule
     from uvit.diffusion.samplers import ALL_SAMPLERS
 
-    b = ckpt.benchmark
+    o, b = overrides or Overrides(), ckpt.benchmark
+    schedule, sampler, steps, guidance = o.schedule, o.sampler, o.steps, o.guidance
     schedule = schedule or (b.diffusion.schedule if b else ("discrete" if ckpt.is_latent else "vpsde"))
     sampler = sampler or (b.sample.sampler if b else FALLBACK_SAMPLER)
     if sampler not in ALL_SAMPLERS:
@@ -294,11 +332,11 @@ def resolve_settings(
             "classes are all real), so it was not trained for classifier-free guidance; use 0"
         )
     kwargs = b.sample.sampler_kwargs() if b and sampler == b.sample.sampler else {}
-    if skip_type is not None:
-        if skip_type not in SKIP_TYPES:
-            raise GenerateError(f"--skip-type {skip_type!r}: choose one of {', '.join(SKIP_TYPES)}")
-        kwargs = {**kwargs, "skip_type": skip_type}
-    return Settings(schedule, sampler, int(steps), float(guidance), kwargs)
+    if o.skip_type is not None:
+        if o.skip_type not in SKIP_TYPES:
+            raise GenerateError(f"--skip-type {o.skip_type!r}: choose one of {', '.join(SKIP_TYPES)}")
+        kwargs = {**kwargs, "skip_type": o.skip_type}
+    return SamplingRecipe(schedule, sampler, int(steps), float(guidance), kwargs)
 
 
 # ------------------------------------------------------------------------------- conditioning
@@ -443,43 +481,37 @@ def _device(device: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- sampling
-def draw(
-    model: UViT,
-    settings: Settings,
-    seeds: list[int],
-    *,
-    labels: torch.Tensor | None = None,
-    contexts: torch.Tensor | None = None,
-    empty_context: torch.Tensor | None = None,
-    decoder: dict | None = None,
-    batch_size: int = FALLBACK_BATCH_SIZE,
-    device: str = "cpu",
-    precision: str = "fp32",
-    progress: bool = True,
-) -> np.ndarray:
-    """uint8 (N, C, H, W) images: generate -> VAE decode (latent models) -> to_uint8, the sample
-    stage's calls. fp32 gives the stage's pixels; bf16/fp16 run the model under autocast."""
-    from uvit.evaluate.sample import generate, to_uint8
-
+def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise GenerateError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+
+
+def draw(
+    model: UViT,
+    settings: SamplingRecipe,
+    seeds: list[int],
+    condition: Condition | None = None,
+    decoder: dict | None = None,
+    runtime: Runtime | None = None,
+) -> np.ndarray:
+    """uint8 (N, C, H, W) images: generate -> VAE decode (latent models) -> to_uint8, the sample
+    stage's calls. fp32 gives the stage's pixels; bf16/fp16 run the model under autocast.
+    runtime: batch_size None is 64, device None is the CPU here."""
+    from uvit.evaluate.sample import generate, to_uint8
+
+    rt = runtime or Runtime()
+    _check_precision(rt.precision)
+    device, dtype = rt.device or "cpu", PRECISIONS[rt.precision]
     autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         x = generate(
             model,
-            schedule=settings.schedule,
-            sampler=settings.sampler,
-            steps=settings.steps,
-            seeds=seeds,
-            labels=labels,
-            contexts=contexts,
-            empty_context=empty_context,
-            guidance_scale=settings.guidance_scale,
-            batch_size=batch_size,
+            settings,
+            seeds,
+            condition,
+            batch_size=rt.batch_size or FALLBACK_BATCH_SIZE,
             device=device,
-            progress=progress,
-            **settings.sampler_kwargs,
+            progress=rt.progress,
         )
     if decoder is not None:
         from uvit.encoders.vae import decode, load_vae
@@ -508,66 +540,60 @@ class Generated:
     seed: int
 
 
-def generate_images(
-    ckpt: Checkpoint,
-    settings: Settings,
-    *,
-    num: int | None = None,
-    seed: int | None = None,
-    classes: list[str] = (),
-    prompts: list[str] = (),
-    vae: str | None = None,
-    text_encoder: str | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    precision: str = "fp32",
-    progress: bool = True,
-) -> Generated:
-    """Sample `num` images (default 8 per class or prompt given, else 64) of seeds
-    sample_seeds(seed, num) (seed default: the block's sample.seed, else 0); every input is
-    checked before the model runs."""
-    from uvit.evaluate.sample import sample_seeds
-
-    classes, prompts = list(classes), list(prompts)
-    _check_conditioning(ckpt, classes, prompts)
-    if precision not in PRECISIONS:
-        raise GenerateError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    device = _device(device)
-    ids = parse_classes(classes, ckpt.num_real_classes, class_names(ckpt)) if classes else None
-    encoder = _text_encoder(ckpt, text_encoder) if ckpt.is_text else None
-    decoder = _decoder(ckpt, vae)
-    groups = len(ids or prompts)
-    num = num if num is not None else (8 * groups if groups else 64)
-    if num < 1:
-        raise GenerateError(f"--num must be >= 1, got {num}")
-    batch_size = batch_size or (ckpt.benchmark.sample.batch_size if ckpt.benchmark else FALLBACK_BATCH_SIZE)
+def _batch_size(ckpt: Checkpoint, given: int | None) -> int:
+    """The given batch size, else the block's sample.batch_size, else 64; checked."""
+    batch_size = given or (ckpt.benchmark.sample.batch_size if ckpt.benchmark else FALLBACK_BATCH_SIZE)
     if batch_size < 1:
         raise GenerateError(f"--batch-size must be >= 1, got {batch_size}")
-    seed = seed if seed is not None else (ckpt.benchmark.sample.seed if ckpt.benchmark else 0)
-    labels = None
+    return batch_size
+
+
+def _text_condition(encoder: str, prompts: list[str], num: int, guided: bool, device: str):
+    """(Condition of image i = prompt i mod P, the prompt of each image)."""
+    contexts, empty = _encode_prompts(encoder, prompts, device)
+    rows = torch.arange(num) % len(prompts)
+    condition = Condition(contexts=contexts[rows], empty_context=empty if guided else None)
+    return condition, [prompts[i] for i in rows.tolist()]
+
+
+def generate_images(
+    ckpt: Checkpoint,
+    settings: SamplingRecipe,
+    request: Request | None = None,
+    runtime: Runtime | None = None,
+) -> Generated:
+    """Sample `request.num` images (default 8 per class or prompt given, else 64) of seeds
+    sample_seeds(seed, num) (seed default: the block's sample.seed, else 0), decoded with the
+    request's `vae` (latent models) and conditioned through its `text_encoder` (text models);
+    every input is checked before the model runs."""
+    from uvit.evaluate.sample import sample_seeds
+
+    request = request or Request()
+    classes, prompts = list(request.classes), list(request.prompts)
+    _check_conditioning(ckpt, classes, prompts)
+    runtime = runtime or Runtime()
+    _check_precision(runtime.precision)
+    device = _device(runtime.device)
+    ids = parse_classes(classes, ckpt.num_real_classes, class_names(ckpt)) if classes else None
+    encoder = _text_encoder(ckpt, request.text_encoder) if ckpt.is_text else None
+    decoder = _decoder(ckpt, request.vae)
+    groups = len(ids or prompts)
+    num = request.num if request.num is not None else (8 * groups if groups else 64)
+    if num < 1:
+        raise GenerateError(f"--num must be >= 1, got {num}")
+    runtime = replace(runtime, device=device, batch_size=_batch_size(ckpt, runtime.batch_size))
+    seed = request.seed if request.seed is not None else (ckpt.benchmark.sample.seed if ckpt.benchmark else 0)
+    condition, per_image = Condition(), None
     if ckpt.config.num_classes > 0:
-        labels = make_labels(ids if ids else list(range(ckpt.num_real_classes)), num)
-    text, per_image = {}, None
+        condition = Condition(labels=make_labels(ids if ids else list(range(ckpt.num_real_classes)), num))
     if encoder is not None:
-        contexts, empty = _encode_prompts(encoder, prompts, device)
-        rows = torch.arange(num) % len(prompts)
-        per_image = [prompts[i] for i in rows.tolist()]
-        text = {"contexts": contexts[rows], "empty_context": empty if settings.guidance_scale > 0 else None}
-    images = draw(
-        ckpt.model,
-        settings,
-        sample_seeds(seed, num),
-        labels=labels,
-        decoder=decoder,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        progress=progress,
-        **text,
-    )
+        guided = settings.guidance_scale > 0
+        condition, per_image = _text_condition(encoder, prompts, num, guided, runtime.device)
+    images = draw(ckpt.model, settings, sample_seeds(seed, num), condition, decoder, runtime)
     columns = groups or ckpt.num_real_classes
     nrow = columns if 0 < columns <= 16 else 8
-    return Generated(images, None if labels is None else labels.numpy(), per_image, nrow, seed)
+    labels = None if condition.labels is None else condition.labels.numpy()
+    return Generated(images, labels, per_image, nrow, seed)
 
 
 # ------------------------------------------------------------------------------------- output
@@ -592,29 +618,21 @@ def write_outputs(out: Path, result: Generated, info: dict[str, Any]) -> dict[st
 
 
 def run_generate(
-    source: str | Path,
+    source: Source,
     out: Path,
-    *,
-    preset: str | None = None,
-    params: Path | None = None,
-    benchmark: str | None = None,
-    schedule: str | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    skip_type: str | None = None,
-    **options: Any,
+    overrides: Overrides | None = None,
+    request: Request | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Load, sample, write: what `uvit generate` does. `options` go to :func:`generate_images`."""
-    ckpt = load_checkpoint(source, preset=preset, params=params, benchmark=benchmark)
-    settings = resolve_settings(
-        ckpt, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance, skip_type=skip_type
-    )
-    result = generate_images(ckpt, settings, **options)
+    """Load, sample, write: what `uvit generate` does."""
+    ckpt = load_checkpoint(source.path, preset=source.preset, params=source.params, benchmark=source.benchmark)
+    settings = resolve_settings(ckpt, overrides)
+    runtime = runtime or Runtime()
+    result = generate_images(ckpt, settings, request, runtime)
     info = {
         "source": str(ckpt.path),
         "kind": ckpt.kind,
-        "preset": preset,
+        "preset": source.preset,
         "benchmark": ckpt.benchmark.name if ckpt.benchmark else None,
         **asdict(settings),
         "num": len(result.images),
@@ -622,7 +640,7 @@ def run_generate(
         # label i is classes[i % len(classes)] (make_labels), prompt i likewise
         "classes": None if result.labels is None else list(dict.fromkeys(result.labels.tolist())),
         "prompts": list(dict.fromkeys(result.prompts)) if result.prompts else None,
-        "precision": options.get("precision", "fp32"),
+        "precision": runtime.precision,
     }
     return {
         **write_outputs(out, result, info),

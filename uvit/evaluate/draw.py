@@ -59,13 +59,21 @@ def caption_set(cfg: BenchmarkConfig, paths: BenchmarkPaths, num_samples: int):
     )
 
 
+def sampling_recipe(cfg: BenchmarkConfig):
+    """The benchmark's sampling recipe: its schedule and its sample section's sampler, steps, guidance, options."""
+    from uvit.evaluate.sample import SamplingRecipe
+
+    s = cfg.sample
+    return SamplingRecipe(cfg.diffusion.schedule, s.sampler, s.steps, s.guidance_scale, s.sampler_kwargs())
+
+
 def draw_samples(
     cfg: BenchmarkConfig, model, num_samples: int | None = None, progress: bool = True, captions=None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 (N, C, H, W) samples of `model` with the benchmark's sampler settings, and their labels,
     in memory (the untrained-model ceiling; the stage itself samples through shards).
     captions: a CaptionSet for a text-to-image model."""
-    from uvit.evaluate.sample import generate, sample_seeds, to_uint8
+    from uvit.evaluate.sample import Condition, generate, sample_seeds, to_uint8
 
     s = cfg.sample
     n = num_samples or s.num_samples
@@ -77,19 +85,15 @@ def draw_samples(
             )
         text = {"contexts": captions.contexts(0, n), "empty_context": captions.empty_context()}
     labels = sample_labels(cfg, n)
+    seeds, condition = sample_seeds(s.seed, n), Condition(labels, **text)
     x = generate(
         model,
-        schedule=cfg.diffusion.schedule,
-        sampler=s.sampler,
-        steps=s.steps,
-        seeds=sample_seeds(s.seed, n),
-        labels=labels,
-        guidance_scale=s.guidance_scale,
+        sampling_recipe(cfg),
+        seeds,
+        condition,
         batch_size=s.batch_size,
         device=device_for(cfg),
         progress=progress,
-        **text,
-        **s.sampler_kwargs(),
     )
     if cfg.encode is not None:  # latent benchmarks: decode with the VAE, in chunks of 50 as the official code
         from uvit.encoders.vae import decode, load_vae
@@ -105,7 +109,7 @@ def paper_caption_images(cfg: BenchmarkConfig, weights: Path, per_caption: int =
     example captions (encoded with the benchmark's CLIP text encoder), caption by caption, seeds
     from `sample.seed + 1`."""
     from uvit.encoders.text import empty_context, encode_text, load_text_encoder
-    from uvit.evaluate.sample import generate, sample_seeds, to_uint8
+    from uvit.evaluate.sample import Condition, generate, sample_seeds, to_uint8
     from uvit.models import UViT
     from uvit.report.paper import PAPER_CAPTIONS
 
@@ -117,20 +121,8 @@ def paper_caption_images(cfg: BenchmarkConfig, weights: Path, per_caption: int =
     contexts = encode_text(tokenizer, text_model, prompts).cpu()
     empty = empty_context(tokenizer, text_model).cpu()
     model = UViT.from_pretrained(weights)
-    x = generate(
-        model,
-        schedule=cfg.diffusion.schedule,
-        sampler=s.sampler,
-        steps=s.steps,
-        seeds=sample_seeds(s.seed + 1, len(prompts)),
-        contexts=contexts,
-        empty_context=empty,
-        guidance_scale=s.guidance_scale,
-        batch_size=s.batch_size,
-        device=dev,
-        progress=False,
-        **s.sampler_kwargs(),
-    )
+    seeds, condition = sample_seeds(s.seed + 1, len(prompts)), Condition(contexts=contexts, empty_context=empty)
+    x = generate(model, sampling_recipe(cfg), seeds, condition, batch_size=s.batch_size, device=dev, progress=False)
     decoder = decoder_spec(cfg)
     from uvit.encoders.vae import decode, load_vae
 

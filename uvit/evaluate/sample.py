@@ -6,14 +6,17 @@ the number of workers or the order in which batches run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from uvit.diffusion import PerSampleNoise, classifier_free_guidance, make_schedule, sample, wrap_model
+from uvit.diffusion import PerSampleNoise, make_schedule, sample, wrap_model
+from uvit.diffusion.guidance import Condition, guided_network
 from uvit.fileio import write_npz
 from uvit.models import UViT
 
@@ -29,68 +32,70 @@ def balanced_labels(num_samples: int, num_classes: int) -> Tensor:
     return torch.arange(num_samples) % num_classes
 
 
+@dataclass(frozen=True)
+class SamplingRecipe:
+    """How to sample: the noise schedule ("vpsde" | "discrete"), the sampler (a name of
+    `uvit.diffusion.ALL_SAMPLERS`), its steps, the guidance scale s (0: none) and the sampler's
+    keyword options (order, skip_type, t_end, ...; empty: the sampler's defaults)."""
+
+    schedule: str
+    sampler: str
+    steps: int
+    guidance_scale: float = 0.0
+    sampler_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _model_condition(model: UViT, condition: Condition | None, num: int, guidance_scale: float) -> Condition:
+    """The part of `condition` the model takes (labels for a class-conditional model, contexts for a
+    text-to-image one, nothing else), checked."""
+    c, condition = model.config, condition or Condition()
+    if c.num_classes > 0:
+        if condition.labels is None:
+            raise ValueError("a class-conditional model needs `labels`")
+        return Condition(labels=condition.labels)
+    if c.clip_dim is not None:
+        if condition.contexts is None or len(condition.contexts) != num:
+            raise ValueError("a text-to-image model needs `contexts` (N, 77, D), one per seed")
+        if guidance_scale > 0 and condition.empty_context is None:
+            raise ValueError("guidance on a text-to-image model needs `empty_context` (77, D)")
+        return Condition(contexts=condition.contexts, empty_context=condition.empty_context)
+    return Condition()
+
+
 @torch.no_grad()
 def generate(
     model: UViT,
-    *,
-    schedule: str,
-    sampler: str,
-    steps: int,
+    recipe: SamplingRecipe,
     seeds: list[int],
-    labels: Tensor | None = None,
-    contexts: Tensor | None = None,
-    empty_context: Tensor | None = None,
-    guidance_scale: float = 0.0,
+    condition: Condition | None = None,
+    *,
     batch_size: int = 500,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    **sampler_kwargs,
 ) -> Tensor:
     """Samples (N, C, H, W) in the model's data range ([-1, 1] for pixels), N = len(seeds).
 
-    labels: (N,) class indices for a class-conditional model; guidance uses the model's last
-    class (the null class of CFG training) as the unconditional branch.
-    contexts: (N, 77, D) CLIP contexts for a text-to-image model (any float dtype, any device;
-    moved per batch); empty_context: (77, D) the context of "" (spec 3.3: the unconditional
-    branch is the encoding of the empty caption, not zeros), needed when guidance_scale > 0.
+    condition: labels (N,) for a class-conditional model (guidance's unconditional branch is the
+    model's last class, the null class of CFG training); or contexts (N, 77, D) for a text-to-image
+    model, with empty_context (77, D), the context of "", when guidance_scale > 0 (moved per batch).
     """
+    condition = _model_condition(model, condition, len(seeds), recipe.guidance_scale)
     c = model.config
     model = model.to(device).eval()
-    sched = make_schedule(schedule)
-    if c.num_classes > 0 and labels is None:
-        raise ValueError("a class-conditional model needs `labels`")
-    if c.clip_dim is not None:
-        if contexts is None or len(contexts) != len(seeds):
-            raise ValueError("a text-to-image model needs `contexts` (N, 77, D), one per seed")
-        if guidance_scale > 0 and empty_context is None:
-            raise ValueError("guidance on a text-to-image model needs `empty_context` (77, D)")
+    sched = make_schedule(recipe.schedule)
+    null_class = c.num_classes - 1 if c.num_classes > 0 else None
     out = []
-    bar = tqdm(total=len(seeds), desc=f"sample {sampler} x{steps}", unit="img", disable=not progress, ascii=True)
+    desc = f"sample {recipe.sampler} x{recipe.steps}"
+    bar = tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress, ascii=True)
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
         noise = PerSampleNoise(chunk, device=device)
         x_T = noise.randn((c.in_chans, c.img_size, c.img_size))
-        if c.num_classes > 0:
-            y = labels[start : start + len(chunk)].to(device)
-            if guidance_scale > 0:
-                null = torch.full_like(y, c.num_classes - 1)
-                net = classifier_free_guidance(model, guidance_scale, {"y": y}, {"y": null})
-            else:
-
-                def net(x, t, y=y):
-                    return model(x, t, y=y)
-        elif c.clip_dim is not None:
-            ctx = torch.as_tensor(contexts[start : start + len(chunk)]).to(device, torch.float32)
-            if guidance_scale > 0:
-                empty = torch.as_tensor(empty_context).to(device, torch.float32)[None]
-                net = classifier_free_guidance(model, guidance_scale, {"context": ctx}, {"context": empty})
-            else:
-
-                def net(x, t, ctx=ctx):
-                    return model(x, t, context=ctx)
-        else:
-            net = model
-        x = sample(sampler, wrap_model(net, sched), sched, x_T, steps, noise=noise, **sampler_kwargs)
+        batch = condition.rows(start, start + len(chunk)).to(device)
+        net = guided_network(model, recipe.guidance_scale, batch, null_class)
+        x = sample(
+            recipe.sampler, wrap_model(net, sched), sched, x_T, recipe.steps, noise=noise, **recipe.sampler_kwargs
+        )
         out.append(x.float().cpu())
         bar.update(len(chunk))
     bar.close()

@@ -80,7 +80,7 @@ def run_study(cfg: BenchmarkConfig, paths: BenchmarkPaths, progress: bool = True
     from uvit.evaluate.classifier import conditional_accuracy, load_classifier
     from uvit.evaluate.draw import device_for, sample_labels
     from uvit.evaluate.fid import fid_from_statistics, fid_statistics
-    from uvit.evaluate.sample import generate, sample_seeds, to_uint8
+    from uvit.evaluate.sample import Condition, SamplingRecipe, generate, sample_seeds, to_uint8
     from uvit.models import UViT
 
     study, s = cfg.sampler_study, cfg.sample
@@ -101,18 +101,12 @@ def run_study(cfg: BenchmarkConfig, paths: BenchmarkPaths, progress: bool = True
     points = [(setting, seed) for setting in settings(study) for seed in study.seeds]
     rows = []
     for setting, seed in tqdm(points, desc=f"sampler study {cfg.name}", unit="point", disable=not progress, ascii=True):
+        recipe = SamplingRecipe(
+            cfg.diffusion.schedule, setting.sampler, setting.steps, s.guidance_scale, setting.kwargs()
+        )
+        seeds = sample_seeds(seed, s.num_samples)
         x = generate(
-            model,
-            schedule=cfg.diffusion.schedule,
-            sampler=setting.sampler,
-            steps=setting.steps,
-            seeds=sample_seeds(seed, s.num_samples),
-            labels=labels,
-            guidance_scale=s.guidance_scale,
-            batch_size=s.batch_size,
-            device=device_for(cfg),
-            progress=False,
-            **setting.kwargs(),
+            model, recipe, seeds, Condition(labels), batch_size=s.batch_size, device=device_for(cfg), progress=False
         )
         images = to_uint8(x)
         fid = fid_from_statistics(*fid_statistics(images, **kw), mu_real, sigma_real)

@@ -57,10 +57,12 @@ from uvit.diffusion import ALL_SAMPLERS, NoiseFn, PerSampleNoise, count_nfe, mak
 from uvit.diffusion import SKIP_TYPES as SAMPLER_SKIP_TYPES
 from uvit.diffusion.samplers import _ExpIntegrator, _f64, get_time_steps
 from uvit.diffusion.schedules import NoiseSchedule
+from uvit.signatures import takes_fields
 
 __all__ = [
     "UViTDPMSolverScheduler",
     "UViTSchedulerOutput",
+    "SolverConfig",
     "SOLVERS",
     "STEP_SOLVERS",
     "SCHEDULES",
@@ -102,89 +104,100 @@ class UViTSchedulerOutput(BaseOutput):
     prev_sample: Tensor
 
 
-class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
-    """U-ViT's samplers behind diffusers' scheduler API.
+@dataclass(frozen=True)
+class SolverConfig:
+    """The config of a `UViTDPMSolverScheduler` (its `__init__` arguments and config keys), checked.
 
-    Args:
-        schedule: "vpsde" (continuous linear VP SDE, network time 999 t) or "discrete"
-            (Stable-Diffusion scaled-linear betas, network time n = 1000 t). None: the schedule
-            whose diffusers beta keys are given (so `from_config(stock_scheduler.config)` works),
-            else "vpsde".
-        solver: any sampler of `uvit.diffusion.ALL_SAMPLERS`: "dpm_solver" (singlestep
-            DPM-Solver-fast, noise prediction: the continuous models' official sampler),
-            "dpm_solver_pp" (singlestep DPM-Solver++, data prediction: the discrete models'
-            official sampler), "dpm_solver_pp_2m" / "dpm_solver_pp_3m" (multistep),
-            "unipc_bh1" / "unipc_bh2" (UniPC predictor-corrector) or "euler_maruyama" (reverse
-            SDE; needs per-sample noise and schedule "vpsde").
-        order: order of the singlestep solvers and UniPC (1, 2 or 3); None keeps the sampler's
-            default (3 for the singlestep solvers, 2 for UniPC). Ignored by the others.
-        skip_type: time grid ("logSNR", "time_uniform", "time_quadratic"); None keeps the
-            sampler's own default (time_uniform for dpm_solver_pp and euler_maruyama, else logSNR).
-        t_end: last time of the grid; None keeps the sampler's default (the schedule's
-            `default_t_end` for the ODE solvers, 1e-3 for euler_maruyama).
-        lower_order_final: (multistep and UniPC) lower the orders of the last steps, as the
-            samplers do.
-        denoise_final: end with the x0 prediction at t_end (one more network call for the ODE
-            solvers; replaces the last step of euler_maruyama).
-        num_train_timesteps, beta_start, beta_end, beta_schedule: diffusers' names for the
-            schedule's betas (see `DIFFUSERS_BETAS`), filled in from `schedule`; given values must
-            agree with it. They let a stock diffusers scheduler be built `from_config` of this one.
-        prediction_type: what the network predicts; U-ViT predicts noise, so only "epsilon".
-        clip_sample: always False (no sampler clips x0); recorded so that e.g.
-            `DDIMScheduler.from_config` does not clip latents by its own default.
+    schedule: "vpsde" (continuous linear VP SDE, network time 999 t) or "discrete"
+        (Stable-Diffusion scaled-linear betas, network time n = 1000 t). None: the schedule
+        whose diffusers beta keys are given (so `from_config(stock_scheduler.config)` works),
+        else "vpsde".
+    solver: any sampler of `uvit.diffusion.ALL_SAMPLERS`: "dpm_solver" (singlestep
+        DPM-Solver-fast, noise prediction: the continuous models' official sampler),
+        "dpm_solver_pp" (singlestep DPM-Solver++, data prediction: the discrete models'
+        official sampler), "dpm_solver_pp_2m" / "dpm_solver_pp_3m" (multistep),
+        "unipc_bh1" / "unipc_bh2" (UniPC predictor-corrector) or "euler_maruyama" (reverse
+        SDE; needs per-sample noise and schedule "vpsde").
+    order: order of the singlestep solvers and UniPC (1, 2 or 3); None keeps the sampler's
+        default (3 for the singlestep solvers, 2 for UniPC). Ignored by the others.
+    skip_type: time grid ("logSNR", "time_uniform", "time_quadratic"); None keeps the
+        sampler's own default (time_uniform for dpm_solver_pp and euler_maruyama, else logSNR).
+    t_end: last time of the grid; None keeps the sampler's default (the schedule's
+        `default_t_end` for the ODE solvers, 1e-3 for euler_maruyama).
+    lower_order_final: (multistep and UniPC) lower the orders of the last steps, as the
+        samplers do.
+    denoise_final: end with the x0 prediction at t_end (one more network call for the ODE
+        solvers; replaces the last step of euler_maruyama).
+    num_train_timesteps, beta_start, beta_end, beta_schedule: diffusers' names for the
+        schedule's betas (see `DIFFUSERS_BETAS`), filled in from `schedule`; given values must
+        agree with it. They let a stock diffusers scheduler be built `from_config` of this one.
+    prediction_type: what the network predicts; U-ViT predicts noise, so only "epsilon".
+    clip_sample: always False (no sampler clips x0); recorded so that e.g.
+        `DDIMScheduler.from_config` does not clip latents by its own default.
     """
 
-    _compatibles: list[str] = []
-    order = 1  # diffusers' "model evaluations per step()" class attribute (not the solver's order)
+    schedule: str | None = None
+    solver: str = "dpm_solver"
+    order: int | None = None
+    skip_type: str | None = None
+    t_end: float | None = None
+    lower_order_final: bool = True
+    denoise_final: bool = False
+    num_train_timesteps: int | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: str | None = None
+    prediction_type: str = "epsilon"
+    clip_sample: bool = False
 
-    @register_to_config
-    def __init__(
-        self,
-        schedule: str | None = None,
-        solver: str = "dpm_solver",
-        order: int | None = None,
-        skip_type: str | None = None,
-        t_end: float | None = None,
-        lower_order_final: bool = True,
-        denoise_final: bool = False,
-        num_train_timesteps: int | None = None,
-        beta_start: float | None = None,
-        beta_end: float | None = None,
-        beta_schedule: str | None = None,
-        prediction_type: str = "epsilon",
-        clip_sample: bool = False,
-    ):
-        given = {
-            k: v
-            for k, v in dict(
-                num_train_timesteps=num_train_timesteps,
-                beta_start=beta_start,
-                beta_end=beta_end,
-                beta_schedule=beta_schedule,
-            ).items()
-            if v is not None
-        }
-        if schedule is None:
-            matches = [name for name, betas in DIFFUSERS_BETAS.items() if given and _betas_agree(given, betas)]
-            schedule = matches[0] if matches else "vpsde"
+    @property
+    def given_betas(self) -> dict:
+        """The diffusers beta keys that were given (not None)."""
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    @property
+    def resolved_schedule(self) -> str:
+        """`schedule`, or when None the schedule whose diffusers beta keys are given, else "vpsde"."""
+        if self.schedule is not None:
+            return self.schedule
+        given = self.given_betas
+        matches = [name for name, betas in DIFFUSERS_BETAS.items() if given and _betas_agree(given, betas)]
+        return matches[0] if matches else "vpsde"
+
+    def __post_init__(self) -> None:
+        schedule, solver, order = self.resolved_schedule, self.solver, self.order
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}: valid choices are {SCHEDULES}")
-        if not _betas_agree(given, DIFFUSERS_BETAS[schedule]):
+        if not _betas_agree(self.given_betas, DIFFUSERS_BETAS[schedule]):
             raise ValueError(
-                f"beta keys {given} disagree with schedule={schedule!r}, whose betas are {DIFFUSERS_BETAS[schedule]}"
+                f"beta keys {self.given_betas} disagree with schedule={schedule!r}, whose betas are "
+                f"{DIFFUSERS_BETAS[schedule]}"
             )
         if solver not in SOLVERS:
             raise ValueError(f"solver={solver!r}: valid choices are {SOLVERS}")
         if order is not None and order not in (1, 2, 3):
             raise ValueError(f"order={order!r}: must be 1, 2, 3 or None")
-        if skip_type is not None and skip_type not in SKIP_TYPES:
-            raise ValueError(f"skip_type={skip_type!r}: valid choices are {SKIP_TYPES} or None")
+        if self.skip_type is not None and self.skip_type not in SKIP_TYPES:
+            raise ValueError(f"skip_type={self.skip_type!r}: valid choices are {SKIP_TYPES} or None")
         if solver == "euler_maruyama" and schedule != "vpsde":
             raise ValueError("euler_maruyama integrates the continuous VP SDE: it needs schedule='vpsde'")
-        if prediction_type != "epsilon":
-            raise ValueError(f"prediction_type={prediction_type!r}: U-ViT networks predict noise ('epsilon')")
-        if clip_sample:
+        if self.prediction_type != "epsilon":
+            raise ValueError(f"prediction_type={self.prediction_type!r}: U-ViT networks predict noise ('epsilon')")
+        if self.clip_sample:
             raise ValueError("clip_sample=True: U-ViT's samplers never clip the x0 prediction")
+
+
+class UViTDPMSolverScheduler(SchedulerMixin, ConfigMixin):
+    """U-ViT's samplers behind diffusers' scheduler API; its arguments are `SolverConfig`'s fields."""
+
+    _compatibles: list[str] = []
+    order = 1  # diffusers' "model evaluations per step()" class attribute (not the solver's order)
+
+    @register_to_config
+    @takes_fields(SolverConfig)  # the config keys are SolverConfig's fields, declared and checked there
+    def __init__(self, cfg: SolverConfig):
+        schedule = cfg.resolved_schedule
         self.register_to_config(schedule=schedule, **DIFFUSERS_BETAS[schedule])
         # diffusers' from_config drops keys listed as "defaults used": the beta keys must reach a
         # stock scheduler built from this config (saved JSON files never carry the list)

@@ -41,6 +41,8 @@ from tqdm import tqdm
 
 from uvit.evaluate.captions import CaptionSet
 from uvit.evaluate.sample import (
+    Condition,
+    SamplingRecipe,
     balanced_labels,
     generate,
     load_sample_extras,
@@ -153,20 +155,8 @@ def _sample_shard(
             "contexts": captions.contexts(start, count),
             "empty_context": captions.empty_context() if run["guidance_scale"] > 0 else None,
         }
-    x = generate(
-        model,
-        schedule=run["schedule"],
-        sampler=run["sampler"],
-        steps=run["steps"],
-        seeds=seeds,
-        labels=labels,
-        guidance_scale=run["guidance_scale"],
-        batch_size=batch_size,
-        device=device,
-        progress=False,
-        **text,
-        **run["sampler_kwargs"],
-    )
+    recipe = SamplingRecipe(run["schedule"], run["sampler"], run["steps"], run["guidance_scale"], run["sampler_kwargs"])
+    x = generate(model, recipe, seeds, Condition(labels, **text), batch_size=batch_size, device=device, progress=False)
     if decoder is not None:
         from uvit.encoders.vae import decode
 

@@ -18,7 +18,7 @@ Weights layout: `UViTTransformer` subclasses `UViT`, so its state dict has EXACT
 fields and derived properties from it; `UViTConfigDict` is a FrozenDict that provides both.
 
 Load a saved pipeline with `UViTPipeline.from_pretrained(dir)` (not `DiffusionPipeline.from_pretrained`:
-`model_index.json` names the components' module, `uvit.evaluate.pipeline`, which diffusers only
+`model_index.json` names the components' module, `uvit.evaluate.diffusers_pipeline`, which diffusers only
 resolves once it has been imported; importing this module does that).
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -36,12 +37,14 @@ from diffusers.configuration_utils import FrozenDict, register_to_config
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from uvit.diffusion import DiscreteSchedule, PerSampleNoise, classifier_free_guidance, wrap_model
+from uvit.diffusion import DiscreteSchedule, PerSampleNoise, wrap_model
+from uvit.diffusion.guidance import Condition, guided_network
 from uvit.evaluate.sample import sample_seeds, to_uint8
 from uvit.evaluate.scheduler import SCHEDULES, STEP_SOLVERS, UViTDPMSolverScheduler
 from uvit.models import UViT, UViTConfig
+from uvit.signatures import takes_fields
 
-__all__ = ["UViTConfigDict", "UViTTransformer", "UViTPipeline", "OUTPUT_TYPES"]
+__all__ = ["UViTConfigDict", "UViTTransformer", "UViTPipeline", "PipelineCall", "OUTPUT_TYPES"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _FIELDS = tuple(f.name for f in dataclasses.fields(UViTConfig))
@@ -90,49 +93,8 @@ class UViTTransformer(ModelMixin, UViT, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(
-        self,
-        img_size: int = 32,
-        patch_size: int = 2,
-        in_chans: int = 3,
-        embed_dim: int = 512,
-        depth: int = 12,
-        num_heads: int = 8,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        num_classes: int = -1,
-        clip_dim: int | None = None,
-        num_text_tokens: int = 77,
-        mlp_time_embed: bool = False,
-        conv: bool = True,
-        conv_position: str = "after_unpatchify",
-        skip: str = "concat_linear",
-        time: str = "token",
-        patch_embedding: str = "linear",
-        position_embedding: str = "learned",
-        use_checkpoint: bool = False,
-    ):
-        cfg = UViTConfig(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            num_classes=num_classes,
-            clip_dim=clip_dim,
-            num_text_tokens=num_text_tokens,
-            mlp_time_embed=mlp_time_embed,
-            conv=conv,
-            conv_position=conv_position,
-            skip=skip,
-            time=time,
-            patch_embedding=patch_embedding,
-            position_embedding=position_embedding,
-            use_checkpoint=use_checkpoint,
-        )
+    @takes_fields(UViTConfig)  # the registered config keys are UViTConfig's fields, declared there once
+    def __init__(self, cfg: UViTConfig):
         # In this MRO UViT.__init__'s super().__init__() is nn.Module.__init__, while ModelMixin.__init__
         # would reach UViT.__init__ with no config: so call UViT's and set ModelMixin's one attribute.
         UViT.__init__(self, cfg)
@@ -188,6 +150,49 @@ def _as_list(v, name: str) -> list:
     if isinstance(v, Sequence):
         return list(v)
     raise TypeError(f"{name} must be a value, a sequence or a tensor, got {type(v).__name__}")
+
+
+@dataclass(frozen=True, eq=False)
+class PipelineCall:
+    """The arguments of `UViTPipeline.__call__` (diffusers' names), declared once.
+
+    class_labels: class indices (class-conditional models). prompt: strings (text models).
+    num_images: repeats a single label/prompt, or sets the count of an unconditional model.
+    guidance_scale: s of eps = (1 + s) eps_c - s eps_u (0: no guidance, a single forward). This
+        is U-ViT's s, not diffusers' w = 1 + s.
+    num_inference_steps: the scheduler's steps.
+    seeds: one integer per image; sample i depends only on seeds[i] and its condition.
+        Default `sample_seeds(0, n)` (as `generate`), or, with `generator`, n seeds drawn from it
+        (a list of n generators: seed i from generator i).
+    output_type: "pil" (list of PIL images), "np" (N, H, W, C float in [0, 1]), "pt"
+        (N, C, H, W float in [0, 1]) or "latent" (the sampler's output, before any VAE decode).
+    batch_size: images per sampler call (the CFG forward then has 2x this batch).
+    return_dict: an ImagePipelineOutput, else the tuple (images,).
+    num_images_per_prompt: images per label / prompt, consecutive (diffusers' order: a, a, b, b);
+        an unconditional model makes num_images * num_images_per_prompt.
+    latents: x_T, (n, C, H, W) standard normal, used instead of the seeds' draws (scaled by the
+        scheduler's init_noise_sigma, as in diffusers); seeds still drive any sampler noise.
+    callback_on_step_end: callback(pipe, step, timestep, {"latents": x}) -> dict after every
+        scheduler step (per batch of `batch_size`); returned "latents" replace x, and setting
+        `pipe._interrupt = True` stops the loop. Needs a step loop: a stock scheduler, or a
+        UViTDPMSolverScheduler with solver dpm_solver_pp_2m / 3m.
+    callback_on_step_end_tensor_inputs: keys to hand the callback, from `_callback_tensor_inputs`.
+    """
+
+    class_labels: int | Sequence[int] | Tensor | None = None
+    prompt: str | Sequence[str] | None = None
+    num_images: int | None = None
+    guidance_scale: float = 0.0
+    num_inference_steps: int = 50
+    seeds: Sequence[int] | None = None
+    generator: torch.Generator | list[torch.Generator] | None = None
+    output_type: str = "pil"
+    batch_size: int = 500
+    return_dict: bool = True
+    num_images_per_prompt: int = 1
+    latents: Tensor | None = None
+    callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None
+    callback_on_step_end_tensor_inputs: list[str] | None = None
 
 
 class UViTPipeline(DiffusionPipeline):
@@ -285,8 +290,8 @@ class UViTPipeline(DiffusionPipeline):
             raise ValueError("this model is unconditional: `class_labels` is not accepted")
         return (1 if num_images is None else num_images) * per_prompt, "none", None
 
-    def _network(self, kind: str, cond, empty_context: Tensor | None, guidance_scale: float, device):
-        """net(x, model_time) -> eps for one batch, guided as `generate` does."""
+    def _network(self, condition: Condition, guidance_scale: float):
+        """net(x, model_time) -> eps for one batch, guided as `generate` does (`guided_network`)."""
         model = self.transformer
         dtype = model.dtype
         if dtype != torch.float32:  # samplers keep x in float32; run the network in its own dtype
@@ -295,18 +300,8 @@ class UViTPipeline(DiffusionPipeline):
                 kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kw.items()}
                 return _m(x.to(dtype), t, **kw).float()
 
-        if kind == "none":
-            return model
-        if kind == "class":
-            y = cond.to(device)
-            if guidance_scale > 0:
-                null = torch.full_like(y, self.transformer.config.num_classes - 1)
-                return classifier_free_guidance(model, guidance_scale, {"y": y}, {"y": null})
-            return lambda x, t: model(x, t, y=y)
-        ctx = cond
-        if guidance_scale > 0:
-            return classifier_free_guidance(model, guidance_scale, {"context": ctx}, {"context": empty_context})
-        return lambda x, t: model(x, t, context=ctx)
+        c = self.transformer.config
+        return guided_network(model, guidance_scale, condition, c.num_classes - 1 if c.num_classes > 0 else None)
 
     # ------------------------------------------------------------------ output
     @torch.no_grad()
@@ -422,71 +417,35 @@ class UViTPipeline(DiffusionPipeline):
         return x
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: int | Sequence[int] | Tensor | None = None,
-        prompt: str | Sequence[str] | None = None,
-        num_images: int | None = None,
-        guidance_scale: float = 0.0,
-        num_inference_steps: int = 50,
-        seeds: Sequence[int] | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pil",
-        batch_size: int = 500,
-        return_dict: bool = True,
-        num_images_per_prompt: int = 1,
-        latents: Tensor | None = None,
-        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-    ) -> ImagePipelineOutput | tuple:
-        """Generate one image per class label / prompt (or `num_images` unconditional ones).
-
-        class_labels: class indices (class-conditional models). prompt: strings (text models).
-        num_images: repeats a single label/prompt, or sets the count of an unconditional model.
-        num_images_per_prompt: images per label / prompt, consecutive (diffusers' order: a, a, b, b);
-            an unconditional model makes num_images * num_images_per_prompt.
-        guidance_scale: s of eps = (1 + s) eps_c - s eps_u (0: no guidance, a single forward). This
-            is U-ViT's s, not diffusers' w = 1 + s.
-        seeds: one integer per image; sample i depends only on seeds[i] and its condition.
-            Default `sample_seeds(0, n)` (as `generate`), or, with `generator`, n seeds drawn from it
-            (a list of n generators: seed i from generator i).
-        latents: x_T, (n, C, H, W) standard normal, used instead of the seeds' draws (scaled by the
-            scheduler's init_noise_sigma, as in diffusers); seeds still drive any sampler noise.
-        output_type: "pil" (list of PIL images), "np" (N, H, W, C float in [0, 1]), "pt"
-            (N, C, H, W float in [0, 1]) or "latent" (the sampler's output, before any VAE decode).
-        batch_size: images per sampler call (the CFG forward then has 2x this batch).
-        callback_on_step_end: callback(pipe, step, timestep, {"latents": x}) -> dict after every
-            scheduler step (per batch of `batch_size`); returned "latents" replace x, and setting
-            `pipe._interrupt = True` stops the loop. Needs a step loop: a stock scheduler, or a
-            UViTDPMSolverScheduler with solver dpm_solver_pp_2m / 3m.
-        callback_on_step_end_tensor_inputs: keys to hand the callback, from `_callback_tensor_inputs`.
-
-        The scheduler is a `UViTDPMSolverScheduler` (its sampler runs the whole trajectory, exactly
-        as `generate`) or, on the discrete schedule, any diffusers scheduler with the standard
-        set_timesteps / scale_model_input / step API, run by diffusers' step loop.
-        """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}: valid choices are {OUTPUT_TYPES}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        cb_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+    def _check_call(self, call: PipelineCall) -> tuple[bool, bool, list[str]]:
+        """(stock scheduler, run the step loop, the callback's tensor inputs), or a ValueError."""
+        if call.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={call.output_type!r}: valid choices are {OUTPUT_TYPES}")
+        if call.num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {call.num_images_per_prompt}")
+        callback, cb_inputs = call.callback_on_step_end, call.callback_on_step_end_tensor_inputs
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            cb_inputs = callback.tensor_inputs
+        cb_inputs = list(cb_inputs or ["latents"])
         bad = [k for k in cb_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs has to be in {self._callback_tensor_inputs}, but found {bad}"
             )
         stock = self.check_scheduler()
-        sched = self.scheduler
-        use_steps = stock or callback_on_step_end is not None
-        if use_steps and not stock and not sched.has_step_loop:
+        use_steps = stock or callback is not None
+        if use_steps and not stock and not self.scheduler.has_step_loop:
             raise ValueError(
-                f"callback_on_step_end needs a step loop; solver {sched.config.solver!r} runs its "
+                f"callback_on_step_end needs a step loop; solver {self.scheduler.config.solver!r} runs its "
                 f"whole trajectory in sample(): use {STEP_SOLVERS} or a stock diffusers scheduler"
             )
-        n, kind, cond = self._conditions(class_labels, prompt, num_images, num_images_per_prompt)
+        return stock, use_steps, cb_inputs
+
+    @staticmethod
+    def _seeds(call: PipelineCall, n: int) -> list[int]:
+        """One seed per image: `seeds`, or drawn from `generator` (one per generator of a list),
+        else sample_seeds(0, n)."""
+        seeds, generator = call.seeds, call.generator
         if seeds is None:
             if isinstance(generator, list):
                 if len(generator) != n:
@@ -501,46 +460,68 @@ class UViTPipeline(DiffusionPipeline):
         seeds = [int(s) for s in seeds]
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} images")
+        return seeds
 
+    def _batch_condition(self, kind: str, cond, rows: slice, empty: Tensor | None, device) -> Condition:
+        """The condition of images `rows` on `device` (prompts are encoded here, batch by batch)."""
+        if kind == "class":
+            return Condition(labels=cond[rows]).to(device)
+        if kind == "text":
+            return Condition(contexts=self.encode_prompt(cond[rows], device), empty_context=empty)
+        return Condition()
+
+    def _sample_batch(self, call: PipelineCall, x_T: Tensor, net, noise: PerSampleNoise, stock, use_steps, cb_inputs):
+        """x_0 (B, C, H, W) float32 from x_T by the scheduler: its step loop, or its sampler's whole trajectory."""
+        sched = self.scheduler
+        if use_steps:
+            return self._step_loop(
+                net, x_T, call.num_inference_steps, noise, stock, call.callback_on_step_end, cb_inputs
+            )
+        return sched.sample(
+            wrap_model(net, sched.noise_schedule), x_T * sched.init_noise_sigma, call.num_inference_steps, noise=noise
+        )
+
+    @torch.no_grad()
+    @takes_fields(PipelineCall)
+    def __call__(self, call: PipelineCall) -> ImagePipelineOutput | tuple:
+        """Generate one image per class label / prompt (or `num_images` unconditional ones); the
+        arguments are `PipelineCall`'s fields (diffusers' keyword names).
+
+        The scheduler is a `UViTDPMSolverScheduler` (its sampler runs the whole trajectory, exactly
+        as `generate`) or, on the discrete schedule, any diffusers scheduler with the standard
+        set_timesteps / scale_model_input / step API, run by diffusers' step loop.
+        """
+        stock, use_steps, cb_inputs = self._check_call(call)
+        n, kind, cond = self._conditions(call.class_labels, call.prompt, call.num_images, call.num_images_per_prompt)
+        seeds = self._seeds(call, n)
         device = self._execution_device
         c = self.transformer.config
         shape = (c.in_chans, c.img_size, c.img_size)
+        latents = call.latents
         if latents is not None and tuple(latents.shape) != (n, *shape):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(n, *shape)}")
         self.transformer.eval()
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        sched.set_timesteps(num_inference_steps)  # for inspection (scheduler.timesteps)
-        self._num_timesteps = len(sched.timesteps)
-        empty = self.encode_prompt([""], device) if kind == "text" and guidance_scale > 0 else None
+        self._guidance_scale, self._interrupt = call.guidance_scale, False
+        self.scheduler.set_timesteps(call.num_inference_steps)  # for inspection (scheduler.timesteps)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        empty = self.encode_prompt([""], device) if kind == "text" and call.guidance_scale > 0 else None
 
         out = []
         with self.progress_bar(total=n) as bar:
-            for start in range(0, n, batch_size):
-                chunk = seeds[start : start + batch_size]
+            for start in range(0, n, call.batch_size):
+                chunk = seeds[start : start + call.batch_size]
+                rows = slice(start, start + len(chunk))
                 noise = PerSampleNoise(chunk, device=device)
                 x_T = noise.randn(shape)
                 if latents is not None:  # (drawing x_T anyway keeps the generators where the seeds put them)
-                    x_T = latents[start : start + len(chunk)].to(device=device, dtype=torch.float32)
-                if kind == "class":
-                    cond_b = cond[start : start + len(chunk)]
-                elif kind == "text":
-                    cond_b = self.encode_prompt(cond[start : start + len(chunk)], device)
-                else:
-                    cond_b = None
-                net = self._network(kind, cond_b, empty, guidance_scale, device)
-                if use_steps:
-                    x = self._step_loop(net, x_T, num_inference_steps, noise, stock, callback_on_step_end, cb_inputs)
-                else:
-                    x = sched.sample(
-                        wrap_model(net, sched.noise_schedule),
-                        x_T * sched.init_noise_sigma,
-                        num_inference_steps,
-                        noise=noise,
-                    )
-                out.append(x.float())
+                    x_T = latents[rows].to(device=device, dtype=torch.float32)
+                net = self._network(self._batch_condition(kind, cond, rows, empty, device), call.guidance_scale)
+                out.append(self._sample_batch(call, x_T, net, noise, stock, use_steps, cb_inputs).float())
                 bar.update(len(chunk))
-        x = torch.cat(out)
+        return self._finish(torch.cat(out), call.output_type, call.return_dict)
 
+    def _finish(self, x: Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        """The sampler's output x (N, C, H, W) as `output_type` (decoded by the VAE unless "latent")."""
         if output_type == "latent":
             images = x
         else:

@@ -134,18 +134,17 @@ def run_sharded(work: ShardedWork, workers: Workers) -> WorkResult:
         result = work.verified(piece)
         if result is not None:
             results[piece.index] = result
-    reused = [p for p in pieces if p.index in results]
-    todo = [p for p in pieces if p.index not in results]
+    reused = [piece for piece in pieces if piece.index in results]
+    todo = [piece for piece in pieces if piece.index not in results]
     if reused:
         log.info("%s: %d of %d pieces already done, %d to do", work.progress.desc, len(reused), len(pieces), len(todo))
     work.prepare(reused, todo)
 
     t0 = time.perf_counter()
     rows = 0
-    p = work.progress
-    bar = tqdm(
-        total=work.total, initial=sum(r.count for r in reused), desc=p.desc, unit=p.unit, disable=not p.show, ascii=True
-    )
+    shown = work.progress
+    initial = sum(piece.count for piece in reused)
+    bar = tqdm(total=work.total, initial=initial, desc=shown.desc, unit=shown.unit, disable=not shown.show, ascii=True)
     bar.set_postfix(reused=f"{len(reused)}/{len(pieces)}", refresh=False)
 
     def done(piece: Piece, result: Any) -> None:
@@ -154,7 +153,7 @@ def run_sharded(work: ShardedWork, workers: Workers) -> WorkResult:
         work.finished(piece, result)
         rows += piece.count
         bar.update(piece.count)
-        bar.set_postfix({f"{p.unit}_per_s": f"{rows / max(time.perf_counter() - t0, 1e-9):.1f}"}, refresh=False)
+        bar.set_postfix({f"{shown.unit}_per_s": f"{rows / max(time.perf_counter() - t0, 1e-9):.1f}"}, refresh=False)
 
     try:
         if todo and workers.num_workers == 1:
@@ -168,8 +167,8 @@ def run_sharded(work: ShardedWork, workers: Workers) -> WorkResult:
     return WorkResult(
         pieces=pieces,
         results=dict(sorted(results.items())),
-        computed=[p.index for p in todo],
-        reused=[p.index for p in reused],
+        computed=[piece.index for piece in todo],
+        reused=[piece.index for piece in reused],
         seconds=time.perf_counter() - t0,
         rows_computed=rows,
     )

@@ -131,8 +131,8 @@ def _load_decoder(vae: str, scale_factor: float, device: str):
 # ---------------------------------------------------------------------------- what, how
 @dataclass(frozen=True)
 class SampleSpec:
-    """What to sample: the run parameters. Existing shards are reused only when all of them (and the model's
-    weights) match; the batch size and the workers do not change the samples, so they are not here.
+    """What to sample: the run parameters (the manifest's `run`). Existing shards are reused only when all of them
+    and the model's weights match. The batch size and the workers do not change the samples: see SamplingRun.
 
     num_classes_for_labels: K real classes (labels i % K, independent of sharding) for a class-conditional
         model; None for unconditional ones.

@@ -17,6 +17,9 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from uvit.data.encode import (  # noqa: E402
+    CaptionEncoding,
+    EncodeRun,
+    ImageEncoding,
     encode_captions,
     encode_image_split,
     load_caption_index,
@@ -289,7 +292,11 @@ def test_hub_ids_offline_give_instructions(monkeypatch) -> None:
 
 def test_encode_image_split_matches_direct(tmp_path: Path, vae, images, image_split) -> None:
     m = encode_image_split(
-        image_split, tmp_path / "lat", vae, batch_size=3, shard_size=4, dtype="float32", progress=False
+        image_split,
+        tmp_path / "lat",
+        vae,
+        ImageEncoding(batch_size=3, dtype="float32"),
+        EncodeRun(shard_size=4, progress=False),
     )
     assert m.count == N_IMAGES and len(m.shards) == 3
     verify_split(tmp_path / "lat")
@@ -306,14 +313,20 @@ def test_encode_image_split_matches_direct(tmp_path: Path, vae, images, image_sp
     assert ok["encoded from this source split"] and ok["row count = source rows x 1 (10)"]
     assert ok["latents finite (no NaN/inf)"] and ok["every class 0..4 present"]
     # float16 storage (the default)
-    m16 = encode_image_split(image_split, tmp_path / "lat16", vae, batch_size=4, shard_size=4, progress=False)
+    m16 = encode_image_split(
+        image_split, tmp_path / "lat16", vae, ImageEncoding(batch_size=4), EncodeRun(shard_size=4, progress=False)
+    )
     assert m16.fields["moments"].dtype == "float16"
     np.testing.assert_allclose(ShardedArrays(tmp_path / "lat16").field("moments"), direct, rtol=2e-3, atol=2e-3)
 
 
 def test_encode_image_split_with_flips(tmp_path: Path, vae, images, image_split) -> None:
     m = encode_image_split(
-        image_split, tmp_path / "lat", vae, batch_size=4, shard_size=6, flip=True, dtype="float32", progress=False
+        image_split,
+        tmp_path / "lat",
+        vae,
+        ImageEncoding(batch_size=4, flip=True, dtype="float32"),
+        EncodeRun(shard_size=6, progress=False),
     )
     assert m.count == 2 * N_IMAGES  # shard 1 = rows [6, 12) straddles the mirrors' start
     ds = ShardedArrays(tmp_path / "lat")
@@ -329,8 +342,8 @@ def test_encode_image_split_with_flips(tmp_path: Path, vae, images, image_split)
 
 
 def test_encode_image_split_resumes(tmp_path: Path, vae, image_split, monkeypatch) -> None:
-    kw = dict(batch_size=2, shard_size=4, dtype="float32", progress=False)
-    encode_image_split(image_split, tmp_path / "ref", vae, **kw)
+    enc, run = ImageEncoding(batch_size=2, dtype="float32"), EncodeRun(shard_size=4, progress=False)
+    encode_image_split(image_split, tmp_path / "ref", vae, enc, run)
     out = tmp_path / "lat"
     original = vae.encode
     calls = []
@@ -343,7 +356,7 @@ def test_encode_image_split_resumes(tmp_path: Path, vae, image_split, monkeypatc
 
     monkeypatch.setattr(vae, "encode", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        encode_image_split(image_split, out, vae, **kw)
+        encode_image_split(image_split, out, vae, enc, run)
     part = partial_dir(out)
     assert not out.exists()
     assert sorted(p.name for p in part.glob("chunk-*.json")) == ["chunk-00000.json", "chunk-00001.json"]
@@ -358,7 +371,7 @@ def test_encode_image_split_resumes(tmp_path: Path, vae, image_split, monkeypatc
 
     monkeypatch.setattr(vae, "encode", counting)
     info: dict = {}
-    m = encode_image_split(image_split, out, vae, **kw, run_info=info)
+    m = encode_image_split(image_split, out, vae, enc, run, run_info=info)
     assert calls == [2, 2, 2]  # chunk 0 (deleted) and chunk 2 (never done); chunk 1 reused
     assert info["reused_chunks"] == 1 and info["encoded_chunks"] == 2 and info["chunks"] == 3
     assert not part.exists()
@@ -370,11 +383,11 @@ def test_encode_image_split_resumes(tmp_path: Path, vae, image_split, monkeypatc
         np.testing.assert_array_equal(got.field(f), ref.field(f))
     # a finished split of the same job is returned as is
     calls.clear()
-    again = encode_image_split(image_split, out, vae, **kw, run_info=info)
+    again = encode_image_split(image_split, out, vae, enc, run, run_info=info)
     assert calls == [] and again.count == m.count and info["encoded_chunks"] == 0
     # a different job does not silently reuse it
     with pytest.raises(FileExistsError):
-        encode_image_split(image_split, out, vae, **{**kw, "dtype": "float16"})
+        encode_image_split(image_split, out, vae, ImageEncoding(batch_size=2, dtype="float16"), run)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +443,12 @@ def test_encode_captions(tmp_path: Path, clip) -> None:
     tokenizer, model = clip
     src = _caption_split(tmp_path / "src", CAPTIONS)
     m = encode_captions(
-        src, tmp_path / "ctx", tokenizer, model, batch_size=2, shard_size=3, dtype="float32", progress=False
+        src,
+        tmp_path / "ctx",
+        tokenizer,
+        model,
+        CaptionEncoding(batch_size=2, dtype="float32"),
+        EncodeRun(shard_size=3, progress=False),
     )
     flat = [c for caps in CAPTIONS for c in caps]
     assert m.count == len(flat) == 8 and len(m.shards) == 3

@@ -18,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("torch_fidelity")
 
 from uvit.config import load_benchmark, load_params  # noqa: E402
-from uvit.data.encode import encode_captions, load_empty_context  # noqa: E402
+from uvit.data.encode import EncodeRun, encode_captions, load_empty_context  # noqa: E402
 from uvit.data.shards import ShardedArrays, write_split  # noqa: E402
 from uvit.encoders import WeightsNotAvailableError  # noqa: E402
 from uvit.evaluate.captions import select_caption_rows  # noqa: E402
@@ -165,7 +165,9 @@ def t2i_run(tmp_path_factory, clip_dir, random_inception_weights):
     write_split(paths.data / "train", {"images": real}, name="coco", split="train")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip_dir))
     text_model = transformers.CLIPTextModel.from_pretrained(str(clip_dir)).eval()
-    encode_captions(paths.data / "val", paths.contexts / "val", tokenizer, text_model, shard_size=3, progress=False)
+    encode_captions(
+        paths.data / "val", paths.contexts / "val", tokenizer, text_model, run=EncodeRun(shard_size=3, progress=False)
+    )
     torch.manual_seed(0)
     UViT(cfg.uvit_config()).save_pretrained(paths.train / "ema")
     return cfg, paths
@@ -306,11 +308,11 @@ def test_text_to_image_shards_through_ray_workers(t2i_run, tmp_path):
     """Two Ray workers (caption rows and the VAE spec travel into the tasks) give the same samples."""
     import ray
 
-    from uvit.evaluate.sharded import merge_shards, sample_to_shards
+    from uvit.evaluate.sample_shards import SampleSpec, SamplingRun, merge_shards, sample_to_shards
     from uvit.stages.evaluate import _decoder, caption_set
 
     cfg, paths = t2i_run
-    kw = dict(
+    spec = SampleSpec(
         schedule="discrete",
         sampler="dpm_solver_pp",
         steps=3,
@@ -319,15 +321,17 @@ def test_text_to_image_shards_through_ray_workers(t2i_run, tmp_path):
         seed=0,
         guidance_scale=1.0,
         num_classes_for_labels=None,
-        batch_size=5,
         captions=caption_set(cfg, paths, 5),
         decoder=_decoder(cfg),
-        progress=False,
     )
     try:
-        sample_to_shards(paths.train / "ema", tmp_path / "ray", num_workers=2, **kw)
+        sample_to_shards(
+            paths.train / "ema", tmp_path / "ray", spec, SamplingRun(batch_size=5, num_workers=2, progress=False)
+        )
     finally:
         ray.shutdown()
-    sample_to_shards(paths.train / "ema", tmp_path / "one", num_workers=1, **kw)
+    sample_to_shards(
+        paths.train / "ema", tmp_path / "one", spec, SamplingRun(batch_size=5, num_workers=1, progress=False)
+    )
     np.testing.assert_array_equal(merge_shards(tmp_path / "ray"), merge_shards(tmp_path / "one"))
     assert load_sample_extras(tmp_path / "ray" / "samples.npz")["captions"].tolist() == FLAT[:5]

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from uvit.config import load_benchmark, load_params  # noqa: E402
-from uvit.data.encode import encode_captions, load_caption_index, load_empty_context  # noqa: E402
+from uvit.data.encode import EncodeRun, encode_captions, load_caption_index, load_empty_context  # noqa: E402
 from uvit.data.shards import ShardedArrays, write_split  # noqa: E402
 from uvit.diffusion import make_schedule  # noqa: E402
 from uvit.models import UViT  # noqa: E402
@@ -89,7 +89,11 @@ def t2i_data(tmp_path_factory, write_tiny_clip_vocab):
     fields = {"moments": moments, "num_captions": np.array([len(c) for c in CAPTIONS], np.int64), "captions": caps}
     write_split(paths.latents / "train", fields, name="coco", split="train", shard_size=4)
     encode_captions(
-        paths.latents / "train", paths.contexts / "train", tokenizer, text_model, shard_size=5, progress=False
+        paths.latents / "train",
+        paths.contexts / "train",
+        tokenizer,
+        text_model,
+        run=EncodeRun(shard_size=5, progress=False),
     )
     return cfg, paths
 

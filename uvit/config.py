@@ -158,7 +158,7 @@ class SampleConfig(_Section):
     batch_size: PositiveInt = 500
     seed: int = 0
     use_ema: bool = True
-    # Sharded, resumable sampling (uvit.evaluate.sharded): samples do not depend on these two.
+    # Sharded, resumable sampling (uvit.evaluate.sample_shards): samples do not depend on these two.
     num_workers: PositiveInt = 1  # 1: in this process; > 1: one Ray task per shard (a GPU each with train.use_gpu)
     shard_size: PositiveInt = 10_000
     png: bool = True  # also write samples/png/{i:06d}.png

@@ -15,7 +15,7 @@ def run_encode(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         return {"skipped": f"{cfg.name} trains in pixel space"}
     import torch
 
-    from uvit.data.encode import encode_captions, encode_image_split
+    from uvit.data.encode import CaptionEncoding, EncodeRun, ImageEncoding, encode_captions, encode_image_split
     from uvit.data.validate import ValidationFailed
     from uvit.data.validate_latents import (
         CaptionSplitExpectations,
@@ -38,11 +38,8 @@ def run_encode(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
             paths.data / split,
             out,
             vae,
-            batch_size=e.batch_size,
-            flip=False,
-            shard_size=cfg.data.shard_size,
-            device=device,
-            dtype=e.dtype,
+            ImageEncoding(batch_size=e.batch_size, flip=False, dtype=e.dtype),
+            EncodeRun(shard_size=cfg.data.shard_size, device=device),
         )
         # flip=False: this stage encodes each stored row once (ImageNet stores its mirrors as rows).
         report = validate_latent_split(
@@ -62,7 +59,9 @@ def run_encode(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         )
         for split in splits:
             out = paths.contexts / split
-            manifest = encode_captions(paths.data / split, out, tokenizer, text_model, device=device, dtype=e.dtype)
+            manifest = encode_captions(
+                paths.data / split, out, tokenizer, text_model, CaptionEncoding(dtype=e.dtype), EncodeRun(device=device)
+            )
             report = validate_caption_split(
                 paths.data / split, CaptionSplitExpectations(), tokenizer=tokenizer, contexts_root=out
             )

@@ -1,6 +1,6 @@
 """Stages `sample`, `classifier` and `score`: config in, library calls, files out.
 
-sample:     EMA weights -> runs/<b>/samples/: shards/ (resumable, uvit.evaluate.sharded), samples.npz
+sample:     EMA weights -> runs/<b>/samples/: shards/ (resumable, uvit.evaluate.sample_shards), samples.npz
             (all shards merged: uint8 NHWC + labels, or caption rows/texts for text-to-image),
             png/{i:06d}.png; sample-summary/: grid.png, summary.json; text-to-image also examples.png, the
             paper's eight example captions
@@ -44,7 +44,7 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     samples.npz, write the PNGs and the grid; for text-to-image also the example-caption grid."""
     from uvit.diffusion import count_nfe
     from uvit.evaluate.sample import save_grid
-    from uvit.evaluate.sharded import merge_shards, sample_to_shards
+    from uvit.evaluate.sample_shards import SampleSpec, SamplingRun, merge_shards, sample_to_shards
 
     s = cfg.sample
     torch.set_num_threads(max(1, cfg.train.threads_per_worker))
@@ -57,9 +57,7 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
 
         path, key = cfg.decoder_vae()
         load_vae(path, scale_factor=cfg.encode.scale_factor, params_key=key)
-    result = sample_to_shards(
-        weights,
-        out / "shards",
+    spec = SampleSpec(
         schedule=cfg.diffusion.schedule,
         sampler=s.sampler,
         steps=s.steps,
@@ -68,15 +66,14 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         seed=s.seed,
         guidance_scale=s.guidance_scale,
         num_classes_for_labels=labels_k,
-        batch_size=s.batch_size,
-        num_workers=s.num_workers,
-        use_gpu=cfg.train.use_gpu,
-        device=device_for(cfg),
+        sampler_kwargs=s.sampler_kwargs(),
         captions=caption_set(cfg, paths, s.num_samples) if t2i else None,
         decoder=decoder_spec(cfg),
-        png_dir=out / "png" if s.png else None,
-        sampler_kwargs=s.sampler_kwargs(),
     )
+    how = SamplingRun(
+        batch_size=s.batch_size, num_workers=s.num_workers, use_gpu=cfg.train.use_gpu, device=device_for(cfg)
+    )
+    result = sample_to_shards(weights, out / "shards", spec, how, png_dir=out / "png" if s.png else None)
     if not s.png:
         import shutil
 

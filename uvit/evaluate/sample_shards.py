@@ -32,12 +32,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from uvit.evaluate.captions import CaptionSet
 from uvit.evaluate.sample import (
@@ -56,11 +54,13 @@ from uvit.evaluate.sample import (
 from uvit.fileio import remove_temps, sha256_dir, sha256_file, sha256_listing, write_json
 from uvit.models import UViT
 from uvit.models.uvit import CONFIG_NAME, WEIGHTS_NAME
-from uvit.parallel import for_each_completed, init_ray_for_tasks
+from uvit.sharded_work import Piece, Progress, RemoteTask, ShardedWork, Workers, plan_pieces, run_sharded
 
 __all__ = [
     "MANIFEST_NAME",
     "MERGED_NAME",
+    "SampleSpec",
+    "SamplingRun",
     "ShardIntegrityError",
     "shard_name",
     "shard_ranges",
@@ -89,7 +89,7 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     """[(start, count)] of every shard: shard k holds samples [k*shard_size, (k+1)*shard_size)."""
     if num_samples < 1 or shard_size < 1:
         raise ValueError(f"num_samples and shard_size must be >= 1, got {num_samples}, {shard_size}")
-    return [(s, min(shard_size, num_samples - s)) for s in range(0, num_samples, shard_size)]
+    return [(p.start, p.count) for p in plan_pieces(num_samples, shard_size)]
 
 
 def read_manifest(out_dir: str | Path) -> dict | None:
@@ -130,22 +130,69 @@ def _load_decoder(vae: str, scale_factor: float, device: str):
     return load_vae(vae, scale_factor=scale_factor, device=device)
 
 
+# ---------------------------------------------------------------------------- what, how
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to sample: the run parameters (the manifest's `run`). Existing shards are reused only when all of them
+    and the model's weights match. The batch size and the workers do not change the samples: see SamplingRun.
+
+    num_classes_for_labels: K real classes (labels i % K, independent of sharding) for a class-conditional
+        model; None for unconditional ones.
+    captions: for a text-to-image model, the caption rows of samples 0..N-1 (guidance uses the split's empty
+        context); their fingerprint is part of the run parameters.
+    decoder: for a latent model, {"vae": file, directory or hub id, "scale_factor": float, "batch_size": int
+        (default 50)}: shards hold decoded images. The VAE's bytes are part of the run parameters.
+    """
+
+    schedule: str
+    sampler: str
+    steps: int
+    num_samples: int
+    shard_size: int
+    seed: int
+    guidance_scale: float
+    num_classes_for_labels: int | None
+    sampler_kwargs: dict = field(default_factory=dict)
+    captions: CaptionSet | None = None
+    decoder: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes_for_labels is not None and self.num_classes_for_labels < 1:
+            raise ValueError(f"num_classes_for_labels must be >= 1 or None, got {self.num_classes_for_labels}")
+        shard_ranges(self.num_samples, self.shard_size)  # checks both are >= 1
+
+
+@dataclass(frozen=True)
+class SamplingRun:
+    """How to sample: batch_size samples per forward pass; num_workers 1 samples in this process on `device`,
+    > 1 runs one Ray task per shard (:class:`uvit.sharded_work.Workers`: one CPU thread each, or "cuda" with one
+    GPU per task when use_gpu; then `device` is not used)."""
+
+    batch_size: int
+    num_workers: int = 1
+    use_gpu: bool = False
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """What every shard's worker needs besides the model: the run parameters in their manifest (JSON) form."""
+
+    out_dir: Path
+    run: dict
+    batch_size: int
+    captions: CaptionSet | None
+    decoder: dict | None
+    png_dir: Path | None
+
+
 # ---------------------------------------------------------------------------- one shard
-def _sample_shard(
-    model: UViT,
-    out_dir: Path,
-    k: int,
-    start: int,
-    count: int,
-    run: dict,
-    batch_size: int,
-    device: str,
-    captions: CaptionSet | None = None,
-    decoder: dict | None = None,
-    png_dir: Path | None = None,
-) -> dict:
+def _sample_shard(model: UViT, job: _ShardJob, piece: Piece, device: str) -> dict:
     """Generate samples [start, start + count) (decoded to images for latent models), write their
-    PNGs, then shard k atomically; returns its manifest entry."""
+    PNGs, then the shard atomically; returns its manifest entry."""
+    run, batch_size, captions, decoder = job.run, job.batch_size, job.captions, job.decoder
+    start, count = piece.start, piece.count
     seeds = sample_seeds(run["seed"], count, start=start)
     K = run["num_classes_for_labels"]
     labels = balanced_labels(start + count, K)[start:] if K else None
@@ -163,219 +210,151 @@ def _sample_shard(
         vae = _load_decoder(decoder["vae"], decoder["scale_factor"], device)
         x = decode(vae, x.to(device), batch_size=decoder.get("batch_size", 50)).cpu()
     images = to_uint8(x)
-    if png_dir is not None:
-        save_pngs(images, png_dir, start)
+    if job.png_dir is not None:
+        save_pngs(images, job.png_dir, start)
     extras = captions.metadata(start, count) if captions is not None else None
-    path = save_samples(out_dir / shard_name(k), images, None if labels is None else labels.numpy(), extras)
+    path = save_samples(
+        job.out_dir / shard_name(piece.index), images, None if labels is None else labels.numpy(), extras
+    )
     return {"file": path.name, "start": start, "count": count, "sha256": sha256_file(path)}
 
 
-def _shard_task(
-    model_dir: str,
-    out_dir: str,
-    k: int,
-    start: int,
-    count: int,
-    run: dict,
-    batch_size: int,
-    device: str,
-    threads: int,
-    captions: CaptionSet | None,
-    decoder: dict | None,
-    png_dir: str | None,
-) -> tuple[int, dict]:
+def _sample_shard_remote(model_dir: str, job: _ShardJob, piece: Piece, device: str) -> dict:
     """A Ray task: load the model, sample one shard."""
-    if device == "cpu":
-        torch.set_num_threads(threads)
-    model = UViT.from_pretrained(model_dir, device=device)
-    return k, _sample_shard(
-        model,
-        Path(out_dir),
-        k,
-        start,
-        count,
-        run,
-        batch_size,
-        device,
-        captions,
-        decoder,
-        None if png_dir is None else Path(png_dir),
-    )
+    return _sample_shard(UViT.from_pretrained(model_dir, device=device), job, piece, device)
 
 
-def _ensure_pngs(out_dir: Path, png_dir: Path, k: int, start: int, count: int) -> None:
+def _ensure_pngs(out_dir: Path, png_dir: Path, piece: Piece) -> None:
     """Rewrite the PNGs of a reused shard that are missing (e.g. deleted by hand)."""
-    if all((png_dir / png_name(i)).is_file() for i in range(start, start + count)):
+    if all((png_dir / png_name(i)).is_file() for i in range(piece.start, piece.start + piece.count)):
         return
-    images, _ = load_samples(out_dir / shard_name(k))
-    save_pngs(images, png_dir, start)
+    images, _ = load_samples(out_dir / shard_name(piece.index))
+    save_pngs(images, png_dir, piece.start)
 
 
 # ---------------------------------------------------------------------------- driver
-def sample_to_shards(
-    model_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    schedule: str,
-    sampler: str,
-    steps: int,
-    num_samples: int,
-    shard_size: int,
-    seed: int,
-    guidance_scale: float,
-    num_classes_for_labels: int | None,
-    batch_size: int,
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    device: str = "cpu",
-    sampler_kwargs: dict | None = None,
-    captions: CaptionSet | None = None,
-    decoder: dict | None = None,
-    png_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """Sample `num_samples` images from the UViT in `model_dir` into resumable shards in `out_dir`.
-
-    num_classes_for_labels: K real classes (labels i % K, independent of sharding) for a
-        class-conditional model; None for unconditional ones.
-    num_workers: 1 samples in this process on `device`; > 1 runs one Ray task per shard
-        (ray.init(num_cpus=num_workers) unless Ray is already initialised; it is left running),
-        each on one CPU thread, or on "cuda" with one GPU per task when use_gpu (then `device`
-        is not used). batch_size and num_workers do not change the samples, so they are not
-        part of the run parameters that decide whether existing shards are reused.
-    captions: for a text-to-image model, the caption rows of samples 0..N-1 (guidance uses the
-        split's empty context); their fingerprint is part of the run parameters.
-    decoder: for a latent model, {"vae": file, directory or hub id, "scale_factor": float}: shards
-        hold decoded images. The VAE's bytes are part of the run parameters.
-    png_dir: also write each sample as png_dir/{i:06d}.png (stale ones beyond N are removed).
-    Returns a summary: shards computed and reused, seconds, images/s, manifest path.
-    """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if num_classes_for_labels is not None and num_classes_for_labels < 1:
-        raise ValueError(f"num_classes_for_labels must be >= 1 or None, got {num_classes_for_labels}")
-    ranges = shard_ranges(num_samples, shard_size)
+def _run_parameters(model_dir: Path, spec: SampleSpec) -> dict:
+    """The manifest's `run`: what decides the samples, in the form it takes in JSON (tuples -> lists, ...)."""
+    decoder = spec.decoder
     run = {
         "model_sha256": _model_fingerprint(model_dir),
-        "schedule": schedule,
-        "sampler": sampler,
-        "steps": int(steps),
-        "num_samples": int(num_samples),
-        "shard_size": int(shard_size),
-        "seed": int(seed),
-        "guidance_scale": float(guidance_scale),
-        "num_classes_for_labels": num_classes_for_labels,
-        "sampler_kwargs": dict(sampler_kwargs or {}),
-        "captions": None if captions is None else captions.fingerprint(),
+        "schedule": spec.schedule,
+        "sampler": spec.sampler,
+        "steps": int(spec.steps),
+        "num_samples": int(spec.num_samples),
+        "shard_size": int(spec.shard_size),
+        "seed": int(spec.seed),
+        "guidance_scale": float(spec.guidance_scale),
+        "num_classes_for_labels": spec.num_classes_for_labels,
+        "sampler_kwargs": dict(spec.sampler_kwargs or {}),
+        "captions": None if spec.captions is None else spec.captions.fingerprint(),
         "decoder": None
         if decoder is None
         else {"vae_sha256": _source_fingerprint(str(decoder["vae"])), "scale_factor": float(decoder["scale_factor"])},
     }
-    run = json.loads(json.dumps(run))  # the form it takes in the manifest (tuples -> lists, ...)
-    remove_temps(out_dir, "samples-*.npz")  # left by an interrupted run
+    return json.loads(json.dumps(run))
 
-    manifest = read_manifest(out_dir)
-    if manifest is not None and manifest.get("run") != run:
-        log.warning("%s: run parameters or model changed, recomputing every shard", out_dir)
-        manifest = None
-    if manifest is None:
-        manifest = {"format": FORMAT, "run": run, "num_shards": len(ranges), "shards": {}}
-    done: list[int] = []
-    for k, (start, count) in enumerate(ranges):
-        entry = manifest["shards"].get(str(k))
-        path = out_dir / shard_name(k)
+
+class _ShardManifest:
+    """The driver's manifest.json: which shards are done, rewritten (atomically) as each one finishes."""
+
+    def __init__(self, out_dir: Path, run: dict, num_shards: int):
+        self.out_dir = out_dir
+        manifest = read_manifest(out_dir)
+        if manifest is not None and manifest.get("run") != run:
+            log.warning("%s: run parameters or model changed, recomputing every shard", out_dir)
+            manifest = None
+        self.data = manifest or {"format": FORMAT, "run": run, "num_shards": num_shards, "shards": {}}
+
+    def verified(self, piece: Piece) -> dict | None:
+        """The shard's entry if the file on disk matches it (range and sha256)."""
+        entry = self.data["shards"].get(str(piece.index))
+        path = self.out_dir / shard_name(piece.index)
         if (
             entry
-            and entry.get("start") == start
-            and entry.get("count") == count
+            and entry.get("start") == piece.start
+            and entry.get("count") == piece.count
             and path.is_file()
             and sha256_file(path) == entry.get("sha256")
         ):
-            done.append(k)
-        else:
-            if entry:
-                log.warning("shard %d: missing or does not match its sha256, recomputing", k)
-            manifest["shards"].pop(str(k), None)
-    manifest["shards"] = {str(k): manifest["shards"][str(k)] for k in done}
-    write_json(out_dir / MANIFEST_NAME, manifest, sort_keys=True)
-    todo = [k for k in range(len(ranges)) if k not in set(done)]
-    if todo:
-        (out_dir / MERGED_NAME).unlink(missing_ok=True)  # it would no longer match the shards
-    if png_dir is not None:
-        png_dir = Path(png_dir)
-        png_dir.mkdir(parents=True, exist_ok=True)
-        for p in png_dir.glob("*.png"):  # left by an earlier, larger run
-            if not p.stem.isdigit() or int(p.stem) >= num_samples:
-                p.unlink()
-        for k in done:
-            _ensure_pngs(out_dir, png_dir, k, *ranges[k])
+            return entry
+        if entry:
+            log.warning("shard %d: missing or does not match its sha256, recomputing", piece.index)
+        return None
 
-    t0 = time.perf_counter()
-    new_images = 0
-    bar = tqdm(
-        total=num_samples,
-        initial=sum(ranges[k][1] for k in done),
-        desc=f"sample {sampler} x{steps}",
-        unit="img",
-        disable=not progress,
-        ascii=True,
+    def keep(self, reused: list[Piece]) -> None:
+        """List only the verified shards (before any shard is recomputed)."""
+        self.data["shards"] = {str(p.index): self.data["shards"][str(p.index)] for p in reused}
+        self.write()
+
+    def record(self, piece: Piece, entry: dict) -> None:
+        self.data["shards"][str(piece.index)] = entry
+        self.data["shards"] = dict(sorted(self.data["shards"].items(), key=lambda kv: int(kv[0])))
+        self.write()
+
+    def write(self) -> None:
+        write_json(self.out_dir / MANIFEST_NAME, self.data, sort_keys=True)
+
+
+def _prepare(job: _ShardJob, manifest: _ShardManifest, reused: list[Piece], todo: list[Piece]) -> None:
+    """Before sampling: the manifest lists only verified shards, a stale merge goes, and the PNG directory holds
+    no sample beyond N and every PNG of a reused shard."""
+    manifest.keep(reused)
+    if todo:
+        (job.out_dir / MERGED_NAME).unlink(missing_ok=True)  # it would no longer match the shards
+    if job.png_dir is None:
+        return
+    job.png_dir.mkdir(parents=True, exist_ok=True)
+    for p in job.png_dir.glob("*.png"):  # left by an earlier, larger run
+        if not p.stem.isdigit() or int(p.stem) >= job.run["num_samples"]:
+            p.unlink()
+    for piece in reused:
+        _ensure_pngs(job.out_dir, job.png_dir, piece)
+
+
+def sample_to_shards(
+    model_dir: str | Path, out_dir: str | Path, spec: SampleSpec, how: SamplingRun, png_dir: str | Path | None = None
+) -> dict:
+    """Sample `spec.num_samples` images from the UViT in `model_dir` into resumable shards in `out_dir`.
+
+    how.num_workers > 1 starts Ray (ray.init(num_cpus=num_workers) unless it is already initialised; it is
+    left running). png_dir: also write each sample as png_dir/{i:06d}.png (stale ones beyond N are removed).
+    Returns a summary: shards computed and reused, seconds, images/s, manifest path.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = Workers(how.num_workers, how.use_gpu)
+    run = _run_parameters(model_dir, spec)
+    remove_temps(out_dir, "samples-*.npz")  # left by an interrupted run
+    manifest = _ShardManifest(out_dir, run, len(shard_ranges(spec.num_samples, spec.shard_size)))
+    job = _ShardJob(
+        out_dir, run, how.batch_size, spec.captions, spec.decoder, None if png_dir is None else Path(png_dir)
     )
 
-    def finished(k: int, entry: dict) -> None:
-        nonlocal new_images
-        manifest["shards"][str(k)] = entry
-        manifest["shards"] = dict(sorted(manifest["shards"].items(), key=lambda kv: int(kv[0])))
-        write_json(out_dir / MANIFEST_NAME, manifest, sort_keys=True)
-        new_images += entry["count"]
-        bar.update(entry["count"])
-        bar.set_postfix(img_per_s=f"{new_images / max(time.perf_counter() - t0, 1e-9):.1f}", refresh=False)
+    def local():
+        model = UViT.from_pretrained(model_dir, device=how.device)
+        return lambda piece: _sample_shard(model, job, piece, how.device)
 
-    try:
-        if todo and num_workers == 1:
-            model = UViT.from_pretrained(model_dir, device=device)
-            for k in todo:
-                start, count = ranges[k]
-                finished(
-                    k,
-                    _sample_shard(model, out_dir, k, start, count, run, batch_size, device, captions, decoder, png_dir),
-                )
-        elif todo:
-            import ray
-
-            init_ray_for_tasks(num_workers, use_gpu)
-            task = ray.remote(_shard_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)
-            dev = "cuda" if use_gpu else "cpu"
-            pending = {
-                task.remote(
-                    str(model_dir),
-                    str(out_dir),
-                    k,
-                    *ranges[k],
-                    run,
-                    batch_size,
-                    dev,
-                    1,
-                    captions,
-                    decoder,
-                    None if png_dir is None else str(png_dir),
-                ): k
-                for k in todo
-            }
-            for_each_completed(pending, lambda k, result: finished(*result))
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+    work = ShardedWork(
+        total=spec.num_samples,
+        piece_size=spec.shard_size,
+        verified=manifest.verified,
+        local=local,
+        remote=RemoteTask(_sample_shard_remote, lambda: (str(model_dir), job)),
+        prepare=functools.partial(_prepare, job, manifest),
+        finished=manifest.record,
+        progress=Progress(f"sample {spec.sampler} x{spec.steps}", "img", how.progress),
+    )
+    done = run_sharded(work, workers)
     return {
         "out_dir": str(out_dir),
         "manifest": str(out_dir / MANIFEST_NAME),
-        "num_samples": num_samples,
-        "num_shards": len(ranges),
-        "computed": todo,
-        "reused": done,
-        "seconds": seconds,
-        "images_per_s": new_images / seconds if new_images else 0.0,
+        "num_samples": spec.num_samples,
+        "num_shards": len(done.pieces),
+        "computed": done.computed,
+        "reused": done.reused,
+        "seconds": done.seconds,
+        "images_per_s": done.rows_computed / done.seconds if done.rows_computed else 0.0,
         "model_sha256": run["model_sha256"],
     }
 

@@ -33,18 +33,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from uvit.data.shards import DataIntegrityError
 
 __all__ = [
+    "AUTO",
     "BACKOFF_S",
     "BadSourceError",
     "ChecksumMismatch",
     "DiskFullError",
     "DownloadError",
     "RETRIES",
+    "SourceInput",
     "TIMEOUT_S",
     "default_download_dir",
     "fetch",
@@ -59,6 +62,7 @@ BACKOFF_S = 2.0  # sleep BACKOFF_S * 2**attempt between attempts
 TIMEOUT_S = 60.0  # socket timeout of one HTTP request / read
 _HASH_BLOCK = 1 << 22
 _REMOTE_SCHEMES = ("http://", "https://", "s3://")
+AUTO = "auto"  # SourceInput.md5: the source's official MD5 for its official archive
 
 
 class BadSourceError(DataIntegrityError, ValueError):
@@ -104,6 +108,33 @@ def default_download_dir() -> Path:
 
 def is_remote(url_or_path: str | os.PathLike) -> bool:
     return str(url_or_path).startswith(_REMOTE_SCHEMES)
+
+
+@dataclass(frozen=True)
+class SourceInput:
+    """Where a dataset source's input comes from, the same for every source.
+
+    ``root``: a local folder or archive, or an ``http(s)://`` / ``s3://`` URL (None: the official
+    download, where the source has one). ``download_dir``: where fetched and extracted files go
+    (None: :func:`default_download_dir`). ``md5`` / ``sha256``: the digests the archive must have;
+    ``md5="auto"`` means the source's official MD5 for its official archive unless a ``sha256`` is
+    declared (a copy of your own passes with its ``sha256``), None no MD5.
+    """
+
+    root: str | os.PathLike | None = None
+    download_dir: str | os.PathLike | None = None
+    md5: str | None = AUTO
+    sha256: str | None = None
+
+    def downloads(self) -> Path:
+        """The folder for fetched files."""
+        return Path(self.download_dir) if self.download_dir is not None else default_download_dir()
+
+    def md5_for(self, official: str | None) -> str | None:
+        """The MD5 to check, given the source's ``official`` one for this file (None: it has none)."""
+        if self.md5 != AUTO:
+            return self.md5
+        return official if self.sha256 is None else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -34,11 +35,16 @@ __all__ = [
     "BadImageError",
     "CELEBA_ALIGNED_SIZE",
     "CELEBA_CROP_BOX",
+    "Crop",
+    "PrepareOptions",
     "PreprocessResult",
+    "SplitFiles",
+    "adm_crop",
     "celeba_crop",
     "check_splits_absent",
     "center_crop_arr",
     "coco_crop",
+    "count_upsampled",
     "ensure_free_space",
     "load_rgb",
     "preprocess_images",
@@ -154,6 +160,17 @@ def celeba_crop(pil_image: Image.Image, size: int = 64) -> np.ndarray:
     return np.asarray(img)
 
 
+def adm_crop(resolution: int) -> "Crop":
+    """:func:`center_crop_arr` at ``resolution`` (ImageNet, image folders): rows (3, R, R)."""
+    return Crop(functools.partial(center_crop_arr, image_size=resolution), (3, resolution, resolution))
+
+
+def count_upsampled(resolution: int) -> Callable[["PreprocessResult"], dict]:
+    """A ``meta_fn`` for :func:`write_image_split`: ``num_upsampled``, the kept images whose short
+    side is below ``resolution`` (ADM's crop upsamples them)."""
+    return lambda res: {"num_upsampled": int((res.sizes.min(axis=1) < resolution).sum())}
+
+
 def coco_crop(pil_image: Image.Image, size: int = 256) -> np.ndarray:
     """U-ViT's ``center_crop`` (``datasets.py``): centre square of side min(H, W) by array
     indexing, then PIL LANCZOS resize to size x size."""
@@ -182,32 +199,56 @@ class PreprocessResult:
     bad: list[dict[str, str]] = field(default_factory=list)
 
 
-def _work_one(path: str, transform: Callable[[Image.Image], np.ndarray],
-              min_size: tuple[int, int] | None, shape: tuple[int, int, int]):
+@dataclass(frozen=True)
+class Crop:
+    """How one image file becomes one row: ``transform`` (PIL RGB -> HWC uint8; picklable, i.e. a
+    module-level function or a ``functools.partial`` of one, for worker processes), ``shape`` the
+    (C, H, W) of the row it gives, and ``min_size`` the smallest (width, height) it accepts."""
+
+    transform: Callable[[Image.Image], np.ndarray]
+    shape: tuple[int, int, int]
+    min_size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How a source writes its splits, the same for every source: ``shard_size`` rows per shard,
+    ``overwrite`` an existing split, ``skip_bad`` (leave an unusable image out and list it in the
+    manifest instead of failing), ``num_workers`` decoding processes (0: this one), ``progress``
+    bars."""
+
+    shard_size: int = 50_000
+    overwrite: bool = False
+    skip_bad: bool = False
+    num_workers: int = 0
+    progress: bool = True
+
+
+def _work_one(path: str, crop: Crop):
     """-> (CHW uint8 array, (w, h), None) or (None, None, error message)."""
     try:
-        with load_rgb(path, min_size=min_size) as im:
+        with load_rgb(path, min_size=crop.min_size) as im:
             size = im.size
-            arr = np.asarray(transform(im))
+            arr = np.asarray(crop.transform(im))
     except BadImageError as e:
         msg = str(e)
         return None, None, msg if str(path) in msg else f"{path}: {msg}"
-    if arr.dtype != np.uint8 or arr.shape != (shape[1], shape[2], shape[0]):
+    c, h, w = crop.shape
+    if arr.dtype != np.uint8 or arr.shape != (h, w, c):
         raise ValueError(f"{path}: the transform returned {arr.dtype} {arr.shape}, expected uint8 "
-                         f"HWC {(shape[1], shape[2], shape[0])}")
+                         f"HWC {(h, w, c)}")
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), size, None
 
 
-def _work_batch(paths: list[str], transform, min_size, shape):
-    return [_work_one(p, transform, min_size, shape) for p in paths]
+def _work_batch(paths: list[str], crop: Crop):
+    return [_work_one(p, crop) for p in paths]
 
 
-def _results(paths: Sequence[str], transform, min_size, shape, num_workers: int,
-             batch: int) -> Iterator[tuple]:
+def _results(paths: Sequence[str], crop: Crop, num_workers: int, batch: int) -> Iterator[tuple]:
     """Results of ``_work_one`` for every path, in input order."""
     if num_workers <= 0:
         for p in paths:
-            yield _work_one(p, transform, min_size, shape)
+            yield _work_one(p, crop)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -220,7 +261,7 @@ def _results(paths: Sequence[str], transform, min_size, shape, num_workers: int,
         it = iter(batches)
         window = 2 * num_workers  # bounded look-ahead: finished rows do not pile up in memory
         for b in it:
-            pending.append(ex.submit(_work_batch, b, transform, min_size, shape))
+            pending.append(ex.submit(_work_batch, b, crop))
             if len(pending) >= window:
                 break
         while pending:
@@ -228,59 +269,57 @@ def _results(paths: Sequence[str], transform, min_size, shape, num_workers: int,
             yield from fut.result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(ex.submit(_work_batch, nxt, transform, min_size, shape))
+                pending.append(ex.submit(_work_batch, nxt, crop))
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+def _relative_name(path: str, root: Path | None) -> str:
+    """``path`` relative to ``root`` (POSIX), or as given when it is not below it."""
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            return Path(path).relative_to(root).as_posix()
+    return str(path)
+
+
 def preprocess_images(
     paths: Sequence[str | Path],
-    transform: Callable[[Image.Image], np.ndarray],
+    crop: Crop,
     out: np.ndarray,
+    options: PrepareOptions = PrepareOptions(),
     *,
-    min_size: tuple[int, int] | None = None,
-    skip_bad: bool = False,
-    num_workers: int = 0,
     root: str | Path | None = None,
     desc: str = "images",
-    progress: bool = True,
     batch: int = 64,
 ) -> PreprocessResult:
-    """Decode each path with :func:`load_rgb`, apply ``transform`` (PIL RGB -> HWC uint8) and
-    write the rows, CHW, to ``out[0], out[1], ...`` (``out``: uint8 (len(paths), C, H, W)).
+    """Decode each path with :func:`load_rgb`, apply ``crop.transform`` and write the rows, CHW,
+    to ``out[0], out[1], ...`` (``out``: uint8 (len(paths), *crop.shape) or more rows).
 
-    A bad file raises :class:`BadImageError`, or with ``skip_bad`` is left out (later rows move
-    up) and listed in the result, its name relative to ``root`` when given. ``num_workers > 0``
-    decodes in that many spawned processes (``transform`` must then be picklable: a module-level
-    function or a ``functools.partial`` of one).
+    A bad file raises :class:`BadImageError`, or with ``options.skip_bad`` is left out (later rows
+    move up) and listed in the result, its name relative to ``root`` when given.
+    ``options.num_workers > 0`` decodes in that many spawned processes, ``batch`` files per task.
+    Only ``skip_bad``, ``num_workers`` and ``progress`` of ``options`` apply here.
     """
     from tqdm.auto import tqdm
 
     n = len(paths)
-    if out.dtype != np.uint8 or out.ndim != 4 or out.shape[0] < n:
-        raise ValueError(f"out must be uint8 (N>={n}, C, H, W), got {out.dtype} {out.shape}")
-    shape = tuple(int(s) for s in out.shape[1:])
+    if out.dtype != np.uint8 or out.ndim != 4 or out.shape[0] < n or tuple(out.shape[1:]) != tuple(crop.shape):
+        raise ValueError(f"out must be uint8 (N>={n}, {', '.join(map(str, crop.shape))}), got {out.dtype} "
+                         f"{out.shape}")
     kept: list[int] = []
     sizes: list[tuple[int, int]] = []
     bad: list[dict[str, str]] = []
     root = Path(root) if root is not None else None
-
-    def rel(p: str | Path) -> str:
-        if root is not None:
-            with contextlib.suppress(ValueError):
-                return Path(p).relative_to(root).as_posix()
-        return str(p)
-
     strpaths = [str(p) for p in paths]
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        results = _results(strpaths, transform, min_size, shape, num_workers, batch)
+    with tqdm(total=n, desc=desc, unit="img", disable=not options.progress, leave=False) as bar:
+        results = _results(strpaths, crop, options.num_workers, batch)
         try:
             for i, (arr, size, err) in enumerate(results):
                 bar.update(1)
                 if err is not None:
-                    if not skip_bad:
+                    if not options.skip_bad:
                         raise BadImageError(err, strpaths[i])
-                    bad.append({"file": rel(strpaths[i]), "error": err})
+                    bad.append({"file": _relative_name(strpaths[i], root), "error": err})
                     continue
                 out[len(kept)] = arr
                 kept.append(i)
@@ -333,73 +372,87 @@ def check_splits_absent(out_dir: str | Path, splits: Sequence[str], overwrite: b
 
 
 
+@dataclass(frozen=True)
+class SplitFiles:
+    """The image files of one split and what goes with them: ``name``/``split`` of the manifest,
+    ``paths`` (one row each), ``files_root`` (skipped files are listed relative to it), ``extra``
+    fields with one row per path (labels, ids, ...) and the source's ``meta``."""
+
+    name: str
+    split: str
+    paths: Sequence[str | Path]
+    files_root: str | Path | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+def _mirror_rows(arr: np.ndarray, k: int) -> None:
+    """Rows [k, 2k) of ``arr`` (uint8 (>=2k, C, H, W)) become the horizontal mirrors of rows [0, k),
+    copied in blocks of about 64 MiB."""
+    row_bytes = int(np.prod(arr.shape[1:]))
+    step = max(1, (64 << 20) // max(row_bytes, 1))
+    for s in range(0, k, step):
+        e = min(k, s + step)
+        arr[k + s : k + e] = arr[s:e, :, :, ::-1]
+
+
+def _split_fields(arr: np.ndarray, files: SplitFiles, res: PreprocessResult, flip: bool) -> dict[str, np.ndarray]:
+    """The split's fields: the kept images (and their mirrors), the kept rows of each extra field
+    (repeated for the mirrors) and, with ``flip``, ``flipped`` uint8 0/1."""
+    n, k, copies = len(files.paths), len(res.kept), 2 if flip else 1
+    fields: dict[str, np.ndarray] = {"images": arr[: copies * k]}
+    for fname, values in files.extra.items():
+        values = np.asarray(values)
+        if len(values) != n:
+            raise ValueError(f"extra field {fname!r} has {len(values)} rows, expected {n}")
+        sel = values[res.kept]
+        fields[fname] = np.concatenate([sel] * copies) if flip else sel
+    if flip:
+        fields["flipped"] = np.repeat(np.array([0, 1], dtype=np.uint8), k)
+    return fields
+
+
 def write_image_split(
     root: str | Path,
-    paths: Sequence[str | Path],
-    transform: Callable[[Image.Image], np.ndarray],
-    image_shape: tuple[int, int, int],
+    files: SplitFiles,
+    crop: Crop,
+    options: PrepareOptions = PrepareOptions(),
     *,
-    name: str,
-    split: str,
-    extra: dict[str, np.ndarray] | None = None,
-    meta: dict | None = None,
-    meta_fn: Callable[[PreprocessResult], dict] | None = None,
     flip: bool = False,
-    min_size: tuple[int, int] | None = None,
-    skip_bad: bool = False,
-    num_workers: int = 0,
-    files_root: str | Path | None = None,
-    shard_size: int = 50_000,
-    overwrite: bool = False,
-    progress: bool = True,
-):
-    """Preprocess ``paths`` into a split at ``root`` (:func:`~uvit.data.shards.write_split`).
+    meta_fn: Callable[[PreprocessResult], dict] | None = None,
+) -> tuple:
+    """Preprocess ``files.paths`` with ``crop`` into a split at ``root``
+    (:func:`~uvit.data.shards.write_split`).
 
     Rows are decoded into a scratch memmap next to ``root`` (so the split need not fit in RAM),
-    then sharded. ``extra``: further fields, one row per input path (labels, ids, ...); rows of
-    skipped files are dropped from them too. ``flip``: rows [N, 2N) are the horizontal mirrors of
-    rows [0, N), extra fields repeat, and a uint8 field ``flipped`` (0/1) marks them. ``meta``
-    gets ``count``, ``num_skipped`` and ``skipped`` (``[{"file", "error"}]``) added, and whatever
+    then sharded. Rows of skipped files are dropped from the extra fields too. ``flip``: rows
+    [N, 2N) are the horizontal mirrors of rows [0, N), extra fields repeat, and a uint8 field
+    ``flipped`` (0/1) marks them. The manifest's meta is ``files.meta`` with ``count``,
+    ``num_skipped`` and ``skipped`` (``[{"file", "error"}]``) added, and whatever
     ``meta_fn(result)`` returns (statistics of the decoded images).
     Returns ``(manifest, PreprocessResult)``.
     """
     from uvit.data.shards import write_split
 
     root = Path(root)
-    check_splits_absent(root.parent, [root.name], overwrite)
-    n = len(paths)
+    check_splits_absent(root.parent, [root.name], options.overwrite)
+    n, what = len(files.paths), f"{files.name}/{files.split}"
     if n == 0:
-        raise BadSourceError(f"no images to write for {name}/{split}")
+        raise BadSourceError(f"no images to write for {what}")
     copies = 2 if flip else 1
-    row_bytes = int(np.prod(image_shape))
     # scratch + the shards written from it, on the same filesystem
-    ensure_free_space(root.parent, 2 * copies * n * row_bytes, f"Writing {name}/{split}")
-    with scratch_array(root.parent, (copies * n, *image_shape)) as arr:
-        res = preprocess_images(paths, transform, arr, min_size=min_size, skip_bad=skip_bad,
-                                num_workers=num_workers, root=files_root,
-                                desc=f"{name}/{split}", progress=progress)
-        k = len(res.kept)
-        if k == 0:
-            raise BadImageError(f"all {n} images of {name}/{split} are bad (skipped), nothing to "
+    ensure_free_space(root.parent, 2 * copies * n * int(np.prod(crop.shape)), f"Writing {what}")
+    with scratch_array(root.parent, (copies * n, *crop.shape)) as arr:
+        res = preprocess_images(files.paths, crop, arr, options, root=files.files_root, desc=what)
+        if len(res.kept) == 0:
+            raise BadImageError(f"all {n} images of {what} are bad (skipped), nothing to "
                                 f"write; first: {res.bad[0]['error'] if res.bad else '?'}")
         if flip:
-            step = max(1, (64 << 20) // max(row_bytes, 1))
-            for s in range(0, k, step):
-                e = min(k, s + step)
-                arr[k + s : k + e] = arr[s:e, :, :, ::-1]
-        fields: dict[str, np.ndarray] = {"images": arr[: copies * k]}
-        for fname, values in (extra or {}).items():
-            values = np.asarray(values)
-            if len(values) != n:
-                raise ValueError(f"extra field {fname!r} has {len(values)} rows, expected {n}")
-            sel = values[res.kept]
-            fields[fname] = np.concatenate([sel] * copies) if flip else sel
-        if flip:
-            fields["flipped"] = np.repeat(np.array([0, 1], dtype=np.uint8), k)
-        meta = dict(meta or {})
-        meta.update({"count": copies * k, "num_skipped": len(res.bad), "skipped": res.bad})
+            _mirror_rows(arr, len(res.kept))
+        fields = _split_fields(arr, files, res, flip)
+        meta = {**files.meta, "count": copies * len(res.kept), "num_skipped": len(res.bad), "skipped": res.bad}
         if meta_fn is not None:
             meta.update(meta_fn(res))
-        manifest = write_split(root, fields, name=name, split=split, shard_size=shard_size,
-                               meta=meta, overwrite=overwrite)
+        manifest = write_split(root, fields, name=files.name, split=files.split, shard_size=options.shard_size,
+                               meta=meta, overwrite=options.overwrite)
     return manifest, res

@@ -22,6 +22,9 @@ from uvit.data.preprocess import (
     CELEBA_ALIGNED_SIZE,
     CELEBA_CROP_BOX,
     BadImageError,
+    Crop,
+    PrepareOptions,
+    SplitFiles,
     celeba_crop,
     check_splits_absent,
     write_image_split,
@@ -100,53 +103,50 @@ def _celeba_transform(im: Image.Image, size: int) -> np.ndarray:
     return celeba_crop(im, size)
 
 
+def _split_meta(root: str | Path, partition_file: Path, split: str, size: int, listed: int) -> dict:
+    return {
+        "source": "CelebA img_align_celeba (aligned & cropped, 178x218)",
+        "root": str(root),
+        "partition_file": partition_file.name,
+        "partition": split,
+        "preprocessing": (f"crop box (left, top, right, bottom)={CELEBA_CROP_BOX} (128x128 "
+                          f"centred at x=89, y=121), PIL BILINEAR (antialiased) resize to "
+                          f"{size}x{size} = torchvision Resize({size}); flip at training"),
+        "listed": listed,
+        "expected_count": EXPECTED_COUNTS[split],
+    }
+
+
 def prepare_celeba(
     out_dir: str | Path,
     root: str | Path | None,
     *,
     splits: tuple[str, ...] = ("train",),
     size: int = 64,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    num_workers: int = 0,
-    shard_size: int = 50_000,
-    progress: bool = True,
+    options: PrepareOptions = PrepareOptions(),
 ) -> dict[str, Manifest]:
     """Write ``out_dir/<split>`` (images uint8 (N, 3, size, size)) for each split
     ("train" = partition 0, "valid" = 1, "test" = 2, "all").
 
     A missing, corrupt or wrongly sized image raises :class:`~uvit.data.preprocess.BadImageError`;
-    with ``skip_bad=True`` it is skipped and listed in the manifest's ``meta["skipped"]``.
+    with ``options.skip_bad`` it is skipped and listed in the manifest's ``meta["skipped"]``.
     """
     unknown = set(splits) - set(PARTITIONS) - {"all"}
     if unknown:
         raise ValueError(f"unknown CelebA split(s) {sorted(unknown)}; choose from "
                          f"{[*PARTITIONS, 'all']}")
     out_dir = Path(out_dir)
-    check_splits_absent(out_dir, splits, overwrite)
+    check_splits_absent(out_dir, splits, options.overwrite)
     image_dir, partition_file = find_celeba(root)
     rows = read_partition(partition_file)
-    transform = functools.partial(_celeba_transform, size=size)
+    crop = Crop(functools.partial(_celeba_transform, size=size), (3, size, size), min_size=CELEBA_ALIGNED_SIZE)
     manifests = {}
     for split in splits:
         files = [f for f, p in rows if split == "all" or p == PARTITIONS[split]]
         if not files:
             raise BadSourceError(f"{partition_file} lists no images for split {split!r}; download "
                                  f"list_eval_partition.txt again.")
-        meta = {
-            "source": "CelebA img_align_celeba (aligned & cropped, 178x218)",
-            "root": str(root),
-            "partition_file": partition_file.name,
-            "partition": split,
-            "preprocessing": (f"crop box (left, top, right, bottom)={CELEBA_CROP_BOX} (128x128 "
-                              f"centred at x=89, y=121), PIL BILINEAR (antialiased) resize to "
-                              f"{size}x{size} = torchvision Resize({size}); flip at training"),
-            "listed": len(files),
-            "expected_count": EXPECTED_COUNTS[split],
-        }
-        manifests[split], _ = write_image_split(
-            out_dir / split, [image_dir / f for f in files], transform, (3, size, size),
-            name=NAME, split=split, meta=meta, min_size=CELEBA_ALIGNED_SIZE, skip_bad=skip_bad,
-            num_workers=num_workers, files_root=image_dir, shard_size=shard_size,
-            overwrite=overwrite, progress=progress)
+        split_files = SplitFiles(NAME, split, [image_dir / f for f in files], files_root=image_dir,
+                                 meta=_split_meta(root, partition_file, split, size, len(files)))
+        manifests[split], _ = write_image_split(out_dir / split, split_files, crop, options)
     return manifests

@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import BadSourceError, default_download_dir, fetch, is_remote, verify_file
-from uvit.data.preprocess import check_splits_absent
+from uvit.data.download import BadSourceError, SourceInput, fetch, is_remote, verify_file
+from uvit.data.preprocess import PrepareOptions, check_splits_absent
 from uvit.data.shards import Manifest, write_split
 
 NAME = "cifar10"
@@ -93,13 +93,14 @@ def read_cifar10_binary(
     return out
 
 
-def _locate_archive(archive: str | Path | None, download_dir: Path, md5: str | None,
-                    sha256: str | None, url: str, progress: bool) -> Path:
+def _locate_archive(source: SourceInput, md5: str | None, url: str, progress: bool) -> Path:
+    """The local archive ``source.root`` stands for (fetched when it is None or a URL), verified."""
+    sha256, archive = source.sha256, source.root
     if archive is None:
-        return fetch(url, download_dir / ARCHIVE_NAME, md5=md5, sha256=sha256, progress=progress)
+        return fetch(url, source.downloads() / ARCHIVE_NAME, md5=md5, sha256=sha256, progress=progress)
     if is_remote(archive):
         name = PurePosixPath(str(archive).split("?")[0]).name or ARCHIVE_NAME
-        return fetch(str(archive), download_dir / name, md5=md5, sha256=sha256, progress=progress)
+        return fetch(str(archive), source.downloads() / name, md5=md5, sha256=sha256, progress=progress)
     path = Path(archive)
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR-10 archive {path} does not exist (or is not a file). Leave "
@@ -107,61 +108,66 @@ def _locate_archive(archive: str | Path | None, download_dir: Path, md5: str | N
     return verify_file(path, md5=md5, sha256=sha256) if md5 or sha256 else path
 
 
+def _check_official_counts(path: Path, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """The verified official archive: its counts are known."""
+    for split, (images, _) in data.items():
+        if len(images) != EXPECTED_COUNTS[split]:
+            raise BadSourceError(f"{path}: {split} has {len(images)} images, expected "
+                                 f"{EXPECTED_COUNTS[split]}")
+
+
+def _split_meta(source: SourceInput, url: str, path: Path, md5: str | None, split: str, count: int) -> dict:
+    return {
+        "source": str(source.root) if source.root is not None else url,
+        "archive": path.name,
+        "archive_md5": md5,
+        "md5_verified": md5 is not None,
+        "archive_sha256": source.sha256,
+        "sha256_verified": source.sha256 is not None,
+        "files": list(SPLIT_FILES[split]),
+        "num_classes": NUM_CLASSES,
+        "classes": list(CLASSES),
+        "preprocessing": "none: the binary records' uint8 CHW pixels as stored; U-ViT's "
+                         "ToTensor/Normalize(0.5, 0.5)/RandomHorizontalFlip happen at training",
+        "count": int(count),
+        "expected_count": EXPECTED_COUNTS[split],
+    }
+
+
 def prepare_cifar10(
     out_dir: str | Path,
-    archive: str | Path | None = None,
-    download_dir: str | Path | None = None,
-    overwrite: bool = False,
+    source: SourceInput = SourceInput(),
     *,
-    md5: str | None = MD5,
-    sha256: str | None = None,
-    url: str = URL,
     splits: tuple[str, ...] = ("train", "test"),
-    shard_size: int = 50_000,
-    progress: bool = True,
+    options: PrepareOptions = PrepareOptions(),
+    url: str = URL,
 ) -> dict[str, Manifest]:
     """Write ``out_dir/train`` (50k) and ``out_dir/test`` (10k): images uint8 (N, 3, 32, 32),
     labels int64.
 
-    ``archive``: None downloads ``url`` into ``download_dir`` (default
-    :func:`~uvit.data.download.default_download_dir`) with :func:`~uvit.data.download.fetch`
-    (resumable; skipped when the verified file is already there); an ``http(s)://`` / ``s3://`` URL
-    is fetched the same way; a local path is read in place. The archive's MD5 must be ``md5``
-    (the official one by default) and its SHA-256 ``sha256`` when given: a copy of your own (a
-    subset, a miniature) passes with ``md5=None, sha256=<its digest>``; only ``md5=None`` without
-    ``sha256`` skips the check (test fixtures).
+    ``source.root`` (the archive): None downloads ``url`` into ``source.download_dir`` with
+    :func:`~uvit.data.download.fetch` (resumable; skipped when the verified file is already
+    there); an ``http(s)://`` / ``s3://`` URL is fetched the same way; a local path is read in
+    place. The archive's MD5 must be ``source.md5`` (``"auto"``: the official one unless a
+    ``sha256`` is declared) and its SHA-256 ``source.sha256`` when given: a copy of your own (a
+    subset, a miniature) passes with its ``sha256``; only ``md5=None`` without ``sha256`` skips
+    the check (test fixtures). Of ``options`` only ``shard_size``, ``overwrite`` and ``progress``
+    apply (nothing is decoded).
     """
     unknown = set(splits) - set(SPLIT_FILES)
     if unknown:
         raise ValueError(f"unknown CIFAR-10 split(s) {sorted(unknown)}; choose from {list(SPLIT_FILES)}")
     out_dir = Path(out_dir)
-    check_splits_absent(out_dir, splits, overwrite)
-    download_dir = Path(download_dir) if download_dir is not None else default_download_dir()
-    path = _locate_archive(archive, download_dir, md5, sha256, url, progress)
+    check_splits_absent(out_dir, splits, options.overwrite)
+    md5 = source.md5_for(MD5)
+    path = _locate_archive(source, md5, url, options.progress)
     data = read_cifar10_binary(path, splits)
-    if md5 == MD5:  # the verified official archive: its counts are known
-        for split, (images, _) in data.items():
-            if len(images) != EXPECTED_COUNTS[split]:
-                raise BadSourceError(f"{path}: {split} has {len(images)} images, expected "
-                                 f"{EXPECTED_COUNTS[split]}")
+    if md5 == MD5:
+        _check_official_counts(path, data)
     manifests = {}
     for split, (images, labels) in data.items():
-        meta = {
-            "source": str(archive) if archive is not None else url,
-            "archive": path.name,
-            "archive_md5": md5,
-            "md5_verified": md5 is not None,
-            "archive_sha256": sha256,
-            "sha256_verified": sha256 is not None,
-            "files": list(SPLIT_FILES[split]),
-            "num_classes": NUM_CLASSES,
-            "classes": list(CLASSES),
-            "preprocessing": "none: the binary records' uint8 CHW pixels as stored; U-ViT's "
-                             "ToTensor/Normalize(0.5, 0.5)/RandomHorizontalFlip happen at training",
-            "count": int(len(images)),
-            "expected_count": EXPECTED_COUNTS[split],
-        }
+        meta = _split_meta(source, url, path, md5, split, len(images))
         manifests[split] = write_split(out_dir / split, {"images": images, "labels": labels},
-                                       name=NAME, split=split, shard_size=shard_size, meta=meta,
-                                       overwrite=overwrite)
+                                       name=NAME, split=split, shard_size=options.shard_size, meta=meta,
+                                       overwrite=options.overwrite)
     return manifests

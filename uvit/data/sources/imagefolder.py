@@ -21,19 +21,26 @@ stage writes its splits into a scratch folder first, so nothing is half-written.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
 import tarfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import BadSourceError, fetch, is_remote, s3_endpoint_url, verify_file
-from uvit.data.preprocess import center_crop_arr, check_splits_absent, write_image_split
+from uvit.data.download import BadSourceError, SourceInput, fetch, is_remote, s3_endpoint_url, verify_file
+from uvit.data.preprocess import (
+    PrepareOptions,
+    SplitFiles,
+    adm_crop,
+    check_splits_absent,
+    count_upsampled,
+    write_image_split,
+)
 from uvit.data.shards import Manifest
 from uvit.fileio import read_json_or_none, write_json
 
@@ -143,10 +150,12 @@ def _download_prefix(url: str, dest: Path, progress: bool) -> Path:
     return dest
 
 
-def locate(root: str | Path, download_dir: Path, *, sha256: str | None = None, md5: str | None = None,
-           progress: bool = True) -> Path:
-    """The local folder ``root`` stands for (see the module docstring); a tar is checked against
-    ``sha256`` / ``md5`` when given, on every call. A folder or prefix takes no checksum."""
+def locate(source: SourceInput, progress: bool = True) -> Path:
+    """The local folder ``source.root`` stands for (see the module docstring); a tar is checked
+    against ``source.sha256`` / ``source.md5`` when given, on every call. A folder or prefix takes
+    no checksum. Fetched and extracted files go to ``source.download_dir``."""
+    root, download_dir = source.root, source.downloads()
+    sha256, md5 = source.sha256, source.md5_for(None)  # no official archive
     root_s = str(root)
     name = PurePosixPath(root_s.split("?")[0].rstrip("/")).name
     if not root_s:
@@ -246,29 +255,17 @@ def _split_folders(base: Path) -> dict[str, Path] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_imagefolder(
-    out_dir: str | Path,
-    root: str | Path,
-    resolution: int,
-    *,
-    download_dir: str | Path,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    store_flips: bool = False,
-    skip_bad: bool = False,
-    sha256: str | None = None,
-    md5: str | None = None,
-    shard_size: int = 50_000,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Manifest]:
-    """Write ``out_dir/train`` and ``out_dir/test``: images uint8 (N, 3, resolution, resolution),
-    ``labels`` int64 when the folder has classes (plus ``flipped`` with ``store_flips``)."""
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1, got {resolution}")
-    out_dir = Path(out_dir)
-    check_splits_absent(out_dir, ("train", "test"), overwrite)
-    base = locate(root, Path(download_dir), sha256=sha256, md5=md5, progress=progress)
+@dataclass(frozen=True)
+class _Split:
+    """One split's image paths, labels (None: unlabelled) and the folder they are listed under."""
+
+    paths: list[Path]
+    labels: np.ndarray | None
+    files_root: Path
+
+
+def _read_splits(base: Path, test_fraction: float, seed: int) -> tuple[dict[str, _Split], list[str], str]:
+    """({"train", "test"}: split}, class names, how the split was made) of the folder ``base``."""
     folders = _split_folders(base)
     if folders is not None:
         train_paths, train_labels, classes = list_images(folders["train"])
@@ -276,36 +273,59 @@ def prepare_imagefolder(
         if (train_labels is None) != (test_labels is None):
             raise BadSourceError(f"{folders['train']} and {folders['test']} differ in layout: both class "
                                  "sub-folders or both flat")
-        splits = {"train": (train_paths, train_labels, folders["train"]),
-                  "test": (test_paths, test_labels, folders["test"])}
-        rule = "the train/ and test/ folders"
-    else:
-        paths, labels, classes = list_images(base)
-        tr, te = split_files(labels, len(paths), test_fraction, seed)
-        if len(te) == 0:
-            raise BadSourceError(f"{base}: {len(paths)} image(s) leave none for the test split; add images")
-        splits = {"train": ([paths[i] for i in tr], None if labels is None else labels[tr], base),
-                  "test": ([paths[i] for i in te], None if labels is None else labels[te], base)}
-        rule = f"per class, a seeded shuffle (seed {seed}) with test_fraction {test_fraction}"
-    transform = functools.partial(center_crop_arr, image_size=resolution)
+        splits = {"train": _Split(train_paths, train_labels, folders["train"]),
+                  "test": _Split(test_paths, test_labels, folders["test"])}
+        return splits, classes, "the train/ and test/ folders"
+    paths, labels, classes = list_images(base)
+    tr, te = split_files(labels, len(paths), test_fraction, seed)
+    if len(te) == 0:
+        raise BadSourceError(f"{base}: {len(paths)} image(s) leave none for the test split; add images")
+    splits = {"train": _Split([paths[i] for i in tr], None if labels is None else labels[tr], base),
+              "test": _Split([paths[i] for i in te], None if labels is None else labels[te], base)}
+    return splits, classes, f"per class, a seeded shuffle (seed {seed}) with test_fraction {test_fraction}"
+
+
+def _split_meta(root, split: str, classes: list[str], rule: str, resolution: int, store_flips: bool,
+                listed: int) -> dict:
+    return {
+        "source": f"imagefolder {split}",
+        "root": str(root),
+        "num_classes": len(classes),
+        "classes": classes,
+        "label_rule": ("index of the class folder name in the sorted class folder names" if classes
+                       else "none: a flat folder (unconditional)"),
+        "split_rule": rule,
+        "preprocessing": f"ADM center_crop_arr({resolution})",
+        "flip": {"stored": bool(store_flips)},
+        "listed": listed,
+    }
+
+
+def prepare_imagefolder(
+    out_dir: str | Path,
+    source: SourceInput,
+    resolution: int,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    store_flips: bool = False,
+    options: PrepareOptions = PrepareOptions(),
+) -> dict[str, Manifest]:
+    """Write ``out_dir/train`` and ``out_dir/test``: images uint8 (N, 3, resolution, resolution),
+    ``labels`` int64 when the folder has classes (plus ``flipped`` with ``store_flips``).
+    ``source``: see :func:`locate`."""
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    out_dir = Path(out_dir)
+    check_splits_absent(out_dir, ("train", "test"), options.overwrite)
+    base = locate(source, progress=options.progress)
+    splits, classes, rule = _read_splits(base, test_fraction, seed)
+    crop = adm_crop(resolution)
     manifests = {}
-    for split, (paths, labels, files_root) in splits.items():
-        meta = {
-            "source": f"imagefolder {split}",
-            "root": str(root),
-            "num_classes": len(classes),
-            "classes": classes,
-            "label_rule": ("index of the class folder name in the sorted class folder names" if classes
-                           else "none: a flat folder (unconditional)"),
-            "split_rule": rule,
-            "preprocessing": f"ADM center_crop_arr({resolution})",
-            "flip": {"stored": bool(store_flips)},
-            "listed": len(paths),
-        }
-        extra = {"labels": labels} if labels is not None else None
-        manifests[split], _ = write_image_split(
-            out_dir / split, paths, transform, (3, resolution, resolution), name="imagefolder", split=split,
-            extra=extra, meta=meta, flip=store_flips, skip_bad=skip_bad, files_root=files_root,
-            meta_fn=lambda r: {"num_upsampled": int((r.sizes.min(axis=1) < resolution).sum())},
-            shard_size=shard_size, overwrite=overwrite, progress=progress)
+    for split, s in splits.items():
+        meta = _split_meta(source.root, split, classes, rule, resolution, store_flips, len(s.paths))
+        extra = {"labels": s.labels} if s.labels is not None else {}
+        files = SplitFiles("imagefolder", split, s.paths, files_root=s.files_root, extra=extra, meta=meta)
+        manifests[split], _ = write_image_split(out_dir / split, files, crop, options, flip=store_flips,
+                                                meta_fn=count_upsampled(resolution))
     return manifests

@@ -39,16 +39,15 @@ __all__ = [
     "PrepareOptions",
     "PreprocessResult",
     "SplitFiles",
-    "adm_crop",
     "celeba_crop",
     "check_splits_absent",
     "center_crop_arr",
     "coco_crop",
-    "count_upsampled",
     "ensure_free_space",
     "load_rgb",
     "preprocess_images",
     "scratch_array",
+    "write_adm_split",
     "write_image_split",
 ]
 
@@ -158,17 +157,6 @@ def celeba_crop(pil_image: Image.Image, size: int = 64) -> np.ndarray:
                             f"{CELEBA_ALIGNED_SIZE[0]}x{CELEBA_ALIGNED_SIZE[1]}). {_SKIP_HINT}")
     img = pil_image.crop(CELEBA_CROP_BOX).resize((size, size), resample=Image.BILINEAR)
     return np.asarray(img)
-
-
-def adm_crop(resolution: int) -> "Crop":
-    """:func:`center_crop_arr` at ``resolution`` (ImageNet, image folders): rows (3, R, R)."""
-    return Crop(functools.partial(center_crop_arr, image_size=resolution), (3, resolution, resolution))
-
-
-def count_upsampled(resolution: int) -> Callable[["PreprocessResult"], dict]:
-    """A ``meta_fn`` for :func:`write_image_split`: ``num_upsampled``, the kept images whose short
-    side is below ``resolution`` (ADM's crop upsamples them)."""
-    return lambda res: {"num_upsampled": int((res.sizes.min(axis=1) < resolution).sum())}
 
 
 def coco_crop(pil_image: Image.Image, size: int = 256) -> np.ndarray:
@@ -456,3 +444,14 @@ def write_image_split(
         manifest = write_split(root, fields, name=files.name, split=files.split, shard_size=options.shard_size,
                                meta=meta, overwrite=options.overwrite)
     return manifest, res
+
+
+def write_adm_split(
+    root: str | Path, files: SplitFiles, resolution: int, options: PrepareOptions = PrepareOptions(), *, flip: bool = False
+) -> tuple:
+    """:func:`write_image_split` with ADM's :func:`center_crop_arr` at ``resolution`` (rows
+    (3, R, R); ImageNet and image folders). ``meta["num_upsampled"]`` counts the kept images whose
+    short side is below ``resolution`` (the crop upsamples them)."""
+    crop = Crop(functools.partial(center_crop_arr, image_size=resolution), (3, resolution, resolution))
+    return write_image_split(root, files, crop, options, flip=flip,
+                             meta_fn=lambda res: {"num_upsampled": int((res.sizes.min(axis=1) < resolution).sum())})

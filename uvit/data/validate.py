@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "ValidationFailed",
     "ValidationReport",
     "image_split_frames",
+    "open_split",
     "require_valid",
     "validate_image_split",
 ]
@@ -137,6 +139,23 @@ def verify_checksums(root: Path) -> tuple[Manifest | None, ExpectationOutcome]:
         return None, ExpectationOutcome("checksums", False, str(e))
     files = sum(len(s.files) for s in manifest.shards)
     return manifest, ExpectationOutcome("checksums", True, f"{files} files match the manifest")
+
+
+def open_split(root: Path, needed: Sequence[str], kind: str = "") -> tuple[Manifest | None, str, list]:
+    """The first checks of every suite: the checksums of the split at ``root``, then whether it
+    has the ``needed`` fields. Returns (manifest, artifact name, outcomes so far); the manifest is
+    None when a check failed, and the suite then reports only these outcomes. ``kind`` ("latents",
+    "captions") ends the artifact name."""
+    manifest, checksums = verify_checksums(root)
+    if manifest is None:
+        return None, str(root), [checksums]
+    artifact = f"{root} ({manifest.name}/{manifest.split}{' ' + kind if kind else ''})"
+    missing = [f for f in needed if f not in manifest.fields]
+    if missing:
+        fields = ExpectationOutcome("fields present", False,
+                                    f"missing field(s) {missing}; split has {sorted(manifest.fields)}")
+        return None, artifact, [checksums, fields]
+    return manifest, artifact, [checksums]
 
 
 def require_valid(report: ValidationReport) -> None:
@@ -329,18 +348,9 @@ def validate_image_split(
     and the suites being run (None: only when stderr is a terminal; False: never).
     """
     root = Path(root)
-    manifest, checksums = verify_checksums(root)
-    if manifest is None:
-        return ValidationReport(str(root), False, [checksums])
-    artifact = f"{root} ({manifest.name}/{manifest.split})"
-    outcomes = [checksums]
-
     needed = (image_field, label_field) if expectations.num_classes else (image_field,)
-    missing = [f for f in needed if f not in manifest.fields]
-    if missing:
-        outcomes.append(ExpectationOutcome(
-            "fields present", False,
-            f"missing field(s) {missing}; split has {sorted(manifest.fields)}"))
+    manifest, artifact, outcomes = open_split(root, needed)
+    if manifest is None:
         return ValidationReport(artifact, False, outcomes)
 
     ds = ShardedArrays(root)

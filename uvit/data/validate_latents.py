@@ -11,7 +11,7 @@ failure into :class:`~uvit.data.validate.ValidationFailed`).
 
 * rows: the row count equals the source image split's (×2 with flips); every row's moments are
   finite; labels (when ``num_classes > 0``) lie in [0, K−1] and every class occurs;
-* scale: on ``stats_rows`` evenly spaced rows the latents the model trains on,
+* scale: on ``scale_check.rows`` evenly spaced rows the latents the model trains on,
   z = scale·(mean + σ·ε) (ε seeded), must have std ≈ 1 over all channels
   (``1 ± overall_std_tolerance``), per-channel std within ``1 ± std_tolerance`` and per-channel
   |mean| ≤ ``max_abs_channel_mean``. That is what a scale factor means (0.18215 / 0.23010 ≈
@@ -31,7 +31,7 @@ counted (they are truncated when encoded) and fail only above ``max_truncated_sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,12 @@ from uvit.data.validate import (
     ExpectationOutcome,
     ValidationReport,
     _run_suites,  # the shared GE runner (same package)
-    verify_checksums,
+    open_split,
 )
 
 __all__ = [
     "CaptionSplitExpectations",
+    "LatentScaleCheck",
     "LatentSplitExpectations",
     "latent_statistics",
     "validate_caption_split",
@@ -54,6 +55,26 @@ __all__ = [
 ]
 
 _ROW_BLOCK = 2048  # rows per block when scanning a shard
+
+
+@dataclass(frozen=True)
+class LatentScaleCheck:
+    """The scale check, on ``rows`` evenly spaced rows with the noise ε seeded by ``seed``: the std
+    of z over all channels within 1 ± ``overall_std_tolerance``, each channel's within
+    1 ± ``std_tolerance``, and each channel's |mean| at most ``max_abs_channel_mean``."""
+
+    overall_std_tolerance: float = 0.25
+    std_tolerance: float = 0.5
+    max_abs_channel_mean: float = 1.0
+    rows: int = 10_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("overall_std_tolerance", "std_tolerance", "max_abs_channel_mean"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.rows < 1:
+            raise ValueError(f"rows must be >= 1, got {self.rows}")
 
 
 @dataclass(frozen=True)
@@ -71,22 +92,13 @@ class LatentSplitExpectations:
     flip: bool | None = None
     num_classes: int = 0
     latent_channels: int = 4
-    overall_std_tolerance: float = 0.25
-    std_tolerance: float = 0.5
-    max_abs_channel_mean: float = 1.0
-    stats_rows: int = 10_000
-    seed: int = 0
+    scale_check: LatentScaleCheck = field(default_factory=LatentScaleCheck)
 
     def __post_init__(self) -> None:
         if self.scale_factor is not None and not self.scale_factor > 0:
             raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
-        for name in ("overall_std_tolerance", "std_tolerance", "max_abs_channel_mean"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.stats_rows < 1:
-            raise ValueError(f"stats_rows must be >= 1, got {self.stats_rows}")
 
 
 @dataclass(frozen=True)
@@ -144,16 +156,23 @@ def latent_statistics(ds: ShardedArrays, scale: float, *, rows: int = 10_000, se
     }
 
 
+def _finite_rows(values: np.ndarray) -> np.ndarray:
+    """bool (N,): whether every value of each row of ``values`` (one shard's field, (N, ...), often
+    memory-mapped) is finite, read ``_ROW_BLOCK`` rows at a time."""
+    n = len(values)
+    finite = np.empty(n, dtype=bool)
+    for s in range(0, n, _ROW_BLOCK):
+        block = np.asarray(values[s : s + _ROW_BLOCK]).reshape(min(_ROW_BLOCK, n - s), -1)
+        finite[s : s + len(block)] = np.isfinite(block).all(axis=1)
+    return finite
+
+
 def _latent_row_frame(ds: ShardedArrays, label_field: str | None):
     import pandas as pd
 
     parts, offset = [], 0
     for k, entry in enumerate(ds.manifest.shards):
-        moments = ds.shard("moments", k)
-        finite = np.empty(entry.count, dtype=bool)
-        for s in range(0, entry.count, _ROW_BLOCK):
-            block = np.asarray(moments[s:s + _ROW_BLOCK]).reshape(min(_ROW_BLOCK, entry.count - s), -1)
-            finite[s:s + len(block)] = np.isfinite(block).all(axis=1)
+        finite = _finite_rows(ds.shard("moments", k))
         cols = {"row": np.arange(offset, offset + entry.count, dtype=np.int64), "all_finite": finite}
         if label_field:
             cols["label"] = np.asarray(ds.shard(label_field, k)).astype(np.int64)
@@ -164,6 +183,116 @@ def _latent_row_frame(ds: ShardedArrays, label_field: str | None):
 
 def _fmt_list(values) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def _moments_shape(manifest: Manifest, channels: int) -> ExpectationOutcome:
+    shape = manifest.fields["moments"].shape
+    return ExpectationOutcome(
+        f"moments are (N, {2 * channels}, h, w)", len(shape) == 3 and shape[0] == 2 * channels,
+        f"stored {manifest.fields['moments'].dtype} (N, {', '.join(map(str, shape))})")
+
+
+def _source_rows(meta: dict, e: LatentSplitExpectations, source_root: str | Path | None,
+                 outcomes: list[ExpectationOutcome]) -> int | None:
+    """Rows of the image split that was encoded: from ``source_root``'s manifest when given (which
+    must be the one recorded at encode time: an outcome says so), else the expectations', else the
+    split's meta."""
+    rows = e.source_rows if e.source_rows is not None else meta.get("source", {}).get("count")
+    if source_root is None:
+        return rows
+    try:
+        rows = Manifest.load(source_root).count
+        recorded = meta.get("source", {}).get("manifest_sha256")
+        if recorded is not None:
+            from uvit.fileio import sha256_file
+
+            actual = sha256_file(Path(source_root) / "manifest.json")
+            outcomes.append(ExpectationOutcome(
+                "encoded from this source split", actual == recorded,
+                f"source manifest sha256 {actual[:12]}…, recorded at encode time {recorded[:12]}…"))
+    except DataIntegrityError as err:
+        outcomes.append(ExpectationOutcome("source split readable", False, str(err)))
+    return rows
+
+
+def _row_frames(rows, num_classes: int, copies: int, source_rows: int | None,
+                outcomes: list[ExpectationOutcome]) -> dict[str, tuple[Any, list, str]]:
+    """GE frames + suites of the rows (count = source rows × copies, finite, labels) and, with
+    classes, of the class counts; an unknown source row count is a failed outcome."""
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    # (GE drops an expectation identical to one already in the suite: one row-count check only.)
+    row_suite = []
+    if source_rows is not None:
+        expected = copies * int(source_rows)
+        row_suite.append((f"row count = source rows x {copies} ({expected})",
+                          gxe.ExpectTableRowCountToEqual(value=expected)))
+    else:
+        outcomes.append(ExpectationOutcome("row count = source rows", False,
+                                           "source row count unknown (no source_rows, no meta)"))
+    row_suite.append(("latents finite (no NaN/inf)",
+                      gxe.ExpectColumnValuesToBeInSet(column="all_finite", value_set=[True])))
+    if num_classes <= 0:
+        return {"rows": (rows, row_suite, "row")}
+    k = num_classes
+    row_suite += [
+        (f"labels in [0, {k - 1}]", gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=k - 1)),
+        ("labels not null", gxe.ExpectColumnValuesToNotBeNull(column="label")),
+    ]
+    classes = pd.DataFrame({"class": np.arange(k, dtype=np.int64)})
+    classes["count"] = classes["class"].map(rows["label"].value_counts()).fillna(0).astype(np.int64)
+    class_suite = [(f"every class 0..{k - 1} present", gxe.ExpectColumnValuesToBeBetween(column="count", min_value=1))]
+    return {"rows": (rows, row_suite, "row"), "classes": (classes, class_suite, "class")}
+
+
+def _scale_frames(stats: dict[str, Any], e: LatentScaleCheck, channels: int,
+                  scale: float) -> dict[str, tuple[Any, list, str]]:
+    """GE frames + suites of the measured latent std (all channels, per channel) and channel means."""
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    lo, hi = 1 - e.std_tolerance, 1 + e.std_tolerance
+    olo, ohi = 1 - e.overall_std_tolerance, 1 + e.overall_std_tolerance
+    nan = float("nan")
+    per_channel = pd.DataFrame({
+        "channel": np.arange(channels, dtype=np.int64),
+        "std": np.array(stats["channel_std"] or [nan] * channels, dtype=np.float64),
+        "mean": np.array(stats["channel_mean"] or [nan] * channels, dtype=np.float64),
+    })
+    per_channel["abs_mean"] = per_channel["mean"].abs()
+    # NaN (no finite row to measure) must fail, not be skipped as null: compare on a filled copy.
+    per_channel = per_channel.fillna(np.inf)
+    overall = pd.DataFrame({"scope": ["all channels"], "std": [stats["overall_std"]]}).fillna(np.inf)
+    name_overall, name_std, name_mean = _scale_check_names(e, scale)
+    return {
+        "overall": (overall, [(name_overall, gxe.ExpectColumnValuesToBeBetween(
+            column="std", min_value=olo, max_value=ohi))], "scope"),
+        "channels": (per_channel, [
+            (name_std, gxe.ExpectColumnValuesToBeBetween(column="std", min_value=lo, max_value=hi)),
+            (name_mean, gxe.ExpectColumnValuesToBeBetween(column="abs_mean", max_value=e.max_abs_channel_mean)),
+        ], "channel"),
+    }
+
+
+def _scale_check_names(e: LatentScaleCheck, scale: float) -> tuple[str, str, str]:
+    """Names of the overall-std, per-channel-std and per-channel-mean expectations."""
+    return (f"latent std (all channels) in [{1 - e.overall_std_tolerance:g}, {1 + e.overall_std_tolerance:g}] "
+            f"at scale {scale:g}",
+            f"per-channel latent std in [{1 - e.std_tolerance:g}, {1 + e.std_tolerance:g}]",
+            f"per-channel |latent mean| <= {e.max_abs_channel_mean:g}")
+
+
+def _measured(stats: dict[str, Any], scale: float) -> str:
+    """What :func:`latent_statistics` measured, for the details of the scale checks."""
+    overall_std = stats["overall_std"]
+    implied = scale / overall_std if overall_std and np.isfinite(overall_std) else float("nan")
+    return (f"measured on {stats['rows']} rows: overall std {stats['overall_std']:.4g}, "
+            f"mean {stats['overall_mean']:.4g} (implied scale factor {implied:.5g}); "
+            f"per-channel std {_fmt_list(stats['channel_std'])}, "
+            f"mean {_fmt_list(stats['channel_mean'])}; mean-part std "
+            f"{_fmt_list(stats['mean_part_channel_std'])}, posterior sigma (scaled) "
+            f"{stats['posterior_std_mean']:.3g}")
 
 
 def validate_latent_split(
@@ -177,128 +306,40 @@ def validate_latent_split(
     docstring). ``source_root``: the image split it was encoded from; its row count is then
     taken from its manifest (overriding ``expectations.source_rows``) and it must be the data
     that was encoded (manifest checksum recorded at encode time)."""
-    import pandas as pd
-
     e = expectations
     root = Path(root)
-    manifest, checksums = verify_checksums(root)
+    manifest, artifact, outcomes = open_split(root, ["moments"] + ([label_field] if e.num_classes > 0 else []),
+                                              "latents")
     if manifest is None:
-        return ValidationReport(str(root), False, [checksums])
-    artifact = f"{root} ({manifest.name}/{manifest.split} latents)"
-    outcomes = [checksums]
-
-    need = ["moments"] + ([label_field] if e.num_classes > 0 else [])
-    missing = [f for f in need if f not in manifest.fields]
-    if missing:
-        outcomes.append(ExpectationOutcome("fields present", False, f"missing field(s) {missing}; "
-                                           f"split has {sorted(manifest.fields)}"))
         return ValidationReport(artifact, False, outcomes)
-    shape = manifest.fields["moments"].shape
-    ok_shape = len(shape) == 3 and shape[0] == 2 * e.latent_channels
-    outcomes.append(ExpectationOutcome(
-        f"moments are (N, {2 * e.latent_channels}, h, w)", ok_shape,
-        f"stored {manifest.fields['moments'].dtype} (N, {', '.join(map(str, shape))})"))
-    if not ok_shape:
+    outcomes.append(_moments_shape(manifest, e.latent_channels))
+    if not outcomes[-1].success:
         return ValidationReport(artifact, False, outcomes)
 
     meta = manifest.meta
     scale = e.scale_factor if e.scale_factor is not None else meta.get("scale_factor")
     flip = e.flip if e.flip is not None else bool(meta.get("flip", {}).get("stored") is True
                                                   and "flipped" in manifest.fields)
-    source_rows = e.source_rows if e.source_rows is not None else meta.get("source", {}).get("count")
-    if source_root is not None:
-        try:
-            src = Manifest.load(source_root)
-            source_rows = src.count
-            recorded = meta.get("source", {}).get("manifest_sha256")
-            if recorded is not None:
-                from uvit.fileio import sha256_file
-
-                actual = sha256_file(Path(source_root) / "manifest.json")
-                outcomes.append(ExpectationOutcome(
-                    "encoded from this source split", actual == recorded,
-                    f"source manifest sha256 {actual[:12]}…, recorded at encode time "
-                    f"{recorded[:12]}…"))
-        except DataIntegrityError as err:
-            outcomes.append(ExpectationOutcome("source split readable", False, str(err)))
+    source_rows = _source_rows(meta, e, source_root, outcomes)
     if scale is None:
         outcomes.append(ExpectationOutcome("scale factor known", False,
                                            "no scale_factor given and none in the split's meta"))
         return ValidationReport(artifact, False, outcomes)
-    copies = 2 if flip else 1
 
     ds = ShardedArrays(root)
     try:
         rows = _latent_row_frame(ds, label_field if e.num_classes > 0 else None)
-        stats = latent_statistics(ds, float(scale), rows=e.stats_rows, seed=e.seed)
+        stats = latent_statistics(ds, float(scale), rows=e.scale_check.rows, seed=e.scale_check.seed)
     except DataIntegrityError as err:
         outcomes.append(ExpectationOutcome("readable", False, str(err)))
         return ValidationReport(artifact, False, outcomes)
 
-    import great_expectations.expectations as gxe
-
-    # (GE drops an expectation identical to one already in the suite: one row-count check only.)
-    if source_rows is not None:
-        expected = copies * int(source_rows)
-        row_suite = [(f"row count = source rows x {copies} ({expected})",
-                      gxe.ExpectTableRowCountToEqual(value=expected))]
-    else:
-        row_suite = []
-        outcomes.append(ExpectationOutcome("row count = source rows", False,
-                                           "source row count unknown (no source_rows, no meta)"))
-    row_suite.append(("latents finite (no NaN/inf)",
-                      gxe.ExpectColumnValuesToBeInSet(column="all_finite", value_set=[True])))
-    frames: dict[str, tuple[Any, list, str]] = {}
-    if e.num_classes > 0:
-        k = e.num_classes
-        row_suite += [
-            (f"labels in [0, {k - 1}]",
-             gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=k - 1)),
-            ("labels not null", gxe.ExpectColumnValuesToNotBeNull(column="label")),
-        ]
-        counts = rows["label"].value_counts()
-        classes = pd.DataFrame({"class": np.arange(k, dtype=np.int64)})
-        classes["count"] = classes["class"].map(counts).fillna(0).astype(np.int64)
-    frames["rows"] = (rows, row_suite, "row")
-    if e.num_classes > 0:
-        frames["classes"] = (classes, [(f"every class 0..{e.num_classes - 1} present",
-                                        gxe.ExpectColumnValuesToBeBetween(column="count",
-                                                                          min_value=1))], "class")
-
-    lo, hi = 1 - e.std_tolerance, 1 + e.std_tolerance
-    olo, ohi = 1 - e.overall_std_tolerance, 1 + e.overall_std_tolerance
-    nan = float("nan")
-    channels = pd.DataFrame({
-        "channel": np.arange(e.latent_channels, dtype=np.int64),
-        "std": np.array(stats["channel_std"] or [nan] * e.latent_channels, dtype=np.float64),
-        "mean": np.array(stats["channel_mean"] or [nan] * e.latent_channels, dtype=np.float64),
-    })
-    channels["abs_mean"] = channels["mean"].abs()
-    # NaN (no finite row to measure) must fail, not be skipped as null: compare on a filled copy.
-    channels = channels.fillna(np.inf)
-    overall = pd.DataFrame({"scope": ["all channels"], "std": [stats["overall_std"]]}).fillna(np.inf)
-    name_overall = f"latent std (all channels) in [{olo:g}, {ohi:g}] at scale {scale:g}"
-    name_std = f"per-channel latent std in [{lo:g}, {hi:g}]"
-    name_mean = f"per-channel |latent mean| <= {e.max_abs_channel_mean:g}"
-    frames["overall"] = (overall, [(name_overall, gxe.ExpectColumnValuesToBeBetween(
-        column="std", min_value=olo, max_value=ohi))], "scope")
-    frames["channels"] = (channels, [
-        (name_std, gxe.ExpectColumnValuesToBeBetween(column="std", min_value=lo, max_value=hi)),
-        (name_mean, gxe.ExpectColumnValuesToBeBetween(column="abs_mean",
-                                                      max_value=e.max_abs_channel_mean)),
-    ], "channel")
-
+    frames = _row_frames(rows, e.num_classes, 2 if flip else 1, source_rows, outcomes)
+    frames.update(_scale_frames(stats, e.scale_check, e.latent_channels, scale))
     results = _run_suites(frames)
-    overall_std = stats["overall_std"]
-    implied = scale / overall_std if overall_std and np.isfinite(overall_std) else nan
-    measured = (f"measured on {stats['rows']} rows: overall std {stats['overall_std']:.4g}, "
-                f"mean {stats['overall_mean']:.4g} (implied scale factor {implied:.5g}); "
-                f"per-channel std {_fmt_list(stats['channel_std'])}, "
-                f"mean {_fmt_list(stats['channel_mean'])}; mean-part std "
-                f"{_fmt_list(stats['mean_part_channel_std'])}, posterior sigma (scaled) "
-                f"{stats['posterior_std_mean']:.3g}")
+    measured, scale_checks = _measured(stats, scale), _scale_check_names(e.scale_check, scale)
     for r in results:
-        if r.name in (name_overall, name_std, name_mean):
+        if r.name in scale_checks:
             r.details = f"{r.details}; {measured}"
     outcomes += results
     return ValidationReport(artifact, all(o.success for o in outcomes), outcomes)
@@ -393,11 +434,7 @@ def _check_contexts(contexts_root: Path, num_captions: np.ndarray, max_length: i
     expected_rows = np.repeat(np.arange(len(num_captions), dtype=np.int64), num_captions)
     parts, offset = [], 0
     for k, entry in enumerate(ds.manifest.shards):
-        ctx = ds.shard("contexts", k)
-        finite = np.empty(entry.count, dtype=bool)
-        for s in range(0, entry.count, _ROW_BLOCK):
-            block = np.asarray(ctx[s:s + _ROW_BLOCK]).reshape(min(_ROW_BLOCK, entry.count - s), -1)
-            finite[s:s + len(block)] = np.isfinite(block).all(axis=1)
+        finite = _finite_rows(ds.shard("contexts", k))
         image_rows = np.asarray(ds.shard("image_rows", k))
         exp = expected_rows[offset: offset + entry.count]
         index_ok = np.zeros(entry.count, dtype=bool)
@@ -431,15 +468,8 @@ def validate_caption_split(
 
     e = expectations
     root = Path(root)
-    manifest, checksums = verify_checksums(root)
+    manifest, artifact, outcomes = open_split(root, ("captions", "num_captions"), "captions")
     if manifest is None:
-        return ValidationReport(str(root), False, [checksums])
-    artifact = f"{root} ({manifest.name}/{manifest.split} captions)"
-    outcomes = [checksums]
-    missing = [f for f in ("captions", "num_captions") if f not in manifest.fields]
-    if missing:
-        outcomes.append(ExpectationOutcome("fields present", False, f"missing field(s) {missing}; "
-                                           f"split has {sorted(manifest.fields)}"))
         return ValidationReport(artifact, False, outcomes)
     if manifest.fields["captions"].np_dtype.kind != "U":
         outcomes.append(ExpectationOutcome("captions are strings", False,

@@ -33,14 +33,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from uvit.data.download import BadSourceError, SourceInput, fetch, is_remote, s3_endpoint_url, verify_file
-from uvit.data.preprocess import (
-    PrepareOptions,
-    SplitFiles,
-    adm_crop,
-    check_splits_absent,
-    count_upsampled,
-    write_image_split,
-)
+from uvit.data.preprocess import PrepareOptions, SplitFiles, check_splits_absent, write_adm_split
 from uvit.data.shards import Manifest
 from uvit.fileio import read_json_or_none, write_json
 
@@ -320,12 +313,10 @@ def prepare_imagefolder(
     check_splits_absent(out_dir, ("train", "test"), options.overwrite)
     base = locate(source, progress=options.progress)
     splits, classes, rule = _read_splits(base, test_fraction, seed)
-    crop = adm_crop(resolution)
     manifests = {}
     for split, s in splits.items():
         meta = _split_meta(source.root, split, classes, rule, resolution, store_flips, len(s.paths))
         extra = {"labels": s.labels} if s.labels is not None else {}
         files = SplitFiles("imagefolder", split, s.paths, files_root=s.files_root, extra=extra, meta=meta)
-        manifests[split], _ = write_image_split(out_dir / split, files, crop, options, flip=store_flips,
-                                                meta_fn=count_upsampled(resolution))
+        manifests[split], _ = write_adm_split(out_dir / split, files, resolution, options, flip=store_flips)
     return manifests

@@ -42,14 +42,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from uvit.data.download import AUTO, BadSourceError, SourceInput, fetch, is_remote, verify_file
-from uvit.data.preprocess import (
-    PrepareOptions,
-    SplitFiles,
-    adm_crop,
-    check_splits_absent,
-    count_upsampled,
-    write_image_split,
-)
+from uvit.data.preprocess import PrepareOptions, SplitFiles, check_splits_absent, write_adm_split
 from uvit.data.shards import Manifest
 from uvit.fileio import read_json_or_none
 
@@ -322,12 +315,10 @@ def prepare_imagenet(
                          options.progress)
     folders = _split_folders(base, tuple(splits), resolution)
     train_classes = _class_dirs(base / "train") if (base / "train").is_dir() else None
-    crop = adm_crop(resolution)
     manifests = {}
     for split, folder in folders.items():
         paths, labels, classes = list_class_folder(folder, train_classes)
         files = SplitFiles(f"imagenet{resolution}", split, paths, files_root=folder, extra={"labels": labels},
                            meta=_split_meta(source.root, split, classes, resolution, flip, len(paths)))
-        manifests[split], _ = write_image_split(out_dir / split, files, crop, options, flip=flip,
-                                                meta_fn=count_upsampled(resolution))
+        manifests[split], _ = write_adm_split(out_dir / split, files, resolution, options, flip=flip)
     return manifests

@@ -25,11 +25,15 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from uvit.data.download import BadSourceError
+
+if TYPE_CHECKING:
+    from uvit.data.shards import Manifest
 
 __all__ = [
     "BadImageError",
@@ -408,7 +412,7 @@ def write_image_split(
     *,
     flip: bool = False,
     meta_fn: Callable[[PreprocessResult], dict] | None = None,
-) -> tuple:
+) -> tuple[Manifest, PreprocessResult]:
     """Preprocess ``files.paths`` with ``crop`` into a split at ``root``
     (:func:`~uvit.data.shards.write_split`).
 
@@ -448,7 +452,7 @@ def write_image_split(
 
 def write_adm_split(
     root: str | Path, files: SplitFiles, resolution: int, options: PrepareOptions = PrepareOptions(), *, flip: bool = False
-) -> tuple:
+) -> tuple[Manifest, PreprocessResult]:
     """:func:`write_image_split` with ADM's :func:`center_crop_arr` at ``resolution`` (rows
     (3, R, R); ImageNet and image folders). ``meta["num_upsampled"]`` counts the kept images whose
     short side is below ``resolution`` (the crop upsamples them)."""

@@ -60,9 +60,11 @@ __all__ = [
 CELEBA_ALIGNED_SIZE = (178, 218)
 CELEBA_CROP_BOX = (25, 57, 25 + 128, 57 + 128)
 
-_SKIP_HINT = ("Remove or replace the file (e.g. re-extract it from the original archive), or pass "
-              "skip_bad=True to the dataset source to skip such files and list them in the "
-              "manifest's meta.")
+_SKIP_HINT = (
+    "Remove or replace the file (e.g. re-extract it from the original archive), or pass "
+    "skip_bad=True to the dataset source to skip such files and list them in the "
+    "manifest's meta."
+)
 
 
 class BadImageError(BadSourceError):
@@ -116,11 +118,17 @@ def load_rgb(path: str | Path, *, min_size: tuple[int, int] | None = None) -> Im
         if rgb is not im:
             im.close()
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        raise BadImageError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); the file "
-                            f"is truncated or corrupt. {_SKIP_HINT}", path) from e
+        raise BadImageError(
+            f"{path}: cannot decode the image ({type(e).__name__}: {e}); the file "
+            f"is truncated or corrupt. {_SKIP_HINT}",
+            path,
+        ) from e
     if min_size is not None and (rgb.width < min_size[0] or rgb.height < min_size[1]):
-        raise BadImageError(f"{path}: image is {rgb.width}x{rgb.height} (WxH), smaller than the "
-                            f"{min_size[0]}x{min_size[1]} this crop needs. {_SKIP_HINT}", path)
+        raise BadImageError(
+            f"{path}: image is {rgb.width}x{rgb.height} (WxH), smaller than the "
+            f"{min_size[0]}x{min_size[1]} this crop needs. {_SKIP_HINT}",
+            path,
+        )
     return rgb
 
 
@@ -141,8 +149,7 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
-                                 resample=Image.BICUBIC)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
@@ -156,9 +163,11 @@ def celeba_crop(pil_image: Image.Image, size: int = 64) -> np.ndarray:
     w, h = pil_image.size
     right, bottom = CELEBA_CROP_BOX[2], CELEBA_CROP_BOX[3]
     if w < right or h < bottom:
-        raise BadImageError(f"image is {w}x{h} (WxH), but the CelebA crop box {CELEBA_CROP_BOX} "
-                            f"needs at least {right}x{bottom} (aligned CelebA images are "
-                            f"{CELEBA_ALIGNED_SIZE[0]}x{CELEBA_ALIGNED_SIZE[1]}). {_SKIP_HINT}")
+        raise BadImageError(
+            f"image is {w}x{h} (WxH), but the CelebA crop box {CELEBA_CROP_BOX} "
+            f"needs at least {right}x{bottom} (aligned CelebA images are "
+            f"{CELEBA_ALIGNED_SIZE[0]}x{CELEBA_ALIGNED_SIZE[1]}). {_SKIP_HINT}"
+        )
     img = pil_image.crop(CELEBA_CROP_BOX).resize((size, size), resample=Image.BILINEAR)
     return np.asarray(img)
 
@@ -168,10 +177,10 @@ def coco_crop(pil_image: Image.Image, size: int = 256) -> np.ndarray:
     indexing, then PIL LANCZOS resize to size x size."""
     img = np.asarray(pil_image)
     crop = min(img.shape[:2])
-    img = img[(img.shape[0] - crop) // 2 : (img.shape[0] + crop) // 2,
-              (img.shape[1] - crop) // 2 : (img.shape[1] + crop) // 2]
-    out = Image.fromarray(np.ascontiguousarray(img), "RGB").resize((size, size),
-                                                                   resample=Image.LANCZOS)
+    img = img[
+        (img.shape[0] - crop) // 2 : (img.shape[0] + crop) // 2, (img.shape[1] - crop) // 2 : (img.shape[1] + crop) // 2
+    ]
+    out = Image.fromarray(np.ascontiguousarray(img), "RGB").resize((size, size), resample=Image.LANCZOS)
     return np.asarray(out)
 
 
@@ -227,8 +236,7 @@ def _work_one(path: str, crop: Crop):
         return None, None, msg if str(path) in msg else f"{path}: {msg}"
     c, h, w = crop.shape
     if arr.dtype != np.uint8 or arr.shape != (h, w, c):
-        raise ValueError(f"{path}: the transform returned {arr.dtype} {arr.shape}, expected uint8 "
-                         f"HWC {(h, w, c)}")
+        raise ValueError(f"{path}: the transform returned {arr.dtype} {arr.shape}, expected uint8 HWC {(h, w, c)}")
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), size, None
 
 
@@ -296,8 +304,7 @@ def preprocess_images(
 
     n = len(paths)
     if out.dtype != np.uint8 or out.ndim != 4 or out.shape[0] < n or tuple(out.shape[1:]) != tuple(crop.shape):
-        raise ValueError(f"out must be uint8 (N>={n}, {', '.join(map(str, crop.shape))}), got {out.dtype} "
-                         f"{out.shape}")
+        raise ValueError(f"out must be uint8 (N>={n}, {', '.join(map(str, crop.shape))}), got {out.dtype} {out.shape}")
     kept: list[int] = []
     sizes: list[tuple[int, int]] = []
     bad: list[dict[str, str]] = []
@@ -319,8 +326,9 @@ def preprocess_images(
         finally:
             if hasattr(results, "close"):
                 results.close()  # shuts a worker pool down promptly on error
-    return PreprocessResult(kept=np.asarray(kept, dtype=np.int64),
-                            sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2), bad=bad)
+    return PreprocessResult(
+        kept=np.asarray(kept, dtype=np.int64), sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2), bad=bad
+    )
 
 
 def ensure_free_space(directory: str | Path, nbytes: int, what: str) -> None:
@@ -332,14 +340,15 @@ def ensure_free_space(directory: str | Path, nbytes: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < nbytes:
-        raise OSError(errno.ENOSPC,
-                      f"{what} needs about {nbytes / 2**30:.2f} GiB free under {directory}, but only "
-                      f"{free / 2**30:.2f} GiB is free. Free space there or choose another out_dir.")
+        raise OSError(
+            errno.ENOSPC,
+            f"{what} needs about {nbytes / 2**30:.2f} GiB free under {directory}, but only "
+            f"{free / 2**30:.2f} GiB is free. Free space there or choose another out_dir.",
+        )
 
 
 @contextlib.contextmanager
-def scratch_array(directory: str | Path, shape: tuple[int, ...],
-                  dtype=np.uint8) -> Iterator[np.ndarray]:
+def scratch_array(directory: str | Path, shape: tuple[int, ...], dtype=np.uint8) -> Iterator[np.ndarray]:
     """A temporary memory-mapped ``.npy`` array in ``directory`` (deleted on exit): rows too many
     for RAM are written here, then :func:`~uvit.data.shards.write_split` copies them into shards.
     """
@@ -359,9 +368,9 @@ def check_splits_absent(out_dir: str | Path, splits: Sequence[str], overwrite: b
         return
     for split in splits:
         if (Path(out_dir) / split).exists():
-            raise FileExistsError(f"{Path(out_dir) / split} already exists; pass overwrite=True to "
-                                  f"replace it (or delete it first)")
-
+            raise FileExistsError(
+                f"{Path(out_dir) / split} already exists; pass overwrite=True to replace it (or delete it first)"
+            )
 
 
 @dataclass(frozen=True)
@@ -437,25 +446,35 @@ def write_image_split(
     with scratch_array(root.parent, (copies * n, *crop.shape)) as arr:
         res = preprocess_images(files.paths, crop, arr, options, root=files.files_root, desc=what)
         if len(res.kept) == 0:
-            raise BadImageError(f"all {n} images of {what} are bad (skipped), nothing to "
-                                f"write; first: {res.bad[0]['error'] if res.bad else '?'}")
+            raise BadImageError(
+                f"all {n} images of {what} are bad (skipped), nothing to "
+                f"write; first: {res.bad[0]['error'] if res.bad else '?'}"
+            )
         if flip:
             _mirror_rows(arr, len(res.kept))
         fields = _split_fields(arr, files, res, flip)
         meta = {**files.meta, "count": copies * len(res.kept), "num_skipped": len(res.bad), "skipped": res.bad}
         if meta_fn is not None:
             meta.update(meta_fn(res))
-        manifest = write_split(root, fields, name=files.name, split=files.split, shard_size=options.shard_size,
-                               meta=meta, overwrite=options.overwrite)
+        name, split = files.name, files.split
+        manifest = write_split(
+            root, fields, name=name, split=split, shard_size=options.shard_size, meta=meta, overwrite=options.overwrite
+        )
     return manifest, res
 
 
 def write_adm_split(
-    root: str | Path, files: SplitFiles, resolution: int, options: PrepareOptions = PrepareOptions(), *, flip: bool = False
+    root: str | Path, files: SplitFiles, resolution: int, options: PrepareOptions, *, flip: bool = False
 ) -> tuple[Manifest, PreprocessResult]:
     """:func:`write_image_split` with ADM's :func:`center_crop_arr` at ``resolution`` (rows
     (3, R, R); ImageNet and image folders). ``meta["num_upsampled"]`` counts the kept images whose
     short side is below ``resolution`` (the crop upsamples them)."""
     crop = Crop(functools.partial(center_crop_arr, image_size=resolution), (3, resolution, resolution))
-    return write_image_split(root, files, crop, options, flip=flip,
-                             meta_fn=lambda res: {"num_upsampled": int((res.sizes.min(axis=1) < resolution).sum())})
+    return write_image_split(
+        root,
+        files,
+        crop,
+        options,
+        flip=flip,
+        meta_fn=lambda res: {"num_upsampled": int((res.sizes.min(axis=1) < resolution).sum())},
+    )

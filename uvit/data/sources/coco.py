@@ -45,8 +45,7 @@ URLS = {
     "annotations": "http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
 }
 
-__all__ = ["AnnotationError", "EXPECTED_COUNTS", "URLS", "load_captions", "missing_root_help",
-           "prepare_coco"]
+__all__ = ["AnnotationError", "EXPECTED_COUNTS", "URLS", "load_captions", "missing_root_help", "prepare_coco"]
 
 
 class AnnotationError(BadSourceError):
@@ -54,19 +53,21 @@ class AnnotationError(BadSourceError):
 
 
 def missing_root_help(resolution: int = 256) -> str:
-    return (f"MS-COCO 2014 is expected under ROOT as ROOT/train2014/*.jpg, ROOT/val2014/*.jpg and "
-            f"ROOT/annotations/captions_{{train,val}}2014.json: download {URLS['train']}, "
-            f"{URLS['val']} and {URLS['annotations']}, unzip them into ROOT, then set "
-            f"`mscoco{resolution}.data.root: ROOT` in params.yaml (or pass root=ROOT).")
+    return (
+        f"MS-COCO 2014 is expected under ROOT as ROOT/train2014/*.jpg, ROOT/val2014/*.jpg and "
+        f"ROOT/annotations/captions_{{train,val}}2014.json: download {URLS['train']}, "
+        f"{URLS['val']} and {URLS['annotations']}, unzip them into ROOT, then set "
+        f"`mscoco{resolution}.data.root: ROOT` in params.yaml (or pass root=ROOT)."
+    )
 
 
 def _annotation_file(root: Path, split: str, resolution: int) -> Path:
-    for candidate in (root / "annotations" / f"captions_{split}2014.json",
-                      root / f"captions_{split}2014.json"):
+    for candidate in (root / "annotations" / f"captions_{split}2014.json", root / f"captions_{split}2014.json"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{root / 'annotations' / f'captions_{split}2014.json'} does not "
-                            f"exist. {missing_root_help(resolution)}")
+    raise FileNotFoundError(
+        f"{root / 'annotations' / f'captions_{split}2014.json'} does not exist. {missing_root_help(resolution)}"
+    )
 
 
 def load_captions(path: str | Path) -> tuple[dict[int, str], dict[int, list[str]]]:
@@ -76,30 +77,35 @@ def load_captions(path: str | Path) -> tuple[dict[int, str], dict[int, list[str]
     valid JSON, lacks ``images``/``annotations``, or an annotation refers to an unknown image.
     """
     path = Path(path)
-    fix = (f"Re-download and unzip {URLS['annotations']} (the file is damaged or not a COCO "
-           f"captions file).")
+    fix = f"Re-download and unzip {URLS['annotations']} (the file is damaged or not a COCO captions file)."
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise AnnotationError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
-                              f"{e.msg}). {fix}") from e
+        raise AnnotationError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). {fix}") from e
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{path}: not UTF-8 text ({e}). {fix}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("annotations"), list):
-        raise AnnotationError(f"{path}: expected a JSON object with 'images' and 'annotations' "
-                              f"lists. {fix}")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
+        raise AnnotationError(f"{path}: expected a JSON object with 'images' and 'annotations' lists. {fix}")
     files: dict[int, str] = {}
     for i, img in enumerate(data["images"]):
         try:
             image_id, name = img["id"], img["file_name"]
         except (TypeError, KeyError) as e:
             raise AnnotationError(f"{path}: images[{i}] lacks 'id' or 'file_name'. {fix}") from e
-        if not isinstance(image_id, int) or not isinstance(name, str) or not name \
-                or "/" in name or "\\" in name or name.startswith("."):
-            raise AnnotationError(f"{path}: images[{i}] has an invalid id {image_id!r} or "
-                                  f"file_name {name!r}. {fix}")
+        if (
+            not isinstance(image_id, int)
+            or not isinstance(name, str)
+            or not name
+            or "/" in name
+            or "\\" in name
+            or name.startswith(".")
+        ):
+            raise AnnotationError(f"{path}: images[{i}] has an invalid id {image_id!r} or file_name {name!r}. {fix}")
         if image_id in files:
             raise AnnotationError(f"{path}: image id {image_id} is listed twice. {fix}")
         files[image_id] = name
@@ -108,19 +114,21 @@ def load_captions(path: str | Path) -> tuple[dict[int, str], dict[int, list[str]
         try:
             image_id, caption = ann["image_id"], ann["caption"]
         except (TypeError, KeyError) as e:
-            raise AnnotationError(f"{path}: annotations[{i}] lacks 'image_id' or 'caption'. "
-                                  f"{fix}") from e
+            raise AnnotationError(f"{path}: annotations[{i}] lacks 'image_id' or 'caption'. {fix}") from e
         if not isinstance(caption, str):
             raise AnnotationError(f"{path}: annotations[{i}] caption is not a string. {fix}")
         if image_id not in captions:
-            raise AnnotationError(f"{path}: annotations[{i}] (id {ann.get('id')}) refers to image "
-                                  f"id {image_id!r}, which is not in its 'images' list. {fix}")
+            raise AnnotationError(
+                f"{path}: annotations[{i}] (id {ann.get('id')}) refers to image "
+                f"id {image_id!r}, which is not in its 'images' list. {fix}"
+            )
         captions[image_id].append(caption)
     return files, captions
 
 
-def _usable_ids(files: dict[int, str], captions: dict[int, list[str]], image_dir: Path, ann_file: Path,
-                refetch: str, skip_bad: bool) -> tuple[list[int], list[dict]]:
+def _usable_ids(
+    files: dict[int, str], captions: dict[int, list[str]], image_dir: Path, ann_file: Path, refetch: str, skip_bad: bool
+) -> tuple[list[int], list[dict]]:
     """(ids of the images with captions and a file, ascending; ``[{"file", "image_id", "error"}]``
     of the others when ``skip_bad``, else the first of them raises). ``refetch``: what to do about
     a missing file."""
@@ -169,13 +177,15 @@ def _split_meta(root: Path, split: str, ann_file: Path, resolution: int, listed:
         "source": f"MS-COCO 2014 {split}",
         "root": str(root),
         "annotations": ann_file.name,
-        "preprocessing": (f"centre square crop (side min(H, W)), PIL LANCZOS resize to "
-                          f"{resolution}x{resolution} (U-ViT center_crop); no flip"),
+        "preprocessing": (
+            f"centre square crop (side min(H, W)), PIL LANCZOS resize to "
+            f"{resolution}x{resolution} (U-ViT center_crop); no flip"
+        ),
         "listed": listed,
         "expected_count": EXPECTED_COUNTS[split],
         "num_captions_total": total_captions,
         "captions_field": "captions[i, :num_captions[i]] are image i's captions, in "
-                          "annotation-file order; the rest is padding ''",
+        "annotation-file order; the rest is padding ''",
     }
 
 
@@ -192,11 +202,11 @@ def _prepare_split(out_dir: Path, root: Path, split: str, resolution: int, optio
         raise BadImageError(f"no usable images for COCO {split}: {first}")
     extra = _caption_fields(ids, captions)
     meta = _split_meta(root, split, ann_file, resolution, len(files), int(extra["num_captions"].sum()))
-    split_files = SplitFiles(f"mscoco{resolution}", split, [image_dir / files[i] for i in ids],
-                             files_root=image_dir, extra=extra, meta=meta)
+    split_files = SplitFiles(
+        f"mscoco{resolution}", split, [image_dir / files[i] for i in ids], files_root=image_dir, extra=extra, meta=meta
+    )
     crop = Crop(functools.partial(coco_crop, size=resolution), (3, resolution, resolution))
-    manifest, _ = write_image_split(out_dir / split, split_files, crop, options,
-                                    meta_fn=_skipped_meta(skipped, files))
+    manifest, _ = write_image_split(out_dir / split, split_files, crop, options, meta_fn=_skipped_meta(skipped, files))
     return manifest
 
 

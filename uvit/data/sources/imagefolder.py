@@ -88,8 +88,10 @@ def _extract(tar_path: Path, dest: Path, progress: bool) -> Path:
     tmp.mkdir(parents=True)
     count = 0
     try:
-        with tarfile.open(tar_path, "r:*") as tar, tqdm(desc=f"extract {tar_path.name}", unit="file",
-                                                         disable=not progress, leave=False) as bar:
+        with (
+            tarfile.open(tar_path, "r:*") as tar,
+            tqdm(desc=f"extract {tar_path.name}", unit="file", disable=not progress, leave=False) as bar,
+        ):
             for member in tar:
                 parts = _safe_parts(member.name)
                 if not member.isfile() or parts is None or not _is_image(parts[-1]):
@@ -102,8 +104,10 @@ def _extract(tar_path: Path, dest: Path, progress: bool) -> Path:
                 bar.update(1)
     except (tarfile.TarError, EOFError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BadSourceError(f"{tar_path}: cannot read the archive ({e}); it is truncated, corrupt or not a "
-                             "tar: make it again, or point data.root at the extracted folder.") from e
+        raise BadSourceError(
+            f"{tar_path}: cannot read the archive ({e}); it is truncated, corrupt or not a "
+            "tar: make it again, or point data.root at the extracted folder."
+        ) from e
     if count == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BadSourceError(f"{tar_path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
@@ -126,7 +130,7 @@ def _download_prefix(url: str, dest: Path, progress: bool) -> Path:
     objects = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            parts = _safe_parts(obj["Key"][len(prefix):])
+            parts = _safe_parts(obj["Key"][len(prefix) :])
             if parts is not None and _is_image(parts[-1]):
                 objects.append((obj["Key"], parts, int(obj["Size"])))
     if not objects:
@@ -165,8 +169,10 @@ def locate(source: SourceInput, progress: bool = True) -> Path:
         return _download_prefix(root_s, download_dir / f"s3-{tag}", progress)
     path = Path(root_s).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: data.root names a folder, a tar or an s3:// prefix of "
-                                "images (class sub-folders for labels, a flat folder for none)")
+        raise FileNotFoundError(
+            f"{path} does not exist: data.root names a folder, a tar or an s3:// prefix of "
+            "images (class sub-folders for labels, a flat folder for none)"
+        )
     if path.is_file():
         if not _is_tar(path.name):
             raise BadSourceError(f"{path} is a file but not a tar ({', '.join(TAR_SUFFIXES)})")
@@ -197,8 +203,10 @@ def list_images(folder: Path, classes: list[str] | None = None) -> tuple[list[Pa
     dirs = [p for p in entries if p.is_dir()]
     files = [p for p in entries if p.is_file() and _is_image(p.name)]
     if dirs and files:
-        raise BadSourceError(f"{folder} holds both image files ({files[0].name}, ...) and sub-folders "
-                             f"({dirs[0].name}/, ...): use class sub-folders only (labels) or images only (none)")
+        raise BadSourceError(
+            f"{folder} holds both image files ({files[0].name}, ...) and sub-folders "
+            f"({dirs[0].name}/, ...): use class sub-folders only (labels) or images only (none)"
+        )
     if files:
         return files, None, []
     names = [d.name for d in dirs]
@@ -210,8 +218,11 @@ def list_images(folder: Path, classes: list[str] | None = None) -> tuple[list[Pa
     paths: list[Path] = []
     labels: list[int] = []
     for d in dirs:
-        found = sorted(p for p in d.rglob("*") if p.is_file() and _is_image(p.name)
-                       and not any(q.startswith(".") for q in p.relative_to(d).parts))
+        found = sorted(
+            p
+            for p in d.rglob("*")
+            if p.is_file() and _is_image(p.name) and not any(q.startswith(".") for q in p.relative_to(d).parts)
+        )
         paths += found
         labels += [index[d.name]] * len(found)
     if not paths:
@@ -238,8 +249,10 @@ def _split_folders(base: Path) -> dict[str, Path] | None:
     if found["train"] is None:
         return None
     if found["test"] is None:
-        raise FileNotFoundError(f"{base} has train/ but no test/ (or val/): add one, or put the images in "
-                                "one folder and let data.test_fraction split them")
+        raise FileNotFoundError(
+            f"{base} has train/ but no test/ (or val/): add one, or put the images in "
+            "one folder and let data.test_fraction split them"
+        )
     return found  # type: ignore[return-value]
 
 
@@ -264,29 +277,38 @@ def _read_splits(base: Path, test_fraction: float, seed: int) -> tuple[dict[str,
         train_paths, train_labels, classes = list_images(folders["train"])
         test_paths, test_labels, _ = list_images(folders["test"], classes if classes else None)
         if (train_labels is None) != (test_labels is None):
-            raise BadSourceError(f"{folders['train']} and {folders['test']} differ in layout: both class "
-                                 "sub-folders or both flat")
-        splits = {"train": _Split(train_paths, train_labels, folders["train"]),
-                  "test": _Split(test_paths, test_labels, folders["test"])}
+            raise BadSourceError(
+                f"{folders['train']} and {folders['test']} differ in layout: both class sub-folders or both flat"
+            )
+        splits = {
+            "train": _Split(train_paths, train_labels, folders["train"]),
+            "test": _Split(test_paths, test_labels, folders["test"]),
+        }
         return splits, classes, "the train/ and test/ folders"
     paths, labels, classes = list_images(base)
     tr, te = split_files(labels, len(paths), test_fraction, seed)
     if len(te) == 0:
         raise BadSourceError(f"{base}: {len(paths)} image(s) leave none for the test split; add images")
-    splits = {"train": _Split([paths[i] for i in tr], None if labels is None else labels[tr], base),
-              "test": _Split([paths[i] for i in te], None if labels is None else labels[te], base)}
+    splits = {
+        "train": _Split([paths[i] for i in tr], None if labels is None else labels[tr], base),
+        "test": _Split([paths[i] for i in te], None if labels is None else labels[te], base),
+    }
     return splits, classes, f"per class, a seeded shuffle (seed {seed}) with test_fraction {test_fraction}"
 
 
-def _split_meta(root, split: str, classes: list[str], rule: str, resolution: int, store_flips: bool,
-                listed: int) -> dict:
+def _split_meta(
+    root, split: str, classes: list[str], rule: str, resolution: int, store_flips: bool, listed: int
+) -> dict:
     return {
         "source": f"imagefolder {split}",
         "root": str(root),
         "num_classes": len(classes),
         "classes": classes,
-        "label_rule": ("index of the class folder name in the sorted class folder names" if classes
-                       else "none: a flat folder (unconditional)"),
+        "label_rule": (
+            "index of the class folder name in the sorted class folder names"
+            if classes
+            else "none: a flat folder (unconditional)"
+        ),
         "split_rule": rule,
         "preprocessing": f"ADM center_crop_arr({resolution})",
         "flip": {"stored": bool(store_flips)},

@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import AUTO, BadSourceError, SourceInput, fetch, is_remote, verify_file
+from uvit.data.download import AUTO, BadSourceError, SourceInput, fetch, is_remote, open_tar, verify_file
 from uvit.data.preprocess import PrepareOptions, SplitFiles, check_splits_absent, write_adm_split
 from uvit.data.shards import Manifest
 from uvit.fileio import read_json_or_none
@@ -55,8 +55,16 @@ SYNSET = re.compile(r"^n\d{8}$")
 _EXTRACTED_MARKER = ".extracted"
 _SOURCE_RECORD = ".source"  # the tar being extracted (an interrupted extraction resumes only from it)
 
-__all__ = ["EXPECTED_COUNTS", "IMAGE_EXTENSIONS", "TRAIN_TAR", "TRAIN_TAR_MD5",
-           "extract_train_tar", "list_class_folder", "missing_root_help", "prepare_imagenet"]
+__all__ = [
+    "EXPECTED_COUNTS",
+    "IMAGE_EXTENSIONS",
+    "TRAIN_TAR",
+    "TRAIN_TAR_MD5",
+    "extract_train_tar",
+    "list_class_folder",
+    "missing_root_help",
+    "prepare_imagenet",
+]
 
 
 def missing_root_help(resolution: int) -> str:
@@ -97,8 +105,10 @@ def _members(tar: tarfile.TarFile, tar_path: Path):
         except StopIteration:
             return
         except (tarfile.TarError, EOFError) as e:
-            raise BadSourceError(f"{tar_path}: cannot read the archive past {tar.offset} bytes ({e}); it is "
-                                 f"truncated or corrupt: fetch {TRAIN_TAR} again.") from e
+            raise BadSourceError(
+                f"{tar_path}: cannot read the archive past {tar.offset} bytes ({e}); it is "
+                f"truncated or corrupt: fetch {TRAIN_TAR} again."
+            ) from e
         yield member
 
 
@@ -125,13 +135,8 @@ def extract_train_tar(tar_path: str | Path, extract_dir: str | Path, progress: b
         source.write_text(json.dumps({"tar": identity}) + "\n")
     train.mkdir(parents=True, exist_ok=True)
     classes = 0
-    try:
-        outer = tarfile.open(tar_path, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise BadSourceError(f"{tar_path}: cannot open as a tar archive ({e}). Expected {TRAIN_TAR}, a "
-                             f"tar of per-class tars; delete it and fetch it again.") from e
-    with outer, tqdm(desc=f"extract {tar_path.name}", unit="class", disable=not progress,
-                     leave=False) as bar:
+    outer = open_tar(tar_path, f". Expected {TRAIN_TAR}, a tar of per-class tars; delete it and fetch it again.")
+    with outer, tqdm(desc=f"extract {tar_path.name}", unit="class", disable=not progress, leave=False) as bar:
         for member in _members(outer, tar_path):
             name = PurePosixPath(member.name).name
             synset = name[: -len(".tar")] if name.endswith(".tar") else ""
@@ -148,20 +153,19 @@ def extract_train_tar(tar_path: str | Path, extract_dir: str | Path, progress: b
                 with tarfile.open(fileobj=outer.extractfile(member), mode="r|*") as inner:
                     for item in inner:
                         iname = PurePosixPath(item.name).name
-                        if not item.isfile() or not _safe_name(iname) \
-                                or not iname.lower().endswith(IMAGE_EXTENSIONS):
+                        if not item.isfile() or not _safe_name(iname) or not iname.lower().endswith(IMAGE_EXTENSIONS):
                             continue
                         with inner.extractfile(item) as src, open(tmp / iname, "wb") as dst:
                             shutil.copyfileobj(src, dst, 1 << 20)
                 os.rename(tmp, final)
             except (tarfile.TarError, EOFError) as e:
-                raise BadSourceError(f"{tar_path}: the class archive {member.name} is corrupt ({e}); "
-                                 f"fetch {TRAIN_TAR} again.") from e
+                raise BadSourceError(
+                    f"{tar_path}: the class archive {member.name} is corrupt ({e}); fetch {TRAIN_TAR} again."
+                ) from e
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     if classes == 0:
-        raise BadSourceError(f"{tar_path} contains no per-class tars nXXXXXXXX.tar; expected the "
-                             f"official {TRAIN_TAR}.")
+        raise BadSourceError(f"{tar_path} contains no per-class tars nXXXXXXXX.tar; expected the official {TRAIN_TAR}.")
     marker.write_text(json.dumps({"tar": identity, "classes": classes}) + "\n")
     return extract_dir
 
@@ -175,8 +179,10 @@ def _fetch_tar(source: SourceInput, resolution: int, progress: bool) -> Path:
     """The tar at the URL ``source.root``, fetched into the download folder and verified."""
     name = PurePosixPath(str(source.root).split("?")[0]).name
     if not name.endswith(".tar"):
-        raise BadSourceError(f"ImageNet root {source.root} is a URL but not of a .tar; only the "
-                             f"{TRAIN_TAR} archive can be fetched. {missing_root_help(resolution)}")
+        raise BadSourceError(
+            f"ImageNet root {source.root} is a URL but not of a .tar; only the "
+            f"{TRAIN_TAR} archive can be fetched. {missing_root_help(resolution)}"
+        )
     md5 = source.md5_for(_official_md5(name))
     return fetch(str(source.root), source.downloads() / name, md5=md5, sha256=source.sha256, progress=progress)
 
@@ -192,13 +198,14 @@ def _resolve_root(source: SourceInput, resolution: int, extract_dir: Path | None
     else:
         root = Path(root)
         if not root.exists():
-            raise FileNotFoundError(f"ImageNet root {root} does not exist. "
-                                    f"{missing_root_help(resolution)}")
+            raise FileNotFoundError(f"ImageNet root {root} does not exist. {missing_root_help(resolution)}")
         if not root.is_file():
             if source.md5 not in (None, AUTO) or source.sha256 is not None:
-                raise BadSourceError(f"ImageNet root {root} is a folder, but a checksum was given for it; "
-                                     f"checksums apply to a tar root only (drop them, or point the root at "
-                                     f"the tar).")
+                raise BadSourceError(
+                    f"ImageNet root {root} is a folder, but a checksum was given for it; "
+                    f"checksums apply to a tar root only (drop them, or point the root at "
+                    f"the tar)."
+                )
             return root
         tar_path = root
         # Verified on every run, extracted or not (a full read: minutes, next to hours of decoding),
@@ -219,21 +226,22 @@ def _split_folders(root: Path, splits: tuple[str, ...], resolution: int) -> dict
         folders = {s: root / s for s in splits}
         for s, f in folders.items():
             if not f.is_dir():
-                raise FileNotFoundError(f"ImageNet split folder {f} does not exist. "
-                                        f"{missing_root_help(resolution)}")
+                raise FileNotFoundError(f"ImageNet split folder {f} does not exist. {missing_root_help(resolution)}")
         return folders
     if any(SYNSET.match(d) for d in _class_dirs(root)):
         if tuple(splits) != ("train",):
-            raise FileNotFoundError(f"{root} holds class folders directly, which is read as the "
-                                    f"train split only, but splits={splits}; use ROOT/train and "
-                                    f"ROOT/val. {missing_root_help(resolution)}")
+            raise FileNotFoundError(
+                f"{root} holds class folders directly, which is read as the "
+                f"train split only, but splits={splits}; use ROOT/train and "
+                f"ROOT/val. {missing_root_help(resolution)}"
+            )
         return {"train": root}
-    raise FileNotFoundError(f"{root} has neither train/ nor nXXXXXXXX class folders. "
-                            f"{missing_root_help(resolution)}")
+    raise FileNotFoundError(f"{root} has neither train/ nor nXXXXXXXX class folders. {missing_root_help(resolution)}")
 
 
 def list_class_folder(
-    folder: str | Path, classes: list[str] | None = None,
+    folder: str | Path,
+    classes: list[str] | None = None,
 ) -> tuple[list[Path], np.ndarray, list[str]]:
     """(image paths, int64 labels, class names) of a class-folder tree.
 
@@ -245,19 +253,22 @@ def list_class_folder(
     classes = list(classes) if classes is not None else found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise BadSourceError(f"{folder} has class folders not among the train classes: {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
+        raise BadSourceError(
+            f"{folder} has class folders not among the train classes: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
     index = {c: i for i, c in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
     for c in found:
-        files = sorted(p for p in (folder / c).rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and _safe_name(p.name) and p.is_file())
+        files = sorted(
+            p
+            for p in (folder / c).rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and _safe_name(p.name) and p.is_file()
+        )
         paths += files
         labels += [index[c]] * len(files)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}'s class "
-                                f"folders")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}'s class folders")
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
@@ -273,12 +284,20 @@ def _split_meta(root, split: str, classes: list[str], resolution: int, flip: boo
         "num_classes": len(classes),
         "classes": classes,
         "label_rule": "index of the class folder name in the sorted train class folders",
-        "preprocessing": (f"ADM center_crop_arr({resolution}): BOX halving while the short "
-                          f"side >= {2 * resolution}, BICUBIC to short side {resolution}, "
-                          f"centre crop"),
-        "flip": ({"stored": True, "layout": "rows [0, N) are the images, rows [N, 2N) their "
-                  "horizontal mirrors in the same order; field 'flipped' is 1 for mirrors"}
-                 if flip else {"stored": False}),
+        "preprocessing": (
+            f"ADM center_crop_arr({resolution}): BOX halving while the short "
+            f"side >= {2 * resolution}, BICUBIC to short side {resolution}, "
+            f"centre crop"
+        ),
+        "flip": (
+            {
+                "stored": True,
+                "layout": "rows [0, N) are the images, rows [N, 2N) their "
+                "horizontal mirrors in the same order; field 'flipped' is 1 for mirrors",
+            }
+            if flip
+            else {"stored": False}
+        ),
         "listed": listed,
         "expected_count": EXPECTED_COUNTS[split] if len(classes) == NUM_CLASSES else None,
     }
@@ -311,14 +330,19 @@ def prepare_imagenet(
         raise ValueError(f"splits must be from ('train', 'val'), got {splits}")
     out_dir = Path(out_dir)
     check_splits_absent(out_dir, splits, options.overwrite)
-    base = _resolve_root(source, resolution, Path(extract_dir) if extract_dir is not None else None,
-                         options.progress)
+    base = _resolve_root(source, resolution, Path(extract_dir) if extract_dir is not None else None, options.progress)
     folders = _split_folders(base, tuple(splits), resolution)
     train_classes = _class_dirs(base / "train") if (base / "train").is_dir() else None
     manifests = {}
     for split, folder in folders.items():
         paths, labels, classes = list_class_folder(folder, train_classes)
-        files = SplitFiles(f"imagenet{resolution}", split, paths, files_root=folder, extra={"labels": labels},
-                           meta=_split_meta(source.root, split, classes, resolution, flip, len(paths)))
+        files = SplitFiles(
+            f"imagenet{resolution}",
+            split,
+            paths,
+            files_root=folder,
+            extra={"labels": labels},
+            meta=_split_meta(source.root, split, classes, resolution, flip, len(paths)),
+        )
         manifests[split], _ = write_adm_split(out_dir / split, files, resolution, options, flip=flip)
     return manifests

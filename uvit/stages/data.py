@@ -18,11 +18,13 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from uvit.config import BenchmarkConfig, ConfigError
-from uvit.data.download import AUTO, SourceInput
-from uvit.data.preprocess import PrepareOptions
 from uvit.paths import BenchmarkPaths
+
+if TYPE_CHECKING:
+    from uvit.data.download import SourceInput
 
 # The VAE's downsampling factor (SD KL-f8): latent presets see images 8x their latent size.
 VAE_FACTOR = 8
@@ -58,11 +60,15 @@ def _no_checksum_for_folders(cfg: BenchmarkConfig, what: str) -> None:
 def _source_input(cfg: BenchmarkConfig) -> SourceInput:
     """data.root, data.download_dir and the declared checksums; none declared: the official MD5
     where the source has one (``md5="auto"``)."""
+    from uvit.data.download import AUTO, SourceInput
+
     d = cfg.data
     return SourceInput(root=d.root, download_dir=d.download_dir, md5=d.md5 if _declared(cfg) else AUTO, sha256=d.sha256)
 
 
 def _prepare(cfg: BenchmarkConfig, out: Path) -> dict:
+    from uvit.data.preprocess import PrepareOptions
+
     source, d = cfg.data.source, cfg.data
     # Progress bars only on a terminal: in logs (CI, DVC output captured) they are noise. The
     # config allows on_bad: skip only where a source decodes image files.

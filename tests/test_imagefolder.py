@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from uvit.config import ConfigError, load_benchmark, load_params
-from uvit.data.download import BadSourceError, ChecksumMismatch
-from uvit.data.preprocess import BadImageError, center_crop_arr, load_rgb
+from uvit.data.download import BadSourceError, ChecksumMismatch, SourceInput
+from uvit.data.preprocess import BadImageError, PrepareOptions, center_crop_arr, load_rgb
 from uvit.data.shards import ShardedArrays
 from uvit.data.sources.imagefolder import prepare_imagefolder, split_files
 from uvit.paths import BenchmarkPaths
@@ -25,6 +25,7 @@ from uvit.stages.data import run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 16
+QUIET = PrepareOptions(progress=False)
 CLASSES = {"cat": 5, "dog": 4, "zebra": 3}  # sorted names -> labels 0, 1, 2
 
 
@@ -73,7 +74,12 @@ def expected_pixels(paths: list[Path]) -> np.ndarray:
 def test_class_folders_give_sorted_labels_a_stratified_split_and_adm_crops(tmp_path) -> None:
     root = class_folder(tmp_path / "images")
     prepare_imagefolder(
-        tmp_path / "out", root, RES, download_dir=tmp_path / "dl", test_fraction=0.25, seed=3, progress=False
+        tmp_path / "out",
+        SourceInput(root, download_dir=tmp_path / "dl"),
+        RES,
+        test_fraction=0.25,
+        seed=3,
+        options=QUIET,
     )
     train_x, train_y, meta = arrays(tmp_path / "out" / "train")
     test_x, test_y, _ = arrays(tmp_path / "out" / "test")
@@ -91,7 +97,9 @@ def test_class_folders_give_sorted_labels_a_stratified_split_and_adm_crops(tmp_p
     assert len({r.tobytes() for r in all_rows}) == sum(CLASSES.values())  # each file once
     # the same seed gives the same split; another seed another one
     again = tmp_path / "again"
-    prepare_imagefolder(again, root, RES, download_dir=tmp_path / "dl", test_fraction=0.25, seed=3, progress=False)
+    prepare_imagefolder(
+        again, SourceInput(root, download_dir=tmp_path / "dl"), RES, test_fraction=0.25, seed=3, options=QUIET
+    )
     assert np.array_equal(arrays(again / "test")[0], test_x)
 
 
@@ -105,7 +113,12 @@ def test_split_rule_keeps_singletons_in_train() -> None:
 def test_flat_folder_is_unconditional_and_flips_can_be_stored(tmp_path) -> None:
     root = flat_folder(tmp_path / "flat")
     prepare_imagefolder(
-        tmp_path / "out", root, RES, download_dir=tmp_path / "dl", test_fraction=0.34, store_flips=True, progress=False
+        tmp_path / "out",
+        SourceInput(root, download_dir=tmp_path / "dl"),
+        RES,
+        test_fraction=0.34,
+        store_flips=True,
+        options=QUIET,
     )
     train_x, train_y, meta = arrays(tmp_path / "out" / "train")
     assert train_y is None and meta["num_classes"] == 0 and meta["classes"] == []
@@ -120,7 +133,7 @@ def test_presplit_folders_keep_their_split_and_the_train_class_order(tmp_path) -
     class_folder(root / "train")
     _image(root / "val" / "zebra" / "z.png", 7)
     _image(root / "val" / "cat" / "c.png", 8)
-    prepare_imagefolder(tmp_path / "out", root, RES, download_dir=tmp_path / "dl", progress=False)
+    prepare_imagefolder(tmp_path / "out", SourceInput(root, download_dir=tmp_path / "dl"), RES, options=QUIET)
     _, train_y, meta = arrays(tmp_path / "out" / "train")
     test_x, test_y, _ = arrays(tmp_path / "out" / "test")
     assert len(train_y) == sum(CLASSES.values()) and meta["split_rule"] == "the train/ and test/ folders"
@@ -146,16 +159,18 @@ def test_a_tar_root_equals_its_folder_and_is_checked_and_contained(tmp_path) -> 
     tar = _tar(root, tmp_path / "mine.tar.gz", {"../escape.png": png, "/abs.png": png})
     sha = hashlib.sha256(tar.read_bytes()).hexdigest()
     from_folder, from_tar = tmp_path / "a", tmp_path / "b"
-    prepare_imagefolder(from_folder, root, RES, download_dir=tmp_path / "dl", progress=False)
+    prepare_imagefolder(from_folder, SourceInput(root, download_dir=tmp_path / "dl"), RES, options=QUIET)
     # the tar's single top folder ("images/") stands for ROOT; unsafe member names are never written
-    prepare_imagefolder(from_tar, tar, RES, download_dir=tmp_path / "dl", sha256=sha, progress=False)
+    prepare_imagefolder(from_tar, SourceInput(tar, download_dir=tmp_path / "dl", sha256=sha), RES, options=QUIET)
     for split in ("train", "test"):
         a, b = arrays(from_folder / split), arrays(from_tar / split)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not list(tmp_path.rglob("escape.png")) and not list(tmp_path.rglob("abs.png"))
     assert not Path("/abs.png").exists()
     with pytest.raises(ChecksumMismatch):
-        prepare_imagefolder(tmp_path / "c", tar, RES, download_dir=tmp_path / "dl", sha256="0" * 64, progress=False)
+        prepare_imagefolder(
+            tmp_path / "c", SourceInput(tar, download_dir=tmp_path / "dl", sha256="0" * 64), RES, options=QUIET
+        )
 
 
 def test_an_s3_prefix_root_equals_its_folder(tmp_path, s3_endpoint, monkeypatch) -> None:
@@ -174,8 +189,8 @@ def test_an_s3_prefix_root_equals_its_folder(tmp_path, s3_endpoint, monkeypatch)
     for p in root.rglob("*"):
         if p.is_file():
             client.put_object(Bucket="mine", Key=f"pets/{p.relative_to(root).as_posix()}", Body=p.read_bytes())
-    prepare_imagefolder(tmp_path / "a", root, RES, download_dir=tmp_path / "dl", progress=False)
-    prepare_imagefolder(tmp_path / "b", "s3://mine/pets", RES, download_dir=tmp_path / "dl", progress=False)
+    prepare_imagefolder(tmp_path / "a", SourceInput(root, download_dir=tmp_path / "dl"), RES, options=QUIET)
+    prepare_imagefolder(tmp_path / "b", SourceInput("s3://mine/pets", download_dir=tmp_path / "dl"), RES, options=QUIET)
     for split in ("train", "test"):
         a, b = arrays(tmp_path / "a" / split), arrays(tmp_path / "b" / split)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2]["classes"] == b[2]["classes"]
@@ -185,10 +200,12 @@ def test_mixed_layout_and_empty_folders_are_refused(tmp_path) -> None:
     root = class_folder(tmp_path / "images")
     _image(root / "stray.png", 1)
     with pytest.raises(BadSourceError, match="both image files"):
-        prepare_imagefolder(tmp_path / "out", root, RES, download_dir=tmp_path / "dl", progress=False)
+        prepare_imagefolder(tmp_path / "out", SourceInput(root, download_dir=tmp_path / "dl"), RES, options=QUIET)
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no images"):
-        prepare_imagefolder(tmp_path / "out2", tmp_path / "empty", RES, download_dir=tmp_path / "dl", progress=False)
+        prepare_imagefolder(
+            tmp_path / "out2", SourceInput(tmp_path / "empty", download_dir=tmp_path / "dl"), RES, options=QUIET
+        )
 
 
 # -- through the data stage and its config ---------------------------------------------------------

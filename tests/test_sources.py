@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uvit.data.download import BadSourceError, ChecksumMismatch
+from uvit.data.download import BadSourceError, ChecksumMismatch, SourceInput
 from uvit.data.preprocess import (
     BadImageError,
+    Crop,
+    PrepareOptions,
     celeba_crop,
     center_crop_arr,
     coco_crop,
@@ -32,6 +34,7 @@ from uvit.data.sources.coco import AnnotationError, prepare_coco
 from uvit.data.sources.imagenet import prepare_imagenet
 
 RNG = np.random.default_rng(1234)
+QUIET = PrepareOptions(progress=False)
 
 
 def _rand_img(w: int, h: int, seed: int) -> np.ndarray:
@@ -207,7 +210,7 @@ def test_cifar10_binary_records_exact(tmp_path):
     archive = tmp_path / "cifar-10-binary.tar.gz"
     expect = _cifar_tarball(archive)
     out = tmp_path / "data" / "cifar10"
-    ms = prepare_cifar10(out, archive=archive, md5=None, progress=False)
+    ms = prepare_cifar10(out, SourceInput(archive, md5=None), options=QUIET)
     assert set(ms) == {"train", "test"}
     for split, (images, labels) in expect.items():
         verify_split(out / split)
@@ -224,7 +227,7 @@ def test_cifar10_checksum_verified_by_default(tmp_path):
     archive = tmp_path / "cifar-10-binary.tar.gz"
     _cifar_tarball(archive)
     with pytest.raises(ChecksumMismatch) as ei:  # the default md5 is the official one
-        prepare_cifar10(tmp_path / "out", archive=archive, progress=False)
+        prepare_cifar10(tmp_path / "out", SourceInput(archive), options=QUIET)
     assert ei.value.expected == CIFAR_MD5 and str(archive) in str(ei.value)
     assert not (tmp_path / "out").exists()
 
@@ -236,15 +239,17 @@ def test_cifar10_download_over_http_and_no_overwrite(tmp_path, http_dir):
     expect = _cifar_tarball(www / "cifar-10-binary.tar.gz", seed=3)
     md5 = hashlib.md5((www / "cifar-10-binary.tar.gz").read_bytes()).hexdigest()
     out, dl = tmp_path / "cifar10", tmp_path / "downloads"
-    prepare_cifar10(out, download_dir=dl, md5=md5, url=f"{url}/cifar-10-binary.tar.gz", progress=False)
+    prepare_cifar10(out, SourceInput(download_dir=dl, md5=md5), url=f"{url}/cifar-10-binary.tar.gz", options=QUIET)
     assert (dl / "cifar-10-binary.tar.gz").is_file()
     np.testing.assert_array_equal(load_split_arrays(out / "test")[1], expect["test"][1])
     before = (out / "train" / "manifest.json").read_bytes()
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        prepare_cifar10(out, archive=www / "cifar-10-binary.tar.gz", md5=None, progress=False)
+        prepare_cifar10(out, SourceInput(www / "cifar-10-binary.tar.gz", md5=None), options=QUIET)
     assert (out / "train" / "manifest.json").read_bytes() == before
     _cifar_tarball(www / "other.tar.gz", seed=4)
-    prepare_cifar10(out, archive=www / "other.tar.gz", md5=None, overwrite=True, progress=False)
+    prepare_cifar10(
+        out, SourceInput(www / "other.tar.gz", md5=None), options=PrepareOptions(overwrite=True, progress=False)
+    )
     assert (out / "train" / "manifest.json").read_bytes() != before
 
 
@@ -255,7 +260,7 @@ def test_cifar10_rejects_pickle_version_and_corrupt_records(tmp_path):
         info.size = 3
         tar.addfile(info, io.BytesIO(b"abc"))
     with pytest.raises(ValueError, match="pickle"):
-        prepare_cifar10(tmp_path / "o1", archive=py, md5=None, progress=False)
+        prepare_cifar10(tmp_path / "o1", SourceInput(py, md5=None), options=QUIET)
     bad = tmp_path / "bad.tar.gz"
     with tarfile.open(bad, "w:gz") as tar:
         for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
@@ -263,7 +268,7 @@ def test_cifar10_rejects_pickle_version_and_corrupt_records(tmp_path):
             info.size = 3000
             tar.addfile(info, io.BytesIO(bytes(3000)))
     with pytest.raises(ValueError, match="3073-byte"):
-        prepare_cifar10(tmp_path / "o2", archive=bad, md5=None, progress=False)
+        prepare_cifar10(tmp_path / "o2", SourceInput(bad, md5=None), options=QUIET)
 
 
 # =============================================================================================
@@ -308,7 +313,7 @@ def test_imagenet_bad_file_raises_and_writes_nothing(imagenet_root, tmp_path):
     root, _, _ = imagenet_root
     out = tmp_path / "out"
     with pytest.raises(BadImageError) as ei:
-        prepare_imagenet(out, root, RES, progress=False)
+        prepare_imagenet(out, SourceInput(root), RES, options=QUIET)
     assert "n01484850_9.JPEG" in str(ei.value) and "skip_bad=True" in str(ei.value)
     assert not (out / "train").exists()
     assert not list(out.glob(".*"))  # no scratch or temp split left behind
@@ -317,7 +322,7 @@ def test_imagenet_bad_file_raises_and_writes_nothing(imagenet_root, tmp_path):
 def test_imagenet_skip_bad_labels_pixels_and_meta(imagenet_root, tmp_path):
     root, paths, labels = imagenet_root
     out = tmp_path / "out"
-    m = prepare_imagenet(out, root, RES, skip_bad=True, progress=False)["train"]
+    m = prepare_imagenet(out, SourceInput(root), RES, options=PrepareOptions(skip_bad=True, progress=False))["train"]
     verify_split(out / "train")
     images, got_labels = load_split_arrays(out / "train")
     assert images.shape == (7, 3, RES, RES) and images.dtype == np.uint8
@@ -335,7 +340,9 @@ def test_imagenet_skip_bad_labels_pixels_and_meta(imagenet_root, tmp_path):
 def test_imagenet_flip_rows_and_train_folder_root(imagenet_root, tmp_path):
     root, paths, labels = imagenet_root
     out = tmp_path / "out"
-    m = prepare_imagenet(out, root / "train", RES, flip=True, skip_bad=True, progress=False)["train"]
+    m = prepare_imagenet(
+        out, SourceInput(root / "train"), RES, flip=True, options=PrepareOptions(skip_bad=True, progress=False)
+    )["train"]
     ds = ShardedArrays(out / "train")
     images = ds.field("images")
     n = len(paths)
@@ -348,7 +355,7 @@ def test_imagenet_flip_rows_and_train_folder_root(imagenet_root, tmp_path):
 def test_imagenet_missing_root_explains(tmp_path):
     for root in (None, tmp_path / "nowhere"):
         with pytest.raises(FileNotFoundError) as ei:
-            prepare_imagenet(tmp_path / "out", root, 256, progress=False)
+            prepare_imagenet(tmp_path / "out", SourceInput(root), 256, options=QUIET)
         msg = str(ei.value)
         assert "image-net.org" in msg and "imagenet256.data.root" in msg
         assert "train/" in msg and "ILSVRC2012_img_train.tar" in msg
@@ -359,8 +366,9 @@ def test_imagenet_parallel_workers_match_serial(imagenet_root, tmp_path):
     fn = functools.partial(center_crop_arr, image_size=RES)
     serial = np.zeros((len(paths), 3, RES, RES), np.uint8)
     parallel = np.zeros_like(serial)
-    r0 = preprocess_images(paths, fn, serial, progress=False)
-    r2 = preprocess_images(paths, fn, parallel, num_workers=2, batch=2, progress=False)
+    crop = Crop(fn, (3, RES, RES))
+    r0 = preprocess_images(paths, crop, serial, QUIET)
+    r2 = preprocess_images(paths, crop, parallel, PrepareOptions(num_workers=2, progress=False), batch=2)
     np.testing.assert_array_equal(serial, parallel)
     np.testing.assert_array_equal(r0.kept, r2.kept)
     np.testing.assert_array_equal(r0.sizes, r2.sizes)
@@ -409,7 +417,10 @@ def test_imagenet_tar_of_class_tars_from_s3(imagenet_root, tmp_path, moto_s3):
     dl = tmp_path / "downloads"
     out = tmp_path / "out"
     m = prepare_imagenet(
-        out, "s3://datasets/imagenet/ILSVRC-mini_train.tar", RES, download_dir=dl, skip_bad=True, progress=False
+        out,
+        SourceInput("s3://datasets/imagenet/ILSVRC-mini_train.tar", download_dir=dl),
+        RES,
+        options=PrepareOptions(skip_bad=True, progress=False),
     )["train"]
     extracted = dl / "ILSVRC-mini_train"
     assert (extracted / ".extracted").is_file()
@@ -446,7 +457,7 @@ def test_celeba_train_split_pixels(celeba_root, tmp_path):
 
     root, img_dir, names = celeba_root
     out = tmp_path / "out"
-    ms = prepare_celeba(out, root, splits=("train", "test"), progress=False)
+    ms = prepare_celeba(out, root, splits=("train", "test"), options=QUIET)
     assert set(ms) == {"train", "test"}
     train = ShardedArrays(out / "train", verify=True)
     assert len(train) == 4 and list(train.field_names) == ["images"]
@@ -461,18 +472,20 @@ def test_celeba_small_image_error_and_skip(celeba_root, tmp_path):
     root, img_dir, names = celeba_root
     _save(img_dir / names[1], Image.fromarray(_rand_img(100, 120, 7)))  # smaller than 178x218
     with pytest.raises(BadImageError) as ei:
-        prepare_celeba(tmp_path / "out", root, progress=False)
+        prepare_celeba(tmp_path / "out", root, options=QUIET)
     assert names[1] in str(ei.value) and "smaller" in str(ei.value)
-    m = prepare_celeba(tmp_path / "out", root, skip_bad=True, progress=False)["train"]
+    m = prepare_celeba(tmp_path / "out", root, options=PrepareOptions(skip_bad=True, progress=False))["train"]
     assert m.count == 3 and [s["file"] for s in m.meta["skipped"]] == [names[1]]
     (img_dir / names[2]).unlink()  # listed but missing
-    m = prepare_celeba(tmp_path / "out", root, skip_bad=True, overwrite=True, progress=False)["train"]
+    m = prepare_celeba(tmp_path / "out", root, options=PrepareOptions(overwrite=True, skip_bad=True, progress=False))[
+        "train"
+    ]
     assert [s["file"] for s in m.meta["skipped"]] == [names[1], names[2]]
 
 
 def test_celeba_missing_root_and_partition_formats(tmp_path):
     with pytest.raises(FileNotFoundError) as ei:
-        prepare_celeba(tmp_path / "out", tmp_path / "nope", progress=False)
+        prepare_celeba(tmp_path / "out", tmp_path / "nope", options=QUIET)
     msg = str(ei.value)
     for word in ("Google Drive", "Kaggle", "img_align_celeba", "list_eval_partition.txt", "celeba64.data.root"):
         assert word in msg
@@ -521,7 +534,7 @@ def coco_root(tmp_path):
 def test_coco_images_captions_ids(coco_root, tmp_path):
     root, captions = coco_root
     out = tmp_path / "out"
-    ms = prepare_coco(out, root, COCO_RES, progress=False)
+    ms = prepare_coco(out, root, COCO_RES, options=QUIET)
     train = ShardedArrays(out / "train", verify=True)
     np.testing.assert_array_equal(train.field("image_ids"), [3, 9, 25])  # ascending ids
     np.testing.assert_array_equal(train.field("num_captions"), [3, 2, 1])
@@ -546,16 +559,16 @@ def test_coco_bad_annotations(coco_root, tmp_path):
     good = ann.read_text()
     ann.write_text(good[:-20])
     with pytest.raises(AnnotationError) as ei:
-        prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), progress=False)
+        prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), options=QUIET)
     assert str(ann) in str(ei.value) and "not valid JSON" in str(ei.value)
     data = json.loads(good)
     data["annotations"].append({"id": 7, "image_id": 12345, "caption": "orphan"})
     ann.write_text(json.dumps(data))
     with pytest.raises(AnnotationError, match="image id 12345"):
-        prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), progress=False)
+        prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), options=QUIET)
     ann.write_text(json.dumps({"images": "nope"}))
     with pytest.raises(AnnotationError, match="'images' and 'annotations'"):
-        prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), progress=False)
+        prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), options=QUIET)
     assert not (tmp_path / "out" / "train").exists()
 
 
@@ -564,10 +577,12 @@ def test_coco_missing_image_error_and_skip(coco_root, tmp_path):
     missing = root / "train2014" / "COCO_train2014_000000000009.jpg"
     missing.unlink()
     with pytest.raises(BadImageError) as ei:
-        prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), progress=False)
+        prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), options=QUIET)
     assert "image id 9" in str(ei.value) and str(missing) in str(ei.value)
     _truncated_jpeg(root / "train2014" / "COCO_train2014_000000000025.jpg")
-    m = prepare_coco(tmp_path / "out", root, COCO_RES, splits=("train",), skip_bad=True, progress=False)["train"]
+    m = prepare_coco(
+        tmp_path / "out", root, COCO_RES, splits=("train",), options=PrepareOptions(skip_bad=True, progress=False)
+    )["train"]
     assert m.count == 1
     assert [(s["image_id"], s["file"]) for s in m.meta["skipped"]] == [
         (9, "COCO_train2014_000000000009.jpg"),
@@ -575,7 +590,7 @@ def test_coco_missing_image_error_and_skip(coco_root, tmp_path):
     ]
     np.testing.assert_array_equal(ShardedArrays(tmp_path / "out" / "train").field("image_ids"), [3])
     with pytest.raises(FileNotFoundError, match="mscoco256.data.root"):
-        prepare_coco(tmp_path / "o2", tmp_path / "nope", progress=False)
+        prepare_coco(tmp_path / "o2", tmp_path / "nope", options=QUIET)
 
 
 # =============================================================================================
@@ -685,17 +700,17 @@ def test_truncated_cifar_archive_is_a_bad_source(tmp_path):
     _cifar_tarball(archive)
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(BadSourceError, match="truncated or corrupt") as ei:
-        prepare_cifar10(tmp_path / "out", archive=archive, md5=None, progress=False)
+        prepare_cifar10(tmp_path / "out", SourceInput(archive, md5=None), options=QUIET)
     assert isinstance(ei.value, DataIntegrityError) and isinstance(ei.value, ValueError)
 
 
 def test_cifar_declared_sha256_replaces_the_official_md5(tmp_path):
     archive = tmp_path / "cifar-10-binary.tar.gz"
     _cifar_tarball(archive)
-    ms = prepare_cifar10(tmp_path / "out", archive=archive, md5=None, sha256=_sha256(archive), progress=False)
+    ms = prepare_cifar10(tmp_path / "out", SourceInput(archive, md5=None, sha256=_sha256(archive)), options=QUIET)
     assert ms["train"].meta["sha256_verified"] is True and ms["train"].meta["archive_sha256"] == _sha256(archive)
     with pytest.raises(ChecksumMismatch) as ei:
-        prepare_cifar10(tmp_path / "out2", archive=archive, md5=None, sha256="1" * 64, progress=False)
+        prepare_cifar10(tmp_path / "out2", SourceInput(archive, md5=None, sha256="1" * 64), options=QUIET)
     assert ei.value.expected == "1" * 64
 
 
@@ -727,21 +742,27 @@ def test_imagenet_tar_replaced_is_verified_and_extracted_afresh(tmp_path):
     _class_tar(tar, a)
     dl = tmp_path / "dl"
     with pytest.raises(ChecksumMismatch) as ei:  # the official name: the official MD5 unless one is declared
-        prepare_imagenet(tmp_path / "o0", tar, RES, download_dir=dl, progress=False)
+        prepare_imagenet(tmp_path / "o0", SourceInput(tar, download_dir=dl), RES, options=QUIET)
     assert ei.value.expected == TRAIN_TAR_MD5
-    m = prepare_imagenet(tmp_path / "o1", tar, RES, download_dir=dl, sha256=_sha256(tar), progress=False)["train"]
+    m = prepare_imagenet(tmp_path / "o1", SourceInput(tar, download_dir=dl, sha256=_sha256(tar)), RES, options=QUIET)[
+        "train"
+    ]
     assert m.count == 3 and m.meta["classes"] == ["n00000001", "n00000002"]
     # another tar at the same path: its classes replace the first one's (none left over)
     b = {"n00000003": [_rand_img(20, 20, 4)], "n00000004": [_rand_img(20, 20, 5), _rand_img(20, 20, 6)]}
     _class_tar(tar, b)
     with pytest.raises(ChecksumMismatch):  # verified again although an extraction exists
-        prepare_imagenet(tmp_path / "o2", tar, RES, download_dir=dl, md5=None, sha256="2" * 64, progress=False)
-    m = prepare_imagenet(tmp_path / "o3", tar, RES, download_dir=dl, md5=None, sha256=_sha256(tar), progress=False)[
-        "train"
-    ]
+        prepare_imagenet(
+            tmp_path / "o2", SourceInput(tar, download_dir=dl, md5=None, sha256="2" * 64), RES, options=QUIET
+        )
+    m = prepare_imagenet(
+        tmp_path / "o3", SourceInput(tar, download_dir=dl, md5=None, sha256=_sha256(tar)), RES, options=QUIET
+    )["train"]
     assert m.meta["classes"] == ["n00000003", "n00000004"] and m.count == 3
     images, labels = load_split_arrays(tmp_path / "o3" / "train")
     np.testing.assert_array_equal(labels, [0, 1, 1])
     np.testing.assert_array_equal(images[0], _chw(center_crop_arr(Image.fromarray(b["n00000003"][0]), RES)))
     with pytest.raises(BadSourceError, match="folder"):  # a folder root takes no checksum
-        prepare_imagenet(tmp_path / "o4", dl / TRAIN_TAR.removesuffix(".tar"), RES, sha256=_sha256(tar), progress=False)
+        prepare_imagenet(
+            tmp_path / "o4", SourceInput(dl / TRAIN_TAR.removesuffix(".tar"), sha256=_sha256(tar)), RES, options=QUIET
+        )

@@ -487,6 +487,96 @@ def _extract_imagenet_tar(tar_path: Path) -> tuple[Path, Path]:
     return extract_train_tar(tar_path, scratch, progress=False) / "train", scratch
 
 
+def _claim(dest: Path, benchmarks: tuple[str, ...]) -> dict:
+    """Check ``dest`` may be written (empty, absent or ours), clear what an earlier call wrote and
+    write the marker first (incomplete), so that an interrupted call may be re-run."""
+    if dest.exists() and any(dest.iterdir()) and not (dest / MARKER).is_file():
+        raise FileExistsError(f"{dest} is not empty and was not written by write_miniature; choose another folder")
+    for sub in ("cifar10", "celeba", "imagenet", "imagenet-tar", "coco", "weights", "downloads"):
+        if (dest / sub).is_dir():
+            shutil.rmtree(dest / sub)
+    dest.mkdir(parents=True, exist_ok=True)
+    marker = {"benchmarks": list(benchmarks), "complete": False}
+    (dest / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return marker
+
+
+def _write_datasets(dest: Path, benchmarks: tuple[str, ...]) -> dict[str, Any]:
+    """The miniature datasets ``benchmarks`` read (the latent ones also need the ImageNet folders,
+    the tar and COCO, to calibrate the VAE): {"cifar10": (path, rows), "celeba64", "imagenet",
+    "imagenet-tar", "coco": path}."""
+    latent = bool({"imagenet256", "imagenet512", "mscoco256"} & set(benchmarks))
+    made: dict[str, Any] = {}
+    if "cifar10" in benchmarks:
+        made["cifar10"] = _write_cifar10(dest)
+    if "celeba64" in benchmarks:
+        made["celeba64"] = _write_celeba(dest)
+    if {"imagenet64", "imagenet512"} & set(benchmarks) or latent:
+        made["imagenet"] = _write_imagenet_folders(dest)
+    if "imagenet256" in benchmarks or latent:
+        made["imagenet-tar"] = _write_imagenet_tar(dest)
+    if "mscoco256" in benchmarks or latent:
+        made["coco"] = _write_coco(dest)
+    return made
+
+
+def _write_weights(dest: Path, benchmarks: tuple[str, ...], made: dict[str, Any], inception: Path) -> dict[str, str]:
+    """The stand-in weight files besides ``inception`` (written first): {"vae"} for the latent
+    benchmarks (one for all, as the official autoencoder_kl.pth), {"text_encoder", "clip_model"}
+    for mscoco256."""
+    weights = {"inception": str(inception)}
+    if {"imagenet256", "imagenet512", "mscoco256"} & set(benchmarks):
+        tar_train, scratch = _extract_imagenet_tar(made["imagenet-tar"])
+        try:
+            calibration = _vae_calibration_images([made["imagenet"] / "train", tar_train], made["coco"])
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        weights["vae"] = str(_write_vae(dest, calibration))
+    if "mscoco256" in benchmarks:
+        from uvit.models.presets import get_preset
+
+        weights["text_encoder"] = str(_write_text_encoder(dest, get_preset("mscoco256_uvit_s2").config.clip_dim))
+        weights["clip_model"] = str(_write_clip_model(dest))
+    return weights
+
+
+def _overrides(b: str, dest: Path, made: dict[str, Any], weights: dict[str, str]) -> dict[str, Any]:
+    """The params overrides of benchmark ``b``."""
+    score = {"feature_extractor": "inception", "inception_weights": weights["inception"]}
+    o: dict[str, Any] = {"model": {"overrides": dict(_SMALL_UVIT)}, "train": dict(_TRAIN), "score": score}
+    imagenet_train = len(IMAGENET_CLASSES) * IMAGENET_TRAIN_PER_CLASS
+    if b == "cifar10":
+        path, rows = made["cifar10"]
+        o["data"] = {"root": str(path), "sha256": _sha256(path)}
+        o["validate"] = {"num_classes": 10, "min_rows": rows["train"]}
+        o["sample"] = _sample(20)
+    elif b == "celeba64":
+        o["data"] = {"root": str(made["celeba64"])}
+        o["validate"] = {"min_rows": CELEBA_PARTITION[0]}
+        o["sample"] = _sample(16)
+    elif b == "imagenet64":
+        o["data"] = {"root": str(made["imagenet"])}
+        o["validate"] = {"num_classes": len(IMAGENET_CLASSES), "min_rows": imagenet_train}
+        o["sample"] = _sample(16)
+    elif b in ("imagenet256", "imagenet512"):
+        if b == "imagenet256":  # the tar: its checksum declared, extracted into dest/downloads
+            tar = made["imagenet-tar"]
+            o["data"] = {"root": str(tar), "sha256": _sha256(tar), "download_dir": str(dest / "downloads")}
+        else:
+            o["data"] = {"root": str(made["imagenet"])}
+        o["encode"] = {"vae": weights["vae"], "batch_size": 8}
+        # flips are stored for the latent benchmarks: 2 rows per image
+        o["validate"] = {"num_classes": len(IMAGENET_CLASSES), "min_rows": 2 * imagenet_train}
+        o["sample"] = {**_sample(8), "vae": weights["vae"]}  # the H configs decode with a second (EMA) VAE file
+    elif b == "mscoco256":
+        o["data"] = {"root": str(made["coco"])}
+        o["encode"] = {"vae": weights["vae"], "text_encoder": weights["text_encoder"], "batch_size": 8}
+        o["validate"] = {"min_rows": COCO_IMAGES["train"]}
+        o["sample"] = _sample(8)
+        o["score"]["clip_model"] = weights["clip_model"]
+    return o
+
+
 def write_miniature(dest: str | Path, benchmarks: Iterable[str] = PAPER_BENCHMARKS) -> dict[str, dict]:
     """Write the miniature inputs of ``benchmarks`` under ``dest`` and return
     ``{benchmark: params overrides}`` (nested dicts, absolute paths), to be merged into each
@@ -500,76 +590,12 @@ def write_miniature(dest: str | Path, benchmarks: Iterable[str] = PAPER_BENCHMAR
     if unknown:
         raise ValueError(f"no miniature for {unknown}; choose from {', '.join(PAPER_BENCHMARKS)}")
     dest = Path(dest).resolve()
-    if dest.exists() and any(dest.iterdir()) and not (dest / MARKER).is_file():
-        raise FileExistsError(f"{dest} is not empty and was not written by write_miniature; choose another folder")
-    for sub in ("cifar10", "celeba", "imagenet", "imagenet-tar", "coco", "weights", "downloads"):
-        if (dest / sub).is_dir():
-            shutil.rmtree(dest / sub)
-    dest.mkdir(parents=True, exist_ok=True)
-    marker = {"benchmarks": list(benchmarks), "complete": False}  # an interrupted call may be re-run
-    (dest / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    latent = {"imagenet256", "imagenet512", "mscoco256"} & set(benchmarks)
-
+    marker = _claim(dest, benchmarks)
+    # The Inception weights first, then the data, then the other weights: the order fixes the bytes.
     inception = _write_inception(dest)
-    score = {"feature_extractor": "inception", "inception_weights": str(inception)}
-    made: dict[str, Any] = {}
-    if "cifar10" in benchmarks:
-        made["cifar10"] = _write_cifar10(dest)
-    if "celeba64" in benchmarks:
-        made["celeba64"] = _write_celeba(dest)
-    if {"imagenet64", "imagenet512"} & set(benchmarks) or latent:
-        made["imagenet"] = _write_imagenet_folders(dest)
-    if "imagenet256" in benchmarks or latent:
-        made["imagenet-tar"] = _write_imagenet_tar(dest)
-    if "mscoco256" in benchmarks or latent:
-        made["coco"] = _write_coco(dest)
-    if latent:  # one VAE for all latent benchmarks, as the official autoencoder_kl.pth
-        tar_train, scratch = _extract_imagenet_tar(made["imagenet-tar"])
-        try:
-            calibration = _vae_calibration_images([made["imagenet"] / "train", tar_train], made["coco"])
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        vae = str(_write_vae(dest, calibration))
-    if "mscoco256" in benchmarks:
-        from uvit.models.presets import get_preset
-
-        text_encoder = str(_write_text_encoder(dest, get_preset("mscoco256_uvit_s2").config.clip_dim))
-        clip_model = str(_write_clip_model(dest))
-
-    imagenet_train = len(IMAGENET_CLASSES) * IMAGENET_TRAIN_PER_CLASS
-    out: dict[str, dict] = {}
-    for b in benchmarks:
-        o: dict[str, Any] = {"model": {"overrides": dict(_SMALL_UVIT)}, "train": dict(_TRAIN), "score": dict(score)}
-        if b == "cifar10":
-            path, rows = made["cifar10"]
-            o["data"] = {"root": str(path), "sha256": _sha256(path)}
-            o["validate"] = {"num_classes": 10, "min_rows": rows["train"]}
-            o["sample"] = _sample(20)
-        elif b == "celeba64":
-            o["data"] = {"root": str(made["celeba64"])}
-            o["validate"] = {"min_rows": CELEBA_PARTITION[0]}
-            o["sample"] = _sample(16)
-        elif b == "imagenet64":
-            o["data"] = {"root": str(made["imagenet"])}
-            o["validate"] = {"num_classes": len(IMAGENET_CLASSES), "min_rows": imagenet_train}
-            o["sample"] = _sample(16)
-        elif b in ("imagenet256", "imagenet512"):
-            if b == "imagenet256":  # the tar: its checksum declared, extracted into dest/downloads
-                tar = made["imagenet-tar"]
-                o["data"] = {"root": str(tar), "sha256": _sha256(tar), "download_dir": str(dest / "downloads")}
-            else:
-                o["data"] = {"root": str(made["imagenet"])}
-            o["encode"] = {"vae": vae, "batch_size": 8}
-            # flips are stored for the latent benchmarks: 2 rows per image
-            o["validate"] = {"num_classes": len(IMAGENET_CLASSES), "min_rows": 2 * imagenet_train}
-            o["sample"] = {**_sample(8), "vae": vae}  # the H configs decode with a second (EMA) VAE file
-        elif b == "mscoco256":
-            o["data"] = {"root": str(made["coco"])}
-            o["encode"] = {"vae": vae, "text_encoder": text_encoder, "batch_size": 8}
-            o["validate"] = {"min_rows": COCO_IMAGES["train"]}
-            o["sample"] = _sample(8)
-            o["score"]["clip_model"] = clip_model
-        out[b] = o
+    made = _write_datasets(dest, benchmarks)
+    weights = _write_weights(dest, benchmarks, made, inception)
+    out = {b: _overrides(b, dest, made, weights) for b in benchmarks}
     (dest / MARKER).write_text(json.dumps({**marker, "complete": True}, indent=2) + "\n")
     return out
 

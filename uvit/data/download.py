@@ -29,27 +29,32 @@ import hashlib
 import http.client
 import os
 import socket
+import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from uvit.data.shards import DataIntegrityError
 
 __all__ = [
+    "AUTO",
     "BACKOFF_S",
     "BadSourceError",
     "ChecksumMismatch",
     "DiskFullError",
     "DownloadError",
     "RETRIES",
+    "SourceInput",
     "TIMEOUT_S",
     "default_download_dir",
     "fetch",
     "file_digests",
     "is_remote",
+    "open_tar",
     "s3_endpoint_url",
     "verify_file",
 ]
@@ -59,6 +64,8 @@ BACKOFF_S = 2.0  # sleep BACKOFF_S * 2**attempt between attempts
 TIMEOUT_S = 60.0  # socket timeout of one HTTP request / read
 _HASH_BLOCK = 1 << 22
 _REMOTE_SCHEMES = ("http://", "https://", "s3://")
+_BYTES = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}  # a tqdm bar counting bytes
+AUTO = "auto"  # SourceInput.md5: the source's official MD5 for its official archive
 
 
 class BadSourceError(DataIntegrityError, ValueError):
@@ -106,6 +113,42 @@ def is_remote(url_or_path: str | os.PathLike) -> bool:
     return str(url_or_path).startswith(_REMOTE_SCHEMES)
 
 
+def open_tar(path: Path, fix: str) -> tarfile.TarFile:
+    """``path`` opened as a (possibly compressed) tar; a file that is not one is a
+    :class:`BadSourceError` "<path>: cannot open as a tar archive (<reason>)<fix>"."""
+    try:
+        return tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise BadSourceError(f"{path}: cannot open as a tar archive ({e}){fix}") from e
+
+
+@dataclass(frozen=True)
+class SourceInput:
+    """Where a dataset source's input comes from, the same for every source.
+
+    ``root``: a local folder or archive, or an ``http(s)://`` / ``s3://`` URL (None: the official
+    download, where the source has one). ``download_dir``: where fetched and extracted files go
+    (None: :func:`default_download_dir`). ``md5`` / ``sha256``: the digests the archive must have;
+    ``md5="auto"`` means the source's official MD5 for its official archive unless a ``sha256`` is
+    declared (a copy of your own passes with its ``sha256``), None no MD5.
+    """
+
+    root: str | os.PathLike | None = None
+    download_dir: str | os.PathLike | None = None
+    md5: str | None = AUTO
+    sha256: str | None = None
+
+    def downloads(self) -> Path:
+        """The folder for fetched files."""
+        return Path(self.download_dir) if self.download_dir is not None else default_download_dir()
+
+    def md5_for(self, official: str | None) -> str | None:
+        """The MD5 to check, given the source's ``official`` one for this file (None: it has none)."""
+        if self.md5 != AUTO:
+            return self.md5
+        return official if self.sha256 is None else None
+
+
 # --------------------------------------------------------------------------------------------
 # Checksums
 # --------------------------------------------------------------------------------------------
@@ -151,7 +194,12 @@ def verify_file(path: str | Path, *, sha256: str | None = None, md5: str | None 
         raise ChecksumMismatch(
             f"{path}: {algo} is {got}, expected {want}. The file is corrupt, truncated or a "
             f"different version: delete it (or replace it with a correct copy) and run again to "
-            f"download it afresh.", path=path, algorithm=algo, expected=want, actual=got)
+            f"download it afresh.",
+            path=path,
+            algorithm=algo,
+            expected=want,
+            actual=got,
+        )
     return path
 
 
@@ -191,7 +239,11 @@ def fetch(
                 f"{dest} already exists but its {algo} is {got}, expected {want} (source {src}). "
                 f"It is not the expected file (corrupt, truncated or another version) and is not "
                 f"overwritten: delete it, or replace it with a correct copy, and run again.",
-                path=dest, algorithm=algo, expected=want, actual=got)
+                path=dest,
+                algorithm=algo,
+                expected=want,
+                actual=got,
+            )
         part = _part_path(dest)
         transfer = _transfer_for(src, dest)
         for attempt in range(RETRIES + 1):
@@ -211,7 +263,11 @@ def fetch(
                 f"to {dest} and the corrupt partial file was deleted. Run again to download it "
                 f"afresh; if it keeps failing the source has changed or is damaged: check the URL, "
                 f"or fetch the file another way, verify its {algo} and place it at {dest}.",
-                path=dest, algorithm=algo, expected=want, actual=got)
+                path=dest,
+                algorithm=algo,
+                expected=want,
+                actual=got,
+            )
         _fsync(part)
         os.replace(part, dest)
     return dest
@@ -241,14 +297,15 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _failure_message(src: str, dest: Path, part: Path, expected: dict[str, str],
-                     err: BaseException) -> str:
+def _failure_message(src: str, dest: Path, part: Path, expected: dict[str, str], err: BaseException) -> str:
     cause = err.__cause__ or err
     have = part.stat().st_size if part.exists() else 0
     check = ", ".join(f"{a} {v}" for a, v in expected.items())
-    msg = (f"Could not download {src}: {type(cause).__name__}: {cause}. "
-           f"To skip the download, get the file another way (e.g. on a machine with internet "
-           f"access) and place it at {dest}")
+    msg = (
+        f"Could not download {src}: {type(cause).__name__}: {cause}. "
+        f"To skip the download, get the file another way (e.g. on a machine with internet "
+        f"access) and place it at {dest}"
+    )
     msg += f" (it must have {check})." if check else "."
     if have:
         msg += f" The {have} bytes received so far are kept in {part}; running again resumes there."
@@ -264,7 +321,8 @@ def _transfer_for(src: str, dest: Path) -> Callable[[Path, int, bool], None]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist (or is not a file), so it cannot be copied to {dest}. "
-            f"Check the path, or place the file at {dest} yourself.")
+            f"Check the path, or place the file at {dest} yourself."
+        )
     return lambda part, chunk, progress: _local_transfer(path, part, chunk, progress)
 
 
@@ -273,8 +331,9 @@ def _append(f, data: bytes) -> None:
     f.write(data)
 
 
-def _write_stream(part: Path, offset: int, total: int | None, blocks: Iterator[bytes],
-                  desc: str, progress: bool) -> int:
+def _write_stream(
+    part: Path, offset: int, total: int | None, blocks: Iterator[bytes], desc: str, progress: bool
+) -> int:
     """Append ``blocks`` to ``part`` (truncated first when ``offset`` is 0); returns the size.
 
     ENOSPC becomes :class:`DiskFullError` (partial file kept); any other error propagates.
@@ -283,9 +342,10 @@ def _write_stream(part: Path, offset: int, total: int | None, blocks: Iterator[b
 
     written = offset
     try:
-        with open(part, "ab" if offset else "wb") as f, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=desc, disable=not progress, leave=False) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as f,
+            tqdm(total=total, initial=offset, desc=desc, disable=not progress, leave=False, **_BYTES) as bar,
+        ):
             for block in blocks:
                 _append(f, block)
                 written += len(block)
@@ -296,9 +356,11 @@ def _write_stream(part: Path, offset: int, total: int | None, blocks: Iterator[b
             raise DiskFullError(
                 errno.ENOSPC,
                 f"No space left on the device while writing {part} ({written} bytes so far"
-                + (f" of {total}" if total else "") + "). The partial file is kept: free "
-                f"space on that filesystem (or point the download folder elsewhere, e.g. "
-                f"UVIT_DOWNLOAD_DIR) and run again to resume.") from e
+                + (f" of {total}" if total else "")
+                + "). The partial file is kept: free "
+                "space on that filesystem (or point the download folder elsewhere, e.g. "
+                "UVIT_DOWNLOAD_DIR) and run again to resume.",
+            ) from e
         raise
     return written
 
@@ -333,8 +395,9 @@ def _local_transfer(path: Path, part: Path, chunk: int, progress: bool) -> None:
 def _http_transient(e: BaseException) -> bool:
     if isinstance(e, urllib.error.HTTPError):
         return e.code >= 500 or e.code in (408, 429)
-    return isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout,
-                          http.client.HTTPException))
+    return isinstance(
+        e, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException)
+    )
 
 
 def _content_range_total(value: str | None) -> int | None:
@@ -347,8 +410,7 @@ def _content_range_total(value: str | None) -> int | None:
 
 def _http_transfer(url: str, part: Path, chunk: int, progress: bool) -> None:
     offset = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "uvit-fetch/1",
-                                               "Accept-Encoding": "identity"})
+    req = urllib.request.Request(url, headers={"User-Agent": "uvit-fetch/1", "Accept-Encoding": "identity"})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
     try:
@@ -362,13 +424,13 @@ def _http_transfer(url: str, part: Path, chunk: int, progress: bool) -> None:
             if total == offset:
                 return
             part.unlink(missing_ok=True)
-            raise _Transient(f"{url}: the server rejected resuming at byte {offset}; "
-                             f"restarting from scratch") from e
+            raise _Transient(f"{url}: the server rejected resuming at byte {offset}; restarting from scratch") from e
         if _http_transient(e):
             raise _Transient(str(e)) from e
         raise DownloadError(
             f"Could not download {url}: HTTP {e.code} {e.reason}. Check the URL; or get the file "
-            f"another way and place it at {part.with_suffix('')} to skip the download.") from e
+            f"another way and place it at {part.with_suffix('')} to skip the download."
+        ) from e
     except Exception as e:  # noqa: BLE001 - classify, re-raise
         if _http_transient(e):
             raise _Transient(str(e)) from e
@@ -400,8 +462,7 @@ def _http_transfer(url: str, part: Path, chunk: int, progress: bool) -> None:
                     return
                 yield block
 
-        size = _write_stream(part, offset, total, blocks(), Path(urllib.parse.urlparse(url).path).name,
-                             progress)
+        size = _write_stream(part, offset, total, blocks(), Path(urllib.parse.urlparse(url).path).name, progress)
     _check_complete(url, size, total)
 
 
@@ -429,12 +490,23 @@ def _s3_transfer(url: str, part: Path, chunk: int, progress: bool) -> None:
     from botocore.config import Config
 
     bucket, key = _split_s3(url)
-    client = boto3.client("s3", endpoint_url=s3_endpoint_url(),
-                          config=Config(retries={"max_attempts": 2, "mode": "standard"},
-                                        read_timeout=TIMEOUT_S, connect_timeout=TIMEOUT_S))
-    transient = (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
-                 bex.ConnectTimeoutError, bex.IncompleteReadError, bex.ResponseStreamingError,
-                 ConnectionError, TimeoutError)
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint_url(),
+        config=Config(
+            retries={"max_attempts": 2, "mode": "standard"}, read_timeout=TIMEOUT_S, connect_timeout=TIMEOUT_S
+        ),
+    )
+    transient = (
+        bex.EndpointConnectionError,
+        bex.ConnectionClosedError,
+        bex.ReadTimeoutError,
+        bex.ConnectTimeoutError,
+        bex.IncompleteReadError,
+        bex.ResponseStreamingError,
+        ConnectionError,
+        TimeoutError,
+    )
     offset = part.stat().st_size if part.exists() else 0
     try:
         total = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
@@ -465,11 +537,12 @@ def _s3_transfer(url: str, part: Path, chunk: int, progress: bool) -> None:
         raise DownloadError(
             f"Could not download {url} (endpoint {s3_endpoint_url() or 'AWS default'}): {code or status}: "
             f"{e}. Check the bucket/key and credentials; or get the file another way and place it "
-            f"at {part.with_suffix('')} to skip the download.") from e
+            f"at {part.with_suffix('')} to skip the download."
+        ) from e
     except bex.NoCredentialsError as e:
         raise DownloadError(
             f"Could not download {url}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
             f"AWS_SECRET_ACCESS_KEY or a profile); or place the file at {part.with_suffix('')} "
-            f"to skip the download.") from e
+            f"to skip the download."
+        ) from e
     _check_complete(url, size, total)
-

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "ValidationFailed",
     "ValidationReport",
     "image_split_frames",
+    "open_split",
     "require_valid",
     "validate_image_split",
 ]
@@ -71,8 +73,9 @@ class ImageSplitExpectations:
         if self.pixel_max < self.pixel_min:
             raise ValueError(f"pixel_max ({self.pixel_max}) < pixel_min ({self.pixel_min})")
         if not 0.0 <= self.min_class_share <= self.max_class_share <= 1.0:
-            raise ValueError("need 0 <= min_class_share <= max_class_share <= 1, got "
-                             f"{self.min_class_share}, {self.max_class_share}")
+            raise ValueError(
+                f"need 0 <= min_class_share <= max_class_share <= 1, got {self.min_class_share}, {self.max_class_share}"
+            )
 
 
 @dataclass
@@ -98,12 +101,10 @@ class ValidationReport:
 
     def summary(self) -> str:
         """A readable table, failed expectations first."""
-        verdict = ("PASSED" if self.success
-                   else f"FAILED ({len(self.failures)} of {len(self.results)} expectations)")
+        verdict = "PASSED" if self.success else f"FAILED ({len(self.failures)} of {len(self.results)} expectations)"
         ordered = sorted(self.results, key=lambda r: r.success)  # stable: failures first
         width = max([len("expectation")] + [len(r.name) for r in ordered])
-        lines = [f"Validation of {self.artifact}: {verdict}",
-                 f"  {'status':<6}  {'expectation':<{width}}  details"]
+        lines = [f"Validation of {self.artifact}: {verdict}", f"  {'status':<6}  {'expectation':<{width}}  details"]
         for r in ordered:
             status = "ok" if r.success else "FAIL"
             details = r.details.replace("\n", "\n" + " " * (width + 12))
@@ -139,6 +140,24 @@ def verify_checksums(root: Path) -> tuple[Manifest | None, ExpectationOutcome]:
     return manifest, ExpectationOutcome("checksums", True, f"{files} files match the manifest")
 
 
+def open_split(root: Path, needed: Sequence[str], kind: str = "") -> tuple[Manifest | None, str, list]:
+    """The first checks of every suite: the checksums of the split at ``root``, then whether it
+    has the ``needed`` fields. Returns (manifest, artifact name, outcomes so far); the manifest is
+    None when a check failed, and the suite then reports only these outcomes. ``kind`` ("latents",
+    "captions") ends the artifact name."""
+    manifest, checksums = verify_checksums(root)
+    if manifest is None:
+        return None, str(root), [checksums]
+    artifact = f"{root} ({manifest.name}/{manifest.split}{' ' + kind if kind else ''})"
+    missing = [f for f in needed if f not in manifest.fields]
+    if missing:
+        fields = ExpectationOutcome(
+            "fields present", False, f"missing field(s) {missing}; split has {sorted(manifest.fields)}"
+        )
+        return None, artifact, [checksums, fields]
+    return manifest, artifact, [checksums]
+
+
 def require_valid(report: ValidationReport) -> None:
     """Raise :class:`ValidationFailed` (message: the summary) unless ``report.success``."""
     if not report.success:
@@ -170,8 +189,13 @@ def image_split_frames(
 
     parts = []
     offset = 0
-    bar = tqdm(ds.manifest.shards, desc=f"validate {ds.manifest.split}: shards", unit="shard", ascii=True,
-               disable=None if progress is None else not progress)
+    bar = tqdm(
+        ds.manifest.shards,
+        desc=f"validate {ds.manifest.split}: shards",
+        unit="shard",
+        ascii=True,
+        disable=None if progress is None else not progress,
+    )
     for k, entry in enumerate(bar):
         images = np.asarray(ds.shard(image_field, k)).reshape(entry.count, -1)
         labels = np.asarray(ds.shard(label_field, k)) if num_classes else np.full(entry.count, -1, np.int64)
@@ -182,13 +206,17 @@ def image_split_frames(
         else:
             finite = np.ones(entry.count, dtype=bool)
             lo, hi = images.min(axis=1), images.max(axis=1)
-        parts.append(pd.DataFrame({
-            "row": np.arange(offset, offset + entry.count, dtype=np.int64),
-            "label": labels,
-            "pixel_min": lo.astype(np.float64),
-            "pixel_max": hi.astype(np.float64),
-            "all_finite": finite,
-        }))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "row": np.arange(offset, offset + entry.count, dtype=np.int64),
+                    "label": labels,
+                    "pixel_min": lo.astype(np.float64),
+                    "pixel_max": hi.astype(np.float64),
+                    "all_finite": finite,
+                }
+            )
+        )
         offset += entry.count
     rows = pd.concat(parts, ignore_index=True)
 
@@ -209,24 +237,27 @@ def _row_suite(e: ImageSplitExpectations, manifest: Manifest) -> list:
     import great_expectations.expectations as gxe
 
     upper = "inf" if e.max_rows is None else e.max_rows
-    labels = [
-        (f"labels in [0, {e.num_classes - 1}]",
-         gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0,
-                                           max_value=e.num_classes - 1)),
-        ("labels not null", gxe.ExpectColumnValuesToNotBeNull(column="label")),
-    ] if e.num_classes else []
+    labels = (
+        [
+            (
+                f"labels in [0, {e.num_classes - 1}]",
+                gxe.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=e.num_classes - 1),
+            ),
+            ("labels not null", gxe.ExpectColumnValuesToNotBeNull(column="label")),
+        ]
+        if e.num_classes
+        else []
+    )
     return [
-        (f"row count = manifest count ({manifest.count})",
-         gxe.ExpectTableRowCountToEqual(value=manifest.count)),
-        (f"row count in [{e.min_rows}, {upper}]",
-         gxe.ExpectTableRowCountToBeBetween(min_value=e.min_rows, max_value=e.max_rows)),
+        (f"row count = manifest count ({manifest.count})", gxe.ExpectTableRowCountToEqual(value=manifest.count)),
+        (
+            f"row count in [{e.min_rows}, {upper}]",
+            gxe.ExpectTableRowCountToBeBetween(min_value=e.min_rows, max_value=e.max_rows),
+        ),
         *labels,
-        (f"pixels >= {e.pixel_min:g}",
-         gxe.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=e.pixel_min)),
-        (f"pixels <= {e.pixel_max:g}",
-         gxe.ExpectColumnValuesToBeBetween(column="pixel_max", max_value=e.pixel_max)),
-        ("pixels finite (no NaN/inf)",
-         gxe.ExpectColumnValuesToBeInSet(column="all_finite", value_set=[True])),
+        (f"pixels >= {e.pixel_min:g}", gxe.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=e.pixel_min)),
+        (f"pixels <= {e.pixel_max:g}", gxe.ExpectColumnValuesToBeBetween(column="pixel_max", max_value=e.pixel_max)),
+        ("pixels finite (no NaN/inf)", gxe.ExpectColumnValuesToBeInSet(column="all_finite", value_set=[True])),
     ]
 
 
@@ -235,16 +266,17 @@ def _class_suite(e: ImageSplitExpectations) -> list:
     import great_expectations.expectations as gxe
 
     return [
-        (f"every class 0..{e.num_classes - 1} present",
-         gxe.ExpectColumnValuesToBeBetween(column="count", min_value=1)),
-        (f"class share in [{e.min_class_share:g}, {e.max_class_share:g}]",
-         gxe.ExpectColumnValuesToBeBetween(column="share", min_value=e.min_class_share,
-                                           max_value=e.max_class_share)),
+        (f"every class 0..{e.num_classes - 1} present", gxe.ExpectColumnValuesToBeBetween(column="count", min_value=1)),
+        (
+            f"class share in [{e.min_class_share:g}, {e.max_class_share:g}]",
+            gxe.ExpectColumnValuesToBeBetween(column="share", min_value=e.min_class_share, max_value=e.max_class_share),
+        ),
     ]
 
 
-def _run_suites(frames: dict[str, tuple[Any, list, str]], progress: bool | None = None,
-                desc: str = "validate: suites") -> list[ExpectationOutcome]:
+def _run_suites(
+    frames: dict[str, tuple[Any, list, str]], progress: bool | None = None, desc: str = "validate: suites"
+) -> list[ExpectationOutcome]:
     """Run one GE suite per frame; ``frames``: key -> (DataFrame, [(name, expectation)], index
     column naming offending rows). Returns outcomes in suite order. progress: a tqdm bar over the
     suites (None: only on a terminal)."""
@@ -255,8 +287,14 @@ def _run_suites(frames: dict[str, tuple[Any, list, str]], progress: bool | None 
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas(name="uvit")
     outcomes: list[ExpectationOutcome] = []
-    bar = tqdm(frames.items(), total=len(frames), desc=desc, unit="suite", ascii=True,
-               disable=None if progress is None else not progress)
+    bar = tqdm(
+        frames.items(),
+        total=len(frames),
+        desc=desc,
+        unit="suite",
+        ascii=True,
+        disable=None if progress is None else not progress,
+    )
     for key, (df, named, index_col) in bar:
         batch = source.add_dataframe_asset(name=key).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=key))
@@ -264,12 +302,11 @@ def _run_suites(frames: dict[str, tuple[Any, list, str]], progress: bool | None 
             # The readable name travels in meta so results can be matched back to it.
             expectation.meta = {"uvit_name": name}
             suite.add_expectation(expectation)
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=key, data=batch, suite=suite))
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=key, data=batch, suite=suite))
         result = definition.run(
             batch_parameters={"dataframe": df},
-            result_format={"result_format": "SUMMARY",
-                           "unexpected_index_column_names": [index_col]})
+            result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [index_col]},
+        )
         by_name = {r.expectation_config.meta["uvit_name"]: r for r in result.results}
         for name, _ in named:
             outcomes.append(_outcome(name, by_name.get(name), index_col))
@@ -282,8 +319,7 @@ def _outcome(name: str, r, index_col: str) -> ExpectationOutcome:
         return ExpectationOutcome(name, False, "no result returned by great-expectations")
     info = r.exception_info or {}
     if info.get("raised_exception"):
-        return ExpectationOutcome(name, False,
-                                  f"great-expectations raised: {info.get('exception_message')}")
+        return ExpectationOutcome(name, False, f"great-expectations raised: {info.get('exception_message')}")
     res = dict(r.result or {})
     if "observed_value" in res:  # table-level expectations (row counts)
         return ExpectationOutcome(name, bool(r.success), f"observed {res['observed_value']}")
@@ -329,24 +365,16 @@ def validate_image_split(
     and the suites being run (None: only when stderr is a terminal; False: never).
     """
     root = Path(root)
-    manifest, checksums = verify_checksums(root)
-    if manifest is None:
-        return ValidationReport(str(root), False, [checksums])
-    artifact = f"{root} ({manifest.name}/{manifest.split})"
-    outcomes = [checksums]
-
     needed = (image_field, label_field) if expectations.num_classes else (image_field,)
-    missing = [f for f in needed if f not in manifest.fields]
-    if missing:
-        outcomes.append(ExpectationOutcome(
-            "fields present", False,
-            f"missing field(s) {missing}; split has {sorted(manifest.fields)}"))
+    manifest, artifact, outcomes = open_split(root, needed)
+    if manifest is None:
         return ValidationReport(artifact, False, outcomes)
 
     ds = ShardedArrays(root)
     try:
-        rows, classes = image_split_frames(ds, expectations.num_classes, image_field=image_field,
-                                           label_field=label_field, progress=progress)
+        rows, classes = image_split_frames(
+            ds, expectations.num_classes, image_field=image_field, label_field=label_field, progress=progress
+        )
     except DataIntegrityError as e:  # e.g. a file's shape disagrees with the manifest
         outcomes.append(ExpectationOutcome("readable", False, str(e)))
         return ValidationReport(artifact, False, outcomes)

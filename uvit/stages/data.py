@@ -18,9 +18,13 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from uvit.config import BenchmarkConfig, ConfigError
 from uvit.paths import BenchmarkPaths
+
+if TYPE_CHECKING:
+    from uvit.data.download import SourceInput
 
 # The VAE's downsampling factor (SD KL-f8): latent presets see images 8x their latent size.
 VAE_FACTOR = 8
@@ -53,46 +57,47 @@ def _no_checksum_for_folders(cfg: BenchmarkConfig, what: str) -> None:
         )
 
 
+def _source_input(cfg: BenchmarkConfig) -> SourceInput:
+    """data.root, data.download_dir and the declared checksums; none declared: the official MD5
+    where the source has one (``md5="auto"``)."""
+    from uvit.data.download import AUTO, SourceInput
+
+    d = cfg.data
+    return SourceInput(root=d.root, download_dir=d.download_dir, md5=d.md5 if _declared(cfg) else AUTO, sha256=d.sha256)
+
+
 def _prepare(cfg: BenchmarkConfig, out: Path) -> dict:
+    from uvit.data.preprocess import PrepareOptions
+
     source, d = cfg.data.source, cfg.data
-    # Progress bars only on a terminal: in logs (CI, DVC output captured) they are noise.
-    kw = {"shard_size": d.shard_size, "progress": sys.stderr.isatty()}
+    # Progress bars only on a terminal: in logs (CI, DVC output captured) they are noise. The
+    # config allows on_bad: skip only where a source decodes image files.
+    options = PrepareOptions(shard_size=d.shard_size, skip_bad=d.on_bad == "skip", progress=sys.stderr.isatty())
     if source == "digits":
         from uvit.data.sources.digits import prepare_digits
 
         _no_checksum_for_folders(cfg, "digits (scikit-learn's copy)")
         return prepare_digits(out, test_fraction=d.test_fraction, seed=d.seed)  # no files, no progress
     if source == "cifar10":
-        from uvit.data.sources.cifar10 import MD5, prepare_cifar10
+        from uvit.data.sources.cifar10 import prepare_cifar10
 
         # data.root may point at an already-downloaded cifar-10-binary.tar.gz (or an s3:// copy).
         # A declared checksum replaces the official MD5; otherwise the official one guards it.
-        md5 = d.md5 if _declared(cfg) else MD5
-        return prepare_cifar10(out, archive=d.root, download_dir=d.download_dir, md5=md5, sha256=d.sha256, **kw)
+        return prepare_cifar10(out, _source_input(cfg), options=options)
     if source == "celeba":
         from uvit.data.sources.celeba import prepare_celeba
 
         root = _root(cfg, "CelebA (img_align_celeba + list_eval_partition.txt)")
         _no_checksum_for_folders(cfg, "CelebA")
-        return prepare_celeba(out, root, size=image_resolution(cfg), **kw)
+        return prepare_celeba(out, root, size=image_resolution(cfg), options=options)
     if source == "imagenet":
         from uvit.data.sources.imagenet import prepare_imagenet
 
-        latent = cfg.uvit_config().in_chans == 4
-        checks = {"md5": d.md5, "sha256": d.sha256} if _declared(cfg) else {}  # else: "auto", the official MD5
+        _root(cfg, "ILSVRC2012 (needs an image-net.org account)")
         # The latent benchmarks bake the flip augmentation into stored latents (the official recipe).
-        return prepare_imagenet(
-            out,
-            _root(cfg, "ILSVRC2012 (needs an image-net.org account)"),
-            image_resolution(cfg),
-            flip=latent,
-            download_dir=d.download_dir,
-            skip_bad=d.on_bad == "skip",
-            **checks,
-            **kw,
-        )
+        latent = cfg.uvit_config().in_chans == 4
+        return prepare_imagenet(out, _source_input(cfg), image_resolution(cfg), flip=latent, options=options)
     if source == "imagefolder":
-        from uvit.data.download import default_download_dir
         from uvit.data.sources.imagefolder import prepare_imagefolder
 
         if not d.root:
@@ -101,26 +106,21 @@ def _prepare(cfg: BenchmarkConfig, out: Path) -> dict:
                 "images (class sub-folders for a class-conditional benchmark, a flat folder for an "
                 "unconditional one)"
             )
-        root = d.root
         return prepare_imagefolder(
             out,
-            root,
+            _source_input(cfg),
             image_resolution(cfg),
             test_fraction=d.test_fraction,
             seed=d.seed,
             store_flips=d.store_flips,
-            skip_bad=d.on_bad == "skip",
-            sha256=d.sha256,
-            md5=d.md5,
-            download_dir=d.download_dir or default_download_dir(),
-            **kw,
+            options=options,
         )
     if source == "coco":
         from uvit.data.sources.coco import prepare_coco
 
         root = _root(cfg, "MS-COCO 2014 (train2014, val2014, annotations)")
         _no_checksum_for_folders(cfg, "MS-COCO")
-        return prepare_coco(out, root, image_resolution(cfg), **kw)
+        return prepare_coco(out, root, image_resolution(cfg), options=options)
     raise ConfigError(f"{cfg.name}.data.source: unknown source {source!r}")
 
 

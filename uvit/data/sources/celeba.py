@@ -22,6 +22,9 @@ from uvit.data.preprocess import (
     CELEBA_ALIGNED_SIZE,
     CELEBA_CROP_BOX,
     BadImageError,
+    Crop,
+    PrepareOptions,
+    SplitFiles,
     celeba_crop,
     check_splits_absent,
     write_image_split,
@@ -32,8 +35,7 @@ NAME = "celeba64"
 PARTITIONS = {"train": 0, "valid": 1, "test": 2}
 EXPECTED_COUNTS = {"train": 162_770, "valid": 19_867, "test": 19_962, "all": 202_599}
 _IMAGE_DIRS = ("img_align_celeba/img_align_celeba", "img_align_celeba", "Img/img_align_celeba")
-_PARTITION_FILES = ("list_eval_partition.txt", "list_eval_partition.csv",
-                    "Eval/list_eval_partition.txt")
+_PARTITION_FILES = ("list_eval_partition.txt", "list_eval_partition.csv", "Eval/list_eval_partition.txt")
 
 DOWNLOAD_HELP = (
     "CelebA is not downloaded automatically (it is served from Google Drive / Baidu behind "
@@ -47,8 +49,7 @@ DOWNLOAD_HELP = (
     "params.yaml (or pass root=ROOT)."
 )
 
-__all__ = ["DOWNLOAD_HELP", "EXPECTED_COUNTS", "NAME", "PARTITIONS", "find_celeba",
-           "prepare_celeba", "read_partition"]
+__all__ = ["DOWNLOAD_HELP", "EXPECTED_COUNTS", "NAME", "PARTITIONS", "find_celeba", "prepare_celeba", "read_partition"]
 
 
 def find_celeba(root: str | Path | None) -> tuple[Path, Path]:
@@ -64,8 +65,10 @@ def find_celeba(root: str | Path | None) -> tuple[Path, Path]:
         partition = next((base / f for f in _PARTITION_FILES if (base / f).is_file()), None)
         if images is not None and partition is not None:
             return images, partition
-        looked.append(f"{base}: image folder {'found' if images else 'missing'}, "
-                      f"partition file {'found' if partition else 'missing'}")
+        looked.append(
+            f"{base}: image folder {'found' if images else 'missing'}, "
+            f"partition file {'found' if partition else 'missing'}"
+        )
     raise FileNotFoundError(f"CelebA not found under {root} ({'; '.join(looked)}). {DOWNLOAD_HELP}")
 
 
@@ -80,10 +83,17 @@ def read_partition(path: str | Path) -> list[tuple[str, int]]:
             continue
         if lineno == 1 and len(parts) == 2 and not parts[1].isdigit():
             continue  # csv header
-        if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) not in PARTITIONS.values() \
-                or "/" in parts[0] or parts[0].startswith("."):
-            raise BadSourceError(f"{path}:{lineno}: expected '<image file> <0|1|2>', got {line!r}. The "
-                             f"partition file is damaged: download list_eval_partition.txt again.")
+        if (
+            len(parts) != 2
+            or not parts[1].isdigit()
+            or int(parts[1]) not in PARTITIONS.values()
+            or "/" in parts[0]
+            or parts[0].startswith(".")
+        ):
+            raise BadSourceError(
+                f"{path}:{lineno}: expected '<image file> <0|1|2>', got {line!r}. The "
+                f"partition file is damaged: download list_eval_partition.txt again."
+            )
         rows.append((parts[0], int(parts[1])))
     if not rows:
         raise BadSourceError(f"{path} lists no images; download list_eval_partition.txt again.")
@@ -96,8 +106,25 @@ def _celeba_transform(im: Image.Image, size: int) -> np.ndarray:
             f"image is {im.width}x{im.height} (WxH), but aligned CelebA images are exactly "
             f"{CELEBA_ALIGNED_SIZE[0]}x{CELEBA_ALIGNED_SIZE[1]} (the fixed crop needs them); these "
             f"may be the in-the-wild img_celeba images or resized copies. Use img_align_celeba, "
-            f"or remove/replace the file, or pass skip_bad=True to skip such files.")
+            f"or remove/replace the file, or pass skip_bad=True to skip such files."
+        )
     return celeba_crop(im, size)
+
+
+def _split_meta(root: str | Path, partition_file: Path, split: str, size: int, listed: int) -> dict:
+    return {
+        "source": "CelebA img_align_celeba (aligned & cropped, 178x218)",
+        "root": str(root),
+        "partition_file": partition_file.name,
+        "partition": split,
+        "preprocessing": (
+            f"crop box (left, top, right, bottom)={CELEBA_CROP_BOX} (128x128 "
+            f"centred at x=89, y=121), PIL BILINEAR (antialiased) resize to "
+            f"{size}x{size} = torchvision Resize({size}); flip at training"
+        ),
+        "listed": listed,
+        "expected_count": EXPECTED_COUNTS[split],
+    }
 
 
 def prepare_celeba(
@@ -106,47 +133,35 @@ def prepare_celeba(
     *,
     splits: tuple[str, ...] = ("train",),
     size: int = 64,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    num_workers: int = 0,
-    shard_size: int = 50_000,
-    progress: bool = True,
+    options: PrepareOptions = PrepareOptions(),
 ) -> dict[str, Manifest]:
     """Write ``out_dir/<split>`` (images uint8 (N, 3, size, size)) for each split
     ("train" = partition 0, "valid" = 1, "test" = 2, "all").
 
     A missing, corrupt or wrongly sized image raises :class:`~uvit.data.preprocess.BadImageError`;
-    with ``skip_bad=True`` it is skipped and listed in the manifest's ``meta["skipped"]``.
+    with ``options.skip_bad`` it is skipped and listed in the manifest's ``meta["skipped"]``.
     """
     unknown = set(splits) - set(PARTITIONS) - {"all"}
     if unknown:
-        raise ValueError(f"unknown CelebA split(s) {sorted(unknown)}; choose from "
-                         f"{[*PARTITIONS, 'all']}")
+        raise ValueError(f"unknown CelebA split(s) {sorted(unknown)}; choose from {[*PARTITIONS, 'all']}")
     out_dir = Path(out_dir)
-    check_splits_absent(out_dir, splits, overwrite)
+    check_splits_absent(out_dir, splits, options.overwrite)
     image_dir, partition_file = find_celeba(root)
     rows = read_partition(partition_file)
-    transform = functools.partial(_celeba_transform, size=size)
+    crop = Crop(functools.partial(_celeba_transform, size=size), (3, size, size), min_size=CELEBA_ALIGNED_SIZE)
     manifests = {}
     for split in splits:
         files = [f for f, p in rows if split == "all" or p == PARTITIONS[split]]
         if not files:
-            raise BadSourceError(f"{partition_file} lists no images for split {split!r}; download "
-                                 f"list_eval_partition.txt again.")
-        meta = {
-            "source": "CelebA img_align_celeba (aligned & cropped, 178x218)",
-            "root": str(root),
-            "partition_file": partition_file.name,
-            "partition": split,
-            "preprocessing": (f"crop box (left, top, right, bottom)={CELEBA_CROP_BOX} (128x128 "
-                              f"centred at x=89, y=121), PIL BILINEAR (antialiased) resize to "
-                              f"{size}x{size} = torchvision Resize({size}); flip at training"),
-            "listed": len(files),
-            "expected_count": EXPECTED_COUNTS[split],
-        }
-        manifests[split], _ = write_image_split(
-            out_dir / split, [image_dir / f for f in files], transform, (3, size, size),
-            name=NAME, split=split, meta=meta, min_size=CELEBA_ALIGNED_SIZE, skip_bad=skip_bad,
-            num_workers=num_workers, files_root=image_dir, shard_size=shard_size,
-            overwrite=overwrite, progress=progress)
+            raise BadSourceError(
+                f"{partition_file} lists no images for split {split!r}; download list_eval_partition.txt again."
+            )
+        split_files = SplitFiles(
+            NAME,
+            split,
+            [image_dir / f for f in files],
+            files_root=image_dir,
+            meta=_split_meta(root, partition_file, split, size, len(files)),
+        )
+        manifests[split], _ = write_image_split(out_dir / split, split_files, crop, options)
     return manifests

@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import BadSourceError, default_download_dir, fetch, is_remote, verify_file
-from uvit.data.preprocess import check_splits_absent
+from uvit.data.download import BadSourceError, SourceInput, fetch, is_remote, open_tar, verify_file
+from uvit.data.preprocess import PrepareOptions, check_splits_absent
 from uvit.data.shards import Manifest, write_split
 
 NAME = "cifar10"
@@ -35,47 +35,64 @@ SPLIT_FILES = {
 EXPECTED_COUNTS = {"train": 50_000, "test": 10_000}
 RECORD_BYTES = 1 + 3 * 32 * 32
 
-__all__ = ["ARCHIVE_NAME", "CLASSES", "EXPECTED_COUNTS", "MD5", "NAME", "NUM_CLASSES", "URL",
-           "prepare_cifar10", "read_cifar10_binary"]
+__all__ = [
+    "ARCHIVE_NAME",
+    "CLASSES",
+    "EXPECTED_COUNTS",
+    "MD5",
+    "NAME",
+    "NUM_CLASSES",
+    "URL",
+    "prepare_cifar10",
+    "read_cifar10_binary",
+]
 
 
 def parse_records(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     """One ``.bin`` batch -> images uint8 (N, 3, 32, 32), labels int64 (N,)."""
     if len(data) == 0 or len(data) % RECORD_BYTES:
-        raise BadSourceError(f"{source}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte "
-                         f"CIFAR-10 records; the archive is corrupt or not the binary version.")
+        raise BadSourceError(
+            f"{source}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte "
+            f"CIFAR-10 records; the archive is corrupt or not the binary version."
+        )
     rec = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
     labels = rec[:, 0].astype(np.int64)
     if labels.max() >= NUM_CLASSES:
         bad = int(np.argmax(labels >= NUM_CLASSES))
-        raise BadSourceError(f"{source}: record {bad} has label {labels[bad]}, expected 0..9; the "
-                         f"archive is corrupt or not the CIFAR-10 binary version.")
+        raise BadSourceError(
+            f"{source}: record {bad} has label {labels[bad]}, expected 0..9; the "
+            f"archive is corrupt or not the CIFAR-10 binary version."
+        )
     return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), labels
 
 
 def read_cifar10_binary(
-    archive: str | Path, splits: tuple[str, ...] = ("train", "test"),
+    archive: str | Path,
+    splits: tuple[str, ...] = ("train", "test"),
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read the splits straight out of the (gzipped) tar: split -> (images, labels)."""
     archive = Path(archive)
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise BadSourceError(f"{archive}: cannot open as a tar archive ({e}); expected {ARCHIVE_NAME} "
-                         f"from {URL}. Delete it and run again to re-download.") from e
-    with tar:
+    fix = f"; expected {ARCHIVE_NAME} from {URL}. Delete it and run again to re-download."
+    with open_tar(archive, fix) as tar:
         try:
             members = {PurePosixPath(m.name).name: m for m in tar.getmembers() if m.isfile()}
         except (tarfile.TarError, EOFError, zlib.error) as e:
-            raise BadSourceError(f"{archive}: cannot list the archive ({type(e).__name__}: {e}); it is "
-                                 f"truncated or corrupt: fetch {ARCHIVE_NAME} from {URL} again.") from e
+            raise BadSourceError(
+                f"{archive}: cannot list the archive ({type(e).__name__}: {e}); it is "
+                f"truncated or corrupt: fetch {ARCHIVE_NAME} from {URL} again."
+            ) from e
         wanted = [f for s in splits for f in SPLIT_FILES[s]]
         missing = [f for f in wanted if f not in members]
         if missing:
-            hint = (" This looks like the Python (pickle) version, which is not accepted: use "
-                    f"{ARCHIVE_NAME}." if "data_batch_1" in members else "")
-            raise BadSourceError(f"{archive} lacks {', '.join(missing)}; expected the CIFAR-10 binary "
-                             f"archive {ARCHIVE_NAME} from {URL}.{hint}")
+            hint = (
+                f" This looks like the Python (pickle) version, which is not accepted: use {ARCHIVE_NAME}."
+                if "data_batch_1" in members
+                else ""
+            )
+            raise BadSourceError(
+                f"{archive} lacks {', '.join(missing)}; expected the CIFAR-10 binary "
+                f"archive {ARCHIVE_NAME} from {URL}.{hint}"
+            )
         out = {}
         for split in splits:
             parts = []
@@ -84,84 +101,98 @@ def read_cifar10_binary(
                     with tar.extractfile(members[fname]) as f:
                         data = f.read()
                 except (tarfile.TarError, EOFError, zlib.error) as e:  # truncated or damaged gzip/tar
-                    raise BadSourceError(f"{archive}: cannot read {members[fname].name} ({type(e).__name__}: "
-                                         f"{e}); the archive is truncated or corrupt: fetch {ARCHIVE_NAME} "
-                                         f"from {URL} again.") from e
+                    raise BadSourceError(
+                        f"{archive}: cannot read {members[fname].name} ({type(e).__name__}: "
+                        f"{e}); the archive is truncated or corrupt: fetch {ARCHIVE_NAME} "
+                        f"from {URL} again."
+                    ) from e
                 parts.append(parse_records(data, f"{archive}:{members[fname].name}"))
-            out[split] = (np.concatenate([p[0] for p in parts]),
-                          np.concatenate([p[1] for p in parts]))
+            out[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return out
 
 
-def _locate_archive(archive: str | Path | None, download_dir: Path, md5: str | None,
-                    sha256: str | None, url: str, progress: bool) -> Path:
+def _locate_archive(source: SourceInput, md5: str | None, url: str, progress: bool) -> Path:
+    """The local archive ``source.root`` stands for (fetched when it is None or a URL), verified."""
+    sha256, archive = source.sha256, source.root
     if archive is None:
-        return fetch(url, download_dir / ARCHIVE_NAME, md5=md5, sha256=sha256, progress=progress)
+        return fetch(url, source.downloads() / ARCHIVE_NAME, md5=md5, sha256=sha256, progress=progress)
     if is_remote(archive):
         name = PurePosixPath(str(archive).split("?")[0]).name or ARCHIVE_NAME
-        return fetch(str(archive), download_dir / name, md5=md5, sha256=sha256, progress=progress)
+        return fetch(str(archive), source.downloads() / name, md5=md5, sha256=sha256, progress=progress)
     path = Path(archive)
     if not path.is_file():
-        raise FileNotFoundError(f"CIFAR-10 archive {path} does not exist (or is not a file). Leave "
-                                f"the root unset to download {URL}, or place {ARCHIVE_NAME} there.")
+        raise FileNotFoundError(
+            f"CIFAR-10 archive {path} does not exist (or is not a file). Leave "
+            f"the root unset to download {URL}, or place {ARCHIVE_NAME} there."
+        )
     return verify_file(path, md5=md5, sha256=sha256) if md5 or sha256 else path
+
+
+def _check_official_counts(path: Path, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """The verified official archive: its counts are known."""
+    for split, (images, _) in data.items():
+        if len(images) != EXPECTED_COUNTS[split]:
+            raise BadSourceError(f"{path}: {split} has {len(images)} images, expected {EXPECTED_COUNTS[split]}")
+
+
+def _split_meta(source: SourceInput, url: str, path: Path, md5: str | None, split: str, count: int) -> dict:
+    return {
+        "source": str(source.root) if source.root is not None else url,
+        "archive": path.name,
+        "archive_md5": md5,
+        "md5_verified": md5 is not None,
+        "archive_sha256": source.sha256,
+        "sha256_verified": source.sha256 is not None,
+        "files": list(SPLIT_FILES[split]),
+        "num_classes": NUM_CLASSES,
+        "classes": list(CLASSES),
+        "preprocessing": "none: the binary records' uint8 CHW pixels as stored; U-ViT's "
+        "ToTensor/Normalize(0.5, 0.5)/RandomHorizontalFlip happen at training",
+        "count": int(count),
+        "expected_count": EXPECTED_COUNTS[split],
+    }
 
 
 def prepare_cifar10(
     out_dir: str | Path,
-    archive: str | Path | None = None,
-    download_dir: str | Path | None = None,
-    overwrite: bool = False,
+    source: SourceInput = SourceInput(),
     *,
-    md5: str | None = MD5,
-    sha256: str | None = None,
-    url: str = URL,
     splits: tuple[str, ...] = ("train", "test"),
-    shard_size: int = 50_000,
-    progress: bool = True,
+    options: PrepareOptions = PrepareOptions(),
+    url: str = URL,
 ) -> dict[str, Manifest]:
     """Write ``out_dir/train`` (50k) and ``out_dir/test`` (10k): images uint8 (N, 3, 32, 32),
     labels int64.
 
-    ``archive``: None downloads ``url`` into ``download_dir`` (default
-    :func:`~uvit.data.download.default_download_dir`) with :func:`~uvit.data.download.fetch`
-    (resumable; skipped when the verified file is already there); an ``http(s)://`` / ``s3://`` URL
-    is fetched the same way; a local path is read in place. The archive's MD5 must be ``md5``
-    (the official one by default) and its SHA-256 ``sha256`` when given: a copy of your own (a
-    subset, a miniature) passes with ``md5=None, sha256=<its digest>``; only ``md5=None`` without
-    ``sha256`` skips the check (test fixtures).
+    ``source.root`` (the archive): None downloads ``url`` into ``source.download_dir`` with
+    :func:`~uvit.data.download.fetch` (resumable; skipped when the verified file is already
+    there); an ``http(s)://`` / ``s3://`` URL is fetched the same way; a local path is read in
+    place. The archive's MD5 must be ``source.md5`` (``"auto"``: the official one unless a
+    ``sha256`` is declared) and its SHA-256 ``source.sha256`` when given: a copy of your own (a
+    subset, a miniature) passes with its ``sha256``; only ``md5=None`` without ``sha256`` skips
+    the check (test fixtures). Of ``options`` only ``shard_size``, ``overwrite`` and ``progress``
+    apply (nothing is decoded).
     """
     unknown = set(splits) - set(SPLIT_FILES)
     if unknown:
         raise ValueError(f"unknown CIFAR-10 split(s) {sorted(unknown)}; choose from {list(SPLIT_FILES)}")
     out_dir = Path(out_dir)
-    check_splits_absent(out_dir, splits, overwrite)
-    download_dir = Path(download_dir) if download_dir is not None else default_download_dir()
-    path = _locate_archive(archive, download_dir, md5, sha256, url, progress)
+    check_splits_absent(out_dir, splits, options.overwrite)
+    md5 = source.md5_for(MD5)
+    path = _locate_archive(source, md5, url, options.progress)
     data = read_cifar10_binary(path, splits)
-    if md5 == MD5:  # the verified official archive: its counts are known
-        for split, (images, _) in data.items():
-            if len(images) != EXPECTED_COUNTS[split]:
-                raise BadSourceError(f"{path}: {split} has {len(images)} images, expected "
-                                 f"{EXPECTED_COUNTS[split]}")
+    if md5 == MD5:
+        _check_official_counts(path, data)
     manifests = {}
     for split, (images, labels) in data.items():
-        meta = {
-            "source": str(archive) if archive is not None else url,
-            "archive": path.name,
-            "archive_md5": md5,
-            "md5_verified": md5 is not None,
-            "archive_sha256": sha256,
-            "sha256_verified": sha256 is not None,
-            "files": list(SPLIT_FILES[split]),
-            "num_classes": NUM_CLASSES,
-            "classes": list(CLASSES),
-            "preprocessing": "none: the binary records' uint8 CHW pixels as stored; U-ViT's "
-                             "ToTensor/Normalize(0.5, 0.5)/RandomHorizontalFlip happen at training",
-            "count": int(len(images)),
-            "expected_count": EXPECTED_COUNTS[split],
-        }
-        manifests[split] = write_split(out_dir / split, {"images": images, "labels": labels},
-                                       name=NAME, split=split, shard_size=shard_size, meta=meta,
-                                       overwrite=overwrite)
+        meta = _split_meta(source, url, path, md5, split, len(images))
+        manifests[split] = write_split(
+            out_dir / split,
+            {"images": images, "labels": labels},
+            name=NAME,
+            split=split,
+            shard_size=options.shard_size,
+            meta=meta,
+            overwrite=options.overwrite,
+        )
     return manifests

@@ -19,8 +19,7 @@ NUM_IMAGES = 1797
 SOURCE = "sklearn.datasets.load_digits"
 RAW_MAX = 16  # load_digits pixel values are integers 0..16
 
-__all__ = ["NAME", "NUM_CLASSES", "NUM_IMAGES", "digits_arrays", "digits_expectations",
-           "prepare_digits"]
+__all__ = ["NAME", "NUM_CLASSES", "NUM_IMAGES", "digits_arrays", "digits_expectations", "prepare_digits"]
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +51,8 @@ def prepare_digits(
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     images, labels = digits_arrays()
     idx_train, idx_test = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
+        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
+    )
     out_dir = Path(out_dir)
     manifests: dict[str, Manifest] = {}
     for split, idx in (("train", idx_train), ("test", idx_test)):
@@ -60,13 +60,21 @@ def prepare_digits(
             "source": SOURCE,
             "num_classes": NUM_CLASSES,
             "preprocessing": "pixels 0..16 -> uint8 round(v*255/16), layout (N, 1, 8, 8)",
-            "split": {"method": "sklearn.model_selection.train_test_split, stratify=labels",
-                      "test_fraction": test_fraction, "seed": seed},
+            "split": {
+                "method": "sklearn.model_selection.train_test_split, stratify=labels",
+                "test_fraction": test_fraction,
+                "seed": seed,
+            },
         }
         manifests[split] = write_split(
             out_dir / split,
             {"images": images[idx], "labels": labels[idx]},
-            name=NAME, split=split, shard_size=len(idx), meta=meta, overwrite=overwrite)
+            name=NAME,
+            split=split,
+            shard_size=len(idx),
+            meta=meta,
+            overwrite=overwrite,
+        )
     return manifests
 
 
@@ -77,6 +85,12 @@ def digits_expectations():
     """
     from uvit.data.validate import ImageSplitExpectations
 
-    return ImageSplitExpectations(num_classes=NUM_CLASSES, min_rows=1, max_rows=NUM_IMAGES,
-                                  pixel_min=0, pixel_max=255,
-                                  min_class_share=0.05, max_class_share=0.15)
+    return ImageSplitExpectations(
+        num_classes=NUM_CLASSES,
+        min_rows=1,
+        max_rows=NUM_IMAGES,
+        pixel_min=0,
+        pixel_max=255,
+        min_class_share=0.05,
+        max_class_share=0.15,
+    )

@@ -21,19 +21,19 @@ stage writes its splits into a scratch folder first, so nothing is half-written.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
 import tarfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import BadSourceError, fetch, is_remote, s3_endpoint_url, verify_file
-from uvit.data.preprocess import center_crop_arr, check_splits_absent, write_image_split
+from uvit.data.download import BadSourceError, SourceInput, fetch, is_remote, s3_endpoint_url, verify_file
+from uvit.data.preprocess import PrepareOptions, SplitFiles, check_splits_absent, write_adm_split
 from uvit.data.shards import Manifest
 from uvit.fileio import read_json_or_none, write_json
 
@@ -88,8 +88,10 @@ def _extract(tar_path: Path, dest: Path, progress: bool) -> Path:
     tmp.mkdir(parents=True)
     count = 0
     try:
-        with tarfile.open(tar_path, "r:*") as tar, tqdm(desc=f"extract {tar_path.name}", unit="file",
-                                                         disable=not progress, leave=False) as bar:
+        with (
+            tarfile.open(tar_path, "r:*") as tar,
+            tqdm(desc=f"extract {tar_path.name}", unit="file", disable=not progress, leave=False) as bar,
+        ):
             for member in tar:
                 parts = _safe_parts(member.name)
                 if not member.isfile() or parts is None or not _is_image(parts[-1]):
@@ -102,8 +104,10 @@ def _extract(tar_path: Path, dest: Path, progress: bool) -> Path:
                 bar.update(1)
     except (tarfile.TarError, EOFError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BadSourceError(f"{tar_path}: cannot read the archive ({e}); it is truncated, corrupt or not a "
-                             "tar: make it again, or point data.root at the extracted folder.") from e
+        raise BadSourceError(
+            f"{tar_path}: cannot read the archive ({e}); it is truncated, corrupt or not a "
+            "tar: make it again, or point data.root at the extracted folder."
+        ) from e
     if count == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BadSourceError(f"{tar_path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
@@ -126,7 +130,7 @@ def _download_prefix(url: str, dest: Path, progress: bool) -> Path:
     objects = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            parts = _safe_parts(obj["Key"][len(prefix):])
+            parts = _safe_parts(obj["Key"][len(prefix) :])
             if parts is not None and _is_image(parts[-1]):
                 objects.append((obj["Key"], parts, int(obj["Size"])))
     if not objects:
@@ -143,10 +147,12 @@ def _download_prefix(url: str, dest: Path, progress: bool) -> Path:
     return dest
 
 
-def locate(root: str | Path, download_dir: Path, *, sha256: str | None = None, md5: str | None = None,
-           progress: bool = True) -> Path:
-    """The local folder ``root`` stands for (see the module docstring); a tar is checked against
-    ``sha256`` / ``md5`` when given, on every call. A folder or prefix takes no checksum."""
+def locate(source: SourceInput, progress: bool = True) -> Path:
+    """The local folder ``source.root`` stands for (see the module docstring); a tar is checked
+    against ``source.sha256`` / ``source.md5`` when given, on every call. A folder or prefix takes
+    no checksum. Fetched and extracted files go to ``source.download_dir``."""
+    root, download_dir = source.root, source.downloads()
+    sha256, md5 = source.sha256, source.md5_for(None)  # no official archive
     root_s = str(root)
     name = PurePosixPath(root_s.split("?")[0].rstrip("/")).name
     if not root_s:
@@ -163,8 +169,10 @@ def locate(root: str | Path, download_dir: Path, *, sha256: str | None = None, m
         return _download_prefix(root_s, download_dir / f"s3-{tag}", progress)
     path = Path(root_s).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: data.root names a folder, a tar or an s3:// prefix of "
-                                "images (class sub-folders for labels, a flat folder for none)")
+        raise FileNotFoundError(
+            f"{path} does not exist: data.root names a folder, a tar or an s3:// prefix of "
+            "images (class sub-folders for labels, a flat folder for none)"
+        )
     if path.is_file():
         if not _is_tar(path.name):
             raise BadSourceError(f"{path} is a file but not a tar ({', '.join(TAR_SUFFIXES)})")
@@ -195,8 +203,10 @@ def list_images(folder: Path, classes: list[str] | None = None) -> tuple[list[Pa
     dirs = [p for p in entries if p.is_dir()]
     files = [p for p in entries if p.is_file() and _is_image(p.name)]
     if dirs and files:
-        raise BadSourceError(f"{folder} holds both image files ({files[0].name}, ...) and sub-folders "
-                             f"({dirs[0].name}/, ...): use class sub-folders only (labels) or images only (none)")
+        raise BadSourceError(
+            f"{folder} holds both image files ({files[0].name}, ...) and sub-folders "
+            f"({dirs[0].name}/, ...): use class sub-folders only (labels) or images only (none)"
+        )
     if files:
         return files, None, []
     names = [d.name for d in dirs]
@@ -208,8 +218,11 @@ def list_images(folder: Path, classes: list[str] | None = None) -> tuple[list[Pa
     paths: list[Path] = []
     labels: list[int] = []
     for d in dirs:
-        found = sorted(p for p in d.rglob("*") if p.is_file() and _is_image(p.name)
-                       and not any(q.startswith(".") for q in p.relative_to(d).parts))
+        found = sorted(
+            p
+            for p in d.rglob("*")
+            if p.is_file() and _is_image(p.name) and not any(q.startswith(".") for q in p.relative_to(d).parts)
+        )
         paths += found
         labels += [index[d.name]] * len(found)
     if not paths:
@@ -236,8 +249,10 @@ def _split_folders(base: Path) -> dict[str, Path] | None:
     if found["train"] is None:
         return None
     if found["test"] is None:
-        raise FileNotFoundError(f"{base} has train/ but no test/ (or val/): add one, or put the images in "
-                                "one folder and let data.test_fraction split them")
+        raise FileNotFoundError(
+            f"{base} has train/ but no test/ (or val/): add one, or put the images in "
+            "one folder and let data.test_fraction split them"
+        )
     return found  # type: ignore[return-value]
 
 
@@ -246,66 +261,84 @@ def _split_folders(base: Path) -> dict[str, Path] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_imagefolder(
-    out_dir: str | Path,
-    root: str | Path,
-    resolution: int,
-    *,
-    download_dir: str | Path,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    store_flips: bool = False,
-    skip_bad: bool = False,
-    sha256: str | None = None,
-    md5: str | None = None,
-    shard_size: int = 50_000,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Manifest]:
-    """Write ``out_dir/train`` and ``out_dir/test``: images uint8 (N, 3, resolution, resolution),
-    ``labels`` int64 when the folder has classes (plus ``flipped`` with ``store_flips``)."""
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1, got {resolution}")
-    out_dir = Path(out_dir)
-    check_splits_absent(out_dir, ("train", "test"), overwrite)
-    base = locate(root, Path(download_dir), sha256=sha256, md5=md5, progress=progress)
+@dataclass(frozen=True)
+class _Split:
+    """One split's image paths, labels (None: unlabelled) and the folder they are listed under."""
+
+    paths: list[Path]
+    labels: np.ndarray | None
+    files_root: Path
+
+
+def _read_splits(base: Path, test_fraction: float, seed: int) -> tuple[dict[str, _Split], list[str], str]:
+    """({"train", "test"}: split}, class names, how the split was made) of the folder ``base``."""
     folders = _split_folders(base)
     if folders is not None:
         train_paths, train_labels, classes = list_images(folders["train"])
         test_paths, test_labels, _ = list_images(folders["test"], classes if classes else None)
         if (train_labels is None) != (test_labels is None):
-            raise BadSourceError(f"{folders['train']} and {folders['test']} differ in layout: both class "
-                                 "sub-folders or both flat")
-        splits = {"train": (train_paths, train_labels, folders["train"]),
-                  "test": (test_paths, test_labels, folders["test"])}
-        rule = "the train/ and test/ folders"
-    else:
-        paths, labels, classes = list_images(base)
-        tr, te = split_files(labels, len(paths), test_fraction, seed)
-        if len(te) == 0:
-            raise BadSourceError(f"{base}: {len(paths)} image(s) leave none for the test split; add images")
-        splits = {"train": ([paths[i] for i in tr], None if labels is None else labels[tr], base),
-                  "test": ([paths[i] for i in te], None if labels is None else labels[te], base)}
-        rule = f"per class, a seeded shuffle (seed {seed}) with test_fraction {test_fraction}"
-    transform = functools.partial(center_crop_arr, image_size=resolution)
-    manifests = {}
-    for split, (paths, labels, files_root) in splits.items():
-        meta = {
-            "source": f"imagefolder {split}",
-            "root": str(root),
-            "num_classes": len(classes),
-            "classes": classes,
-            "label_rule": ("index of the class folder name in the sorted class folder names" if classes
-                           else "none: a flat folder (unconditional)"),
-            "split_rule": rule,
-            "preprocessing": f"ADM center_crop_arr({resolution})",
-            "flip": {"stored": bool(store_flips)},
-            "listed": len(paths),
+            raise BadSourceError(
+                f"{folders['train']} and {folders['test']} differ in layout: both class sub-folders or both flat"
+            )
+        splits = {
+            "train": _Split(train_paths, train_labels, folders["train"]),
+            "test": _Split(test_paths, test_labels, folders["test"]),
         }
-        extra = {"labels": labels} if labels is not None else None
-        manifests[split], _ = write_image_split(
-            out_dir / split, paths, transform, (3, resolution, resolution), name="imagefolder", split=split,
-            extra=extra, meta=meta, flip=store_flips, skip_bad=skip_bad, files_root=files_root,
-            meta_fn=lambda r: {"num_upsampled": int((r.sizes.min(axis=1) < resolution).sum())},
-            shard_size=shard_size, overwrite=overwrite, progress=progress)
+        return splits, classes, "the train/ and test/ folders"
+    paths, labels, classes = list_images(base)
+    tr, te = split_files(labels, len(paths), test_fraction, seed)
+    if len(te) == 0:
+        raise BadSourceError(f"{base}: {len(paths)} image(s) leave none for the test split; add images")
+    splits = {
+        "train": _Split([paths[i] for i in tr], None if labels is None else labels[tr], base),
+        "test": _Split([paths[i] for i in te], None if labels is None else labels[te], base),
+    }
+    return splits, classes, f"per class, a seeded shuffle (seed {seed}) with test_fraction {test_fraction}"
+
+
+def _split_meta(
+    root, split: str, classes: list[str], rule: str, resolution: int, store_flips: bool, listed: int
+) -> dict:
+    return {
+        "source": f"imagefolder {split}",
+        "root": str(root),
+        "num_classes": len(classes),
+        "classes": classes,
+        "label_rule": (
+            "index of the class folder name in the sorted class folder names"
+            if classes
+            else "none: a flat folder (unconditional)"
+        ),
+        "split_rule": rule,
+        "preprocessing": f"ADM center_crop_arr({resolution})",
+        "flip": {"stored": bool(store_flips)},
+        "listed": listed,
+    }
+
+
+def prepare_imagefolder(
+    out_dir: str | Path,
+    source: SourceInput,
+    resolution: int,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    store_flips: bool = False,
+    options: PrepareOptions = PrepareOptions(),
+) -> dict[str, Manifest]:
+    """Write ``out_dir/train`` and ``out_dir/test``: images uint8 (N, 3, resolution, resolution),
+    ``labels`` int64 when the folder has classes (plus ``flipped`` with ``store_flips``).
+    ``source``: see :func:`locate`."""
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    out_dir = Path(out_dir)
+    check_splits_absent(out_dir, ("train", "test"), options.overwrite)
+    base = locate(source, progress=options.progress)
+    splits, classes, rule = _read_splits(base, test_fraction, seed)
+    manifests = {}
+    for split, s in splits.items():
+        meta = _split_meta(source.root, split, classes, rule, resolution, store_flips, len(s.paths))
+        extra = {"labels": s.labels} if s.labels is not None else {}
+        files = SplitFiles("imagefolder", split, s.paths, files_root=s.files_root, extra=extra, meta=meta)
+        manifests[split], _ = write_adm_split(out_dir / split, files, resolution, options, flip=store_flips)
     return manifests

@@ -31,7 +31,6 @@ filesystem needs about twice the split's size free (64px: 15.7 GB per copy; 256p
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -42,8 +41,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import BadSourceError, default_download_dir, fetch, is_remote, verify_file
-from uvit.data.preprocess import center_crop_arr, check_splits_absent, write_image_split
+from uvit.data.download import AUTO, BadSourceError, SourceInput, fetch, is_remote, open_tar, verify_file
+from uvit.data.preprocess import PrepareOptions, SplitFiles, check_splits_absent, write_adm_split
 from uvit.data.shards import Manifest
 from uvit.fileio import read_json_or_none
 
@@ -55,10 +54,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")  # ADM's _list_image_files_
 SYNSET = re.compile(r"^n\d{8}$")
 _EXTRACTED_MARKER = ".extracted"
 _SOURCE_RECORD = ".source"  # the tar being extracted (an interrupted extraction resumes only from it)
-_AUTO = "auto"
 
-__all__ = ["EXPECTED_COUNTS", "IMAGE_EXTENSIONS", "TRAIN_TAR", "TRAIN_TAR_MD5",
-           "extract_train_tar", "list_class_folder", "missing_root_help", "prepare_imagenet"]
+__all__ = [
+    "EXPECTED_COUNTS",
+    "IMAGE_EXTENSIONS",
+    "TRAIN_TAR",
+    "TRAIN_TAR_MD5",
+    "extract_train_tar",
+    "list_class_folder",
+    "missing_root_help",
+    "prepare_imagenet",
+]
 
 
 def missing_root_help(resolution: int) -> str:
@@ -99,8 +105,10 @@ def _members(tar: tarfile.TarFile, tar_path: Path):
         except StopIteration:
             return
         except (tarfile.TarError, EOFError) as e:
-            raise BadSourceError(f"{tar_path}: cannot read the archive past {tar.offset} bytes ({e}); it is "
-                                 f"truncated or corrupt: fetch {TRAIN_TAR} again.") from e
+            raise BadSourceError(
+                f"{tar_path}: cannot read the archive past {tar.offset} bytes ({e}); it is "
+                f"truncated or corrupt: fetch {TRAIN_TAR} again."
+            ) from e
         yield member
 
 
@@ -127,13 +135,8 @@ def extract_train_tar(tar_path: str | Path, extract_dir: str | Path, progress: b
         source.write_text(json.dumps({"tar": identity}) + "\n")
     train.mkdir(parents=True, exist_ok=True)
     classes = 0
-    try:
-        outer = tarfile.open(tar_path, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise BadSourceError(f"{tar_path}: cannot open as a tar archive ({e}). Expected {TRAIN_TAR}, a "
-                             f"tar of per-class tars; delete it and fetch it again.") from e
-    with outer, tqdm(desc=f"extract {tar_path.name}", unit="class", disable=not progress,
-                     leave=False) as bar:
+    outer = open_tar(tar_path, f". Expected {TRAIN_TAR}, a tar of per-class tars; delete it and fetch it again.")
+    with outer, tqdm(desc=f"extract {tar_path.name}", unit="class", disable=not progress, leave=False) as bar:
         for member in _members(outer, tar_path):
             name = PurePosixPath(member.name).name
             synset = name[: -len(".tar")] if name.endswith(".tar") else ""
@@ -150,63 +153,67 @@ def extract_train_tar(tar_path: str | Path, extract_dir: str | Path, progress: b
                 with tarfile.open(fileobj=outer.extractfile(member), mode="r|*") as inner:
                     for item in inner:
                         iname = PurePosixPath(item.name).name
-                        if not item.isfile() or not _safe_name(iname) \
-                                or not iname.lower().endswith(IMAGE_EXTENSIONS):
+                        if not item.isfile() or not _safe_name(iname) or not iname.lower().endswith(IMAGE_EXTENSIONS):
                             continue
                         with inner.extractfile(item) as src, open(tmp / iname, "wb") as dst:
                             shutil.copyfileobj(src, dst, 1 << 20)
                 os.rename(tmp, final)
             except (tarfile.TarError, EOFError) as e:
-                raise BadSourceError(f"{tar_path}: the class archive {member.name} is corrupt ({e}); "
-                                 f"fetch {TRAIN_TAR} again.") from e
+                raise BadSourceError(
+                    f"{tar_path}: the class archive {member.name} is corrupt ({e}); fetch {TRAIN_TAR} again."
+                ) from e
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     if classes == 0:
-        raise BadSourceError(f"{tar_path} contains no per-class tars nXXXXXXXX.tar; expected the "
-                             f"official {TRAIN_TAR}.")
+        raise BadSourceError(f"{tar_path} contains no per-class tars nXXXXXXXX.tar; expected the official {TRAIN_TAR}.")
     marker.write_text(json.dumps({"tar": identity, "classes": classes}) + "\n")
     return extract_dir
 
 
-def _official_md5(md5: str | None, name: str, sha256: str | None) -> str | None:
-    """``"auto"``: the official MD5 for the official file name, unless a SHA-256 is declared."""
-    if md5 != _AUTO:
-        return md5
-    return TRAIN_TAR_MD5 if name == TRAIN_TAR and sha256 is None else None
+def _official_md5(name: str) -> str | None:
+    """The official MD5 of a tar named ``name`` (None: not the official file name)."""
+    return TRAIN_TAR_MD5 if name == TRAIN_TAR else None
 
 
-def _resolve_root(root, resolution: int, download_dir: Path, extract_dir: Path | None,
-                  md5: str | None, progress: bool, sha256: str | None = None) -> Path:
+def _fetch_tar(source: SourceInput, resolution: int, progress: bool) -> Path:
+    """The tar at the URL ``source.root``, fetched into the download folder and verified."""
+    name = PurePosixPath(str(source.root).split("?")[0]).name
+    if not name.endswith(".tar"):
+        raise BadSourceError(
+            f"ImageNet root {source.root} is a URL but not of a .tar; only the "
+            f"{TRAIN_TAR} archive can be fetched. {missing_root_help(resolution)}"
+        )
+    md5 = source.md5_for(_official_md5(name))
+    return fetch(str(source.root), source.downloads() / name, md5=md5, sha256=source.sha256, progress=progress)
+
+
+def _resolve_root(source: SourceInput, resolution: int, extract_dir: Path | None, progress: bool) -> Path:
+    """The folder ``source.root`` stands for: the root itself, or where its tar is extracted."""
+    root = source.root
     if root is None or str(root) == "":
         raise FileNotFoundError(f"No ImageNet root given. {missing_root_help(resolution)}")
-    tar_path: Path | None = None
     if is_remote(root):
-        name = PurePosixPath(str(root).split("?")[0]).name
-        if not name.endswith(".tar"):
-            raise BadSourceError(f"ImageNet root {root} is a URL but not of a .tar; only the "
-                                 f"{TRAIN_TAR} archive can be fetched. {missing_root_help(resolution)}")
-        md5 = _official_md5(md5, name, sha256)
-        tar_path = fetch(str(root), download_dir / name, md5=md5, sha256=sha256, progress=progress)
+        tar_path = _fetch_tar(source, resolution, progress)
         md5 = sha256 = None  # fetch verified it
     else:
         root = Path(root)
         if not root.exists():
-            raise FileNotFoundError(f"ImageNet root {root} does not exist. "
-                                    f"{missing_root_help(resolution)}")
-        if root.is_file():
-            tar_path = root
-    if tar_path is None:
-        if md5 not in (None, _AUTO) or sha256 is not None:
-            raise BadSourceError(f"ImageNet root {root} is a folder, but a checksum was given for it; "
-                                 f"checksums apply to a tar root only (drop them, or point the root at "
-                                 f"the tar).")
-        return Path(root)
-    extract_dir = extract_dir or download_dir / tar_path.name.removesuffix(".tar")
-    # Verified on every run, extracted or not (a full read: minutes, next to hours of decoding),
-    # so a replaced or damaged tar never passes on the strength of an earlier extraction.
-    md5 = _official_md5(md5, tar_path.name, sha256)
+            raise FileNotFoundError(f"ImageNet root {root} does not exist. {missing_root_help(resolution)}")
+        if not root.is_file():
+            if source.md5 not in (None, AUTO) or source.sha256 is not None:
+                raise BadSourceError(
+                    f"ImageNet root {root} is a folder, but a checksum was given for it; "
+                    f"checksums apply to a tar root only (drop them, or point the root at "
+                    f"the tar)."
+                )
+            return root
+        tar_path = root
+        # Verified on every run, extracted or not (a full read: minutes, next to hours of decoding),
+        # so a replaced or damaged tar never passes on the strength of an earlier extraction.
+        md5, sha256 = source.md5_for(_official_md5(tar_path.name)), source.sha256
     if md5 is not None or sha256 is not None:
         verify_file(tar_path, md5=md5, sha256=sha256)
+    extract_dir = extract_dir or source.downloads() / tar_path.name.removesuffix(".tar")
     return extract_train_tar(tar_path, extract_dir, progress=progress)
 
 
@@ -219,21 +226,22 @@ def _split_folders(root: Path, splits: tuple[str, ...], resolution: int) -> dict
         folders = {s: root / s for s in splits}
         for s, f in folders.items():
             if not f.is_dir():
-                raise FileNotFoundError(f"ImageNet split folder {f} does not exist. "
-                                        f"{missing_root_help(resolution)}")
+                raise FileNotFoundError(f"ImageNet split folder {f} does not exist. {missing_root_help(resolution)}")
         return folders
     if any(SYNSET.match(d) for d in _class_dirs(root)):
         if tuple(splits) != ("train",):
-            raise FileNotFoundError(f"{root} holds class folders directly, which is read as the "
-                                    f"train split only, but splits={splits}; use ROOT/train and "
-                                    f"ROOT/val. {missing_root_help(resolution)}")
+            raise FileNotFoundError(
+                f"{root} holds class folders directly, which is read as the "
+                f"train split only, but splits={splits}; use ROOT/train and "
+                f"ROOT/val. {missing_root_help(resolution)}"
+            )
         return {"train": root}
-    raise FileNotFoundError(f"{root} has neither train/ nor nXXXXXXXX class folders. "
-                            f"{missing_root_help(resolution)}")
+    raise FileNotFoundError(f"{root} has neither train/ nor nXXXXXXXX class folders. {missing_root_help(resolution)}")
 
 
 def list_class_folder(
-    folder: str | Path, classes: list[str] | None = None,
+    folder: str | Path,
+    classes: list[str] | None = None,
 ) -> tuple[list[Path], np.ndarray, list[str]]:
     """(image paths, int64 labels, class names) of a class-folder tree.
 
@@ -245,19 +253,22 @@ def list_class_folder(
     classes = list(classes) if classes is not None else found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise BadSourceError(f"{folder} has class folders not among the train classes: {unknown[:5]}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
+        raise BadSourceError(
+            f"{folder} has class folders not among the train classes: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
     index = {c: i for i, c in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
     for c in found:
-        files = sorted(p for p in (folder / c).rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and _safe_name(p.name) and p.is_file())
+        files = sorted(
+            p
+            for p in (folder / c).rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and _safe_name(p.name) and p.is_file()
+        )
         paths += files
         labels += [index[c]] * len(files)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}'s class "
-                                f"folders")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}'s class folders")
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
@@ -266,68 +277,72 @@ def list_class_folder(
 # --------------------------------------------------------------------------------------------
 
 
+def _split_meta(root, split: str, classes: list[str], resolution: int, flip: bool, listed: int) -> dict:
+    return {
+        "source": "ILSVRC2012 " + split,
+        "root": str(root),
+        "num_classes": len(classes),
+        "classes": classes,
+        "label_rule": "index of the class folder name in the sorted train class folders",
+        "preprocessing": (
+            f"ADM center_crop_arr({resolution}): BOX halving while the short "
+            f"side >= {2 * resolution}, BICUBIC to short side {resolution}, "
+            f"centre crop"
+        ),
+        "flip": (
+            {
+                "stored": True,
+                "layout": "rows [0, N) are the images, rows [N, 2N) their "
+                "horizontal mirrors in the same order; field 'flipped' is 1 for mirrors",
+            }
+            if flip
+            else {"stored": False}
+        ),
+        "listed": listed,
+        "expected_count": EXPECTED_COUNTS[split] if len(classes) == NUM_CLASSES else None,
+    }
+
+
 def prepare_imagenet(
     out_dir: str | Path,
-    root: str | Path | None,
+    source: SourceInput,
     resolution: int,
     splits: tuple[str, ...] = ("train",),
     flip: bool = False,
     *,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    num_workers: int = 0,
-    shard_size: int = 50_000,
-    download_dir: str | Path | None = None,
     extract_dir: str | Path | None = None,
-    md5: str | None = _AUTO,
-    sha256: str | None = None,
-    progress: bool = True,
+    options: PrepareOptions = PrepareOptions(),
 ) -> dict[str, Manifest]:
     """Write ``out_dir/<split>``: images uint8 (N, 3, resolution, resolution), labels int64
     (plus ``flipped`` uint8 with ``flip=True``: rows [N, 2N) mirror rows [0, N)).
 
-    ``root``: see the module docstring. ``md5`` checks a tar ``root`` (``"auto"``: the official MD5
-    when the file is named ``ILSVRC2012_img_train.tar`` and no ``sha256`` is given, else none);
-    ``sha256`` too (a tar of your own passes with its digest). A folder root takes no checksum. A corrupt image raises
-    :class:`~uvit.data.preprocess.BadImageError`; ``skip_bad=True`` skips and lists it. Images
-    smaller than ``resolution`` are upsampled, as in ADM (counted in ``meta["num_upsampled"]``).
+    ``source.root``: see the module docstring; a tar is extracted into ``extract_dir`` (default:
+    beside it in ``source.download_dir``). ``source.md5`` checks a tar root (``"auto"``: the
+    official MD5 when the file is named ``ILSVRC2012_img_train.tar`` and no ``sha256`` is given,
+    else none); ``source.sha256`` too (a tar of your own passes with its digest). A folder root
+    takes no checksum. A corrupt image raises :class:`~uvit.data.preprocess.BadImageError`;
+    ``options.skip_bad`` skips and lists it. Images smaller than ``resolution`` are upsampled, as
+    in ADM (counted in ``meta["num_upsampled"]``).
     """
     if resolution < 1:
         raise ValueError(f"resolution must be >= 1, got {resolution}")
     if not splits or set(splits) - {"train", "val"}:
         raise ValueError(f"splits must be from ('train', 'val'), got {splits}")
     out_dir = Path(out_dir)
-    check_splits_absent(out_dir, splits, overwrite)
-    download_dir = Path(download_dir) if download_dir is not None else default_download_dir()
-    base = _resolve_root(root, resolution, download_dir,
-                         Path(extract_dir) if extract_dir is not None else None, md5, progress,
-                         sha256=sha256)
+    check_splits_absent(out_dir, splits, options.overwrite)
+    base = _resolve_root(source, resolution, Path(extract_dir) if extract_dir is not None else None, options.progress)
     folders = _split_folders(base, tuple(splits), resolution)
     train_classes = _class_dirs(base / "train") if (base / "train").is_dir() else None
-    transform = functools.partial(center_crop_arr, image_size=resolution)
-    name = f"imagenet{resolution}"
     manifests = {}
     for split, folder in folders.items():
         paths, labels, classes = list_class_folder(folder, train_classes)
-        meta = {
-            "source": "ILSVRC2012 " + split,
-            "root": str(root),
-            "num_classes": len(classes),
-            "classes": classes,
-            "label_rule": "index of the class folder name in the sorted train class folders",
-            "preprocessing": (f"ADM center_crop_arr({resolution}): BOX halving while the short "
-                              f"side >= {2 * resolution}, BICUBIC to short side {resolution}, "
-                              f"centre crop"),
-            "flip": ({"stored": True, "layout": "rows [0, N) are the images, rows [N, 2N) their "
-                      "horizontal mirrors in the same order; field 'flipped' is 1 for mirrors"}
-                     if flip else {"stored": False}),
-            "listed": len(paths),
-            "expected_count": EXPECTED_COUNTS[split] if len(classes) == NUM_CLASSES else None,
-        }
-        manifests[split], _ = write_image_split(
-            out_dir / split, paths, transform, (3, resolution, resolution), name=name,
-            split=split, extra={"labels": labels}, meta=meta, flip=flip, skip_bad=skip_bad,
-            meta_fn=lambda r: {"num_upsampled": int((r.sizes.min(axis=1) < resolution).sum())},
-            num_workers=num_workers, files_root=folder, shard_size=shard_size,
-            overwrite=overwrite, progress=progress)
+        files = SplitFiles(
+            f"imagenet{resolution}",
+            split,
+            paths,
+            files_root=folder,
+            extra={"labels": labels},
+            meta=_split_meta(source.root, split, classes, resolution, flip, len(paths)),
+        )
+        manifests[split], _ = write_adm_split(out_dir / split, files, resolution, options, flip=flip)
     return manifests

@@ -141,8 +141,9 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise ValueError(f"format_version is {version!r}, this code reads {FORMAT_VERSION}")
         fields = {
-            name: FieldSpec(dtype=str(f["dtype"]), shape=tuple(int(s) for s in f["shape"]),
-                            stats=dict(f.get("stats", {})))
+            name: FieldSpec(
+                dtype=str(f["dtype"]), shape=tuple(int(s) for s in f["shape"]), stats=dict(f.get("stats", {}))
+            )
             for name, f in d["fields"].items()
         }
         for spec in fields.values():
@@ -151,13 +152,22 @@ class Manifest:
             ShardEntry(
                 index=int(s["index"]),
                 count=int(s["count"]),
-                files={k: FileEntry(name=str(v["name"]), sha256=str(v["sha256"]),
-                                    bytes=int(v["bytes"])) for k, v in s["files"].items()},
+                files={
+                    k: FileEntry(name=str(v["name"]), sha256=str(v["sha256"]), bytes=int(v["bytes"]))
+                    for k, v in s["files"].items()
+                },
             )
             for s in d["shards"]
         ]
-        m = cls(name=str(d["name"]), split=str(d["split"]), count=int(d["count"]), fields=fields,
-                shards=shards, meta=dict(d.get("meta", {})), format_version=version)
+        m = cls(
+            name=str(d["name"]),
+            split=str(d["split"]),
+            count=int(d["count"]),
+            fields=fields,
+            shards=shards,
+            meta=dict(d.get("meta", {})),
+            format_version=version,
+        )
         m.check_consistent()
         return m
 
@@ -170,22 +180,21 @@ class Manifest:
             if s.index != i:
                 raise ValueError(f"shard at position {i} has index {s.index}")
             if set(s.files) != set(self.fields):
-                raise ValueError(f"shard {i} has files for {sorted(s.files)}, "
-                                 f"fields are {sorted(self.fields)}")
+                raise ValueError(f"shard {i} has files for {sorted(s.files)}, fields are {sorted(self.fields)}")
 
     @classmethod
     def load(cls, root: str | Path) -> Manifest:
         """Read ``root/manifest.json``; raises :class:`DataIntegrityError` if missing/invalid."""
         path = Path(root) / MANIFEST_NAME
         if not path.is_file():
-            raise DataIntegrityError(f"No manifest at {path}: the split is missing or was not "
-                                     f"written completely. {_FIX_HINT}")
+            raise DataIntegrityError(
+                f"No manifest at {path}: the split is missing or was not written completely. {_FIX_HINT}"
+            )
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             # JSONDecodeError is a ValueError.
-            raise DataIntegrityError(f"Invalid manifest {path}: {type(e).__name__}: {e}. "
-                                     f"{_FIX_HINT}") from e
+            raise DataIntegrityError(f"Invalid manifest {path}: {type(e).__name__}: {e}. {_FIX_HINT}") from e
 
     def save(self, root: str | Path) -> Path:
         """Write ``root/manifest.json`` atomically (:func:`uvit.fileio.write_json`)."""
@@ -267,8 +276,7 @@ class _StatsAccumulator:
     def result(self) -> dict[str, Any]:
         if not self.numeric:
             return {}
-        stats: dict[str, Any] = {"min": self.lo, "max": self.hi,
-                                 "mean": self.total / self.n if self.n else None}
+        stats: dict[str, Any] = {"min": self.lo, "max": self.hi, "mean": self.total / self.n if self.n else None}
         if self.is_float:
             stats["nonfinite"] = self.nonfinite
         if self.counts is not None:
@@ -292,8 +300,7 @@ def _check_fields(fields: dict[str, np.ndarray]) -> int:
     lengths = {}
     for name, arr in fields.items():
         if not _FIELD_NAME.match(name):
-            raise ValueError(f"field name {name!r} must match {_FIELD_NAME.pattern} "
-                             f"(it becomes part of a file name)")
+            raise ValueError(f"field name {name!r} must match {_FIELD_NAME.pattern} (it becomes part of a file name)")
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"field {name!r} must be a numpy array, got {type(arr).__name__}")
         if arr.ndim < 1:
@@ -335,8 +342,7 @@ def write_split(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     n = _check_fields(fields)
     if root.exists() and not overwrite:
-        raise FileExistsError(f"{root} already exists; pass overwrite=True to replace it "
-                              f"(or delete it first)")
+        raise FileExistsError(f"{root} already exists; pass overwrite=True to replace it (or delete it first)")
     meta = dict(meta or {})
     json.dumps(meta)  # fail before writing anything if meta is not JSON-serialisable
 
@@ -359,8 +365,10 @@ def write_split(
             name=name,
             split=split,
             count=n,
-            fields={k: FieldSpec(dtype=dtype_name(v.dtype), shape=tuple(v.shape[1:]),
-                                 stats=stats[k].result()) for k, v in fields.items()},
+            fields={
+                k: FieldSpec(dtype=dtype_name(v.dtype), shape=tuple(v.shape[1:]), stats=stats[k].result())
+                for k, v in fields.items()
+            },
             shards=shards,
             meta=meta,
         )
@@ -421,22 +429,20 @@ def verify_split(root: str | Path) -> Manifest:
         for entry in shard.files.values():
             path = root / entry.name
             if not path.is_file():
-                problems.append(f"{path}: missing (expected {entry.bytes} bytes, "
-                                f"sha256 {entry.sha256})")
+                problems.append(f"{path}: missing (expected {entry.bytes} bytes, sha256 {entry.sha256})")
                 continue
             size = path.stat().st_size
             if size != entry.bytes:
-                problems.append(f"{path}: size mismatch, expected {entry.bytes} bytes, "
-                                f"actual {size}")
+                problems.append(f"{path}: size mismatch, expected {entry.bytes} bytes, actual {size}")
                 continue
             actual = sha256_file(path)
             if actual != entry.sha256:
-                problems.append(f"{path}: sha256 mismatch, expected {entry.sha256}, "
-                                f"actual {actual}")
+                problems.append(f"{path}: sha256 mismatch, expected {entry.sha256}, actual {actual}")
     if problems:
         raise DataIntegrityError(
             f"Split {root} ({manifest.name}/{manifest.split}) failed verification, "
-            f"{len(problems)} bad file(s):\n  " + "\n  ".join(problems) + f"\n{_FIX_HINT}")
+            f"{len(problems)} bad file(s):\n  " + "\n  ".join(problems) + f"\n{_FIX_HINT}"
+        )
     return manifest
 
 
@@ -488,8 +494,8 @@ class ShardedArrays:
         expected = (entry.count, *spec.shape)
         if arr.shape != expected or arr.dtype != spec.np_dtype:
             raise DataIntegrityError(
-                f"{path}: expected {spec.dtype} {expected}, found {arr.dtype} {arr.shape}. "
-                f"{_FIX_HINT}")
+                f"{path}: expected {spec.dtype} {expected}, found {arr.dtype} {arr.shape}. {_FIX_HINT}"
+            )
         return arr
 
     def field(self, name: str) -> np.ndarray:

@@ -10,13 +10,25 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "count_macs": "flops", "count_params": "flops",
-    "OFFICIAL_CHECKPOINTS": "official", "load_official": "official", "load_state_dict_strict": "official",
+    "count_macs": "flops",
+    "count_params": "flops",
+    "OFFICIAL_CHECKPOINTS": "official",
+    "load_official": "official",
+    "load_state_dict_strict": "official",
     "read_state_dict": "official",
-    "PRESETS": "presets", "Preset": "presets", "get_preset": "presets", "preset_config": "presets",
-    "CONV_POSITIONS": "config", "PATCH_EMBEDS": "config", "POS_EMBEDS": "config", "SKIP_MODES": "config",
-    "SWITCHES": "config", "TIME_MODES": "config", "UViTConfig": "config",
-    "UViT": "uvit", "timestep_embedding": "uvit",
+    "PRESETS": "presets",
+    "Preset": "presets",
+    "get_preset": "presets",
+    "preset_config": "presets",
+    "CONV_POSITIONS": "config",
+    "PATCH_EMBEDS": "config",
+    "POS_EMBEDS": "config",
+    "SKIP_MODES": "config",
+    "SWITCHES": "config",
+    "TIME_MODES": "config",
+    "UViTConfig": "config",
+    "UViT": "uvit",
+    "timestep_embedding": "uvit",
 }
 
 __all__ = sorted(_WHERE)

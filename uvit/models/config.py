@@ -22,8 +22,11 @@ PosEmbedMode = Literal["learned", "sinusoidal_2d", "none"]
 POS_EMBEDS: tuple[str, ...] = ("learned", "sinusoidal_2d", "none")
 # The design-study switches and their values; the first value of each is the official one.
 SWITCHES: dict[str, tuple[str, ...]] = {
-    "skip": SKIP_MODES, "time": TIME_MODES, "conv_position": CONV_POSITIONS,
-    "patch_embedding": PATCH_EMBEDS, "position_embedding": POS_EMBEDS,
+    "skip": SKIP_MODES,
+    "time": TIME_MODES,
+    "conv_position": CONV_POSITIONS,
+    "patch_embedding": PATCH_EMBEDS,
+    "position_embedding": POS_EMBEDS,
 }
 # Switches added after the first release: left out of to_dict() at their default, so the
 # config.json of an official-architecture model is the same bytes as before they existed.
@@ -97,7 +100,9 @@ class UViTConfig:
         if not self.conv and self.conv_position == "before_linear":
             raise bad("conv_position", "conv=False means no extra conv; set conv=True to place it before_linear")
         if self.patch_embedding == "conv_stem" and self.patch_size & (self.patch_size - 1):
-            raise bad("patch_size", "the conv_stem patch embedding halves the image log2(p) times: p must be a power of 2")
+            raise bad(
+                "patch_size", "the conv_stem patch embedding halves the image log2(p) times: p must be a power of 2"
+            )
         if self.position_embedding == "sinusoidal_2d" and self.embed_dim % 4:
             raise bad("embed_dim", "the 2D sin-cos position embedding needs a multiple of 4")
         if self.num_classes > 0 and self.clip_dim is not None:

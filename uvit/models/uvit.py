@@ -100,8 +100,10 @@ class PatchEmbed(nn.Module):
         else:
             layers: list[nn.Module] = []
             for i, stride in enumerate(conv_stem_strides(patch_size)):
-                layers += [nn.Conv2d(in_chans if i == 0 else embed_dim, embed_dim, 3, stride=stride, padding=1),
-                           nn.SiLU()]
+                layers += [
+                    nn.Conv2d(in_chans if i == 0 else embed_dim, embed_dim, 3, stride=stride, padding=1),
+                    nn.SiLU(),
+                ]
             self.stem = nn.Sequential(*layers)
             self.proj = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
 
@@ -162,8 +164,16 @@ class Block(nn.Module):
     x + Attn(LN(x)(1 + scale1) + shift1), then the same with the MLP (DiT's adaLN, no gates).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
-                 skip: SkipMode | None = None, use_checkpoint: bool = False, adaln: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        skip: SkipMode | None = None,
+        use_checkpoint: bool = False,
+        adaln: bool = False,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=not adaln)
         self.attn = Attention(dim, num_heads, qkv_bias)
@@ -231,12 +241,13 @@ class UViT(nn.Module):
         elif c.position_embedding == "sinusoidal_2d":
             # Condition tokens get zeros (MAE's class token); not saved: it is a function of the config.
             table = torch.zeros(1, c.num_tokens, D)
-            table[0, c.extras:] = sincos_2d_pos_embed(c.img_size // c.patch_size, D)
+            table[0, c.extras :] = sincos_2d_pos_embed(c.img_size // c.patch_size, D)
             self.register_buffer("pos_embed", table, persistent=False)
 
         def block(skip: SkipMode | None = None) -> Block:
-            return Block(D, c.num_heads, c.mlp_ratio, c.qkv_bias, skip=skip, use_checkpoint=c.use_checkpoint,
-                         adaln=adaln)
+            return Block(
+                D, c.num_heads, c.mlp_ratio, c.qkv_bias, skip=skip, use_checkpoint=c.use_checkpoint, adaln=adaln
+            )
 
         self.in_blocks = nn.ModuleList([block() for _ in range(c.depth // 2)])
         self.mid_block = block()
@@ -248,8 +259,9 @@ class UViT(nn.Module):
             self.token_conv = nn.Conv2d(D, D, 3, padding=1)
         self.patch_dim = c.patch_size**2 * c.in_chans
         self.decoder_pred = nn.Linear(D, self.patch_dim)
-        self.final_layer = (nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1) if c.extra_conv == "after_unpatchify"
-                            else nn.Identity())
+        self.final_layer = (
+            nn.Conv2d(c.in_chans, c.in_chans, 3, padding=1) if c.extra_conv == "after_unpatchify" else nn.Identity()
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -280,8 +292,10 @@ class UViT(nn.Module):
             text = self.context_embed(context)
         elif c.num_classes > 0:
             if y is None:
-                raise ValueError("this class-conditional U-ViT needs labels `y` (B,); use the null class "
-                                 f"{c.num_classes - 1} for unconditional samples if it was trained with one")
+                raise ValueError(
+                    "this class-conditional U-ViT needs labels `y` (B,); use the null class "
+                    f"{c.num_classes - 1} for unconditional samples if it was trained with one"
+                )
             label = self.label_emb(y)
 
         cond = None
@@ -311,11 +325,11 @@ class UViT(nn.Module):
             x = modulate(x, *self.final_modulation(cond).unsqueeze(1).chunk(2, dim=-1))
         p, h = c.patch_size, c.img_size // c.patch_size
         if c.extra_conv == "before_linear":
-            grid = rearrange(x[:, c.extras:], "b (h w) d -> b d h w", h=h)
+            grid = rearrange(x[:, c.extras :], "b (h w) d -> b d h w", h=h)
             x = self.decoder_pred(rearrange(self.token_conv(grid), "b d h w -> b (h w) d"))
         else:
             # The official head runs decoder_pred on every token, then drops the condition tokens.
-            x = self.decoder_pred(x)[:, c.extras:]
+            x = self.decoder_pred(x)[:, c.extras :]
         # Channel-last inside each patch: the layout the official decoder_pred weights use.
         x = rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p, p2=p)
         return self.final_layer(x)
@@ -342,8 +356,10 @@ class UViT(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: expected a directory written by "
-                                        "UViT.save_pretrained (config.json + model.safetensors)")
+                raise FileNotFoundError(
+                    f"{directory / name} not found: expected a directory written by "
+                    "UViT.save_pretrained (config.json + model.safetensors)"
+                )
         config = UViTConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         model = cls(config)
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)), strict=True)

@@ -69,6 +69,10 @@ def test_paper_recipes_match_the_official_configs(params) -> None:
             lambda p: p["digits"].update(artifacts={"url": "artifacts", "secret_key": "x"}),
             "digits.artifacts.secret_key: Extra inputs are not permitted",
         ),
+        # The class count is a fact of the data, in one place.
+        (lambda p: p["digits"]["validate"].update(num_classes=10), "digits.validate.num_classes: Extra inputs"),
+        (lambda p: p["digits"]["data"].update(num_classes=0), "digits.data.num_classes: 0, but digits_uvit_tiny"),
+        (lambda p: p["digits"]["data"].update(num_classes=12), "digits.data.num_classes: 12"),
     ],
 )
 def test_bad_parameters_name_the_key(params, edit, message) -> None:
@@ -143,3 +147,16 @@ def test_few_step_sampler_options_reach_the_samplers():
     params["digits"]["sample"]["sampler"] = "dpm_solver_pp_2m"  # a multistep solver has no order to set
     with pytest.raises(ConfigError, match="digits.sample.order"):
         load_benchmark("digits", params)
+
+
+def test_the_dataset_facts_live_in_the_data_section(params) -> None:
+    digits, coco = load_benchmark("digits", params), load_benchmark("mscoco256", params)
+    assert digits.data.num_classes == 10 and digits.uvit_config().num_classes == 11  # + guidance's null class
+    assert (digits.text_to_image, coco.text_to_image) == (False, True) and coco.data.num_classes == 0
+    # An unconditional model may train on labelled data (CIFAR-10's recipe ignores the labels).
+    cifar = load_benchmark("cifar10", params)
+    assert cifar.data.num_classes == 10 and cifar.uvit_config().num_classes == -1
+    bad = copy.deepcopy(params)
+    bad["mscoco256"]["model"] = {"preset": "imagenet256_uvit_l2", "overrides": {"num_classes": -1}}
+    with pytest.raises(ConfigError, match="is not a text-to-image model, and the coco source has captions"):
+        load_benchmark("mscoco256", bad)

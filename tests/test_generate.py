@@ -179,7 +179,7 @@ def test_latent_run_decodes_as_the_sample_stage(tmp_path, monkeypatch):
 
     def edit(block: dict) -> None:
         block["model"]["overrides"] = {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
-        block["validate"]["num_classes"] = 4
+        block["data"]["num_classes"] = 4
         block["encode"]["vae"] = "vae"  # relative to the project root, as models/... in params.yaml
         block["sample"].update({"steps": 2, "num_samples": 6, "batch_size": 6, "shard_size": 6, "vae": None})
         _tiny_vae_dir(root / "vae")

@@ -212,8 +212,8 @@ def test_mixed_layout_and_empty_folders_are_refused(tmp_path) -> None:
 def config(data: dict, validate: dict | None = None, **model):
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
     block = params["cifar10"]
-    block["data"] = data
-    block["validate"] = validate or {"num_classes": 3, "min_rows": 1}
+    block["data"] = {"num_classes": 3, **data}
+    block["validate"] = validate or {"min_rows": 1}
     block["model"] = {
         "preset": "cifar10_uvit_s2",
         "overrides": {"img_size": RES, "embed_dim": 32, "depth": 2, "num_heads": 2, **model},
@@ -268,7 +268,7 @@ def test_the_commented_example_in_params_yaml_validates() -> None:
     block = yaml.safe_load("\n".join(line[2:] for line in lines if line.startswith("# ")))
     cfg = load_benchmark("myimages", block)
     assert cfg.data.source == "imagefolder" and cfg.data.on_bad == "skip"
-    assert cfg.uvit_config().num_classes == cfg.validate_.num_classes + 1 and cfg.train.random_flip
+    assert cfg.uvit_config().num_classes == cfg.data.num_classes + 1 and cfg.train.random_flip
 
 
 def test_latent_benchmark_from_own_images_encodes_with_stored_flips(tmp_path) -> None:
@@ -298,10 +298,11 @@ def test_latent_benchmark_from_own_images_encodes_with_stored_flips(tmp_path) ->
         "root": str(class_folder(tmp_path / "images")),
         "store_flips": True,
         "download_dir": str(tmp_path / "dl"),
+        "num_classes": 3,
     }
     # scale 1.0: this random VAE's latents have std ~0.18, so scaled they pass the latent suite's std check
     block["encode"] = {"vae": str(tmp_path / "vae"), "scale_factor": 1.0, "batch_size": 4, "dtype": "float32"}
-    block["validate"] = {"num_classes": 3, "min_rows": 1}
+    block["validate"] = {"min_rows": 1}
     block["model"] = {
         "preset": "imagenet256_uvit_l2",
         "overrides": {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 4},

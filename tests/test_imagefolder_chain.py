@@ -40,8 +40,8 @@ def _block(root: Path, num_classes: int, inception: str) -> dict:
         "num_classes": num_classes + 1 if num_classes else -1,
     }  # + the guidance null class
     return {
-        "data": {"source": "imagefolder", "root": str(root), "test_fraction": 0.25},
-        "validate": {"num_classes": num_classes, "min_rows": 4},
+        "data": {"source": "imagefolder", "root": str(root), "test_fraction": 0.25, "num_classes": num_classes},
+        "validate": {"min_rows": 4},
         "model": {"preset": "cifar10_uvit_s2", "overrides": model},
         "diffusion": {"schedule": "vpsde", "p_uncond": 0.1 if num_classes else 0.0},
         "train": {

@@ -54,6 +54,9 @@ class DataConfig(_Section):
     # imagefolder: also store each image's horizontal mirror as extra rows (latent benchmarks,
     # which cannot flip at training time; pixel benchmarks flip with train.random_flip instead).
     store_flips: bool = False
+    # The dataset's real classes, read by every stage (0: unlabelled). A class-conditional model
+    # has K or K + 1 classes, the extra one being guidance's null class.
+    num_classes: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _source_options(self) -> DataConfig:
@@ -62,6 +65,11 @@ class DataConfig(_Section):
         if self.on_bad == "skip" and self.source not in ("imagefolder", "imagenet"):
             raise ValueError(f"on_bad: skip applies to the imagefolder and imagenet sources, not {self.source!r}")
         return self
+
+    @property
+    def captions(self) -> bool:
+        """Whether each image comes with captions (text-to-image: COCO)."""
+        return self.source == "coco"
 
 
 class EncodeConfig(_Section):
@@ -76,7 +84,8 @@ class EncodeConfig(_Section):
 
 
 class ValidateConfig(_Section):
-    num_classes: int = Field(0, ge=0)  # 0: unlabelled
+    """What the data checks demand beyond the dataset's facts (data.num_classes)."""
+
     min_rows: PositiveInt = 1
     min_class_share: float = Field(0.0, ge=0, le=1)
     max_class_share: float = Field(1.0, ge=0, le=1)
@@ -358,6 +367,11 @@ class BenchmarkConfig(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @property
+    def text_to_image(self) -> bool:
+        """Whether the data has captions and the model is conditioned on their CLIP features."""
+        return self.data.captions
+
+    @property
     def base(self) -> str:
         """The benchmark whose data this one reads: itself, or a study run's benchmark."""
         return self.name.split("/")[0]
@@ -468,4 +482,16 @@ def _validated(name: str, block: dict[str, Any], where: str | None = None) -> Be
         )
     if model.clip_dim is not None and (cfg.encode is None or not cfg.encode.text_encoder):
         raise ConfigError(f"{name}.encode.text_encoder: a text-to-image preset needs a CLIP text encoder")
+    if (model.clip_dim is not None) != cfg.data.captions:
+        raise ConfigError(
+            f"{name}.model.preset: {cfg.model.preset} is {'' if model.clip_dim is not None else 'not '}a "
+            f"text-to-image model, and the {cfg.data.source} source has {'' if cfg.data.captions else 'no '}captions"
+        )
+    k = cfg.data.num_classes
+    if model.num_classes > 0 and not 0 < k <= model.num_classes:
+        raise ConfigError(
+            f"{name}.data.num_classes: {k}, but {cfg.model.preset} is class-conditional on "
+            f"{model.num_classes} classes: the data needs labels 0..K-1 with K <= {model.num_classes} "
+            "(or set model.overrides.num_classes: -1 for an unconditional model)"
+        )
     return cfg

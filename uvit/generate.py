@@ -100,13 +100,13 @@ class Checkpoint:
 
     @property
     def num_real_classes(self) -> int:
-        """K classes a label may name: the block's validate.num_classes, else all but the last
+        """K classes a label may name: the block's data.num_classes, else all but the last
         (the null class of classifier-free guidance); 0 for unconditional and text models."""
         k = self.config.num_classes
         if k <= 0:  # -1 or 0: no labels
             return 0
-        if self.benchmark is not None and self.benchmark.validate_.num_classes > 0:
-            return min(self.benchmark.validate_.num_classes, k)
+        if self.benchmark is not None and self.benchmark.data.num_classes > 0:
+            return min(self.benchmark.data.num_classes, k)
         return k - 1
 
 

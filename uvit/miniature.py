@@ -547,16 +547,16 @@ def _overrides(b: str, dest: Path, made: dict[str, Any], weights: dict[str, str]
     imagenet_train = len(IMAGENET_CLASSES) * IMAGENET_TRAIN_PER_CLASS
     if b == "cifar10":
         path, rows = made["cifar10"]
-        o["data"] = {"root": str(path), "sha256": _sha256(path)}
-        o["validate"] = {"num_classes": 10, "min_rows": rows["train"]}
+        o["data"] = {"root": str(path), "sha256": _sha256(path), "num_classes": 10}
+        o["validate"] = {"min_rows": rows["train"]}
         o["sample"] = _sample(20)
     elif b == "celeba64":
         o["data"] = {"root": str(made["celeba64"])}
         o["validate"] = {"min_rows": CELEBA_PARTITION[0]}
         o["sample"] = _sample(16)
     elif b == "imagenet64":
-        o["data"] = {"root": str(made["imagenet"])}
-        o["validate"] = {"num_classes": len(IMAGENET_CLASSES), "min_rows": imagenet_train}
+        o["data"] = {"root": str(made["imagenet"]), "num_classes": len(IMAGENET_CLASSES)}
+        o["validate"] = {"min_rows": imagenet_train}
         o["sample"] = _sample(16)
     elif b in ("imagenet256", "imagenet512"):
         if b == "imagenet256":  # the tar: its checksum declared, extracted into dest/downloads
@@ -564,9 +564,10 @@ def _overrides(b: str, dest: Path, made: dict[str, Any], weights: dict[str, str]
             o["data"] = {"root": str(tar), "sha256": _sha256(tar), "download_dir": str(dest / "downloads")}
         else:
             o["data"] = {"root": str(made["imagenet"])}
+        o["data"]["num_classes"] = len(IMAGENET_CLASSES)
         o["encode"] = {"vae": weights["vae"], "batch_size": 8}
         # flips are stored for the latent benchmarks: 2 rows per image
-        o["validate"] = {"num_classes": len(IMAGENET_CLASSES), "min_rows": 2 * imagenet_train}
+        o["validate"] = {"min_rows": 2 * imagenet_train}
         o["sample"] = {**_sample(8), "vae": weights["vae"]}  # the H configs decode with a second (EMA) VAE file
     elif b == "mscoco256":
         o["data"] = {"root": str(made["coco"])}

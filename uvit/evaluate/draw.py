@@ -29,7 +29,7 @@ def sample_labels(cfg: BenchmarkConfig, num_samples: int) -> torch.Tensor | None
     """Class labels int64 (N,) of N samples (i % K, balanced); None for unconditional models."""
     from uvit.evaluate.sample import balanced_labels
 
-    k = cfg.validate_.num_classes
+    k = cfg.data.num_classes
     return balanced_labels(num_samples, k) if cfg.uvit_config().num_classes > 0 and k > 0 else None
 
 

@@ -156,7 +156,7 @@ def reference_split(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path:
     captions, and the official reference is COCO val (fid_stats_mscoco256_val.npz); class and
     unconditional benchmarks use the training images."""
     val = paths.data / "val"
-    if cfg.uvit_config().clip_dim is not None and (val / "manifest.json").is_file():
+    if cfg.text_to_image and (val / "manifest.json").is_file():
         return val
     return paths.data / "train"
 
@@ -204,7 +204,7 @@ def score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.nda
         metrics["precision"], metrics["recall"] = precision_recall_from_features(feats["2048"], ref_kid)
     else:
         metrics["kid"] = None  # a statistics-only reference (mu, sigma) has no features to compare with
-    if cfg.uvit_config().clip_dim is not None:
+    if cfg.text_to_image:
         metrics.update(_score_clip(cfg, paths, samples))
     metrics.update(
         {

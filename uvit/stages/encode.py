@@ -44,7 +44,7 @@ def run_encode(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         # flip=False: this stage encodes each stored row once (ImageNet stores its mirrors as rows).
         report = validate_latent_split(
             out,
-            LatentSplitExpectations(scale_factor=e.scale_factor, flip=False, num_classes=cfg.validate_.num_classes),
+            LatentSplitExpectations(scale_factor=e.scale_factor, flip=False, num_classes=cfg.data.num_classes),
             source_root=paths.data / split,
         )
         print(f"[{split} latents]\n{report.summary()}")

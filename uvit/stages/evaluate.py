@@ -50,8 +50,8 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     torch.set_num_threads(max(1, cfg.train.threads_per_worker))
     weights = paths.train / ("ema" if s.use_ema else "model")
     out = paths.samples
-    t2i = cfg.uvit_config().clip_dim is not None
-    labels_k = cfg.validate_.num_classes if sample_labels(cfg, 1) is not None else None
+    t2i = cfg.text_to_image
+    labels_k = cfg.data.num_classes if sample_labels(cfg, 1) is not None else None
     if cfg.encode is not None:  # fail before sampling, not after, when the VAE is not there
         from uvit.encoders.vae import load_vae
 
@@ -85,7 +85,7 @@ def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         save_grid(images[:64], view / "grid.png", nrow=8)
         examples = sample_paper_captions(cfg, paths, weights)
     else:
-        k = cfg.validate_.num_classes or 10
+        k = cfg.data.num_classes or 10
         # Grid: one column per class, ten rows (labels cycle through the classes).
         grid = images[: k * min(10, math.ceil(len(images) / k))]
         save_grid(grid, view / "grid.png", nrow=k, upscale=max(1, 64 // cfg.uvit_config().img_size))
@@ -143,9 +143,7 @@ def run_classifier(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
     torch.set_num_threads(max(1, cfg.train.threads_per_worker))
     train_x, train_y = load_split_arrays(paths.data / "train")
     test_x, test_y = load_split_arrays(paths.data / "test")
-    config = ClassifierConfig(
-        in_chans=train_x.shape[1], image_size=train_x.shape[2], num_classes=cfg.validate_.num_classes
-    )
+    config = ClassifierConfig(in_chans=train_x.shape[1], image_size=train_x.shape[2], num_classes=cfg.data.num_classes)
     model = train_classifier(train_x, train_y, config, epochs=cfg.score.classifier_epochs, seed=cfg.data.seed)
     save_classifier(model, paths.classifier)
     result = {"test_accuracy": accuracy(model, test_x, test_y)}

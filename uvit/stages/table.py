@@ -79,10 +79,9 @@ class Stage:
 # -- facts about a benchmark that decide its chain --------------------------------------------------
 def kind(cfg: BenchmarkConfig) -> str:
     """ "pixel", "latent" (SD-VAE latents) or "text" (text-to-image on latents)."""
-    model = cfg.uvit_config()
-    if model.clip_dim is not None:
+    if cfg.text_to_image:
         return "text"
-    return "latent" if model.in_chans == 4 else "pixel"
+    return "latent" if cfg.uvit_config().in_chans == 4 else "pixel"
 
 
 def uses_classifier(cfg: BenchmarkConfig) -> bool:
@@ -123,7 +122,7 @@ def _sections(*names: str) -> Callable[[BenchmarkConfig], list[str]]:
 
 
 def _train_params(cfg: BenchmarkConfig) -> list[str]:
-    keys = ["model", "diffusion", "train", "validate.num_classes"]
+    keys = ["model", "diffusion", "train", "data.num_classes"]
     if cfg.encode is not None:
         keys.append("encode.scale_factor")
     if cfg.train.fid_every:
@@ -152,7 +151,7 @@ def _train_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
 
 
 def _sample_params(cfg: BenchmarkConfig) -> list[str]:
-    keys = ["sample", "model", "diffusion", "validate.num_classes", "train.use_gpu", "train.threads_per_worker"]
+    keys = ["sample", "model", "diffusion", "data.num_classes", "train.use_gpu", "train.threads_per_worker"]
     if cfg.encode is not None:
         keys += ["encode.vae", "encode.scale_factor", "encode.text_encoder"]
     return keys
@@ -173,7 +172,7 @@ def _decoder_externals(cfg: BenchmarkConfig) -> dict[str, str | None]:
 
 
 def _score_params(cfg: BenchmarkConfig) -> list[str]:
-    return ["score", "sample", "train.seed", "train.use_gpu", "train.threads_per_worker", "validate.num_classes"]
+    return ["score", "sample", "train.seed", "train.use_gpu", "train.threads_per_worker", "data.num_classes"]
 
 
 def _score_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
@@ -239,7 +238,7 @@ STAGES: tuple[Stage, ...] = (
         "uvit.stages.validate:run_validate",
         "Check the data with great-expectations suites; exit non-zero with a summary on failure.",
         code=("uvit/data/validate.py", "uvit/stages/validate.py"),
-        params=_sections("validate"),
+        params=_sections("validate", "data.num_classes"),
         deps=lambda cfg, p: [p.data],
         outs=lambda cfg, p: [Out(str(p.validate))],
     ),
@@ -248,7 +247,7 @@ STAGES: tuple[Stage, ...] = (
         "uvit.stages.encode:run_encode",
         "Latent benchmarks: SD-VAE moments (and CLIP text features) of the data, validated.",
         code=("uvit/encoders", "uvit/data/encode.py", "uvit/data/validate_latents.py", "uvit/stages/encode.py"),
-        params=_sections("encode", "data.shard_size", "validate.num_classes"),
+        params=_sections("encode", "data.shard_size", "data.num_classes"),
         deps=lambda cfg, p: [p.data, p.validate],
         outs=lambda cfg, p: [Out(str(p.latents)), *([Out(str(p.contexts))] if kind(cfg) == "text" else [])],
         externals=lambda cfg: {"encode.vae": cfg.encode.vae, "encode.text_encoder": cfg.encode.text_encoder},
@@ -259,7 +258,7 @@ STAGES: tuple[Stage, ...] = (
         "uvit.stages.evaluate:run_classifier",
         "Train the digits feature extractor used for FID and conditional accuracy.",
         code=("uvit/evaluate/classifier.py", "uvit/stages/evaluate.py"),
-        params=_sections("score.classifier_epochs", "data.seed", "validate.num_classes", "train.threads_per_worker"),
+        params=_sections("score.classifier_epochs", "data.seed", "data.num_classes", "train.threads_per_worker"),
         deps=lambda cfg, p: [p.data],
         outs=lambda cfg, p: [Out(str(p.classifier))],
         applies=uses_classifier,
@@ -327,7 +326,7 @@ STAGES: tuple[Stage, ...] = (
             "sample.use_ema",
             "model",
             "diffusion",
-            "validate.num_classes",
+            "data.num_classes",
             "train.use_gpu",
             "train.threads_per_worker",
         ),

@@ -17,7 +17,7 @@ def run_validate(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
         if not root.exists():
             continue
         expectations = ImageSplitExpectations(
-            num_classes=v.num_classes,
+            num_classes=cfg.data.num_classes,
             min_rows=v.min_rows if split == "train" else 1,
             min_class_share=v.min_class_share,
             max_class_share=v.max_class_share,

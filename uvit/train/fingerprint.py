@@ -18,7 +18,7 @@ def training_data_dir(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path:
 
 def contexts_data_dir(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> Path | None:
     """The training captions' CLIP contexts (encode stage), for text-to-image presets; else None."""
-    return paths.contexts if cfg.uvit_config().clip_dim is not None else None
+    return paths.contexts if cfg.text_to_image else None
 
 
 # Knobs that change how long, where or how visibly a run goes, not the trajectory it follows

@@ -84,7 +84,7 @@ def sample_grid(cfg, ema_model: torch.nn.Module, path: Path, rows: int = 4) -> P
     from uvit.evaluate.draw import draw_samples
     from uvit.evaluate.sample import save_grid
 
-    k = cfg.validate_.num_classes
+    k = cfg.data.num_classes
     cols = min(k, 10) if k > 0 and ema_model.config.num_classes > 0 else 8
     images, _ = draw_samples(cfg, ema_model, num_samples=rows * cols, progress=False)
     upscale = max(1, 64 // images.shape[-1])  # tiny digits: make the grid readable

@@ -79,7 +79,7 @@ def load_training_data(cfg: BenchmarkConfig, data_dir: Path) -> tuple[torch.Tens
     from uvit.data.shards import ShardedArrays
 
     split = ShardedArrays(data_dir / "train")
-    labels = split.field("labels") if "labels" in split.field_names and cfg.validate_.num_classes > 0 else None
+    labels = split.field("labels") if "labels" in split.field_names and cfg.data.num_classes > 0 else None
     y = torch.from_numpy(np.array(labels)).long() if labels is not None else None
     if "moments" in split.field_names:
         return torch.from_numpy(np.array(split.field("moments"))).float(), y
@@ -181,10 +181,10 @@ def _place_worker(tc) -> _Place:
 
 def _shard_gather(cfg: BenchmarkConfig, config: WorkerConfig) -> ShardGather:
     """Row gathers from the training split (and, text-to-image, its caption split)."""
-    text = cfg.uvit_config().clip_dim is not None
+    text = cfg.text_to_image
     split = Path(config.data_dir) / "train"
     contexts = Path(config.contexts_dir) / "train" if text else None
-    with_labels = cfg.validate_.num_classes > 0 and not text
+    with_labels = cfg.data.num_classes > 0 and not text
     return ShardGather(split, training_field(split), with_labels=with_labels, contexts_dir=contexts)
 
 
@@ -555,7 +555,7 @@ def run_training(
 def _check_monitoring(cfg: BenchmarkConfig) -> None:
     """Refuse what the training monitor cannot do for `cfg` before anything starts."""
     tc = cfg.train
-    if cfg.uvit_config().clip_dim is not None and (tc.sample_every or tc.fid_every):
+    if cfg.text_to_image and (tc.sample_every or tc.fid_every):
         raise NotImplementedError(
             f"{cfg.name}.train: sample grids and periodic FID during text-to-image training "
             "(they need captions) are not supported; set sample_every and fid_every to 0"

@@ -22,7 +22,7 @@ from uvit.evaluate.sample import Condition, SamplingRecipe, generate, load_sampl
 from uvit.generate import Overrides, make_labels, parse_classes, resolve_settings
 from uvit.models import UViT, UViTConfig, preset_config
 from uvit.paths import BenchmarkPaths
-from uvit.stages.evaluate import run_sample
+from uvit.stages.sample import run_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

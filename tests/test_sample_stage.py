@@ -15,7 +15,8 @@ from uvit.config import load_benchmark, load_params
 from uvit.evaluate.sample import load_samples
 from uvit.models import UViT
 from uvit.paths import BenchmarkPaths
-from uvit.stages.evaluate import draw_samples, run_sample
+from uvit.evaluate.draw import draw_samples
+from uvit.stages.sample import run_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -93,9 +93,7 @@ def test_addresses_name_the_generated_stages_with_the_external_files_as_deps():
     text_train = stages[dvcfile.PAPER_FILE][where["mscoco256"]["train"].name]
     assert {"data/mscoco256-latents", "data/mscoco256-contexts"} <= set(text_train["deps"])
     text_sample = stages[dvcfile.PAPER_FILE][where["mscoco256"]["sample"].name]
-    assert {"data/mscoco256-contexts", "models/autoencoder_kl.pth", "uvit/stages/evaluate.py"} <= set(
-        text_sample["deps"]
-    )
+    assert {"data/mscoco256-contexts", "models/autoencoder_kl.pth", "uvit/stages/sample.py"} <= set(text_sample["deps"])
     # Which keys each stage reads are DVC params: a VAE swap re-runs encode, sample (decoding) and train.
     assert "imagenet256.encode" in enc["params"][0]["params.yaml"]
     assert (

@@ -13,7 +13,7 @@ from uvit.data.shards import write_split
 from uvit.evaluate.fid import fid, fid_statistics, save_fid_statistics
 from uvit.evaluate.sample import save_samples
 from uvit.paths import BenchmarkPaths
-from uvit.stages.evaluate import run_score
+from uvit.stages.score import run_score
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -184,7 +184,8 @@ def test_caption_selection(t2i_run):
 
 def test_text_to_image_sample_and_score_stages(t2i_run, clip_dir):
     from uvit.encoders.vae import decode, load_vae
-    from uvit.stages.evaluate import run_sample, run_score
+    from uvit.stages.sample import run_sample
+    from uvit.stages.score import run_score
 
     cfg, paths = t2i_run
     summary = run_sample(cfg, paths)
@@ -309,7 +310,8 @@ def test_text_to_image_shards_through_ray_workers(t2i_run, tmp_path):
     import ray
 
     from uvit.evaluate.sample_shards import SampleSpec, SamplingRun, merge_shards, sample_to_shards
-    from uvit.stages.evaluate import _decoder, caption_set
+    from uvit.evaluate.draw import caption_set
+    from uvit.evaluate.draw import decoder_spec as _decoder
 
     cfg, paths = t2i_run
     spec = SampleSpec(

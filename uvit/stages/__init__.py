@@ -17,15 +17,15 @@ from uvit.stages.table import STAGE_NAMES, STAGES, Stage, chain, get_stage
 # --help`, `uvit pipeline check` and the stages that need none of them start in a fraction of the time.
 _FUNCTIONS = {
     "run_ablation": "ablation",
-    "run_classifier": "evaluate",
+    "run_classifier": "classifier",
     "run_data": "data",
     "run_encode": "encode",
     "run_fetch": "publish",
     "run_publish": "publish",
     "run_report": "report",
-    "run_sample": "evaluate",
+    "run_sample": "sample",
     "run_samplers": "samplers",
-    "run_score": "evaluate",
+    "run_score": "score",
     "run_train": "train",
     "run_validate": "validate",
 }

@@ -255,9 +255,9 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "classifier",
-        "uvit.stages.evaluate:run_classifier",
+        "uvit.stages.classifier:run_classifier",
         "Train the digits feature extractor used for FID and conditional accuracy.",
-        code=("uvit/evaluate/classifier.py", "uvit/stages/evaluate.py"),
+        code=("uvit/evaluate/classifier.py", "uvit/stages/classifier.py"),
         params=_sections("score.classifier_epochs", "data.seed", "data.num_classes", "train.threads_per_worker"),
         deps=lambda cfg, p: [p.data],
         outs=lambda cfg, p: [Out(str(p.classifier))],
@@ -279,9 +279,9 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "sample",
-        "uvit.stages.evaluate:run_sample",
+        "uvit.stages.sample:run_sample",
         "Draw samples from the trained EMA weights in resumable shards (runs/<benchmark>/samples/).",
-        code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/evaluate.py"),
+        code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/sample.py"),
         code_if=lambda cfg: ("uvit/encoders", "uvit/report/paper.py") if cfg.encode is not None else (),
         params=_sample_params,
         deps=_sample_deps,
@@ -291,9 +291,9 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "score",
-        "uvit.stages.evaluate:run_score",
+        "uvit.stages.score:run_score",
         "FID, KID, precision/recall (torch-fidelity), conditional accuracy or CLIP score of the samples.",
-        code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/evaluate.py"),  # + the ceiling's samples
+        code=("uvit/models", "uvit/diffusion", "uvit/evaluate", "uvit/stages/score.py"),  # + the ceiling's samples
         code_if=lambda cfg: ("uvit/encoders",) if kind(cfg) == "text" else (),  # CLIP score
         params=_score_params,
         deps=_score_deps,

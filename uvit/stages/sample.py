@@ -1,17 +1,9 @@
-"""Stages `sample`, `classifier` and `score`: config in, library calls, files out.
+"""Stage `sample`: config in, library calls, files out.
 
-sample:     EMA weights -> runs/<b>/samples/: shards/ (resumable, uvit.evaluate.sample_shards), samples.npz
-            (all shards merged: uint8 NHWC + labels, or caption rows/texts for text-to-image),
-            png/{i:06d}.png; sample-summary/: grid.png, summary.json; text-to-image also examples.png, the
-            paper's eight example captions
-classifier: (digits) a small CNN on the real train split: the FID feature extractor and the judge
-            of conditional accuracy -> runs/<b>/classifier/
-score:      FID and KID of the samples against the real train split (torch-fidelity), with the
-            real-vs-real floor (as many test images vs train) and the untrained-model ceiling, and conditional
-            accuracy; Inception benchmarks: FID, IS, KID (against our reference images), and the CLIP
-            score for text-to-image -> runs/<b>/score/metrics.json (DVC metrics)
-
-The sampling settings and the scoring live in :mod:`uvit.evaluate.draw` and :mod:`uvit.evaluate.score`.
+EMA weights -> runs/<b>/samples/: shards/ (resumable, uvit.evaluate.sample_shards), samples.npz (all
+shards merged: uint8 NHWC + labels, or caption rows/texts for text-to-image), png/{i:06d}.png;
+sample-summary/: grid.png, summary.json; text-to-image also examples.png, the paper's eight example
+captions. The sampling settings live in :mod:`uvit.evaluate.draw`.
 """
 
 from __future__ import annotations
@@ -23,20 +15,11 @@ from pathlib import Path
 import torch
 
 from uvit.config import BenchmarkConfig
-from uvit.evaluate.draw import (
-    caption_set,
-    decoder_spec,
-    device_for,
-    draw_samples,
-    paper_caption_images,
-    sample_labels,
-)
+from uvit.evaluate.draw import caption_set, decoder_spec, device_for, paper_caption_images, sample_labels
 from uvit.fileio import write_json
 from uvit.paths import BenchmarkPaths
 
-# Kept importable from here for existing callers; the library imports them from uvit.evaluate.draw.
-_decoder = decoder_spec
-__all__ = ["caption_set", "draw_samples", "run_classifier", "run_sample", "run_score", "sample_paper_captions"]
+__all__ = ["run_sample", "sample_paper_captions"]
 
 
 def run_sample(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
@@ -129,37 +112,3 @@ def sample_paper_captions(cfg: BenchmarkConfig, paths: BenchmarkPaths, weights: 
         {"captions": list(PAPER_CAPTIONS), "per_caption": per_caption, "seed": cfg.sample.seed + 1},
     )
     return "examples.png"
-
-
-def run_classifier(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
-    if cfg.score.feature_extractor != "digits-classifier":
-        raise ValueError(
-            f"{cfg.name}.score.feature_extractor is {cfg.score.feature_extractor!r}: "
-            "the classifier stage only serves the digits benchmark"
-        )
-    from uvit.data.shards import load_split_arrays
-    from uvit.evaluate.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
-
-    torch.set_num_threads(max(1, cfg.train.threads_per_worker))
-    train_x, train_y = load_split_arrays(paths.data / "train")
-    test_x, test_y = load_split_arrays(paths.data / "test")
-    config = ClassifierConfig(in_chans=train_x.shape[1], image_size=train_x.shape[2], num_classes=cfg.data.num_classes)
-    model = train_classifier(train_x, train_y, config, epochs=cfg.score.classifier_epochs, seed=cfg.data.seed)
-    save_classifier(model, paths.classifier)
-    result = {"test_accuracy": accuracy(model, test_x, test_y)}
-    write_json(paths.classifier / "metrics.json", result)
-    return result
-
-
-def run_score(cfg: BenchmarkConfig, paths: BenchmarkPaths) -> dict:
-    """runs/<b>/score/metrics.json: the digits metrics, or the Inception ones (uvit.evaluate.score)."""
-    from uvit.evaluate.sample import load_samples
-    from uvit.evaluate.score import score_digits, score_inception
-
-    samples, labels = load_samples(paths.samples / "samples.npz")
-    if cfg.score.feature_extractor == "inception":
-        metrics = score_inception(cfg, paths, samples)
-    else:
-        metrics = score_digits(cfg, paths, samples, labels)
-    write_json(paths.score / "metrics.json", metrics)
-    return metrics

@@ -26,7 +26,6 @@ import argparse
 import ctypes
 import dataclasses
 import gc
-import json
 import platform
 import resource
 import statistics
@@ -38,6 +37,10 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _common import make_parser, resolve_device, write_json
+from _common import sync as _sync
 
 from uvit.models import PRESETS, UViT, UViTConfig, count_macs, count_params, get_preset
 
@@ -178,11 +181,6 @@ def train_step_fn(
 
 
 # --------------------------------------------------------------------------- memory helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -264,6 +262,43 @@ def build_model(
     return runner, model, optimizer
 
 
+def _warm_up(step: Callable[[], None], n: int, compiled: bool, device: torch.device) -> tuple[float | None, float]:
+    """Run `n` untimed steps: (compile_s, the first step's seconds for a compiled variant, else
+    None; warmup_s, all n steps' seconds)."""
+    compile_s = None
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(n):
+        step()
+        if i == 0 and compiled:
+            _sync(device)
+            compile_s = time.perf_counter() - t0
+    _sync(device)
+    return compile_s, time.perf_counter() - t0
+
+
+def _timed_steps(step: Callable[[], None], iters: int, device: torch.device) -> tuple[list[float], float]:
+    """Run `iters` timed steps: (each step's seconds, by CUDA events on a GPU, else wall clock;
+    the whole loop's wall-clock seconds)."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        _sync(device)
+        t0 = time.perf_counter()
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        _sync(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events], time.perf_counter() - t0
+    step_s = []
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        s = time.perf_counter()
+        step()
+        step_s.append(time.perf_counter() - s)
+    return step_s, time.perf_counter() - t0
+
+
 def time_variant(
     config: UViTConfig,
     variant: Variant | str,
@@ -298,38 +333,8 @@ def time_variant(
         step = train_step_fn(runner, optimizer, inputs, target, v.amp_dtype)
 
         n_warmup = max(warmup, 1 if v.compiled else 0)
-        compile_s = None
-        _sync(device)
-        t0 = time.perf_counter()
-        for i in range(n_warmup):
-            step()
-            if i == 0 and v.compiled:
-                _sync(device)
-                compile_s = time.perf_counter() - t0
-        _sync(device)
-        warmup_s = time.perf_counter() - t0
-
-        step_s: list[float] = []
-        if cuda:
-            events = [
-                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-            ]
-            _sync(device)
-            t0 = time.perf_counter()
-            for start, end in events:
-                start.record()
-                step()
-                end.record()
-            _sync(device)
-            total_s = time.perf_counter() - t0
-            step_s = [start.elapsed_time(end) / 1e3 for start, end in events]
-        else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                s = time.perf_counter()
-                step()
-                step_s.append(time.perf_counter() - s)
-            total_s = time.perf_counter() - t0
+        compile_s, warmup_s = _warm_up(step, n_warmup, v.compiled, device)
+        step_s, total_s = _timed_steps(step, iters, device)
         peak = memory.peak()
         n_params = model.num_parameters()
         del runner, model, optimizer, inputs, target, step
@@ -447,16 +452,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- main
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = make_parser(__doc__)
     p.add_argument(
         "--preset",
         default="cifar10_uvit_s2",
@@ -471,10 +468,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="untimed iterations per variant (a compiled variant runs at least 1: its compile)",
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); torch's default if unset"
     )
     p.add_argument(
         "--variants",
@@ -491,18 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-adamw", action="store_true", help="also run each variant with AdamW(fused=True)")
     p.add_argument("--tf32", action="store_true", help="also run each fp32 variant with TF32 matmuls (CUDA)")
     p.add_argument(
-        "--peak-tflops",
-        default=None,
-        metavar="BF16[,TF32]",
-        help="peak dense TFLOP/s for MFU, overriding the device table",
+        "--peak-tflops", metavar="BF16[,TF32]", help="peak dense TFLOP/s for MFU, overriding the device table"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all results as JSON here")
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark; print the table; return (and optionally write) the results dict."""
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device, list[str]]:
+    """(the checked options, the device, the variant names to run, the baseline first); sets
+    torch's CPU threads."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
@@ -515,9 +504,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tf32 and device.type != "cuda":
         print("note: --tf32 ignored on CPU", file=sys.stderr)
         args.tf32 = False
-
-    preset = get_preset(args.preset)
-    config = preset.config
     compile = not args.no_compile
     requested = (
         [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -527,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         names = expand_variants(
             requested,
-            config.use_checkpoint,
+            get_preset(args.preset).config.use_checkpoint,
             checkpointing=args.checkpointing,
             fused_adamw=args.fused_adamw,
             tf32=args.tf32,
@@ -537,7 +523,13 @@ def main(argv: list[str] | None = None) -> dict:
             peak_flops_for("", args.peak_tflops)
     except ValueError as e:
         parser.error(str(e))
+    return args, device, names
 
+
+def run_meta(args: argparse.Namespace, device: torch.device, names: list[str]) -> dict:
+    """The run's description: device, preset, sizes, FLOPs per image, MFU peaks, variants."""
+    preset = get_preset(args.preset)
+    config = preset.config
     macs = count_macs(config)
     train_flops = 3 * 2 * macs
     n_params = count_params(config)  # closed form, held to the official counts by tests/test_models.py
@@ -547,8 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak_bf16, peak_tf32, peak_source = (
         peak_flops_for(device_name, args.peak_tflops) if device.type == "cuda" else (None, None, "n/a on CPU")
     )
-
-    meta = {
+    return {
         "device": str(device),
         "device_name": device_name,
         "torch": torch.__version__,
@@ -570,15 +561,11 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_delta",
         "variants": names,
     }
-    print(
-        f"device {device} ({device_name}) | torch {torch.__version__} | preset {preset.name} ({preset.title}): "
-        f"{n_params:,} params, {macs / 1e9:.3f} GMACs/image | batch {args.batch_size} | "
-        f"threads {torch.get_num_threads()} | {args.iters} timed + {args.warmup} warm-up iters | "
-        f"use_checkpoint={config.use_checkpoint} (preset)",
-        flush=True,
-    )
 
-    prime(config, names, device)
+
+def run_variants(config: UViTConfig, names: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One result row per variant, in order; a variant that fails (no compiler, OOM) gets an
+    error row, except the baseline, whose failure is raised."""
     rows: list[dict] = []
     for name in names:
         try:
@@ -603,7 +590,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         status = row["error"] or f"{row['step_ms_median']:.2f} ms/step"
         print(f"  {name}: {status}", file=sys.stderr, flush=True)
+    return rows
 
+
+def add_ratios(rows: list[dict], meta: dict, device: torch.device) -> None:
+    """Each row's images/s and peak memory against the baseline (rows[0]), and its MFU on CUDA."""
+    train_flops, peak_bf16, peak_tf32 = meta["train_flops_per_image"], meta["peak_bf16_flops"], meta["peak_tf32_flops"]
     base = rows[0]
     for r in rows:
         if r.get("error"):
@@ -618,6 +610,11 @@ def main(argv: list[str] | None = None) -> dict:
             r["achieved_tflops"] = r["images_per_s"] * train_flops / 1e12
             r["mfu"] = r["mfu_peak"] = None
 
+
+def print_report(rows: list[dict], meta: dict, device: torch.device) -> None:
+    """The table and what its columns mean."""
+    train_flops, peak_bf16, peak_tf32 = meta["train_flops_per_image"], meta["peak_bf16_flops"], meta["peak_tf32_flops"]
+    peak_source = meta["peak_source"]
     print()
     print(format_table(rows))
     print()
@@ -639,10 +636,26 @@ def main(argv: list[str] | None = None) -> dict:
             "approximate (allocator slack included). MFU not reported on CPU."
         )
 
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; print the table; return (and optionally write) the results dict."""
+    args, device, names = parse_args(argv)
+    config = get_preset(args.preset).config
+    meta = run_meta(args, device, names)
+    print(
+        f"device {device} ({meta['device_name']}) | torch {torch.__version__} | preset {meta['preset']} ({meta['title']}): "
+        f"{meta['params']:,} params, {meta['gmacs_per_image']:.3f} GMACs/image | batch {args.batch_size} | "
+        f"threads {torch.get_num_threads()} | {args.iters} timed + {args.warmup} warm-up iters | "
+        f"use_checkpoint={config.use_checkpoint} (preset)",
+        flush=True,
+    )
+    prime(config, names, device)
+    rows = run_variants(config, names, args, device)
+    add_ratios(rows, meta, device)
+    print_report(rows, meta, device)
     results = {"meta": meta, "results": rows}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return results
 

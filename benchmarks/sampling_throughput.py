@@ -33,16 +33,19 @@ Imports only torch, uvit.models, uvit.diffusion and the standard library.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _common import make_parser, resolve_device, sync, write_json
 
 from uvit.diffusion import (
     ALL_SAMPLERS,
@@ -116,66 +119,76 @@ def guided_net(
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass(frozen=True)
+class Job:
+    """One measurement: `sampler` x `steps` over a batch of `batch_size`, guided as `variant` with
+    `scale`, on the preset's `schedule` ("discrete" or "vpsde")."""
+
+    variant: str
+    sampler: str
+    steps: int
+    batch_size: int
+    scale: float
+    schedule: str
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How every job is timed: on `device` in `dtype` ("fp32", or "bf16" autocast), `warmup`
+    untimed then `iters` timed batches; `seed` draws the noise and the conditions."""
+
+    device: torch.device
+    dtype: str = "fp32"
+    iters: int = 3
+    warmup: int = 1
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device) -> Timing:
+        return cls(device, dtype=args.dtype, iters=args.iters, warmup=args.warmup, seed=args.seed)
 
 
 @torch.no_grad()
-def time_sampling(
-    model: UViT,
-    *,
-    variant: str,
-    sampler: str,
-    steps: int,
-    batch_size: int,
-    scale: float,
-    schedule: str,
-    device: torch.device,
-    dtype: str = "fp32",
-    iters: int = 3,
-    warmup: int = 1,
-    seed: int = 0,
-) -> dict:
+def time_sampling(model: UViT, job: Job, timing: Timing) -> dict:
     """Median seconds to sample one batch (all `steps`), images/s, NFE, and peak CUDA memory."""
-    c = model.config
+    c, device, seed, batch_size = model.config, timing.device, timing.seed, job.batch_size
     cond = conditions(c, batch_size, device, seed)
-    net = guided_net(model, variant, scale, *(cond or (None, None)))
-    sched = make_schedule(schedule)
+    net = guided_net(model, job.variant, job.scale, *(cond or (None, None)))
+    sched = make_schedule(job.schedule)
     x_T = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size, generator=torch.Generator().manual_seed(seed)).to(
         device
     )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=timing.dtype == "bf16")
 
     def run() -> Tensor:
         # Euler-Maruyama draws its increments per sample on CPU, as the sampling stage does
-        noise = PerSampleNoise(range(seed, seed + batch_size), device) if sampler == "euler_maruyama" else None
+        noise = PerSampleNoise(range(seed, seed + batch_size), device) if job.sampler == "euler_maruyama" else None
         with autocast:
-            return sample(sampler, wrap_model(net, sched), sched, x_T, steps, noise=noise)
+            return sample(job.sampler, wrap_model(net, sched), sched, x_T, job.steps, noise=noise)
 
-    for _ in range(warmup):
+    for _ in range(timing.warmup):
         run()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(iters):
-        _sync(device)
+    for _ in range(timing.iters):
+        sync(device)
         t0 = time.perf_counter()
         x = run()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     if not torch.isfinite(x.float()).all():
-        raise RuntimeError(f"{variant}: non-finite samples")
+        raise RuntimeError(f"{job.variant}: non-finite samples")
     med = statistics.median(times)
-    nfe = count_nfe(sampler, steps)
-    forwards = nfe * (2 if variant == "cfg_two_pass" else 1)
+    nfe = count_nfe(job.sampler, job.steps)
+    forwards = nfe * (2 if job.variant == "cfg_two_pass" else 1)
     return {
-        "variant": variant,
-        "sampler": sampler,
-        "steps": steps,
+        "variant": job.variant,
+        "sampler": job.sampler,
+        "steps": job.steps,
         "nfe": nfe,
         "forwards": forwards,
-        "forward_batch": batch_size * (2 if variant == "cfg_batched" else 1),
+        "forward_batch": batch_size * (2 if job.variant == "cfg_batched" else 1),
         "batch_size": batch_size,
         "batch_s_median": med,
         "batch_s_all": times,
@@ -184,56 +197,60 @@ def time_sampling(
     }
 
 
+def measure(model: UViT, job: Job, timing: Timing, row: dict) -> dict:
+    """`row` updated with time_sampling's figures and error None, or, when the job fails (e.g.
+    CUDA out of memory: reported, the run goes on), with the error and no figures."""
+    try:
+        row.update(time_sampling(model, job, timing))
+        row["error"] = None
+    except (RuntimeError, ValueError) as e:
+        failed = {"variant": job.variant, "sampler": job.sampler, "steps": job.steps, "nfe": None}
+        row.update(failed, images_per_s=None, error=str(e)[:200])
+    return row
+
+
 def build_model(preset: str, device: torch.device, seed: int = 0) -> UViT:
     torch.manual_seed(seed)
     return UViT(get_preset(preset).config).to(device).eval().requires_grad_(False)
 
 
-def run_preset(preset: str, samplers: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Every sampler x variant of one preset; ratios against no_cfg of the same preset and sampler."""
+def run_jobs(
+    preset: str, jobs: list[tuple[Job, dict, bool]], ratio_key: str, args: argparse.Namespace, device: torch.device
+) -> list[dict]:
+    """Time every (job, extra row fields, is a baseline) on one model of `preset`, in order; each
+    row's `ratio_key` is its images/s over that of the latest baseline job."""
     model = build_model(preset, device, args.seed)
-    schedule = schedule_for(preset)
-    conditional = conditions(model.config, 1, "cpu") is not None
-    rows = []
-    for sampler in samplers:
-        if sampler == "euler_maruyama" and schedule == "discrete":
-            continue  # the SDE sampler belongs to the continuous (pixel) models
-        base = None
-        for variant in VARIANTS if conditional else (BASELINE,):
-            row = {"preset": preset, "schedule": schedule, "dtype": args.dtype}
-            try:
-                row.update(
-                    time_sampling(
-                        model,
-                        variant=variant,
-                        sampler=sampler,
-                        steps=args.steps,
-                        batch_size=args.batch_size,
-                        scale=args.guidance_scale,
-                        schedule=schedule,
-                        device=device,
-                        dtype=args.dtype,
-                        iters=args.iters,
-                        warmup=args.warmup,
-                        seed=args.seed,
-                    )
-                )
-                row["error"] = None
-            except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory: report, go on
-                row.update({"variant": variant, "sampler": sampler, "images_per_s": None, "error": str(e)[:200]})
-            if variant == BASELINE:
-                base = row.get("images_per_s")
-            ips = row.get("images_per_s")
-            row[f"ratio_vs_{BASELINE}"] = ips / base if ips and base else None
-            rows.append(row)
-            print(
-                f"  {preset} {sampler} {variant}: " + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"),
-                file=sys.stderr,
-            )
+    timing = Timing.from_args(args, device)
+    rows, base = [], None
+    for job, extra, is_base in jobs:
+        row = measure(model, job, timing, {"preset": preset, "schedule": job.schedule, "dtype": args.dtype, **extra})
+        ips = row.get("images_per_s")
+        if is_base:
+            base = ips
+        row[ratio_key] = ips / base if ips and base else None
+        rows.append(row)
+        print(
+            f"  {preset} {job.sampler} x{job.steps} {job.variant}: "
+            + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"),
+            file=sys.stderr,
+        )
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def run_preset(preset: str, samplers: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every sampler x variant of one preset; ratios against no_cfg of the same preset and sampler."""
+    schedule = schedule_for(preset)
+    conditional = conditions(get_preset(preset).config, 1, "cpu") is not None
+    jobs = [
+        (Job(variant, sampler, args.steps, args.batch_size, args.guidance_scale, schedule), {}, variant == BASELINE)
+        for sampler in samplers
+        if not (sampler == "euler_maruyama" and schedule == "discrete")  # SDE: continuous models only
+        for variant in (VARIANTS if conditional else (BASELINE,))
+    ]
+    return run_jobs(preset, jobs, f"ratio_vs_{BASELINE}", args, device)
 
 
 def sweep_variant(config: UViTConfig, scale: float) -> str:
@@ -246,59 +263,18 @@ def run_nfe_sweep(
 ) -> list[dict]:
     """The paper protocol first, then every sampler at every NFE (steps = NFE: no final denoising);
     ratio_vs_paper = images/s over the protocol's images/s from this same run."""
-    model = build_model(preset, device, args.seed)
     schedule = schedule_for(preset)
-    variant = sweep_variant(model.config, args.guidance_scale)
+    variant = sweep_variant(get_preset(preset).config, args.guidance_scale)
     protocol = tuple(args.protocol.split(":")) if args.protocol else paper_protocol(preset)
-    jobs = [("paper", protocol[0], int(protocol[1]))]
-    jobs += [
+    runs = [("paper", protocol[0], int(protocol[1]))]
+    runs += [
         ("sweep", s, n) for s in samplers for n in nfes if not (s == "euler_maruyama" and schedule == "discrete")
     ]  # SDE: continuous models only
-    rows, base = [], None
-    for role, sampler, steps in jobs:
-        row = {"preset": preset, "schedule": schedule, "dtype": args.dtype, "role": role}
-        try:
-            row.update(
-                time_sampling(
-                    model,
-                    variant=variant,
-                    sampler=sampler,
-                    steps=steps,
-                    batch_size=args.batch_size,
-                    scale=args.guidance_scale,
-                    schedule=schedule,
-                    device=device,
-                    dtype=args.dtype,
-                    iters=args.iters,
-                    warmup=args.warmup,
-                    seed=args.seed,
-                )
-            )
-            row["error"] = None
-        except (RuntimeError, ValueError) as e:  # e.g. CUDA out of memory: report, go on
-            row.update(
-                {
-                    "variant": variant,
-                    "sampler": sampler,
-                    "steps": steps,
-                    "nfe": None,
-                    "images_per_s": None,
-                    "error": str(e)[:200],
-                }
-            )
-        ips = row.get("images_per_s")
-        if role == "paper":
-            base = ips
-        row["ratio_vs_paper"] = ips / base if ips and base else None
-        rows.append(row)
-        print(
-            f"  {preset} {sampler} x{steps} {variant}: " + (f"{ips:.3g} img/s" if ips else f"error {row['error']}"),
-            file=sys.stderr,
-        )
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+    jobs = [
+        (Job(variant, sampler, steps, args.batch_size, args.guidance_scale, schedule), {"role": role}, role == "paper")
+        for role, sampler, steps in runs
+    ]
+    return run_jobs(preset, jobs, "ratio_vs_paper", args, device)
 
 
 def format_sweep_table(rows: list[dict]) -> str:
@@ -343,9 +319,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = make_parser(__doc__)
     p.add_argument("--presets", default="imagenet256_uvit_h2", help="comma-separated preset names")
     p.add_argument("--samplers", default="dpm_solver_pp", help=f"comma-separated, from {sorted(ALL_SAMPLERS)}")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (DPM-Solver: NFE 50 at 50 steps)")
@@ -354,10 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (CUDA)")
     p.add_argument("--iters", type=int, default=3, help="timed batches per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per variant")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all results as JSON here")
     p.add_argument(
         "--nfe-sweep",
         action="store_true",
@@ -375,13 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -439,8 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(format_table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return result
 
 

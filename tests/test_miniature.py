@@ -221,12 +221,12 @@ def test_vae_stand_in_is_an_ldm_file_that_encodes(params) -> None:
 
 
 def test_inception_stand_in_gives_discriminating_features(params) -> None:
-    from uvit.evaluate.fid import INCEPTION_WEIGHTS_FILE, extract_features
+    from uvit.evaluate.fid import INCEPTION_WEIGHTS_FILE, FeatureSpace, extract_features
 
     weights = load_benchmark("cifar10", params).score.inception_weights
     assert Path(weights).name == INCEPTION_WEIGHTS_FILE
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
-    feats = extract_features(images, ("2048",), extractor="inception", weights_path=weights)["2048"]
+    feats = extract_features(images, ("2048",), FeatureSpace("inception", weights_path=weights))["2048"]
     assert feats.shape == (4, 2048) and torch.isfinite(feats).all()
     assert feats.std(dim=0).mean() > 0  # features differ between images
 

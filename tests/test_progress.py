@@ -187,17 +187,17 @@ def test_scoring_feature_pass_bar_counts_images(tmp_path, capsys):
     import torch
 
     from uvit.evaluate.classifier import ClassifierConfig, DigitClassifier, save_classifier
-    from uvit.evaluate.fid import extract_features
+    from uvit.evaluate.fid import FeatureSpace, extract_features
 
     torch.manual_seed(0)
     save_classifier(DigitClassifier(ClassifierConfig()), tmp_path / "clf")
     images = np.random.default_rng(0).integers(0, 256, (13, 1, 8, 8), dtype=np.uint8)
-    kw = dict(extractor="digits-classifier", classifier_path=tmp_path / "clf", batch_size=4)
-    quiet = extract_features(images, ("features",), progress=False, **kw)
+    space = FeatureSpace("digits-classifier", classifier_path=tmp_path / "clf", batch_size=4)
+    quiet = extract_features(images, ("features",), space, progress=False)
     assert capsys.readouterr().err == ""
-    shown = extract_features(images, ("features",), progress=True, **kw)
+    shown = extract_features(images, ("features",), space, progress=True)
     err = capsys.readouterr().err  # torch-fidelity's bar (leave=False: cleared when done), over all 13
     assert err.startswith("\rProcessing samples:") and re.search(r"\| +(1[0-3]|[0-9])/13 \[", err)
     assert torch.equal(quiet["features"], shown["features"])
-    extract_features(images, ("features",), **kw)  # default: only on a terminal
+    extract_features(images, ("features",), space)  # default: only on a terminal
     assert capsys.readouterr().err == ""

@@ -41,11 +41,11 @@ def _split(root: Path, images: np.ndarray, shard_size: int) -> Path:
 def _in_memory_reference(split: Path, weights: str, kid_limit: int):
     """What score.reference_statistics computed before streaming: every image in memory, one
     extract_features call, torch-fidelity's statistics, then the evenly spaced KID rows."""
-    from uvit.evaluate.fid import extract_features
+    from uvit.evaluate.fid import FeatureSpace, extract_features
     from uvit.evaluate.score import _fid_stats
 
     images = np.array(ShardedArrays(split).field("images"))
-    feats = extract_features(images, ("2048",), extractor="inception", weights_path=weights)["2048"]
+    feats = extract_features(images, ("2048",), FeatureSpace("inception", weights_path=weights))["2048"]
     mu, sigma = _fid_stats(feats)
     rows = np.linspace(0, len(feats) - 1, min(len(feats), kid_limit)).round().astype(np.int64)
     return mu, sigma, feats[rows].numpy().astype(np.float32)
@@ -58,13 +58,13 @@ def test_streamed_digits_statistics_equal_torch_fidelitys(tmp_path):
     import torch
 
     from uvit.evaluate.classifier import DigitClassifier, save_classifier
-    from uvit.evaluate.fid import fid_statistics
+    from uvit.evaluate.fid import FeatureSpace, fid_statistics
 
     torch.manual_seed(0)
     clf = save_classifier(DigitClassifier(), tmp_path / "clf")
     images = np.random.default_rng(5).integers(0, 256, (203, 1, 8, 8), dtype=np.uint8)
     split = _split(tmp_path / "train", images, shard_size=50)
-    mu0, sigma0 = fid_statistics(images, extractor="digits-classifier", classifier_path=clf)
+    mu0, sigma0 = fid_statistics(images, FeatureSpace("digits-classifier", classifier_path=clf))
     st = extractor_statistics(
         split, extractor="digits-classifier", classifier_path=clf, batch_size=16, kid_limit=20, progress=False
     )

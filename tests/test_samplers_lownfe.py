@@ -21,6 +21,7 @@ from uvit.diffusion import (
     VPSDE,
     DiscreteSchedule,
     PerSampleNoise,
+    UniPCOptions,
     count_nfe,
     euler_maruyama,
     get_time_steps,
@@ -407,9 +408,9 @@ def test_batch_size_independence(name, kw):
 def test_argument_errors():
     d = DiscreteSchedule()
     with pytest.raises(ValueError, match="bh1"):
-        unipc(row_model, d, torch.zeros(1, 3), steps=4, variant="bh3")
+        unipc(row_model, d, torch.zeros(1, 3), steps=4, options=UniPCOptions(variant="bh3"))
     with pytest.raises(ValueError, match="order"):
-        unipc(row_model, d, torch.zeros(1, 3), steps=4, order=4)
+        unipc(row_model, d, torch.zeros(1, 3), steps=4, options=UniPCOptions(order=4))
     with pytest.raises(ValueError, match="steps >= 2"):
         euler_maruyama(row_model, VPSDE(), torch.zeros(1, 3), steps=1, noise=PerSampleNoise([0]), skip_type="logSNR")
 

@@ -24,6 +24,7 @@ from uvit.evaluate.classifier import (  # noqa: E402
 )
 from uvit.evaluate.fid import (  # noqa: E402
     INCEPTION_WEIGHTS_FILE,
+    FeatureSpace,
     fid,
     fid_from_statistics,
     fid_statistics,
@@ -141,15 +142,15 @@ def _eig_fid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 
 def test_fid_digits_classifier(classifier, classifier_dir, digits):
-    kw = dict(extractor="digits-classifier", classifier_path=classifier_dir)
+    space = FeatureSpace("digits-classifier", classifier_path=classifier_dir)
     xtr, xte = digits["x_train"], digits["x_test"]
 
-    self_fid = fid(xte, xte, **kw)
+    self_fid = fid(xte, xte, space)
     assert abs(self_fid) < 1e-3
 
-    floor = fid(xtr, xte, **kw)
+    floor = fid(xtr, xte, space)
     noise = np.random.default_rng(0).integers(0, 256, size=xte.shape, dtype=np.uint8)
-    noise_fid = fid(xtr, noise, **kw)
+    noise_fid = fid(xtr, noise, space)
     print(f"FID(train, test) = {floor:.4f}; FID(train, noise) = {noise_fid:.2f}")
     assert 0 < floor and noise_fid > 10 * floor
 
@@ -160,11 +161,11 @@ def test_fid_digits_classifier(classifier, classifier_dir, digits):
     assert floor == pytest.approx(_scipy_fid(fa, fb), rel=1e-3)
 
     # Statistics path (for cached references) agrees with the one-call path, also via .npz.
-    mu_a, s_a = fid_statistics(xtr, **kw)
+    mu_a, s_a = fid_statistics(xtr, space)
     assert mu_a.shape == (classifier.config.feature_dim,) and s_a.shape == (mu_a.size, mu_a.size)
     np.testing.assert_allclose(mu_a, fa.mean(0), rtol=1e-4, atol=1e-4)
     path = save_fid_statistics(classifier_dir.parent / "ref" / "digits_train.npz", mu_a, s_a)
-    mu_b, s_b = fid_statistics(xte, **kw)
+    mu_b, s_b = fid_statistics(xte, space)
     assert fid_from_statistics(*load_fid_statistics(path), mu_b, s_b) == pytest.approx(floor, rel=1e-6)
 
 
@@ -178,13 +179,13 @@ def _numpy_kid(fa: np.ndarray, fb: np.ndarray) -> float:
 
 
 def test_kid_digits_classifier(classifier, classifier_dir, digits):
-    kw = dict(extractor="digits-classifier", classifier_path=classifier_dir)
+    space = FeatureSpace("digits-classifier", classifier_path=classifier_dir)
     xte = digits["x_test"]  # 360 images
     xtr = digits["x_train"][: len(xte)]
     noise = np.random.default_rng(0).integers(0, 256, size=xte.shape, dtype=np.uint8)
-    self_kid, _ = kid(xte, xte, subsets=5, **kw)
-    real_kid, real_std = kid(xte, xtr, subsets=5, **kw)
-    noise_kid, _ = kid(xte, noise, subsets=5, **kw)
+    self_kid, _ = kid(xte, xte, space, subsets=5)
+    real_kid, real_std = kid(xte, xtr, space, subsets=5)
+    noise_kid, _ = kid(xte, noise, space, subsets=5)
     print(f"KID: self {self_kid:.3g}, test vs train {real_kid:.4g} +- {real_std:.2g}, vs noise {noise_kid:.4g}")
     # Against itself KID is ~0: not exactly, as the estimator keeps the cross term's diagonal
     # (k(x_i, x_i) for identical sets), an O(1/m) negative offset.
@@ -231,11 +232,11 @@ def test_inception_score_from_logits():
 def test_fid_argument_errors(classifier_dir, digits):
     x = digits["x_test"][:10]
     with pytest.raises(ValueError, match="classifier_path"):
-        fid(x, x, extractor="digits-classifier")
+        fid(x, x, FeatureSpace("digits-classifier"))
     with pytest.raises(ValueError, match="unknown extractor"):
-        fid(x, x, extractor="clip", classifier_path=classifier_dir)
+        fid(x, x, FeatureSpace("clip", classifier_path=classifier_dir))
     with pytest.raises(ValueError, match="uint8"):
-        fid(x.astype(np.float32), x, extractor="digits-classifier", classifier_path=classifier_dir)
+        fid(x.astype(np.float32), x, FeatureSpace("digits-classifier", classifier_path=classifier_dir))
 
 
 # ----------------------------------------------------------------------------- FID: Inception
@@ -245,13 +246,13 @@ def test_inception_without_weights_says_what_to_fetch(monkeypatch, tmp_path, dig
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     x = digits["x_test"][:4]
     with pytest.raises(FileNotFoundError) as err:
-        fid(x, x, extractor="inception")
+        fid(x, x, FeatureSpace("inception"))
     msg = str(err.value)
     assert INCEPTION_WEIGHTS_FILE in msg
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE) in msg
     assert "weights_path" in msg and "https://" in msg
     with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILE):
-        fid_statistics(x, extractor="inception", weights_path=tmp_path / "nope.pth")
+        fid_statistics(x, FeatureSpace("inception", weights_path=tmp_path / "nope.pth"))
 
 
 def test_inception_fid_with_local_weights(random_inception_weights, monkeypatch, tmp_path, digits):
@@ -260,7 +261,7 @@ def test_inception_fid_with_local_weights(random_inception_weights, monkeypatch,
     a = digits["x_test"][:4]  # grey (N, 1, 8, 8): repeated to RGB for Inception
     b = rng.integers(0, 256, size=(4, 1, 8, 8), dtype=np.uint8)
     t0 = time.perf_counter()
-    value = fid(a, b, extractor="inception", weights_path=random_inception_weights)
+    value = fid(a, b, FeatureSpace("inception", weights_path=random_inception_weights))
     print(f"random-Inception FID: {value:.4g} in {time.perf_counter() - t0:.1f} s")
     # Direct: torch-fidelity's InceptionV3 called on the RGB-repeated images, Fréchet distance in numpy.
     from torch_fidelity import FeatureExtractorInceptionV3
@@ -275,7 +276,7 @@ def test_inception_fid_with_local_weights(random_inception_weights, monkeypatch,
     ckpt = tmp_path / "torch_home" / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
     (ckpt / INCEPTION_WEIGHTS_FILE).symlink_to(random_inception_weights)
-    mu, sigma = fid_statistics(a[:2], extractor="inception")
+    mu, sigma = fid_statistics(a[:2], FeatureSpace("inception"))
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.isfinite(mu).all()
 
 
@@ -309,12 +310,12 @@ def test_digits_metrics_extract_each_set_once_and_equal_the_one_call_metrics(
 
     m = digits_metrics(samples, labels, untrained, DigitsReal(train=xtr, test=xte, classifier=clf), kid_subset_size=50)
     assert sorted(passes) == sorted([len(xtr), 120, 120, 120])  # the train split once, not six times
-    kw = dict(extractor="digits-classifier", classifier_path=clf)
-    assert m["fid"] == fid(samples, xtr, **kw)
-    assert m["fid_floor"] == fid(xte[:120], xtr, **kw)
-    assert m["fid_ceiling"] == fid(untrained, xtr, **kw)
-    assert (m["kid"], m["kid_std"]) == kid(samples, xtr, subset_size=50, **kw)
-    assert m["kid_floor"] == kid(xte[:120], xtr, subset_size=50, **kw)[0]
+    space = FeatureSpace("digits-classifier", classifier_path=clf)
+    assert m["fid"] == fid(samples, xtr, space)
+    assert m["fid_floor"] == fid(xte[:120], xtr, space)
+    assert m["fid_ceiling"] == fid(untrained, xtr, space)
+    assert (m["kid"], m["kid_std"]) == kid(samples, xtr, space, subset_size=50)
+    assert m["kid_floor"] == kid(xte[:120], xtr, space, subset_size=50)[0]
     assert m["fid_over_floor"] == m["fid"] / m["fid_floor"] and m["fid_ceiling"] > m["fid"]
     assert m["num_samples"] == 120 and m["num_reference"] == len(xtr) and m["classifier_test_accuracy"] == 0.5
     assert 0 <= m["conditional_accuracy"] <= 1 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1

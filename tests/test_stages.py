@@ -10,7 +10,7 @@ import pytest
 
 from uvit.config import load_benchmark, load_params
 from uvit.data.shards import write_split
-from uvit.evaluate.fid import fid, fid_statistics, save_fid_statistics
+from uvit.evaluate.fid import FeatureSpace, fid, fid_statistics, save_fid_statistics
 from uvit.evaluate.sample import save_samples
 from uvit.paths import BenchmarkPaths
 from uvit.stages.score import run_score
@@ -34,7 +34,7 @@ def cifar_like(tmp_path: Path, weights: str, **score):
 def test_inception_score_stage_matches_torch_fidelity(tmp_path, random_inception_weights) -> None:
     cfg, paths, real, fake = cifar_like(tmp_path, random_inception_weights)
     metrics = run_score(cfg, paths)
-    expected = fid(fake, real, extractor="inception", weights_path=random_inception_weights)
+    expected = fid(fake, real, FeatureSpace("inception", weights_path=random_inception_weights))
     assert metrics["fid"] == pytest.approx(expected, rel=1e-4) and metrics["fid"] > 0
     cached = list((paths.run / "reference").glob("stats-*.npz"))
     assert len(cached) == 1  # reference statistics computed once and cached
@@ -43,12 +43,12 @@ def test_inception_score_stage_matches_torch_fidelity(tmp_path, random_inception
 
 def test_user_supplied_reference_statistics(tmp_path, random_inception_weights) -> None:
     _, _, real, _ = cifar_like(tmp_path / "a", random_inception_weights)
-    mu, sigma = fid_statistics(real, extractor="inception", weights_path=random_inception_weights)
+    mu, sigma = fid_statistics(real, FeatureSpace("inception", weights_path=random_inception_weights))
     ref = save_fid_statistics(tmp_path / "ref.npz", mu, sigma)
     cfg, paths, _, fake = cifar_like(tmp_path / "b", random_inception_weights, reference_stats=str(ref))
     metrics = run_score(cfg, paths)
     assert metrics["reference"] == str(ref)
     assert not (paths.run / "reference").exists()  # nothing recomputed
     assert metrics["fid"] == pytest.approx(
-        fid(fake, real, extractor="inception", weights_path=random_inception_weights), rel=1e-4
+        fid(fake, real, FeatureSpace("inception", weights_path=random_inception_weights)), rel=1e-4
     )

@@ -22,7 +22,7 @@ from diffusers import (
 )
 
 from uvit.diffusion import ALL_SAMPLERS, PerSampleNoise, classifier_free_guidance, make_schedule, sample, wrap_model
-from uvit.diffusion.samplers import unipc
+from uvit.diffusion.samplers import UniPCOptions
 from uvit.evaluate.diffusers_pipeline import UViTPipeline, UViTTransformer
 from uvit.evaluate.sample import sample_seeds
 from uvit.evaluate.scheduler import _SOLVER_KWARGS, SOLVERS, UViTDPMSolverScheduler
@@ -331,7 +331,7 @@ def test_output_types_with_a_stock_scheduler(latent_model):
 def test_wrapper_knows_every_sampler():
     assert set(SOLVERS) == set(ALL_SAMPLERS)
     for name, keys in _SOLVER_KWARGS.items():
-        fn = unipc if name.startswith("unipc") else ALL_SAMPLERS[name]
+        fn = UniPCOptions if name.startswith("unipc") else ALL_SAMPLERS[name]
         assert set(keys) <= set(inspect.signature(fn).parameters), name
 
 

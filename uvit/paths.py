@@ -36,6 +36,19 @@ def workspace_root(root: Path) -> Path:
     return Path(root)
 
 
+class _RunFolder:
+    """A BenchmarkPaths attribute: runs/<benchmark>/<name>, or with `shared` runs/<base>/<name>
+    (a study run uses its base benchmark's)."""
+
+    def __init__(self, name: str, shared: bool = False, doc: str | None = None):
+        self.name, self.shared, self.__doc__ = name, shared, doc
+
+    def __get__(self, paths: BenchmarkPaths | None, owner: type | None = None) -> Path:
+        if paths is None:
+            return self  # type: ignore[return-value]  # the class attribute itself, for help()
+        return paths.root / "runs" / (paths.base if self.shared else paths.benchmark) / self.name
+
+
 @dataclass(frozen=True)
 class BenchmarkPaths:
     benchmark: str
@@ -64,13 +77,23 @@ class BenchmarkPaths:
     def run(self) -> Path:
         return self.root / "runs" / self.benchmark
 
-    @property
-    def validate(self) -> Path:
-        return self.root / "runs" / self.base / "validate"
-
-    @property
-    def train(self) -> Path:
-        return self.run / "train"
+    validate = _RunFolder("validate", shared=True)
+    train = _RunFolder("train")
+    samples = _RunFolder("samples")
+    sample_summary = _RunFolder(
+        "sample-summary",
+        doc="The sample stage's small, human-facing files (summary, grids): kept in git, unlike samples/.",
+    )
+    classifier = _RunFolder("classifier", shared=True)
+    score = _RunFolder("score")
+    samplers = _RunFolder(
+        "samplers", doc="The sampler study's results (the samplers stage); its page is reports/samplers.md."
+    )
+    ablation = _RunFolder(
+        "ablation",
+        shared=True,
+        doc="The design study's results (the ablation stage); its page is reports/ablations.md.",
+    )
 
     @property
     def ray_storage(self) -> Path:
@@ -78,33 +101,6 @@ class BenchmarkPaths:
         temporary experiment (`dvc exp run --temp` / `--queue` run in <workspace>/.dvc/tmp/exps/),
         the workspace's folder, so an experiment continues the workspace's training runs."""
         return workspace_root(self.root) / "runs" / self.benchmark / "ray"
-
-    @property
-    def samples(self) -> Path:
-        return self.run / "samples"
-
-    @property
-    def sample_summary(self) -> Path:
-        """The sample stage's small, human-facing files (summary, grids): kept in git, unlike samples/."""
-        return self.run / "sample-summary"
-
-    @property
-    def classifier(self) -> Path:
-        return self.root / "runs" / self.base / "classifier"
-
-    @property
-    def score(self) -> Path:
-        return self.run / "score"
-
-    @property
-    def samplers(self) -> Path:
-        """The sampler study's results (the samplers stage); its page is reports/samplers.md."""
-        return self.run / "samplers"
-
-    @property
-    def ablation(self) -> Path:
-        """The design study's results (the ablation stage); its page is reports/ablations.md."""
-        return self.root / "runs" / self.base / "ablation"
 
     def study_run(self, run: str) -> BenchmarkPaths:
         """The paths of one of this benchmark's study runs (a run id or a full run name)."""

@@ -8,27 +8,8 @@ from __future__ import annotations
 
 from .guidance import classifier_free_guidance
 from .losses import NoiseModel, drop_context, drop_labels, noise_prediction_loss
-from .samplers import (
-    ALL_SAMPLERS,
-    LOW_NFE_SAMPLERS,
-    SAMPLERS,
-    SKIP_TYPES,
-    NoiseFn,
-    PerSampleNoise,
-    count_nfe,
-    dpm_solver,
-    dpm_solver_pp,
-    dpm_solver_pp_2m,
-    dpm_solver_pp_3m,
-    euler_maruyama,
-    get_time_steps,
-    multistep_orders,
-    sample,
-    singlestep_orders,
-    singlestep_time_points,
-    unipc,
-    wrap_model,
-)
+from .samplers import *  # noqa: F403 (the samplers' public names, listed once in their __all__)
+from .samplers import __all__ as _sampler_names
 from .schedules import VPSDE, DiscreteSchedule, NoiseSchedule, make_schedule
 
 __all__ = [
@@ -41,23 +22,5 @@ __all__ = [
     "drop_labels",
     "drop_context",
     "classifier_free_guidance",
-    "NoiseFn",
-    "wrap_model",
-    "PerSampleNoise",
-    "get_time_steps",
-    "singlestep_orders",
-    "singlestep_time_points",
-    "euler_maruyama",
-    "dpm_solver",
-    "dpm_solver_pp",
-    "dpm_solver_pp_2m",
-    "dpm_solver_pp_3m",
-    "unipc",
-    "multistep_orders",
-    "SKIP_TYPES",
-    "SAMPLERS",
-    "LOW_NFE_SAMPLERS",
-    "ALL_SAMPLERS",
-    "sample",
-    "count_nfe",
+    *_sampler_names,
 ]

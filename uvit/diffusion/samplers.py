@@ -7,13 +7,14 @@ sample i depends only on x_T[i] (and, for the SDE, on its own noise generator): 
 depend on how a set of seeds is split into batches.
 
 - `euler_maruyama`: reverse VP SDE, score_sde/U-ViT `sde.py` (CIFAR-10, CelebA: 1000 steps).
-- `dpm_solver`: singlestep DPM-Solver "fast" (orders [3]*16 + [2] for 50 NFE); noise prediction
-  ("DPM-Solver") or data prediction (`predict_x0=True`, "DPM-Solver++").
-- `dpm_solver_pp`: the official discrete-time config (data prediction, time-uniform grid).
+- `dpm_solver`: singlestep DPM-Solver "fast" (orders [3]*16 + [2] for 50 NFE), noise prediction.
+- `dpm_solver_pp`: the same in data prediction ("DPM-Solver++"), the official discrete-time config
+  (time-uniform grid).
 - `dpm_solver_pp_2m`: multistep second-order DPM-Solver++ (not used by the paper; handy for CFG).
 - `dpm_solver_pp_3m`: multistep third-order DPM-Solver++ (for few steps).
 - `unipc` (`unipc_bh1`, `unipc_bh2` in LOW_NFE_SAMPLERS): UniPC, the multistep predictor-corrector of
-  Zhao et al. 2023 (data prediction, order 1-3, the corrector reusing the next step's model call).
+  Zhao et al. 2023 (data prediction, order 1-3, the corrector reusing the next step's model call);
+  its settings are a `UniPCOptions`, which `sample` builds from its keyword options.
 
 Grids: every sampler takes `skip_type` ("logSNR", "time_uniform", "time_quadratic"); the ODE
 samplers also take `denoise_final` (one more network call: return the x0 prediction at t_end).
@@ -22,6 +23,7 @@ samplers also take `denoise_final` (one more network call: return the x0 predict
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -44,6 +46,7 @@ __all__ = [
     "dpm_solver_pp_2m",
     "dpm_solver_pp_3m",
     "unipc",
+    "UniPCOptions",
     "SKIP_TYPES",
     "SAMPLERS",
     "LOW_NFE_SAMPLERS",
@@ -303,28 +306,27 @@ def euler_maruyama(
     return x
 
 
-@torch.no_grad()
-def dpm_solver(
-    noise_fn: NoiseFn,
-    schedule: NoiseSchedule,
-    x_T: Tensor,
-    steps: int = 50,
-    order: int = 3,
-    skip_type: str = "logSNR",
-    predict_x0: bool = False,
-    t_end: float | None = None,
-    denoise_final: bool = False,
-) -> Tensor:
-    """Singlestep DPM-Solver-fast from schedule.t_max to t_end (steps NFE, no final denoising
-    unless denoise_final: then one more call returns the x0 prediction at t_end).
+def _ode_grid(schedule: NoiseSchedule, skip_type: str, t_end: float | None, steps: int) -> list[float]:
+    """The steps + 1 times of a multistep solver, schedule.t_max down to t_end (None: the
+    schedule's default_t_end), spaced by skip_type."""
+    t_end = schedule.default_t_end if t_end is None else t_end
+    return get_time_steps(schedule, skip_type, schedule.t_max, t_end, steps).tolist()
 
-    predict_x0=False is DPM-Solver (official continuous config: order 3, logSNR, t_end=1e-4);
-    predict_x0=True is DPM-Solver++ without thresholding (see dpm_solver_pp).
-    """
+
+def _dpm_solver_fast(
+    solver: _ExpIntegrator,
+    x_T: Tensor,
+    steps: int,
+    order: int,
+    skip_type: str,
+    t_end: float | None,
+    denoise_final: bool,
+) -> Tensor:
+    """Singlestep DPM-Solver-fast in the solver's form (noise or data prediction); see dpm_solver."""
+    schedule = solver.schedule
     t_end = schedule.default_t_end if t_end is None else t_end
     orders = singlestep_orders(steps, order)
     outer = singlestep_time_points(schedule, steps, order, skip_type, schedule.t_max, t_end).tolist()
-    solver = _ExpIntegrator(noise_fn, schedule, predict_x0)
     x = x_T
     for i, k in enumerate(orders):
         s, t = outer[i], outer[i + 1]
@@ -342,6 +344,28 @@ def dpm_solver(
     return solver.denoise(x, outer[-1]) if denoise_final else x
 
 
+@torch.no_grad()
+def dpm_solver(
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    steps: int = 50,
+    order: int = 3,
+    skip_type: str = "logSNR",
+    t_end: float | None = None,
+    denoise_final: bool = False,
+) -> Tensor:
+    """Singlestep DPM-Solver-fast (noise prediction) from schedule.t_max to t_end (steps NFE, no
+    final denoising unless denoise_final: then one more call returns the x0 prediction at t_end).
+
+    The official continuous config: order 3, logSNR, t_end=1e-4. dpm_solver_pp is the same solver
+    in data prediction (DPM-Solver++ without thresholding).
+    """
+    solver = _ExpIntegrator(noise_fn, schedule, predict_x0=False)
+    return _dpm_solver_fast(solver, x_T, steps, order, skip_type, t_end, denoise_final)
+
+
+@torch.no_grad()
 def dpm_solver_pp(
     noise_fn: NoiseFn,
     schedule: NoiseSchedule,
@@ -354,9 +378,49 @@ def dpm_solver_pp(
 ) -> Tensor:
     """Singlestep DPM-Solver++ (data prediction), the official discrete-time config:
     50 NFE on linspace(1, 1e-3, 51), orders [3]*16 + [2]."""
-    return dpm_solver(
-        noise_fn, schedule, x_T, steps, order, skip_type, predict_x0=True, t_end=t_end, denoise_final=denoise_final
-    )
+    solver = _ExpIntegrator(noise_fn, schedule, predict_x0=True)
+    return _dpm_solver_fast(solver, x_T, steps, order, skip_type, t_end, denoise_final)
+
+
+def multistep_orders(steps: int, order: int, lower_order_final: bool, final_below: int | None) -> list[int]:
+    """Order of each of the `steps` steps of a multistep solver: warm-up 1, 2, ... (no history
+    yet), then `order`; with lower_order_final the last steps count down to 1 (for every step
+    count when final_below is None, else only when steps < final_below)."""
+    out = []
+    for i in range(1, steps + 1):
+        k = min(order, i)
+        if lower_order_final and (final_below is None or steps < final_below):
+            k = min(k, steps + 1 - i)
+        out.append(k)
+    return out
+
+
+def _dpm_multistep(
+    noise_fn: NoiseFn,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    ts: Sequence[float],
+    order: int,
+    lower_order_final: bool,
+    denoise_final: bool,
+) -> Tensor:
+    """Multistep DPM-Solver++ of order 2 or 3 (data prediction) over the grid ts (len(ts) - 1 NFE,
+    +1 with denoise_final). Step orders `multistep_orders(steps, order, lower_order_final, 10)`."""
+    steps = len(ts) - 1
+    solver = _ExpIntegrator(noise_fn, schedule, predict_x0=True)
+    x = x_T
+    hist = [(ts[0], solver.model(x, ts[0]))]  # (time, x0_hat), newest last
+    for i, k in enumerate(multistep_orders(steps, order, lower_order_final, final_below=10), start=1):
+        t = ts[i]
+        if k == 1:
+            x = solver.first(x, hist[-1][0], t, m_s=hist[-1][1])
+        elif k == 2:
+            x = solver.multistep_second(x, hist[-2], hist[-1], t)
+        else:
+            x = solver.multistep_third(x, hist, t)
+        if i < steps:  # the final model value is never needed
+            hist = hist[-2:] + [(t, solver.model(x, t))]
+    return solver.denoise(x, ts[-1]) if denoise_final else x
 
 
 @torch.no_grad()
@@ -375,34 +439,8 @@ def dpm_solver_pp_2m(
     The first step is first order (no history yet); with lower_order_final and steps < 10 the
     last one is too, as in the reference implementation (it stabilises very few steps).
     """
-    t_end = schedule.default_t_end if t_end is None else t_end
-    ts = get_time_steps(schedule, skip_type, schedule.t_max, t_end, steps).tolist()
-    solver = _ExpIntegrator(noise_fn, schedule, predict_x0=True)
-    x = x_T
-    last = (ts[0], solver.model(x, ts[0]))
-    prev = None
-    for i in range(1, steps + 1):
-        t = ts[i]
-        if prev is None or (lower_order_final and steps < 10 and i == steps):
-            x = solver.first(x, last[0], t, m_s=last[1])
-        else:
-            x = solver.multistep_second(x, prev, last, t)
-        if i < steps:  # the final model value is never needed
-            prev, last = last, (t, solver.model(x, t))
-    return solver.denoise(x, ts[-1]) if denoise_final else x
-
-
-def multistep_orders(steps: int, order: int, lower_order_final: bool, final_below: int | None) -> list[int]:
-    """Order of each of the `steps` steps of a multistep solver: warm-up 1, 2, ... (no history
-    yet), then `order`; with lower_order_final the last steps count down to 1 (for every step
-    count when final_below is None, else only when steps < final_below)."""
-    out = []
-    for i in range(1, steps + 1):
-        k = min(order, i)
-        if lower_order_final and (final_below is None or steps < final_below):
-            k = min(k, steps + 1 - i)
-        out.append(k)
-    return out
+    ts = _ode_grid(schedule, skip_type, t_end, steps)
+    return _dpm_multistep(noise_fn, schedule, x_T, ts, 2, lower_order_final, denoise_final)
 
 
 @torch.no_grad()
@@ -424,22 +462,8 @@ def dpm_solver_pp_3m(
     so the local error stays O(h^3): against an exact ODE it converges at order 2, with a
     smaller constant than 2M.
     """
-    t_end = schedule.default_t_end if t_end is None else t_end
-    ts = get_time_steps(schedule, skip_type, schedule.t_max, t_end, steps).tolist()
-    solver = _ExpIntegrator(noise_fn, schedule, predict_x0=True)
-    x = x_T
-    hist = [(ts[0], solver.model(x, ts[0]))]  # (time, x0_hat), newest last
-    for i, k in enumerate(multistep_orders(steps, 3, lower_order_final, final_below=10), start=1):
-        t = ts[i]
-        if k == 1:
-            x = solver.first(x, hist[-1][0], t, m_s=hist[-1][1])
-        elif k == 2:
-            x = solver.multistep_second(x, hist[-2], hist[-1], t)
-        else:
-            x = solver.multistep_third(x, hist, t)
-        if i < steps:
-            hist = hist[-2:] + [(t, solver.model(x, t))]
-    return solver.denoise(x, ts[-1]) if denoise_final else x
+    ts = _ode_grid(schedule, skip_type, t_end, steps)
+    return _dpm_multistep(noise_fn, schedule, x_T, ts, 3, lower_order_final, denoise_final)
 
 
 def _unipc_coefficients(h: float, rks: Sequence[float], variant: str) -> tuple[float, Tensor]:
@@ -470,37 +494,49 @@ def _unipc_rhos(rks: Sequence[float], b: Tensor) -> list[float]:
     return torch.linalg.solve(vander, b).tolist()
 
 
+@dataclass(frozen=True)
+class UniPCOptions:
+    """UniPC's settings (see `unipc`).
+
+    order: the predictor's order p, 1 to 3 (the corrector raises it to p + 1); variant: "bh1"
+    (B(h) = h, for unconditional sampling) or "bh2" (B(h) = e^h - 1, for guided sampling);
+    skip_type, t_end (None: the schedule's default_t_end): the time grid; lower_order_final:
+    lower the last steps' orders; denoise_final: one more call returns the x0 prediction at t_end.
+    """
+
+    order: int = 2
+    variant: str = "bh2"
+    skip_type: str = "logSNR"
+    t_end: float | None = None
+    lower_order_final: bool = True
+    denoise_final: bool = False
+
+
 @torch.no_grad()
 def unipc(
     noise_fn: NoiseFn,
     schedule: NoiseSchedule,
     x_T: Tensor,
     steps: int = 20,
-    order: int = 2,
-    variant: str = "bh2",
-    skip_type: str = "logSNR",
-    t_end: float | None = None,
-    lower_order_final: bool = True,
-    denoise_final: bool = False,
+    options: UniPCOptions = UniPCOptions(),
 ) -> Tensor:
     """UniPC multistep (data prediction): predictor UniP-p and corrector UniC, steps NFE (+1
-    with denoise_final).
+    with options.denoise_final).
 
     Step orders as `multistep_orders(steps, order, lower_order_final, None)` (the reference
     lowers the final orders at any step count). After each step but the last, the model call
     at the predicted point serves the corrector, which refines the point (order p + 1), and is
-    kept as history: the corrector costs no extra NFE. variant "bh1" (B(h) = h, for unconditional
-    sampling) or "bh2" (B(h) = e^h - 1, for guided sampling).
+    kept as history: the corrector costs no extra NFE.
     """
+    order = options.order
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
-    t_end = schedule.default_t_end if t_end is None else t_end
-    ts = get_time_steps(schedule, skip_type, schedule.t_max, t_end, steps).tolist()
+    ts = _ode_grid(schedule, options.skip_type, options.t_end, steps)
     solver = _ExpIntegrator(noise_fn, schedule, predict_x0=True)
     sc = schedule
     x = x_T
     hist = [(ts[0], solver.model(x, ts[0]))]  # (time, x0_hat), newest last
-    for i, p in enumerate(multistep_orders(steps, order, lower_order_final, None), start=1):
+    for i, p in enumerate(multistep_orders(steps, order, options.lower_order_final, None), start=1):
         t = ts[i]
         t_0, m_0 = hist[-1]
         lam_0 = solver.lam(t_0)
@@ -508,7 +544,7 @@ def unipc(
         older = hist[-p:-1][::-1]  # hist[-2], hist[-3], ... (p - 1 of them)
         rks = [(solver.lam(t_k) - lam_0) / h for t_k, _ in older] + [1.0]
         d1s = [(m_k - m_0) * (1.0 / r) for (_, m_k), r in zip(older, rks)]
-        b_h, b = _unipc_coefficients(h, rks, variant)
+        b_h, b = _unipc_coefficients(h, rks, options.variant)
         alpha_t = _f64(sc.alpha, t)
         # DDIM part (first order) of both the predictor and the corrector
         x_ddim = (_f64(sc.sigma, t) / _f64(sc.sigma, t_0)) * x - (alpha_t * math.expm1(-h)) * m_0
@@ -524,12 +560,14 @@ def unipc(
         corr = sum((r * d for r, d in zip(rhos_c[:-1], d1s)), torch.zeros_like(x)) + rhos_c[-1] * (m_t - m_0)
         x = x_ddim - (alpha_t * b_h) * corr
         hist = hist[-(order - 1) :] + [(t, m_t)] if order > 1 else [(t, m_t)]
-    return solver.denoise(x, ts[-1]) if denoise_final else x
+    return solver.denoise(x, ts[-1]) if options.denoise_final else x
 
 
 def _unipc_variant(variant: str) -> Callable[..., Tensor]:
-    def run(noise_fn: NoiseFn, schedule: NoiseSchedule, x_T: Tensor, steps: int = 20, **kwargs) -> Tensor:
-        return unipc(noise_fn, schedule, x_T, steps, variant=variant, **kwargs)
+    """The sampler `unipc_<variant>`: `sample`'s keyword options are UniPCOptions fields."""
+
+    def run(noise_fn: NoiseFn, schedule: NoiseSchedule, x_T: Tensor, steps: int = 20, **options) -> Tensor:
+        return unipc(noise_fn, schedule, x_T, steps, UniPCOptions(variant=variant, **options))
 
     run.__name__ = f"unipc_{variant}"
     run.__doc__ = f"UniPC with variant {variant!r} (see `unipc`)."

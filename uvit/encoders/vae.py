@@ -90,71 +90,52 @@ _RESNET_SUB = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "c
 _RESNET_SUB_INV = {v: k for k, v in _RESNET_SUB.items()}
 _ATTN_SUB = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _ATTN_SUB_INV = {v: k for k, v in _ATTN_SUB.items()}
-_P = r"(weight|bias)"
-_RES = r"(norm1|conv1|norm2|conv2|nin_shortcut)"
-_RES_D = r"(norm1|conv1|norm2|conv2|conv_shortcut)"
 
-_LDM_PATTERNS = [
-    (re.compile(rf"^(encoder|decoder)\.norm_out\.{_P}$"), lambda m, L: f"{m[1]}.conv_norm_out.{m[2]}"),
-    (re.compile(rf"^(encoder|decoder)\.(conv_in|conv_out)\.{_P}$"), lambda m, L: m[0]),
-    (re.compile(rf"^(quant_conv|post_quant_conv)\.{_P}$"), lambda m, L: m[0]),
-    (
-        re.compile(rf"^encoder\.down\.(\d+)\.block\.(\d+)\.{_RES}\.{_P}$"),
-        lambda m, L: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_RESNET_SUB[m[3]]}.{m[4]}",
-    ),
-    (
-        re.compile(rf"^encoder\.down\.(\d+)\.downsample\.conv\.{_P}$"),
-        lambda m, L: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}",
-    ),
-    (
-        re.compile(rf"^decoder\.up\.(\d+)\.block\.(\d+)\.{_RES}\.{_P}$"),
-        lambda m, L: f"decoder.up_blocks.{L - 1 - int(m[1])}.resnets.{m[2]}.{_RESNET_SUB[m[3]]}.{m[4]}",
-    ),
-    (
-        re.compile(rf"^decoder\.up\.(\d+)\.upsample\.conv\.{_P}$"),
-        lambda m, L: f"decoder.up_blocks.{L - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}",
-    ),
-    (
-        re.compile(rf"^(encoder|decoder)\.mid\.block_([12])\.{_RES}\.{_P}$"),
-        lambda m, L: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_RESNET_SUB[m[3]]}.{m[4]}",
-    ),
-    (
-        re.compile(rf"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.{_P}$"),
-        lambda m, L: f"{m[1]}.mid_block.attentions.0.{_ATTN_SUB[m[2]]}.{m[3]}",
-    ),
-]
 
-_DIFFUSERS_PATTERNS = [
-    (re.compile(rf"^(encoder|decoder)\.conv_norm_out\.{_P}$"), lambda m, L: f"{m[1]}.norm_out.{m[2]}"),
-    (re.compile(rf"^(encoder|decoder)\.(conv_in|conv_out)\.{_P}$"), lambda m, L: m[0]),
-    (re.compile(rf"^(quant_conv|post_quant_conv)\.{_P}$"), lambda m, L: m[0]),
-    (
-        re.compile(rf"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.{_RES_D}\.{_P}$"),
-        lambda m, L: f"encoder.down.{m[1]}.block.{m[2]}.{_RESNET_SUB_INV[m[3]]}.{m[4]}",
+def _same(value: str, levels: int) -> str:
+    return value
+
+
+def _reversed_level(value: str, levels: int) -> str:
+    return str(levels - 1 - int(value))
+
+
+# Each key family's (LDM name, diffusers name). A {slot} stands for the values _SLOTS gives it
+# on each side: (LDM regex, diffusers regex, LDM -> diffusers value, diffusers -> LDM value); the
+# decoder's level {up} is reversed (LDM up.{L-1-i} = diffusers up_blocks.{i}), the mid block's
+# resnet {mid} counts from 1 in LDM and from 0 in diffusers.
+_SLOTS = {
+    "part": ("encoder|decoder", "encoder|decoder", _same, _same),
+    "io": ("conv_in|conv_out", "conv_in|conv_out", _same, _same),
+    "quant": ("quant_conv|post_quant_conv", "quant_conv|post_quant_conv", _same, _same),
+    "p": ("weight|bias", "weight|bias", _same, _same),
+    "n": (r"\d+", r"\d+", _same, _same),
+    "m": (r"\d+", r"\d+", _same, _same),
+    "up": (r"\d+", r"\d+", _reversed_level, _reversed_level),
+    "mid": ("[12]", "[01]", lambda v, L: str(int(v) - 1), lambda v, L: str(int(v) + 1)),
+    "res": (
+        "|".join(_RESNET_SUB),
+        "|".join(_RESNET_SUB_INV),
+        lambda v, L: _RESNET_SUB[v],
+        lambda v, L: _RESNET_SUB_INV[v],
     ),
-    (
-        re.compile(rf"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.{_P}$"),
-        lambda m, L: f"encoder.down.{m[1]}.downsample.conv.{m[2]}",
+    "attn": (
+        "|".join(_ATTN_SUB),
+        "|".join(map(re.escape, _ATTN_SUB_INV)),
+        lambda v, L: _ATTN_SUB[v],
+        lambda v, L: _ATTN_SUB_INV[v],
     ),
-    (
-        re.compile(rf"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.{_RES_D}\.{_P}$"),
-        lambda m, L: f"decoder.up.{L - 1 - int(m[1])}.block.{m[2]}.{_RESNET_SUB_INV[m[3]]}.{m[4]}",
-    ),
-    (
-        re.compile(rf"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.{_P}$"),
-        lambda m, L: f"decoder.up.{L - 1 - int(m[1])}.upsample.conv.{m[2]}",
-    ),
-    (
-        re.compile(rf"^(encoder|decoder)\.mid_block\.resnets\.([01])\.{_RES_D}\.{_P}$"),
-        lambda m, L: f"{m[1]}.mid.block_{int(m[2]) + 1}.{_RESNET_SUB_INV[m[3]]}.{m[4]}",
-    ),
-    (
-        re.compile(
-            rf"^(encoder|decoder)\.mid_block\.attentions\.0\."
-            rf"(group_norm|to_q|to_k|to_v|to_out\.0)\.{_P}$"
-        ),
-        lambda m, L: f"{m[1]}.mid.attn_1.{_ATTN_SUB_INV[m[2]]}.{m[3]}",
-    ),
+}
+_KEY_RULES = [
+    ("{part}.norm_out.{p}", "{part}.conv_norm_out.{p}"),
+    ("{part}.{io}.{p}", "{part}.{io}.{p}"),
+    ("{quant}.{p}", "{quant}.{p}"),
+    ("encoder.down.{n}.block.{m}.{res}.{p}", "encoder.down_blocks.{n}.resnets.{m}.{res}.{p}"),
+    ("encoder.down.{n}.downsample.conv.{p}", "encoder.down_blocks.{n}.downsamplers.0.conv.{p}"),
+    ("decoder.up.{up}.block.{m}.{res}.{p}", "decoder.up_blocks.{up}.resnets.{m}.{res}.{p}"),
+    ("decoder.up.{up}.upsample.conv.{p}", "decoder.up_blocks.{up}.upsamplers.0.conv.{p}"),
+    ("{part}.mid.block_{mid}.{res}.{p}", "{part}.mid_block.resnets.{mid}.{res}.{p}"),
+    ("{part}.mid.attn_1.{attn}.{p}", "{part}.mid_block.attentions.0.{attn}.{p}"),
 ]
 _ATTN_LINEAR = re.compile(
     r"\.(mid\.attn_1\.(q|k|v|proj_out)|mid_block\.attentions\.0\."
@@ -162,11 +143,42 @@ _ATTN_LINEAR = re.compile(
 )
 
 
+def _compile_rules(side: int) -> list[tuple[re.Pattern, str]]:
+    """(regex of a side's name, the other side's template) per rule; side 0: LDM, 1: diffusers."""
+    rules = []
+    for names in _KEY_RULES:
+        pieces = re.split(r"\{(\w+)\}", names[side])  # literal, slot, literal, ...
+        regex = "".join(re.escape(x) if i % 2 == 0 else f"(?P<{x}>{_SLOTS[x][side]})" for i, x in enumerate(pieces))
+        rules.append((re.compile(f"^{regex}$"), names[1 - side]))
+    return rules
+
+
+_RULES = (_compile_rules(0), _compile_rules(1))
+
+
 def _num_levels(keys, pattern: str) -> int:
     levels = {int(m[1]) for k in keys if (m := re.match(pattern, k))}
     if not levels:
         raise ValueError(f"no keys match {pattern!r}: not a KL autoencoder state dict")
     return max(levels) + 1
+
+
+def _rename_state(state: dict[str, torch.Tensor], from_ldm: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(state under the other side's names, the keys no rule knows); the mid-block attention's
+    weights go from 1x1 convs (LDM) to linear (diffusers) or back."""
+    side = 0 if from_ldm else 1
+    levels = _num_levels(state, r"^encoder\.down\.(\d+)\." if from_ldm else r"^encoder\.down_blocks\.(\d+)\.")
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        match, target = next(((m, t) for pattern, t in _RULES[side] if (m := pattern.match(key))), (None, None))
+        if match is None:
+            unknown.append(key)
+            continue
+        if _ATTN_LINEAR.search(key) and value.ndim == (4 if from_ldm else 2):
+            value = value[:, :, 0, 0] if from_ldm else value[:, :, None, None]
+        out[target.format(**{k: _SLOTS[k][2 + side](v, levels) for k, v in match.groupdict().items()})] = value
+    return out, unknown
 
 
 def ldm_to_diffusers_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -179,19 +191,7 @@ def ldm_to_diffusers_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     (weights squeezed to 2-D). Raises ``ValueError`` listing every key it does not know (a
     checkpoint with attention outside the mid block, loss/discriminator weights, a prefix).
     """
-    L = _num_levels(state, r"^encoder\.down\.(\d+)\.")
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        for pattern, rename in _LDM_PATTERNS:
-            if m := pattern.match(key):
-                new = rename(m, L)
-                if _ATTN_LINEAR.search(key) and value.ndim == 4:
-                    value = value[:, :, 0, 0]
-                out[new] = value
-                break
-        else:
-            unknown.append(key)
+    out, unknown = _rename_state(state, from_ldm=True)
     if unknown:
         raise ValueError(
             f"{len(unknown)} key(s) are not part of an LDM KL autoencoder "
@@ -205,19 +205,7 @@ def ldm_to_diffusers_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def diffusers_to_ldm_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`ldm_to_diffusers_vae`: diffusers ``AutoencoderKL`` names to LDM names
     (attention weights back to 1×1 convs). Useful to export a diffusers VAE for official code."""
-    L = _num_levels(state, r"^encoder\.down_blocks\.(\d+)\.")
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        for pattern, rename in _DIFFUSERS_PATTERNS:
-            if m := pattern.match(key):
-                new = rename(m, L)
-                if _ATTN_LINEAR.search(key) and value.ndim == 2:
-                    value = value[:, :, None, None]
-                out[new] = value
-                break
-        else:
-            unknown.append(key)
+    out, unknown = _rename_state(state, from_ldm=False)
     if unknown:
         raise ValueError(f"{len(unknown)} key(s) have no LDM name: " + ", ".join(sorted(unknown)[:10]))
     return out
@@ -314,6 +302,8 @@ def _read_ldm_state(path: Path) -> dict[str, torch.Tensor]:
 def _load_from_ldm_file(path: Path, norm_num_groups: int | None, sample_size: int) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
+    from uvit.models.official import check_state_dict
+
     state = _read_ldm_state(path)
     state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}
     if any(k.startswith("encoder.down_blocks.") for k in state):
@@ -323,20 +313,8 @@ def _load_from_ldm_file(path: Path, norm_num_groups: int | None, sample_size: in
     config = vae_config_from_ldm(state, norm_num_groups=norm_num_groups, sample_size=sample_size)
     converted = ldm_to_diffusers_vae(state)
     vae = AutoencoderKL.from_config(config)
-    own = vae.state_dict()
-    missing = sorted(set(own) - set(converted))
-    unexpected = sorted(set(converted) - set(own))
-    shapes = [
-        f"{k}: file {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(converted))
-        if own[k].shape != converted[k].shape
-    ]
-    if missing or unexpected or shapes:
-        lines = [f"{path} does not match the AutoencoderKL its shapes imply:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-        raise ValueError("\n".join(lines))
+    header = f"{path} does not match the AutoencoderKL its shapes imply:"
+    check_state_dict(vae.state_dict(), converted, header, "file")
     vae.load_state_dict(converted, strict=True)
     return vae
 

@@ -12,7 +12,7 @@
 
 KID (Kernel Inception Distance: the unbiased polynomial-kernel MMD², averaged over random subsets,
 unbiased also on small sets) and IS (Inception Score, from the Inception logits) are
-torch-fidelity's too (``calculate_metrics(kid=True)``, ``kid_features_to_metric``,
+torch-fidelity's too (``kid_features_to_metric`` on the features ``calculate_metrics`` would extract,
 ``isc_features_to_metric``).
 
 The Fréchet distance itself is always torch-fidelity's (``calculate_metrics`` or, for cached
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,6 +43,7 @@ __all__ = [
     "INCEPTION_EXTRACTOR",
     "INCEPTION_WEIGHTS_FILE",
     "INCEPTION_WEIGHTS_URL",
+    "FeatureSpace",
     "fid",
     "fid_statistics",
     "fid_from_statistics",
@@ -211,71 +213,80 @@ _FIDELITY_KWARGS = dict(save_cpu_ram=True, cache=False, verbose=False)
 # --------------------------------------------------------------------------- public API
 
 
-def fid(
-    images_a: np.ndarray | Tensor,
-    images_b: np.ndarray | Tensor,
-    *,
-    extractor: str = "inception",
-    weights_path: str | Path | None = None,
-    classifier_path: str | Path | None = None,
-    batch_size: int = 256,
-    device: str = "cpu",
-) -> float:
-    """FID between two sets of uint8 images (N, C, H, W) in 0..255, by torch-fidelity.
+@dataclass(frozen=True)
+class FeatureSpace:
+    """The feature space images are compared in, and where its extractor runs.
 
     extractor: "inception" (weights from ``weights_path`` or torch-fidelity's cache location;
     grey images are repeated to RGB) or "digits-classifier" (``classifier_path``: the directory
-    written by ``save_classifier``). Set sizes may differ.
+    written by ``save_classifier``); batch_size images per pass on device ("cpu", "cuda[:i]").
     """
+
+    extractor: str = "inception"
+    weights_path: str | Path | None = None
+    classifier_path: str | Path | None = None
+    batch_size: int = 256
+    device: str = "cpu"
+
+    def resolve(self) -> tuple[str, str, bool]:
+        """(torch-fidelity extractor name, its feature_extractor_weights_path, needs RGB input)."""
+        return _resolve(self.extractor, self.weights_path, self.classifier_path)
+
+    def layer_for(self, metric: str) -> str:
+        """The extractor's feature layer for a torch-fidelity metric ("fid", "kid", "isc")."""
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        return FEATURE_EXTRACTORS_REGISTRY[self.resolve()[0]].get_default_feature_layer_for_metric(metric)
+
+
+def fid(images_a: np.ndarray | Tensor, images_b: np.ndarray | Tensor, space: FeatureSpace = FeatureSpace()) -> float:
+    """FID between two sets of uint8 images (N, C, H, W) in 0..255, by torch-fidelity, in
+    `space`. Set sizes may differ."""
     import torch_fidelity
 
-    name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
-    with _on_device(device) as cuda:
+    name, weights, rgb = space.resolve()
+    with _on_device(space.device) as cuda:
         metrics = torch_fidelity.calculate_metrics(
             input1=UInt8Images(images_a, rgb=rgb),
             input2=UInt8Images(images_b, rgb=rgb),
             fid=True,
             feature_extractor=name,
             feature_extractor_weights_path=weights,
-            batch_size=batch_size,
+            batch_size=space.batch_size,
             cuda=cuda,
             **_FIDELITY_KWARGS,
         )
     return float(metrics[torch_fidelity.KEY_METRIC_FID])
 
 
+def _features(images: np.ndarray | Tensor, layers: tuple[str, ...], space: FeatureSpace, progress: bool | None):
+    """torch-fidelity's {layer: float32 (N, D)} of uint8 images, as its calculate_metrics extracts them."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    name, weights, rgb = space.resolve()
+    with _on_device(space.device) as cuda:
+        module = create_feature_extractor(
+            name, list(layers), cuda=cuda, feature_extractor_weights_path=weights, verbose=False
+        )
+        return get_featuresdict_from_dataset(
+            UInt8Images(images, rgb=rgb), module, space.batch_size, cuda, save_cpu_ram=True, verbose=_show(progress)
+        )
+
+
 def fid_statistics(
-    images: np.ndarray | Tensor,
-    *,
-    extractor: str = "inception",
-    weights_path: str | Path | None = None,
-    classifier_path: str | Path | None = None,
-    batch_size: int = 256,
-    device: str = "cpu",
-    progress: bool | None = None,
+    images: np.ndarray | Tensor, space: FeatureSpace = FeatureSpace(), *, progress: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """FID statistics of uint8 images (N, C, H, W): mu float64 (D,), sigma float64 (D, D).
+    """FID statistics of uint8 images (N, C, H, W) in `space`: mu float64 (D,), sigma float64 (D, D).
     progress: torch-fidelity's bar over the images on stderr (None: only on a terminal).
 
-    Same extractors and features as :func:`fid`, extracted with torch-fidelity's own
-    ``get_featuresdict_from_dataset`` and ``fid_featuresdict_to_statistics``, so
+    Extracted with torch-fidelity's own ``get_featuresdict_from_dataset`` and
+    ``fid_featuresdict_to_statistics``, so
     ``fid_from_statistics(*fid_statistics(a), *fid_statistics(b))`` equals ``fid(a, b)``.
     """
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-    name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
-    layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
-    dataset = UInt8Images(images, rgb=rgb)
-    with _on_device(device) as cuda:
-        extractor_module = create_feature_extractor(
-            name, [layer], cuda=cuda, feature_extractor_weights_path=weights, verbose=False
-        )
-        features = get_featuresdict_from_dataset(
-            dataset, extractor_module, batch_size, cuda, save_cpu_ram=True, verbose=_show(progress)
-        )
-    stats = fid_featuresdict_to_statistics(features, layer)
+    layer = space.layer_for("fid")
+    stats = fid_featuresdict_to_statistics(_features(images, (layer,), space, progress), layer)
     return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
 
 
@@ -315,12 +326,8 @@ def _show(progress: bool | None) -> bool:
 def extract_features(
     images: np.ndarray | Tensor,
     layers: tuple[str, ...],
+    space: FeatureSpace = FeatureSpace(),
     *,
-    extractor: str = "inception",
-    weights_path: str | Path | None = None,
-    classifier_path: str | Path | None = None,
-    batch_size: int = 256,
-    device: str = "cpu",
     progress: bool | None = None,
 ) -> dict[str, Tensor]:
     """{layer: float32 (N, D) on CPU} of uint8 images (N, C, H, W) in one pass of the extractor;
@@ -329,17 +336,7 @@ def extract_features(
     layers: torch-fidelity layer names, e.g. ("2048", "logits_unbiased") for Inception (FID/KID
     features and IS logits) or ("features", "logits") for the digits classifier.
     """
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
-
-    name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
-    with _on_device(device) as cuda:
-        module = create_feature_extractor(
-            name, list(layers), cuda=cuda, feature_extractor_weights_path=weights, verbose=False
-        )
-        feats = get_featuresdict_from_dataset(
-            UInt8Images(images, rgb=rgb), module, batch_size, cuda, save_cpu_ram=True, verbose=_show(progress)
-        )
-    return {k: v.cpu() for k, v in feats.items()}
+    return {k: v.cpu() for k, v in _features(images, layers, space, progress).items()}
 
 
 def kid_from_features(
@@ -373,36 +370,18 @@ def kid_from_features(
 def kid(
     images_a: np.ndarray | Tensor,
     images_b: np.ndarray | Tensor,
+    space: FeatureSpace = FeatureSpace(),
     *,
-    extractor: str = "inception",
-    weights_path: str | Path | None = None,
-    classifier_path: str | Path | None = None,
     subset_size: int = 1000,
     subsets: int = 100,
-    batch_size: int = 256,
-    device: str = "cpu",
 ) -> tuple[float, float]:
-    """(mean, std) KID between two sets of uint8 images (N, C, H, W), by torch-fidelity's
-    ``calculate_metrics(kid=True)`` in the same feature space as :func:`fid`; subsets hold
+    """(mean, std) KID between two sets of uint8 images (N, C, H, W) in `space`: each set's
+    features as torch-fidelity's ``calculate_metrics(kid=True)`` extracts them, then
+    :func:`kid_from_features` (its ``kid_features_to_metric``, seed 2020 as there); subsets hold
     min(subset_size, N_a, N_b) images, so small sets (the 360 digits samples) work."""
-    import torch_fidelity
-
-    name, weights, rgb = _resolve(extractor, weights_path, classifier_path)
-    a, b = UInt8Images(images_a, rgb=rgb), UInt8Images(images_b, rgb=rgb)
-    with _on_device(device) as cuda:
-        metrics = torch_fidelity.calculate_metrics(
-            input1=a,
-            input2=b,
-            kid=True,
-            kid_subsets=subsets,
-            kid_subset_size=min(subset_size, len(a), len(b)),
-            feature_extractor=name,
-            feature_extractor_weights_path=weights,
-            batch_size=batch_size,
-            cuda=cuda,
-            **_FIDELITY_KWARGS,
-        )
-    return float(metrics[torch_fidelity.KEY_METRIC_KID_MEAN]), float(metrics[torch_fidelity.KEY_METRIC_KID_STD])
+    layer = space.layer_for("kid")
+    features = [extract_features(x, (layer,), space)[layer] for x in (images_a, images_b)]
+    return kid_from_features(*features, subset_size=subset_size, subsets=subsets)
 
 
 def inception_score_from_logits(logits: np.ndarray | Tensor, splits: int = 10, seed: int = 2020) -> tuple[float, float]:

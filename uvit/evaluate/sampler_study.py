@@ -79,7 +79,7 @@ def run_study(cfg: BenchmarkConfig, paths: BenchmarkPaths, progress: bool = True
     from uvit.data.shards import load_split_arrays
     from uvit.evaluate.classifier import conditional_accuracy, load_classifier
     from uvit.evaluate.draw import device_for, sample_labels
-    from uvit.evaluate.fid import fid_from_statistics, fid_statistics
+    from uvit.evaluate.fid import FeatureSpace, fid_from_statistics, fid_statistics
     from uvit.evaluate.sample import Condition, SamplingRecipe, generate, sample_seeds, to_uint8
     from uvit.models import UViT
 
@@ -93,9 +93,9 @@ def run_study(cfg: BenchmarkConfig, paths: BenchmarkPaths, progress: bool = True
         )
     torch.set_num_threads(max(1, cfg.train.threads_per_worker))
     model = UViT.from_pretrained(paths.train / ("ema" if s.use_ema else "model")).eval()
-    kw = {"extractor": "digits-classifier", "classifier_path": paths.classifier}
+    space = FeatureSpace("digits-classifier", classifier_path=paths.classifier)
     train_x, _ = load_split_arrays(paths.data / "train")
-    mu_real, sigma_real = fid_statistics(train_x, **kw)
+    mu_real, sigma_real = fid_statistics(train_x, space)
     classifier = load_classifier(paths.classifier)
     labels = sample_labels(cfg, s.num_samples)
     points = [(setting, seed) for setting in settings(study) for seed in study.seeds]
@@ -109,7 +109,7 @@ def run_study(cfg: BenchmarkConfig, paths: BenchmarkPaths, progress: bool = True
             model, recipe, seeds, Condition(labels), batch_size=s.batch_size, device=device_for(cfg), progress=False
         )
         images = to_uint8(x)
-        fid = fid_from_statistics(*fid_statistics(images, **kw), mu_real, sigma_real)
+        fid = fid_from_statistics(*fid_statistics(images, space), mu_real, sigma_real)
         accuracy = conditional_accuracy(classifier, images, labels.numpy()) if labels is not None else None
         rows.append(
             {

@@ -74,12 +74,12 @@ def digits_metrics(
     feature-to-metric steps, so every figure equals :func:`uvit.evaluate.fid.fid` /
     :func:`~uvit.evaluate.fid.kid` on the same images."""
     from uvit.evaluate.classifier import conditional_accuracy, load_classifier
-    from uvit.evaluate.fid import extract_features, kid_from_features, precision_recall_from_features
+    from uvit.evaluate.fid import FeatureSpace, extract_features, kid_from_features, precision_recall_from_features
 
     def features(images: np.ndarray) -> torch.Tensor:  # float32 (N, D)
-        return extract_features(images, ("features",), extractor="digits-classifier", classifier_path=real.classifier)[
-            "features"
-        ]
+        return extract_features(
+            images, ("features",), FeatureSpace("digits-classifier", classifier_path=real.classifier)
+        )["features"]
 
     f_train, f_samples = features(real.train), features(samples)
     f_floor, f_ceiling = features(real.test[: len(samples)]), features(untrained)
@@ -173,6 +173,7 @@ def score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.nda
     """FID against the reference statistics, IS, KID (when reference features exist) and, for
     text-to-image, the CLIP score; one Inception pass over the samples."""
     from uvit.evaluate.fid import (
+        FeatureSpace,
         extract_features,
         fid_from_statistics,
         inception_score_from_logits,
@@ -184,9 +185,7 @@ def score_inception(cfg: BenchmarkConfig, paths: BenchmarkPaths, samples: np.nda
     feats = extract_features(
         samples,
         ("2048", "logits_unbiased"),
-        extractor="inception",
-        weights_path=cfg.score.inception_weights,
-        device=device_for(cfg),
+        FeatureSpace("inception", weights_path=cfg.score.inception_weights, device=device_for(cfg)),
     )
     mu, sigma = _fid_stats(feats["2048"])
     is_mean, is_std = inception_score_from_logits(feats["logits_unbiased"])

@@ -51,19 +51,28 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_state_dict_strict(model: UViT, state: dict[str, torch.Tensor]) -> UViT:
-    """Strict load with a readable error listing missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
+def check_state_dict(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], header: str, source: str) -> None:
+    """Raise ValueError, under `header`, listing the keys of `state` (named `source` in the message)
+    that are missing from, unknown to, or mis-shaped for a model whose state dict is `own`."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    shapes = [
+        f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
     if missing or unexpected or shapes:
-        lines = [f"checkpoint does not match the model ({model.num_parameters():,} parameters):"]
+        lines = [header]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
         raise ValueError("\n".join(lines))
+
+
+def load_state_dict_strict(model: UViT, state: dict[str, torch.Tensor]) -> UViT:
+    """Strict load with a readable error listing missing, unexpected and mis-shaped keys."""
+    header = f"checkpoint does not match the model ({model.num_parameters():,} parameters):"
+    check_state_dict(model.state_dict(), state, header, "checkpoint")
     model.load_state_dict(state, strict=True)
     return model
 

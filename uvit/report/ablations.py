@@ -20,6 +20,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from uvit.report.plots import png_figure
+
 AGREES, DISAGREES, UNCLEAR = "agrees", "disagrees", "within the seed spread"
 
 
@@ -203,13 +205,7 @@ def group_table(
 
 def plot_fid_vs_step(curves: pd.DataFrame, variants: list[str], names: dict[str, str], title: str, path: Path) -> Path:
     """FID against training step, one line per variant (mean over seeds, band: min to max)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
-    try:
+    with png_figure(path, figsize=(6, 3.8), dpi=120) as (_, ax):
         for v in variants:
             by_step = curves[curves["variant"] == v].groupby("step")["fid"]
             if by_step.ngroups == 0:
@@ -223,11 +219,6 @@ def plot_fid_vs_step(curves: pd.DataFrame, variants: list[str], names: dict[str,
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
     return path
 
 

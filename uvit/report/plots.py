@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+@contextlib.contextmanager
+def png_figure(path: Path, *args: Any, **subplots_kw: Any) -> Iterator[tuple[Any, Any]]:
+    """(figure, axes) of ``plt.subplots(*args, **subplots_kw)`` on the Agg backend; when the
+    block ends, laid out tightly and saved to `path` (parents made); closed in any case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(*args, **subplots_kw)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
 
 
 def _smooth(values: pd.Series) -> pd.Series:
@@ -22,11 +42,6 @@ def plot_loss(metrics: pd.DataFrame, path: Path) -> Path:
     the (positive) loss spans more than one decade. When an `lr` column is present the
     learning rate goes on a twin axis. Needs `step` and `loss` columns with at least one row.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     missing = {"step", "loss"} - set(metrics.columns)
     if missing:
         raise ValueError(f"metrics lack column(s) {sorted(missing)}; have {list(metrics.columns)}")
@@ -35,9 +50,7 @@ def plot_loss(metrics: pd.DataFrame, path: Path) -> Path:
         raise ValueError("metrics have no (step, loss) rows to plot")
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    try:
+    with png_figure(path, figsize=(7, 4), dpi=120) as (_, ax):
         ax.plot(data["step"], data["loss"], color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
         ax.plot(data["step"], _smooth(data["loss"]), color="tab:blue", linewidth=1.8, label="loss (smoothed)")
         lo, hi = float(data["loss"].min()), float(data["loss"].max())
@@ -57,8 +70,4 @@ def plot_loss(metrics: pd.DataFrame, path: Path) -> Path:
             handles, labels = handles + h2, labels + l2
         ax.legend(handles, labels, loc="upper right", fontsize="small")
         ax.set_title("Training loss")
-        fig.tight_layout()
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from uvit.evaluate.sampler_study import cheapest_within, fid_bar
+from uvit.report.plots import png_figure
 
 
 def _cell(mean: float, std: float, digits: int = 2) -> str:
@@ -32,16 +33,13 @@ def fid_table(summary: pd.DataFrame, value: str = "fid", digits: int = 2) -> str
 def plot_fid_vs_nfe(summary: pd.DataFrame, path: Path) -> Path:
     """FID against NFE, one panel per time grid, one line per sampler (error bars: std over seeds),
     the reference's mean as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     study = summary[~summary["reference"]]
     ref = summary[summary["reference"]].iloc[0]
     grids = list(dict.fromkeys(study["skip_type"]))
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), dpi=120, sharey=True, squeeze=False)
-    try:
+    with png_figure(path, 1, len(grids), figsize=(4.2 * len(grids), 3.6), dpi=120, sharey=True, squeeze=False) as (
+        _,
+        axes,
+    ):
         for ax, grid in zip(axes[0], grids):
             for sampler, rows in study[study["skip_type"] == grid].groupby("sampler", sort=False):
                 ax.errorbar(
@@ -61,11 +59,6 @@ def plot_fid_vs_nfe(summary: pd.DataFrame, path: Path) -> Path:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("FID")
         axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
     return path
 
 

@@ -109,10 +109,10 @@ class PeriodicFID:
         classifier_dir: str | Path | None,
         device: str = "cpu",
     ):
-        from uvit.evaluate.fid import fid_statistics, load_fid_statistics
+        from uvit.evaluate.fid import FeatureSpace, fid_statistics, load_fid_statistics
 
         self.cfg, self.num_samples = cfg, num_samples
-        self.kw = dict(
+        self.space = FeatureSpace(
             extractor=cfg.score.feature_extractor,
             weights_path=cfg.score.inception_weights,
             classifier_path=classifier_dir,
@@ -128,13 +128,13 @@ class PeriodicFID:
         if cfg.score.reference_stats:
             self.mu, self.sigma = load_fid_statistics(cfg.score.reference_stats)
         else:
-            self.mu, self.sigma = fid_statistics(reference_images(images_split, num_samples), **self.kw)
+            self.mu, self.sigma = fid_statistics(reference_images(images_split, num_samples), self.space)
 
     def score(self, images) -> float:
         """FID of uint8 images (N, C, H, W) against the reference."""
         from uvit.evaluate.fid import fid_from_statistics, fid_statistics
 
-        return fid_from_statistics(*fid_statistics(images, **self.kw), self.mu, self.sigma)
+        return fid_from_statistics(*fid_statistics(images, self.space), self.mu, self.sigma)
 
     def __call__(self, ema_model: torch.nn.Module) -> float:
         from uvit.evaluate.draw import draw_samples

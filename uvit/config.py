@@ -77,7 +77,7 @@ class EncodeConfig(_Section):
     and, for text-to-image, the CLIP text encoder."""
 
     vae: str
-    scale_factor: PositiveFloat = 0.18215  # 0.23010 for MS-COCO (spec section 6)
+    scale_factor: PositiveFloat = 0.18215  # 0.23010 for MS-COCO (the official configs)
     text_encoder: str | None = None
     batch_size: PositiveInt = 64
     dtype: Literal["float16", "float32"] = "float16"

@@ -1,7 +1,6 @@
 """Image decoding and the reference crops, plus the loop that turns many image files into rows.
 
-The crops reproduce the official pipelines exactly (see UVIT_SPEC.md section 4, "Data
-preprocessing"); all return HWC uint8 arrays:
+The crops reproduce the official pipelines exactly; all return HWC uint8 arrays:
 
 - :func:`center_crop_arr` — ADM / guided-diffusion's ImageNet crop (U-ViT ImageNet 64/256/512).
 - :func:`celeba_crop` — U-ViT's CelebA 64: fixed 128x128 box at top=57, left=25, then

@@ -1,4 +1,4 @@
-"""Diffusion formulations, training loss, classifier-free guidance and samplers (spec section 3).
+"""Diffusion formulations, training loss, classifier-free guidance and samplers, as in the official U-ViT code.
 
 Needs torch only. x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(alpha-bar_t); samplers see
 continuous time t in [0, 1] and `schedule.model_time(t)` is what the network receives.

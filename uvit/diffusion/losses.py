@@ -1,4 +1,4 @@
-"""Training objective and classifier-free-guidance condition dropout (spec 3.1, 3.2, 4)."""
+"""Training objective and classifier-free-guidance condition dropout, as the official training scripts do."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def drop_context(
     context: Tensor, p_uncond: float, empty_context: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
     """Replace text contexts (B, 77, 768) by the empty-prompt embedding (77, 768) (or (1, 77, 768))
-    with probability p_uncond per sample. The empty context is CLIP(""), not zeros (spec 3.3)."""
+    with probability p_uncond per sample. The empty context is CLIP(""), not zeros (the official text-to-image recipe)."""
     mask = _drop_mask(context.shape[0], p_uncond, generator, context.device)
     empty = empty_context.to(context).reshape(1, *context.shape[1:])
     return torch.where(_bcast(mask, context), empty, context)

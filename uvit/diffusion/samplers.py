@@ -1,4 +1,4 @@
-"""Samplers used by the official U-ViT evaluation scripts (spec 3.1, 3.2).
+"""Samplers used by the official U-ViT evaluation scripts (continuous VP SDE and discrete schedules).
 
 Every sampler takes `noise_fn(x, t) -> eps`, with t the schedule's CONTINUOUS time of shape
 (B,); `wrap_model` turns a network into one by applying `schedule.model_time`. All samples in a

@@ -1,4 +1,4 @@
-"""Variance-preserving noise schedules (spec section 3.1 and 3.2).
+"""Variance-preserving noise schedules of the official U-ViT code.
 
 Notation (DPM-Solver's): x_t = alpha_t * x0 + sigma_t * eps, with alpha_t the *square root* of
 the spec's alpha-bar, sigma_t = sqrt(1 - alpha_t^2) and lambda_t = log(alpha_t) - log(sigma_t)
@@ -88,7 +88,7 @@ def _rand_on(batch: int, generator: torch.Generator | None, device) -> Tensor:
 
 
 class VPSDE(NoiseSchedule):
-    """Linear VP SDE: beta(t) = beta_0 + t (beta_1 - beta_0), t in [0, 1] (spec 3.1)."""
+    """Linear VP SDE: beta(t) = beta_0 + t (beta_1 - beta_0), t in [0, 1] (the pixel-space benchmarks)."""
 
     name = "vpsde"
     default_t_end = 1e-4  # DPM-Solver's eps for the continuous models
@@ -134,7 +134,7 @@ def _interp(x: Tensor, xp: Tensor, yp: Tensor) -> Tensor:
 
 
 class DiscreteSchedule(NoiseSchedule):
-    """Stable-Diffusion "scaled linear" betas over N=1000 steps (spec 3.2).
+    """Stable-Diffusion "scaled linear" betas over N=1000 steps (the latent benchmarks).
 
     Step n (1..N) sits at t_n = n/N; log(alpha_t) interpolates 0.5 * cumsum(log(1 - beta))
     linearly between the knots, which is what dpm_solver_pp.py's NoiseScheduleVP does.

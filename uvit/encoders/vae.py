@@ -1,7 +1,7 @@
 """The KL-f8 autoencoder of the latent benchmarks, as a diffusers ``AutoencoderKL``.
 
 U-ViT's ``libs/autoencoder.py`` is the LDM / Stable-Diffusion KL-f8 ``Encoder``/``Decoder`` with
-``quant_conv`` and ``post_quant_conv`` (shared UVIT_SPEC section 6). Its three operations map to
+``quant_conv`` and ``post_quant_conv`` (the official autoencoder). Its three operations map to
 diffusers as
 
 * ``encode_moments(x)`` = quant_conv(encoder(x)) = ``vae.encode(x).latent_dist.parameters``:
@@ -59,7 +59,7 @@ __all__ = [
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 SCALE_FACTORS = {"imagenet": 0.18215, "mscoco": 0.23010}
-# The official ddconfig (UVIT_SPEC section 6) as diffusers AutoencoderKL arguments; used when a
+# The official ddconfig as diffusers AutoencoderKL arguments; used when a
 # .pth is converted and for the defaults that cannot be read from a state dict.
 OFFICIAL_CONFIG: dict[str, Any] = {
     "in_channels": 3,

@@ -1,4 +1,4 @@
-"""A diffusers scheduler for U-ViT's samplers (spec section 3): config + whole-trajectory sampling.
+"""A diffusers scheduler for U-ViT's samplers (those of the official U-ViT code): config + whole-trajectory sampling.
 
 `UViTDPMSolverScheduler` is a `SchedulerMixin`/`ConfigMixin`, so it is saved and loaded with
 `save_pretrained`/`from_pretrained` (`scheduler_config.json`), rebuilt with

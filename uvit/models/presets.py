@@ -1,7 +1,7 @@
 """The paper's U-ViT presets by name, with the official implementation's exact sizes.
 
 `expected_params` is the parameter count of the official classes built from the official
-configs (UVIT_SPEC.md section 2); tests hold every preset to it digit for digit.
+configs; tests hold every preset to it digit for digit.
 """
 
 from __future__ import annotations

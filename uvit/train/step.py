@@ -1,6 +1,6 @@
 """One optimisation step of U-ViT, in plain torch (no Ray, unit-testable).
 
-The official recipe (UVIT_SPEC.md section 4): AdamW on all parameters, linear warmup then a
+The official recipe: AdamW on all parameters, linear warmup then a
 constant learning rate, EMA of the parameters after every step, condition dropout for
 classifier-free guidance, per-example noise-prediction loss averaged over the batch.
 

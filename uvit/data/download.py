@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from uvit.data.shards import DataIntegrityError
+from uvit.storage.s3 import s3_client, s3_endpoint_url
 
 __all__ = [
     "AUTO",
@@ -55,7 +56,6 @@ __all__ = [
     "file_digests",
     "is_remote",
     "open_tar",
-    "s3_endpoint_url",
     "verify_file",
 ]
 
@@ -469,13 +469,6 @@ def _http_transfer(url: str, part: Path, chunk: int, progress: bool) -> None:
 # -- S3 ---------------------------------------------------------------------------------------
 
 
-def s3_endpoint_url() -> str | None:
-    for var in ("UVIT_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        if value := os.environ.get(var):
-            return value
-    return None
-
-
 def _split_s3(url: str) -> tuple[str, str]:
     parsed = urllib.parse.urlparse(url)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
@@ -485,18 +478,11 @@ def _split_s3(url: str) -> tuple[str, str]:
 
 
 def _s3_transfer(url: str, part: Path, chunk: int, progress: bool) -> None:
-    import boto3
     import botocore.exceptions as bex
-    from botocore.config import Config
 
     bucket, key = _split_s3(url)
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint_url(),
-        config=Config(
-            retries={"max_attempts": 2, "mode": "standard"}, read_timeout=TIMEOUT_S, connect_timeout=TIMEOUT_S
-        ),
-    )
+    # Few tries per call: fetch's own loop resumes from the bytes already on disk.
+    client = s3_client(max_attempts=2, connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S)
     transient = (
         bex.EndpointConnectionError,
         bex.ConnectionClosedError,

@@ -5,7 +5,7 @@
                                             for text-to-image `caption_rows` + `captions`
       samples-00001.npz   samples [S, 2S)
       ...
-      manifest.json       run parameters + per shard {file, start, count, sha256}
+      shards.json         run parameters + per shard {file, start, count, sha256}
       samples.npz         all shards merged (merge_shards), what FID scoring reads
 
 Sample i always uses seed `sample_seeds(seed, ...)[i]` and label i % K (or caption row
@@ -72,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "shards.json"  # not manifest.json: that names a data split's and a published run's files
 MERGED_NAME = "samples.npz"
 FORMAT = "uvit-sample-shards/1"
 
@@ -256,7 +256,7 @@ def _run_parameters(model_dir: Path, spec: SampleSpec) -> dict:
 
 
 class _ShardManifest:
-    """The driver's manifest.json: which shards are done, rewritten (atomically) as each one finishes."""
+    """The driver's shards.json: which shards are done, rewritten (atomically) as each one finishes."""
 
     def __init__(self, out_dir: Path, run: dict, num_shards: int):
         self.out_dir = out_dir

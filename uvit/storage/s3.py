@@ -1,7 +1,8 @@
 """The one rule for which S3 endpoint to talk to, and the one boto3 client factory.
 
 Used by the artifact store (:mod:`uvit.storage.artifacts`), Ray Train's checkpoint storage
-(:mod:`uvit.train.checkpoint_storage`) and anything else that reaches S3. Credentials are never parameters:
+(:mod:`uvit.train.checkpoint_storage`), dataset downloads (:mod:`uvit.data.download`, image-folder
+prefixes) and anything else that reaches S3. Credentials are never parameters:
 boto3 (and pyarrow) read the usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
 ``~/.aws``, an instance profile). Importing this module does not import boto3.
 """

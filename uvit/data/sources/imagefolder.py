@@ -32,7 +32,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from uvit.data.download import BadSourceError, SourceInput, fetch, is_remote, s3_endpoint_url, verify_file
+from uvit.data.download import BadSourceError, SourceInput, fetch, is_remote, verify_file
+from uvit.storage.s3 import s3_client
 from uvit.data.preprocess import PrepareOptions, SplitFiles, check_splits_absent, write_adm_split
 from uvit.data.shards import Manifest
 from uvit.fileio import read_json_or_none, write_json
@@ -121,12 +122,11 @@ def _extract(tar_path: Path, dest: Path, progress: bool) -> Path:
 def _download_prefix(url: str, dest: Path, progress: bool) -> Path:
     """Every image object under the s3:// prefix ``url``, at its relative path under ``dest``.
     Objects already there at their listed size are kept (an interrupted download resumes)."""
-    import boto3
     from tqdm.auto import tqdm
 
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    client = boto3.client("s3", endpoint_url=s3_endpoint_url())
+    client = s3_client()
     objects = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):

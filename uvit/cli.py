@@ -282,8 +282,8 @@ def miniature(
         ),
     ],
     benchmarks: Annotated[
-        str, typer.Option(help="Comma-separated paper benchmarks.")
-    ] = "cifar10,celeba64,imagenet64,imagenet256,imagenet512,mscoco256",
+        str | None, typer.Option(help="Comma-separated paper benchmarks (default: every one)")
+    ] = None,
     root: RootOpt = Path("."),
 ) -> None:
     """A miniature of the paper chains, to check a machine or cluster before a multi-day run.
@@ -295,7 +295,7 @@ def miniature(
     """
     from uvit.miniature import PAPER_BENCHMARKS, make_project, write_miniature
 
-    names = [b.strip() for b in benchmarks.split(",") if b.strip()]
+    names = [b.strip() for b in benchmarks.split(",") if b.strip()] if benchmarks else list(PAPER_BENCHMARKS)
     unknown = sorted(set(names) - set(PAPER_BENCHMARKS))
     if unknown:
         typer.echo(f"error: no miniature for {', '.join(unknown)}; choose from {', '.join(PAPER_BENCHMARKS)}", err=True)

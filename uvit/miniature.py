@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from uvit.config import PAPER_BENCHMARKS
+
 __all__ = ["PAPER_BENCHMARKS", "PROJECT_FILES", "make_project", "merge_params", "write_miniature"]
 
 # What a copy of the project needs to run its DVC chains: the DVC files and params, the code they
@@ -56,7 +58,6 @@ PROJECT_FILES = (
     "pipelines",
 )
 
-PAPER_BENCHMARKS = ("cifar10", "celeba64", "imagenet64", "imagenet256", "imagenet512", "mscoco256")
 MARKER = "MINIATURE.json"  # marks dest as ours (written first), so a re-run may replace what it wrote
 
 # Sizes of the miniature (rows the data stage writes).

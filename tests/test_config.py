@@ -70,7 +70,7 @@ def test_paper_recipes_match_the_official_configs(params) -> None:
             "digits.artifacts.secret_key: Extra inputs are not permitted",
         ),
         # The class count is a fact of the data, in one place.
-        (lambda p: p["digits"]["validate"].update(num_classes=10), "digits.validate.num_classes: Extra inputs"),
+        (lambda p: p["digits"]["validate"].update(num_classes=10), "move it to digits.data.num_classes"),
         (lambda p: p["digits"]["data"].update(num_classes=0), "digits.data.num_classes: 0, but digits_uvit_tiny"),
         (lambda p: p["digits"]["data"].update(num_classes=12), "digits.data.num_classes: 12"),
     ],

@@ -461,6 +461,11 @@ def _study_run(name: str, params: dict[str, Any], cfg: BenchmarkConfig | None = 
 
 
 def _validated(name: str, block: dict[str, Any], where: str | None = None) -> BenchmarkConfig:
+    if isinstance(block.get("validate"), dict) and "num_classes" in block["validate"]:
+        raise ConfigError(
+            f"{where or name}.validate.num_classes: the class count is a fact of the data now; move it "
+            f"to {name}.data.num_classes"
+        )
     try:
         cfg = BenchmarkConfig.model_validate({"name": name, **block})
     except ValidationError as e:

@@ -44,6 +44,7 @@ from uvit.encoders.vae import (  # noqa: E402
     load_vae,
     sample_latents,
 )
+from tiny_vae import tiny_vae  # noqa: E402
 
 N_IMAGES = 10
 
@@ -54,22 +55,7 @@ N_IMAGES = 10
 
 
 def _tiny_vae(seed: int = 0):
-    torch.manual_seed(seed)
-    return (
-        diffusers.AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=32,
-        )
-        .eval()
-        .requires_grad_(False)
-    )
+    return tiny_vae(32, seed).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from uvit.generate import Overrides, make_labels, parse_classes, resolve_setting
 from uvit.models import UViT, UViTConfig, preset_config
 from uvit.paths import BenchmarkPaths
 from uvit.stages.sample import run_sample
+from tiny_vae import tiny_vae_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -58,25 +59,6 @@ def digits(tmp_path_factory):
     run_sample(cfg, paths)
     images, labels = load_samples(paths.samples / "samples.npz")
     return cfg, paths, images, labels
-
-
-def _tiny_vae_dir(root: Path) -> Path:
-    import diffusers
-
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=8,
-    )
-    vae.save_pretrained(str(root))
-    return root
 
 
 # ------------------------------------------------------------------------- the stage's pixels
@@ -182,7 +164,7 @@ def test_latent_run_decodes_as_the_sample_stage(tmp_path, monkeypatch):
         block["data"]["num_classes"] = 4
         block["encode"]["vae"] = "vae"  # relative to the project root, as models/... in params.yaml
         block["sample"].update({"steps": 2, "num_samples": 6, "batch_size": 6, "shard_size": 6, "vae": None})
-        _tiny_vae_dir(root / "vae")
+        tiny_vae_dir(root / "vae")
 
     cfg, paths = _project(root, "imagenet256", edit)
     monkeypatch.chdir(root)  # stages run in the project root
@@ -224,7 +206,7 @@ def test_prompts_condition_a_text_model(tmp_path, write_tiny_clip_vocab):
             pad_token_id=1,
         )
     ).save_pretrained(str(clip))
-    vae = _tiny_vae_dir(tmp_path / "vae")
+    vae = tiny_vae_dir(tmp_path / "vae")
     model = UViT(
         UViTConfig(
             img_size=4, in_chans=4, clip_dim=16, num_text_tokens=77, embed_dim=32, depth=2, num_heads=2, patch_size=2

@@ -35,6 +35,7 @@ from uvit.evaluate.sample import (  # noqa: E402
 from uvit.models import UViT  # noqa: E402
 from uvit.paths import BenchmarkPaths  # noqa: E402
 from uvit.report.paper import PAPER_CAPTIONS  # noqa: E402
+from tiny_vae import tiny_vae_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = [["a cat", "a dog"], ["the dog sat", "cat", "a dog at a cat"], ["dog"], ["cat sat", "at"]]
@@ -121,23 +122,6 @@ def test_clip_offline_error_says_what_to_fetch(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- stages
 
 
-def _tiny_vae_dir(root: Path) -> Path:
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=8,
-    )
-    vae.save_pretrained(str(root))
-    return root
-
-
 @pytest.fixture(scope="module")
 def t2i_run(tmp_path_factory, clip_dir, random_inception_weights):
     """A mscoco256 configuration shrunk to tiny models, with encoded captions and a saved model."""
@@ -145,7 +129,7 @@ def t2i_run(tmp_path_factory, clip_dir, random_inception_weights):
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
     block = params["mscoco256"]
     block["model"]["overrides"] = {"img_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "clip_dim": 32}
-    block["encode"].update(vae=str(_tiny_vae_dir(tmp / "vae")), text_encoder=str(clip_dir))
+    block["encode"].update(vae=str(tiny_vae_dir(tmp / "vae")), text_encoder=str(clip_dir))
     block["sample"].update(steps=3, num_samples=5, batch_size=5, shard_size=2, guidance_scale=1.0)
     block["score"].update(inception_weights=random_inception_weights, clip_model=str(clip_dir), kid_subset_size=3)
     cfg = load_benchmark("mscoco256", params)

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from uvit.fileio import write_npz
 
 __all__ = [
+    "fid_from_features",
     "EXTRACTORS",
     "DIGITS_EXTRACTOR",
     "INCEPTION_EXTRACTOR",
@@ -337,6 +338,15 @@ def extract_features(
     features and IS logits) or ("features", "logits") for the digits classifier.
     """
     return {k: v.cpu() for k, v in _features(images, layers, space, progress).items()}
+
+
+def fid_from_features(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """FID of two (N, D) float32 feature sets by torch-fidelity's own statistics and metric steps
+    (float32 means, as ``calculate_metrics(fid=True)`` computes them)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    stats_a, stats_b = fid_features_to_statistics(features_a), fid_features_to_statistics(features_b)
+    return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
 
 
 def kid_from_features(

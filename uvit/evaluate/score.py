@@ -74,7 +74,13 @@ def digits_metrics(
     feature-to-metric steps, so every figure equals :func:`uvit.evaluate.fid.fid` /
     :func:`~uvit.evaluate.fid.kid` on the same images."""
     from uvit.evaluate.classifier import conditional_accuracy, load_classifier
-    from uvit.evaluate.fid import FeatureSpace, extract_features, kid_from_features, precision_recall_from_features
+    from uvit.evaluate.fid import (
+        FeatureSpace,
+        extract_features,
+        fid_from_features,
+        kid_from_features,
+        precision_recall_from_features,
+    )
 
     def features(images: np.ndarray) -> torch.Tensor:  # float32 (N, D)
         return extract_features(
@@ -83,7 +89,7 @@ def digits_metrics(
 
     f_train, f_samples = features(real.train), features(samples)
     f_floor, f_ceiling = features(real.test[: len(samples)]), features(untrained)
-    fid_samples, floor = _fid_from_features(f_samples, f_train), _fid_from_features(f_floor, f_train)
+    fid_samples, floor = fid_from_features(f_samples, f_train), fid_from_features(f_floor, f_train)
     kid_mean, kid_std = kid_from_features(f_samples, f_train, subset_size=kid_subset_size)
     kid_floor, _ = kid_from_features(f_floor, f_train, subset_size=kid_subset_size)
     precision, recall = precision_recall_from_features(f_samples, f_train)
@@ -91,7 +97,7 @@ def digits_metrics(
     return {
         "fid": fid_samples,
         "fid_floor": floor,
-        "fid_ceiling": _fid_from_features(f_ceiling, f_train),
+        "fid_ceiling": fid_from_features(f_ceiling, f_train),
         "fid_over_floor": fid_samples / floor,
         "kid": kid_mean,
         "kid_std": kid_std,
@@ -105,15 +111,6 @@ def digits_metrics(
         "num_samples": int(len(samples)),
         "num_reference": int(len(real.train)),
     }
-
-
-def _fid_from_features(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """FID of two (N, D) float32 feature sets by torch-fidelity's own statistics and metric steps
-    (float32 means, as ``calculate_metrics(fid=True)`` computes them)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
-    stats_a, stats_b = fid_features_to_statistics(features_a), fid_features_to_statistics(features_b)
-    return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
 
 
 def reference_statistics(cfg: BenchmarkConfig, paths: BenchmarkPaths, *, progress: bool | None = None):

@@ -52,7 +52,7 @@ def check_chain(project: Path, benchmark: str, out: str) -> None:
     page = (project / f"reports/{benchmark}.md").read_text()
     assert f"{metrics['fid']:.2f}" in page  # the report shows this run's FID
     published = json.loads((project / f"runs/{benchmark}/publish.json").read_text())
-    assert (project / "artifacts" / benchmark / published["run_id"] / "manifest.json").is_file()
+    assert (project / "artifacts" / benchmark / published["run_id"] / "run_manifest.json").is_file()
 
 
 def second_repro_runs_nothing(project: Path, benchmarks, dvc) -> None:

@@ -110,9 +110,9 @@ def test_publish_to_s3_and_fetch_identical_files(s3_endpoint, project, tmp_path)
     listed = client.list_objects_v2(Bucket=bucket, Prefix=f"artifacts/digits/{run_id}/")["Contents"]
     keys = {o["Key"].removeprefix(f"artifacts/digits/{run_id}/") for o in listed}
     want = expected_run(project)
-    assert keys == set(want) | {"run.json", "manifest.json"}
+    assert keys == set(want) | {"run.json", "run_manifest.json"}
     manifest = json.loads(
-        client.get_object(Bucket=bucket, Key=f"artifacts/digits/{run_id}/manifest.json")["Body"].read()
+        client.get_object(Bucket=bucket, Key=f"artifacts/digits/{run_id}/run_manifest.json")["Body"].read()
     )
     shas = {f["path"]: f["sha256"] for f in manifest["files"]}
     assert {p: shas[p] for p in want} == {p: hashlib.sha256(b).hexdigest() for p, b in want.items()}
@@ -175,7 +175,7 @@ def test_local_folder_default_through_the_cli(project, tmp_path):
     assert result.exit_code == 0, result.output
     run_id = json.loads((project / "runs/digits/publish.json").read_text())["run_id"]
     stored = project / "artifacts/digits" / run_id
-    assert (stored / "manifest.json").is_file() and (stored / "checkpoints/ema/model.safetensors").is_file()
+    assert (stored / "run_manifest.json").is_file() and (stored / "checkpoints/ema/model.safetensors").is_file()
 
     result = runner.invoke(app, ["fetch", "digits", *base])
     assert result.exit_code == 0, result.output

@@ -175,7 +175,7 @@ def test_interrupted_publish_rerun_sends_only_the_missing_files(store, monkeypat
     puts = count_calls(monkeypatch, store.client, "put_object", record="Key")
     parts = count_calls(monkeypatch, store.client, "upload_part")
     ref = store.upload_run(run_dir, "digits", run_id="r1")
-    assert [k.rsplit("/r1/", 1)[1] for k in puts] == ["sub/empty", "sub/weights.bin", "manifest.json"]
+    assert [k.rsplit("/r1/", 1)[1] for k in puts] == ["sub/empty", "sub/weights.bin", "run_manifest.json"]
     assert parts == []  # big.bin was already complete
     assert store.list_runs("digits") == ["r1"]
     assert tree(store.download_run("digits", ref.run_id, tmp_path / "dest")) == tree(run_dir)
@@ -245,6 +245,37 @@ def test_run_without_manifest_is_not_listed(store, run_dir, tmp_path):
         store.download_run("digits", "partial", tmp_path / "dest")
 
 
+@pytest.mark.parametrize("on_s3", [False, True])
+def test_run_published_as_manifest_json_is_still_read(on_s3, request, run_dir, tmp_path):
+    """A run published before its manifest was renamed run_manifest.json (it was manifest.json):
+    listed, read and fetched; publishing the same content again is a no-op (no second manifest).
+    Neither name may be a file of a run."""
+    s = request.getfixturevalue("store") if on_s3 else ArtifactStore(str(tmp_path / "store"))
+    ref = s.upload_run(run_dir, "digits")
+    new, old = (f"digits/{ref.run_id}/{name}" for name in ("run_manifest.json", "manifest.json"))
+    if on_s3:
+        source = {"Bucket": s.bucket, "Key": f"artifacts/{new}"}
+        s.client.copy_object(Bucket=s.bucket, Key=f"artifacts/{old}", CopySource=source)
+        s.client.delete_object(Bucket=s.bucket, Key=f"artifacts/{new}")
+        stored = {o["Key"] for o in s.client.list_objects_v2(Bucket=s.bucket)["Contents"]}
+        assert f"artifacts/{old}" in stored and f"artifacts/{new}" not in stored
+    else:
+        (tmp_path / "store" / new).rename(tmp_path / "store" / old)
+
+    assert s.list_runs("digits") == [ref.run_id] and s.latest_run("digits") == ref.run_id
+    assert s.manifest("digits", ref.run_id)["run_id"] == ref.run_id
+    assert tree(s.download_run("digits", ref.run_id, tmp_path / "dest")) == tree(run_dir)
+    assert s.upload_run(run_dir, "digits") == ref
+    if on_s3:
+        stored = {o["Key"] for o in s.client.list_objects_v2(Bucket=s.bucket)["Contents"]}
+        assert f"artifacts/{new}" not in stored
+    else:
+        assert not (tmp_path / "store" / new).exists()
+    for name in ("manifest.json", "run_manifest.json"):
+        with pytest.raises(ValueError, match="reserved"):
+            s.upload_files({name: run_dir / "metrics.json"}, "digits")
+
+
 def test_endpoint_from_environment_and_parallel_parts(s3_endpoint, monkeypatch, run_dir, tmp_path):
     monkeypatch.setenv("UVIT_S3_ENDPOINT_URL", s3_endpoint)
     s = ArtifactStore("s3://uvit-env-bucket", part_size=5 * MiB)  # 4 parts at a time by default
@@ -262,7 +293,7 @@ def test_unsafe_paths_are_refused(tmp_path, run_dir):
     with pytest.raises(ValueError):
         s.upload_run(run_dir, "../digits")
     ref = s.upload_run(run_dir, "digits", run_id="r1")
-    manifest = tmp_path / "store" / "digits" / "r1" / "manifest.json"
+    manifest = tmp_path / "store" / "digits" / "r1" / "run_manifest.json"
     manifest.write_text(manifest.read_text().replace('"metrics.json"', '"../../escape.json"'))
     with pytest.raises(ArtifactIntegrityError):
         s.download_run("digits", ref.run_id, tmp_path / "dest" / "inner")

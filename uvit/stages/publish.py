@@ -16,7 +16,7 @@ environment (the boto3 chain); the endpoint from `artifacts.endpoint_url`, else 
         reports/<benchmark>.md, reports/<benchmark>/*.png
         run.json                                              benchmark, validated config, training
                                                               fingerprint, uvit version
-        manifest.json                                         size + sha256 of every file (written last)
+        run_manifest.json                                     size + sha256 of every file (written last)
 
 The run id is the first 16 hex digits of the sha256 of the manifest's file list (path, size,
 sha256 of every file): a function of the content alone. Publishing the same outputs again is a

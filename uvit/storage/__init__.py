@@ -1,7 +1,7 @@
 """uvit.storage: where run artifacts live outside the working tree.
 
 - :mod:`uvit.storage.artifacts`: :class:`ArtifactStore`, a versioned, content-addressed store of
-  runs (``<root>/<benchmark>/<run_id>/...`` + ``manifest.json`` with sha256 and size of every
+  runs (``<root>/<benchmark>/<run_id>/...`` + ``run_manifest.json`` with sha256 and size of every
   file) on S3 (AWS, MinIO, moto) or a local directory, verified on upload and on download;
   transfers through boto3's managed transfer (multipart uploads, parallel ranged downloads).
 - :mod:`uvit.storage.s3`: the one rule for the S3 endpoint (:func:`~uvit.storage.s3.s3_endpoint_url`)

@@ -3,12 +3,13 @@
 Layout (the same for both backends)::
 
     <root>/<benchmark>/<run_id>/<relative path>     every file of the run
-    <root>/<benchmark>/<run_id>/manifest.json       size + sha256 of every file, written last
+    <root>/<benchmark>/<run_id>/run_manifest.json   size + sha256 of every file, written last
 
 ``<root>`` is ``s3://bucket/prefix`` or a local directory (``file:///abs/dir`` or a plain path).
-A run is complete exactly when its ``manifest.json`` exists: ``upload_run`` writes it after every
-file has been uploaded and verified, ``list_runs`` lists only runs that have one and
-``download_run`` refuses runs without one.
+A run is complete exactly when its ``run_manifest.json`` exists: ``upload_run`` writes it after
+every file has been uploaded and verified, ``list_runs`` lists only runs that have one and
+``download_run`` refuses runs without one. Runs published before the file was renamed carry it as
+``manifest.json``; they are read as well (the new name is looked up first).
 
 The default ``run_id`` is the first 16 hex digits of the sha256 of the manifest's file list
 (paths, sizes, sha256s; not the timestamp): uploading the same content twice gives the same run id,
@@ -63,7 +64,9 @@ from uvit.storage.s3 import s3_client
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = "run_manifest.json"  # its presence marks a run complete
+LEGACY_MANIFEST = "manifest.json"  # the same file in runs published before the rename
+MANIFEST_NAMES = (MANIFEST, LEGACY_MANIFEST)  # looked up in this order; both reserved in a run
 MANIFEST_FORMAT = "uvit-artifacts/1"
 META_SHA256 = "sha256"  # user metadata key: x-amz-meta-sha256
 S3_MIN_PART_SIZE = 5 * 2**20  # every part but the last must be at least this (S3 rule)
@@ -202,8 +205,8 @@ class _LocalBackend:
             return []
         out = []
         for d in base.iterdir():
-            m = d / MANIFEST
-            if d.is_dir() and m.is_file():
+            m = next((d / name for name in MANIFEST_NAMES if (d / name).is_file()), None)
+            if m is not None:
                 out.append((d.name, m.stat().st_mtime))
         return out
 
@@ -326,7 +329,8 @@ class _S3Backend:
                 names.append(cp["Prefix"][len(base) :].rstrip("/"))
         out = []
         for name in names:
-            head = self.head(f"{benchmark}/{name}/{MANIFEST}")
+            heads = (self.head(f"{benchmark}/{name}/{m}") for m in MANIFEST_NAMES)
+            head = next((h for h in heads if h is not None), None)
             if head is not None:
                 out.append((name, head["LastModified"].timestamp()))
         return out
@@ -433,8 +437,9 @@ class ArtifactStore:
         for rel in rels:
             if not _is_safe_relpath(rel):
                 raise ValueError(f"invalid path in the run {rel!r}: a relative path like 'dir/file.bin'")
-        if MANIFEST in rels:
-            raise ValueError(f"{MANIFEST}: the name is reserved for the run manifest")
+        reserved = [name for name in MANIFEST_NAMES if name in rels]
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)}: the name is reserved for the run manifest")
         paths = [Path(files[rel]) for rel in rels]
         digests = [_digest(p) for p in paths]
         entries = [{"path": rel, "size": d.size, "sha256": d.sha256} for rel, d in zip(rels, digests)]
@@ -443,7 +448,7 @@ class ArtifactStore:
         base = f"{benchmark}/{run_id}"
         ref = ArtifactRef(benchmark, run_id, self._backend.uri(base))
 
-        existing = self._backend.get_bytes(f"{base}/{MANIFEST}")
+        existing = self._manifest_bytes(base)
         if existing is not None:
             if json.loads(existing).get("files") == entries:
                 log.info("%s is already complete with the same content", ref.uri)
@@ -475,7 +480,7 @@ class ArtifactStore:
         """The parsed manifest of a complete run (FileNotFoundError if incomplete or absent)."""
         _check_name("benchmark", benchmark)
         _check_name("run_id", run_id)
-        data = self._backend.get_bytes(f"{benchmark}/{run_id}/{MANIFEST}")
+        data = self._manifest_bytes(f"{benchmark}/{run_id}")
         if data is None:
             raise FileNotFoundError(f"no complete run at {self.run_uri(benchmark, run_id)}")
         manifest = json.loads(data)
@@ -484,6 +489,11 @@ class ArtifactStore:
         for entry in manifest["files"]:
             _check_relpath(entry["path"])
         return manifest
+
+    def _manifest_bytes(self, base: str) -> bytes | None:
+        """The stored manifest of the run at key ``base`` (under its name, else its old one), or None."""
+        found = (self._backend.get_bytes(f"{base}/{name}") for name in MANIFEST_NAMES)
+        return next((data for data in found if data is not None), None)
 
     def download_run(self, benchmark: str, run_id: str, dest: str | Path, *, progress: bool | None = None) -> Path:
         """Download a complete run into ``dest`` (files at their relative paths), verified.

@@ -276,7 +276,8 @@ def test_s3_checkpoints_resume_under_fsdp(ray_session, digits_data, two_workers,
         # The FSDP checkpoint on S3 is a full one: it loads into a plain single-process state.
         import ray.train
 
-        from uvit.train.checkpoint import TrainingState, load_checkpoint
+        from checkpoints import load_checkpoint
+        from uvit.train.checkpoint import TrainingState
         from uvit.train.step import EMA, build_optimizer, warmup_lambda
         from uvit.train.checkpoint_storage import find_checkpoints, resolve_storage
 

@@ -13,7 +13,6 @@ from uvit.models import UViT, UViTConfig
 from uvit.train.checkpoint import (
     CheckpointError,
     TrainingState,
-    load_checkpoint,
     save_checkpoint,
 )
 from uvit.train.step import (
@@ -27,6 +26,7 @@ from uvit.train.step import (
     train_step,
     warmup_lambda,
 )
+from checkpoints import load_checkpoint
 
 CFG = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=4)
 SCHEDULE = make_schedule("vpsde")

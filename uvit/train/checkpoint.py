@@ -95,22 +95,3 @@ def read_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise
     except Exception as e:  # truncated safetensors, refused pickle, wrong shapes ...
         raise CheckpointError(f"{directory}: cannot be loaded ({type(e).__name__}: {e})") from e
-
-
-def load_checkpoint(directory: str | Path, state: TrainingState, device: str | torch.device = "cpu") -> TrainingState:
-    """Load weights, EMA, optimizer and scheduler from `directory` into `state` (in place)."""
-    ckpt = read_checkpoint(directory, device)
-    try:
-        state.model.load_state_dict(ckpt["model"])
-        if state.ema is not None:
-            if ckpt["ema"] is None:
-                raise CheckpointError(f"{directory}: no ema/ weights")
-            state.ema.load_state_dict(ckpt["ema"])
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-        state.scheduler.load_state_dict(ckpt["scheduler"])
-    except CheckpointError:
-        raise
-    except Exception as e:  # wrong shapes, another model's optimizer ...
-        raise CheckpointError(f"{directory}: cannot be loaded ({type(e).__name__}: {e})") from e
-    state.step = ckpt["step"]
-    return state

@@ -5,6 +5,7 @@ uvit data digits                 one stage (data, validate, train, sample, class
 uvit run digits                  every stage in order (what `dvc repro` does, without DVC's caching)
 uvit publish digits              the run to digits.artifacts.url (S3 or a folder), sha256 manifest
 uvit fetch digits [RUN_ID]       a published run back, every file verified
+uvit dvc-remote s3://bucket/dvc  the DVC remote, at the S3 endpoint every other S3 user talks to
 uvit generate runs/digits/train  images from a checkpoint: a grid, PNGs, samples.npz
 """
 
@@ -192,6 +193,45 @@ def fetch(
     from uvit.stages.publish import run_fetch
 
     _stage("fetch", benchmark, params, root, fn=run_fetch, run_id=run_id, dest=dest)
+
+
+@app.command("dvc-remote")
+def dvc_remote(
+    url: Annotated[str, typer.Argument(help="Where DVC keeps its cache on S3: s3://bucket/prefix.")],
+    name: Annotated[str, typer.Option("--name", help="The remote's name in .dvc/config.")] = "s3",
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint-url",
+            help="The S3 endpoint (MinIO, moto). Default: $UVIT_S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL_S3, "
+            "else $AWS_ENDPOINT_URL, else AWS.",
+            show_default=False,
+        ),
+    ] = None,
+    root: Annotated[Path, typer.Option("--root", help="The DVC repository (holding .dvc/).")] = Path("."),
+) -> None:
+    """Set DVC's default remote to URL, at the S3 endpoint the rest of uvit uses.
+
+    URL (alone) goes to the committed .dvc/config; the endpoint to the git-ignored .dvc/config.local (removed there for AWS).
+
+    The endpoint: --endpoint-url, else $UVIT_S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS; the rule that artifacts, downloads and Ray checkpoints follow (DVC alone does not read UVIT_S3_ENDPOINT_URL). Run this again after changing the endpoint.
+
+    Credentials stay in the environment (or `dvc remote modify --local s3 access_key_id ...`). Then `dvc push` / `dvc pull`.
+    """
+    import subprocess
+
+    from uvit.storage.s3 import set_dvc_remote
+
+    try:
+        endpoint = set_dvc_remote(url, name, endpoint_url, root)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except subprocess.CalledProcessError as e:
+        typer.echo(f"error: dvc {' '.join(e.cmd[3:])}: {(e.stderr or '').strip()}", err=True)
+        raise typer.Exit(1) from None
+    where = f"{endpoint} (in .dvc/config.local)" if endpoint else "AWS"
+    typer.echo(f"DVC remote {name!r} (the default): {url} at {where}")
 
 
 @app.command()

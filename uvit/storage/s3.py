@@ -2,7 +2,8 @@
 
 Used by the artifact store (:mod:`uvit.storage.artifacts`), Ray Train's checkpoint storage
 (:mod:`uvit.train.checkpoint_storage`), dataset downloads (:mod:`uvit.data.download`, image-folder
-prefixes) and anything else that reaches S3. Credentials are never parameters:
+prefixes), the DVC remote (:func:`set_dvc_remote`, `uvit dvc-remote`) and anything else that
+reaches S3. Credentials are never parameters:
 boto3 (and pyarrow) read the usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
 ``~/.aws``, an instance profile). Importing this module does not import boto3.
 """
@@ -10,12 +11,15 @@ boto3 (and pyarrow) read the usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_A
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 # Looked up in this order when no endpoint is given; unset everywhere means AWS itself.
 ENDPOINT_ENV = ("UVIT_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
-__all__ = ["ENDPOINT_ENV", "s3_client", "s3_endpoint_url"]
+__all__ = ["ENDPOINT_ENV", "s3_client", "s3_endpoint_url", "set_dvc_remote"]
 
 
 def s3_endpoint_url(endpoint_url: str | None = None) -> str | None:
@@ -54,3 +58,25 @@ def s3_client(
         s3={"addressing_style": "path"} if url else None,
     )
     return boto3.client("s3", endpoint_url=url, config=config)
+
+
+def set_dvc_remote(url: str, name: str = "s3", endpoint_url: str | None = None, root: str | Path = ".") -> str | None:
+    """Make ``url`` (``s3://bucket/prefix``) the default DVC remote ``name`` of the repository at
+    ``root``, talking to :func:`s3_endpoint_url` (``endpoint_url``); -> that endpoint (None: AWS).
+
+    The remote's section of the committed ``.dvc/config`` becomes its URL alone; the endpoint goes
+    to the git-ignored ``.dvc/config.local`` (it differs between machines), or is removed there
+    when the rule gives AWS. DVC's own S3 client reads ``$AWS_ENDPOINT_URL_S3`` and
+    ``$AWS_ENDPOINT_URL`` but not ``$UVIT_S3_ENDPOINT_URL``: writing the rule's answer makes
+    all of them (and ``endpoint_url``) hold for ``dvc push`` / ``dvc pull``, in the rule's order,
+    as they were when this ran (run it again after changing the endpoint).
+    Raises ValueError for a URL that is not ``s3://``, :class:`subprocess.CalledProcessError`
+    (with DVC's stderr) when DVC refuses (e.g. ``root`` is not a DVC repository)."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"{url!r}: an S3 remote is s3://bucket/prefix")
+    endpoint = s3_endpoint_url(endpoint_url)
+    remote = [sys.executable, "-m", "dvc", "remote"]
+    pin = ["endpointurl", endpoint] if endpoint else ["--unset", "endpointurl"]
+    for args in (["add", "--default", "--force", name, url], ["modify", "--local", name, *pin]):
+        subprocess.run([*remote, *args], cwd=root, check=True, capture_output=True, text=True)
+    return endpoint

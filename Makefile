@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run study test lint clean
+.PHONY: setup run study test lint clean hosts-tools
 
 setup: $(VENV)/.installed
 
@@ -47,8 +47,16 @@ study: setup
 # order instead, --no-loadscope-reorder, ran the chain files against each other: 34.6 min of tests in
 # one clean-clone run here, against 27.1 min for the default order one run earlier, on a suite with
 # a few minutes less work; one run each, so a hint, not a measurement of the cause.)
-test: lint
+test: lint hosts-tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile --durations=40
+
+# tests/test_multihost.py builds test hosts from network and PID namespaces: iproute2 (`ip`) and
+# util-linux (`unshare`, `nsenter`), installed here when missing and we are root (CI is).
+hosts-tools:
+	@command -v ip >/dev/null && command -v nsenter >/dev/null && command -v unshare >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && apt-get update -qq && apt-get install -y -qq iproute2 util-linux >/dev/null; } \
+	  || echo "no iproute2/util-linux and not root: tests/test_multihost.py will be skipped"
 
 # ruff (pyproject.toml [tool.ruff]): pyflakes' checks (unused or undefined names, redefinitions),
 # then the formatter's check (`$(BIN)/ruff format .` applies it).

@@ -565,6 +565,7 @@ def _run_chunks(out_root: Path, enc: _Encode, run: EncodeRun, run_info: dict[str
             _encode_chunk_remote, lambda: (enc.kind, enc.spec, _pack_model(enc.model), enc.extra, str(partial))
         ),
         progress=Progress(*enc.progress, show=run.progress),
+        landed=lambda piece, side: _chunk_done(partial, piece) is not None,
     )
     done = run_sharded(work, workers)
     manifest = _assemble(enc, job, done.results, partial)

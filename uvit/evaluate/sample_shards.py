@@ -344,6 +344,7 @@ def sample_to_shards(
         prepare=functools.partial(_prepare, job, manifest),
         finished=manifest.record,
         progress=Progress(f"sample {spec.sampler} x{spec.steps}", "img", how.progress),
+        landed=lambda piece, entry: (out_dir / entry["file"]).is_file(),
     )
     done = run_sharded(work, workers)
     return {

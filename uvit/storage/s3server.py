@@ -35,15 +35,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_s3(port: int | None = None) -> Iterator[str]:
-    """Run moto's S3 (all of moto's services, in fact) on 127.0.0.1 in a thread; yield its URL.
+def local_s3(port: int | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run moto's S3 (all of moto's services, in fact) on `host` in a thread; yield its URL.
 
     ``port=None`` lets the OS pick a free port when the server binds (no race with other
-    processes). The server is shut down when the block exits, also on error.
+    processes). `host` is loopback unless a test binds it to an address of its own making (the
+    bridge of :mod:`uvit.local_cluster`, which its hosts reach). The server is shut down when the
+    block exits, also on error.
     """
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port or 0, verbose=False)
+    server = ThreadedMotoServer(ip_address=host, port=port or 0, verbose=False)
     server.start()
     try:
         host, bound = server.get_host_and_port()

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from uvit.config import BenchmarkConfig, ConfigError, SkipType, load_benchmark, load_params
+from uvit.encoders.vae import LatentDecoder
 from uvit.evaluate.sample import Condition, SamplingRecipe
 from uvit.models import UViT, UViTConfig
 
@@ -426,8 +427,8 @@ def _local(path: str, ckpt: Checkpoint) -> Path:
     return p if p.is_absolute() or ckpt.root is None else ckpt.root / p
 
 
-def _decoder(ckpt: Checkpoint, vae: str | None) -> dict | None:
-    """{"vae", "scale_factor", "batch_size"} for a latent model (the sample stage's decoder_spec)."""
+def _decoder(ckpt: Checkpoint, vae: str | None) -> LatentDecoder | None:
+    """The VAE that decodes a latent model's samples (the sample stage's decoder_spec)."""
     if not ckpt.is_latent:
         if vae is not None:
             raise GenerateError(f"--vae given, but {ckpt.path} is a pixel model (nothing to decode)")
@@ -449,7 +450,7 @@ def _decoder(ckpt: Checkpoint, vae: str | None) -> dict | None:
             f"its samples (e.g. models/autoencoder_kl_ema.pth){named}"
         )
     scale = b.encode.scale_factor if b and b.encode else SCALE_FACTORS["mscoco" if ckpt.is_text else "imagenet"]
-    return {"vae": vae, "scale_factor": scale, "batch_size": DECODE_BATCH_SIZE}
+    return LatentDecoder(vae, scale, DECODE_BATCH_SIZE)
 
 
 def _text_encoder(ckpt: Checkpoint, text_encoder: str | None) -> str:
@@ -491,7 +492,7 @@ def draw(
     settings: SamplingRecipe,
     seeds: list[int],
     condition: Condition | None = None,
-    decoder: dict | None = None,
+    decoder: LatentDecoder | None = None,
     runtime: Runtime | None = None,
 ) -> np.ndarray:
     """uint8 (N, C, H, W) images: generate -> VAE decode (latent models) -> to_uint8, the sample
@@ -514,10 +515,7 @@ def draw(
             progress=rt.progress,
         )
     if decoder is not None:
-        from uvit.encoders.vae import decode, load_vae
-
-        vae = load_vae(decoder["vae"], scale_factor=decoder["scale_factor"], device=device)
-        x = decode(vae, x.to(device), batch_size=decoder.get("batch_size", DECODE_BATCH_SIZE)).cpu()
+        x = decoder.images(x, device)
     return to_uint8(x)
 
 

@@ -27,9 +27,11 @@ Outputs are always float32.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_VAE",
+    "LatentDecoder",
     "SCALE_FACTORS",
     "UnsafeCheckpointError",
     "decode",
@@ -474,3 +477,25 @@ def encoder_fingerprint(vae: torch.nn.Module, prefixes: tuple[str, ...] = ("enco
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class LatentDecoder:
+    """The VAE that turns a latent model's samples into images: `vae` (a file, a diffusers folder or
+    a hub id), the latents' `scale_factor`, and `batch_size` latents per decode call (the official
+    scripts' 50)."""
+
+    vae: str
+    scale_factor: float
+    batch_size: int = 50
+
+    def images(self, z: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+        """Images in (about) [-1, 1], float32 on the CPU, from scaled latents (N, C, h, w)."""
+        vae = _cached_vae(self.vae, float(self.scale_factor), str(device))
+        return decode(vae, z.to(device), batch_size=self.batch_size).cpu()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_vae(source: str, scale_factor: float, device: str) -> AutoencoderKL:
+    """Loaded once per process: a Ray worker decodes several shards with the same VAE."""
+    return load_vae(source, scale_factor=scale_factor, device=device)

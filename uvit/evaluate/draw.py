@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from uvit.config import BenchmarkConfig
+from uvit.encoders.vae import LatentDecoder
 from uvit.paths import BenchmarkPaths
 
 __all__ = ["caption_set", "decoder_spec", "device_for", "draw_samples", "paper_caption_images", "sample_labels"]
@@ -33,11 +34,11 @@ def sample_labels(cfg: BenchmarkConfig, num_samples: int) -> torch.Tensor | None
     return balanced_labels(num_samples, k) if cfg.uvit_config().num_classes > 0 and k > 0 else None
 
 
-def decoder_spec(cfg: BenchmarkConfig) -> dict | None:
-    """The VAE that turns latent samples into images (latent benchmarks), as sharded sampling takes it."""
+def decoder_spec(cfg: BenchmarkConfig) -> LatentDecoder | None:
+    """The VAE that turns latent samples into images (latent benchmarks)."""
     if cfg.encode is None:
         return None
-    return {"vae": cfg.decoder_vae()[0], "scale_factor": cfg.encode.scale_factor, "batch_size": 50}
+    return LatentDecoder(cfg.decoder_vae()[0], cfg.encode.scale_factor)
 
 
 def caption_set(cfg: BenchmarkConfig, paths: BenchmarkPaths, num_samples: int):
@@ -123,8 +124,4 @@ def paper_caption_images(cfg: BenchmarkConfig, weights: Path, per_caption: int =
     model = UViT.from_pretrained(weights)
     seeds, condition = sample_seeds(s.seed + 1, len(prompts)), Condition(contexts=contexts, empty_context=empty)
     x = generate(model, sampling_recipe(cfg), seeds, condition, batch_size=s.batch_size, device=dev, progress=False)
-    decoder = decoder_spec(cfg)
-    from uvit.encoders.vae import decode, load_vae
-
-    vae = load_vae(decoder["vae"], scale_factor=decoder["scale_factor"], device=dev)
-    return to_uint8(decode(vae, x.to(dev), batch_size=50).cpu())
+    return to_uint8(decoder_spec(cfg).images(x, dev))

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from uvit.evaluate.captions import CaptionSet
+from uvit.encoders.vae import LatentDecoder
 from uvit.evaluate.sample import (
     Condition,
     SamplingRecipe,
@@ -122,14 +123,6 @@ def _source_fingerprint(source: str) -> str:
     return source
 
 
-@functools.lru_cache(maxsize=2)
-def _load_decoder(vae: str, scale_factor: float, device: str):
-    """The VAE once per process (Ray workers sample several shards)."""
-    from uvit.encoders.vae import load_vae
-
-    return load_vae(vae, scale_factor=scale_factor, device=device)
-
-
 # ---------------------------------------------------------------------------- what, how
 @dataclass(frozen=True)
 class SampleSpec:
@@ -140,8 +133,8 @@ class SampleSpec:
         model; None for unconditional ones.
     captions: for a text-to-image model, the caption rows of samples 0..N-1 (guidance uses the split's empty
         context); their fingerprint is part of the run parameters.
-    decoder: for a latent model, {"vae": file, directory or hub id, "scale_factor": float, "batch_size": int
-        (default 50)}: shards hold decoded images. The VAE's bytes are part of the run parameters.
+    decoder: for a latent model, the VAE that decodes its samples: shards hold decoded images. The VAE's bytes
+        and the scale factor are part of the run parameters.
     """
 
     schedule: str
@@ -154,7 +147,7 @@ class SampleSpec:
     num_classes_for_labels: int | None
     sampler_kwargs: dict = field(default_factory=dict)
     captions: CaptionSet | None = None
-    decoder: dict | None = None
+    decoder: LatentDecoder | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes_for_labels is not None and self.num_classes_for_labels < 1:
@@ -183,7 +176,7 @@ class _ShardJob:
     run: dict
     batch_size: int
     captions: CaptionSet | None
-    decoder: dict | None
+    decoder: LatentDecoder | None
     png_dir: Path | None
 
 
@@ -205,10 +198,7 @@ def _sample_shard(model: UViT, job: _ShardJob, piece: Piece, device: str) -> dic
     recipe = SamplingRecipe(run["schedule"], run["sampler"], run["steps"], run["guidance_scale"], run["sampler_kwargs"])
     x = generate(model, recipe, seeds, Condition(labels, **text), batch_size=batch_size, device=device, progress=False)
     if decoder is not None:
-        from uvit.encoders.vae import decode
-
-        vae = _load_decoder(decoder["vae"], decoder["scale_factor"], device)
-        x = decode(vae, x.to(device), batch_size=decoder.get("batch_size", 50)).cpu()
+        x = decoder.images(x, device)
     images = to_uint8(x)
     if job.png_dir is not None:
         save_pngs(images, job.png_dir, start)
@@ -250,7 +240,7 @@ def _run_parameters(model_dir: Path, spec: SampleSpec) -> dict:
         "captions": None if spec.captions is None else spec.captions.fingerprint(),
         "decoder": None
         if decoder is None
-        else {"vae_sha256": _source_fingerprint(str(decoder["vae"])), "scale_factor": float(decoder["scale_factor"])},
+        else {"vae_sha256": _source_fingerprint(str(decoder.vae)), "scale_factor": float(decoder.scale_factor)},
     }
     return json.loads(json.dumps(run))
 

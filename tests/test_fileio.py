@@ -136,3 +136,21 @@ def test_temp_path_and_commit_file_put_a_memmap_written_in_place(tmp_path):
     del arr
     assert fileio.commit_file(tmp, final) == final and not tmp.exists()
     assert np.load(final).tolist() == np.arange(8, dtype=np.float16).reshape(4, 2).tolist()
+
+
+def test_read_tree_and_write_tree_round_trip_with_the_marker_last(tmp_path, monkeypatch) -> None:
+    import uvit.fileio as fileio
+
+    src = tmp_path / "src"
+    (src / "split").mkdir(parents=True)
+    (src / "split" / "a.npy").write_bytes(b"\x00\x01")
+    (src / "chunk-00000.json").write_text("{}")
+    files = fileio.read_tree(src)
+    assert files == {"chunk-00000.json": b"{}", "split/a.npy": b"\x00\x01"}
+    order = []
+    real = fileio.write_bytes
+    monkeypatch.setattr(fileio, "write_bytes", lambda path, data: order.append(path.name) or real(path, data))
+    written = fileio.write_tree(tmp_path / "dst", files, last=["chunk-00000.json"])
+    assert order == ["a.npy", "chunk-00000.json"]  # the marker after the rest
+    assert [p.relative_to(tmp_path / "dst").as_posix() for p in written] == ["split/a.npy", "chunk-00000.json"]
+    assert fileio.read_tree(tmp_path / "dst") == files

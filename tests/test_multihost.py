@@ -51,6 +51,18 @@ def _cannot_build() -> str | None:
     return f"needs {', '.join(missing)} (iproute2, util-linux)" if missing else None
 
 
+def test_cluster_spec_names_and_addresses() -> None:
+    spec = ClusterSpec(prefix="ab1", subnet="10.9.8", workers=3)
+    assert spec.hosts == ["head", "w1", "w2", "w3"]
+    assert [spec.address(h) for h in spec.hosts] == ["10.9.8.1", "10.9.8.2", "10.9.8.3", "10.9.8.4"]
+    assert spec.gateway == "10.9.8.254"
+    c = LocalCluster(spec)
+    assert (c.gcs_address, c.dashboard_url, c.netns("w2")) == ("10.9.8.1:6379", "http://10.9.8.1:8265", "ab1-w2")
+    for bad in ({"prefix": "much-too-long"}, {"workers": 0}, {"subnet": "10.9"}):
+        with pytest.raises(ValueError):
+            ClusterSpec(**bad)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     reason = _cannot_build()
@@ -59,10 +71,13 @@ def cluster():
     if reason:
         pytest.skip(reason)
     state = Path(tempfile.mkdtemp(prefix="uvc-"))  # short: Ray's socket paths live under it
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**FAKE_AWS, "PATH": path, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    env = {**FAKE_AWS, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     tag = os.getpid() % 250
-    spec = ClusterSpec(prefix=f"t{os.getpid() % 10**5}", subnet=f"10.214.{tag}", state_dir=state, env=env)
+    # Outputs of sampling and encoding go under `private`: on the worker hosts it is a tmpfs of their
+    # own, so only what the tasks ship back reaches the driver (no shared filesystem for outputs).
+    spec = ClusterSpec(
+        prefix=f"t{os.getpid() % 10**5}", subnet=f"10.214.{tag}", state_dir=state, env=env, private=(state / "local",)
+    )
     c = LocalCluster(spec)
     t0 = time.perf_counter()
     try:
@@ -255,6 +270,16 @@ def test_second_invocation_on_another_host_resumes_from_s3(cluster, s3, digits_d
 
 
 # ---------------------------------------------------------------------------- encoding and sampling
+def test_worker_hosts_have_their_own_disk_for_outputs(cluster) -> None:
+    local = cluster.spec.private[0]
+    (local / "from-driver").write_text("driver")
+    argv = ["sh", "-c", f"ls {local}; echo w1 > {local}/from-w1"]
+    p = cluster.run("w1", argv, **_captured())
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and "from-driver" not in out  # w1 sees an empty tmpfs there
+    assert sorted(f.name for f in local.iterdir()) == ["from-driver"]  # and its file stays on w1
+
+
 @pytest.fixture(scope="module")
 def image_split(tmp_path_factory) -> Path:
     from uvit.data.shards import write_split
@@ -277,16 +302,19 @@ def test_encode_tasks_spread_over_the_hosts(cluster, image_split, tmp_path) -> N
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     args = {"image_root": str(image_split), "shard_size": 3, "num_workers": 2, "plan": str(tmp_path / "plan.json")}
     t0 = time.perf_counter()
-    result = run_job(cluster, "head", "encode", {**args, "out_root": str(tmp_path / "hosts")}, tmp_path)
+    hosts = cluster.spec.private[0] / "encoded"  # the driver's disk: the worker hosts cannot write it
+    result = run_job(cluster, "head", "encode", {**args, "out_root": str(hosts)}, tmp_path)
     TIMES["encode 10 images in 4 tasks"] = time.perf_counter() - t0
     assert result == {"count": 10, "shards": 4}
     done = {int(i): host_of(cluster, h) for kind, event, i, _, h in read_log(tmp_path / "tasks.log") if event == "done"}
     assert sorted(done) == [0, 1, 2, 3] and set(done.values()) == {"w1", "w2"}
 
     multihost_jobs.encode({**args, "num_workers": 1, "out_root": str(tmp_path / "one")})  # here, one process
-    a, b = ShardedArrays(tmp_path / "hosts"), ShardedArrays(tmp_path / "one")
+    a, b = ShardedArrays(hosts), ShardedArrays(tmp_path / "one")
     for name in ("moments", "labels"):
         np.testing.assert_array_equal(a.field(name), b.field(name))
+    shipped, here = (json.loads((d / "manifest.json").read_text())["shards"] for d in (hosts, tmp_path / "one"))
+    assert shipped == here  # every shard file's sha256: byte-identical
 
 
 def test_lost_host_mid_sampling_is_redone_elsewhere(cluster, reference, tmp_path) -> None:
@@ -310,7 +338,8 @@ def test_lost_host_mid_sampling_is_redone_elsewhere(cluster, reference, tmp_path
 
     killer = threading.Thread(target=lose_w1, daemon=True)
     killer.start()
-    args = {"model_dir": model_dir, "out_dir": str(tmp_path / "hosts"), "spec": spec, "batch_size": 4, "num_workers": 2}
+    hosts = cluster.spec.private[0] / "samples"  # the driver's disk: the worker hosts cannot write it
+    args = {"model_dir": model_dir, "out_dir": str(hosts), "spec": spec, "batch_size": 4, "num_workers": 2}
     t0 = time.perf_counter()
     run_job(cluster, "head", "sample", {**args, "plan": str(tmp_path / "plan.json")}, tmp_path)
     TIMES["sample 24 images in 6 shards, w1 lost"] = time.perf_counter() - t0
@@ -326,12 +355,9 @@ def test_lost_host_mid_sampling_is_redone_elsewhere(cluster, reference, tmp_path
     t0 = time.perf_counter()
     sample_to_shards(model_dir, tmp_path / "one", SampleSpec(**spec), SamplingRun(batch_size=4, progress=False))
     TIMES["sample 24 images, one process, no Ray"] = time.perf_counter() - t0
-    hosts, one = (
-        json.loads((tmp_path / "hosts/shards.json").read_text()),
-        json.loads((tmp_path / "one/shards.json").read_text()),
-    )
-    assert hosts["shards"] == one["shards"]  # every shard's sha256: byte-identical files
-    np.testing.assert_array_equal(merge_shards(tmp_path / "hosts"), merge_shards(tmp_path / "one"))
+    shipped, here = (json.loads((d / "shards.json").read_text())["shards"] for d in (hosts, tmp_path / "one"))
+    assert shipped == here  # every shard's sha256: byte-identical files
+    np.testing.assert_array_equal(merge_shards(hosts), merge_shards(tmp_path / "one"))
 
 
 def test_teardown_leaves_no_namespace_link_or_process(cluster) -> None:

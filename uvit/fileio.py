@@ -33,6 +33,7 @@ __all__ = [
     "commit_file",
     "is_temp_name",
     "read_json_or_none",
+    "read_tree",
     "remove_temps",
     "sha256_dir",
     "sha256_file",
@@ -45,6 +46,7 @@ __all__ = [
     "write_npy",
     "write_npz",
     "write_text",
+    "write_tree",
 ]
 
 BLOCK = 1 << 22  # 4 MiB per read
@@ -212,3 +214,23 @@ def write_npy(path: str | Path, arr: np.ndarray) -> Path:
     with atomic_open(path, "wb") as f:
         np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
     return Path(path)
+
+
+def read_tree(root: str | Path) -> dict[str, bytes]:
+    """Every file under `root`, as {relative POSIX path: bytes}: a directory as one picklable value,
+    to hand to or from another machine (a Ray task's argument or result)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_tree(root: str | Path, files: Mapping[str, bytes], last: Iterable[str] = ()) -> list[Path]:
+    """Write `read_tree`'s value under `root`, each file atomically; the names in `last` after all the
+    others (a marker that says the rest is complete)."""
+    root, last = Path(root), list(last)
+    order = [name for name in files if name not in last] + [name for name in last if name in files]
+    written = []
+    for name in order:
+        path = root / PurePosixPath(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written.append(write_bytes(path, files[name]))
+    return written

@@ -23,6 +23,7 @@ import argparse
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -58,7 +59,9 @@ class ClusterSpec:
     head_cpus 0 keeps the head for drivers and the job API (Ray's usual head setup), so work
     lands on the workers, `worker_cpus` logical CPUs each. `env` reaches every process on every
     host (credentials of the S3 the checkpoints go to, say). Ray's files and each host's log go
-    under `state_dir`."""
+    under `state_dir`. Each directory in `private` is, on every worker host, an empty tmpfs of its
+    own (that host's local disk): what a task writes there never reaches the driver's view of that
+    path, so a run that works with `private` output directories works without a shared filesystem."""
 
     prefix: str = "uvit"
     subnet: str = "10.213.0"
@@ -70,6 +73,7 @@ class ClusterSpec:
     state_dir: Path = Path("/tmp/uvit-local-cluster")
     env: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 120.0
+    private: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.prefix) <= 6 or not self.prefix.isalnum():  # interface names: 15 characters
@@ -163,7 +167,7 @@ class LocalCluster:
         spec = self.spec
         temp = spec.state_dir / "ray" / host
         temp.mkdir(parents=True, exist_ok=True)
-        ray = [shutil.which("ray") or str(Path(sys.executable).with_name("ray")), "start", "--block"]
+        ray = [str(Path(sys.executable).with_name("ray")), "start", "--block"]  # this environment's Ray
         ray += ["--node-ip-address", spec.address(host), "--temp-dir", str(temp), "--disable-usage-stats"]
         if host == "head":
             ray += ["--head", "--port", str(spec.gcs_port), "--num-cpus", str(spec.head_cpus)]
@@ -173,13 +177,27 @@ class LocalCluster:
         log = (spec.state_dir / f"{host}.log").open("ab")
         argv = ["ip", "netns", "exec", self.netns(host), "unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
         self.inits[host] = subprocess.Popen(
-            argv + ray, stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+            argv + self._with_private_dirs(host, ray),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+            start_new_session=True,
         )
         log.close()
         if wait and host == "head":
             _wait(self._head_ready, spec.timeout_s, f"the Ray head at {self.dashboard_url}")
         elif wait:
             self.wait_for_nodes(self.alive_nodes_expected())
+
+    def _with_private_dirs(self, host: str, argv: list[str]) -> list[str]:
+        """`argv`, run after mounting a fresh tmpfs on each `spec.private` directory (worker hosts only; the
+        mounts live in the host's own mount namespace and go with it)."""
+        if host == "head" or not self.spec.private:
+            return argv
+        for d in self.spec.private:
+            Path(d).mkdir(parents=True, exist_ok=True)
+        mounts = " && ".join(f"mount -t tmpfs {self.netns(host)}-disk {shlex.quote(str(d))}" for d in self.spec.private)
+        return ["sh", "-c", f'{mounts} && exec "$@"', "sh", *argv]
 
     def kill(self, host: str) -> None:
         """Lose `host`: SIGKILL its PID namespace's first process, which takes every process on the host
@@ -210,7 +228,11 @@ class LocalCluster:
         return int(children[0])
 
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        return {**os.environ, **QUIET_ENV, **HEALTH_CHECK_ENV, **HOST_ENV, **self.spec.env, **(extra or {})}
+        """What every process on a host starts with: this environment, with its Python's scripts (`ray`,
+        `uvit`) first on PATH, Ray's settings above, the spec's `env`, then `extra`."""
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        base = {**os.environ, "PATH": path, **QUIET_ENV, **HEALTH_CHECK_ENV, **HOST_ENV}
+        return {**base, **self.spec.env, **(extra or {})}
 
     # ------------------------------------------------------------------ readiness
     def _head_ready(self) -> bool:
@@ -324,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = ClusterSpec(args.prefix, args.subnet, args.workers, args.worker_cpus, state_dir=args.state_dir)
     if args.action == "status":
-        print("\n".join(leftovers(spec.prefix)) or f"no cluster named {spec.prefix!r}")
+        print(_status(spec) or f"no cluster named {spec.prefix!r}")
         return 0
     cluster = LocalCluster(spec)
     if args.action == "down":
@@ -341,6 +363,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps({"hosts": hosts, "job_api": cluster.dashboard_url, "gcs": cluster.gcs_address}, indent=1))
     print(f"up in {time.perf_counter() - t0:.1f} s; logs in {spec.state_dir}; stop with `infra/local-cluster down`")
     return 0
+
+
+def _status(spec: ClusterSpec) -> str:
+    """One line per host (address, processes) and the bridge, of what is on this machine now."""
+    lines = []
+    for host in spec.hosts:
+        ns = f"{spec.prefix}-{host}"
+        if _netns_exists(ns):
+            lines.append(f"{host:<6} {ns:<12} {spec.address(host):<15} {len(_netns_pids(ns))} processes")
+    if any(item == f"link {spec.prefix}-br" for item in leftovers(spec.prefix)):
+        lines.append(f"bridge {spec.prefix}-br    {spec.gateway}")
+    return "\n".join(lines)
 
 
 def _stop_from_outside(cluster: LocalCluster) -> None:

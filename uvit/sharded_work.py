@@ -65,7 +65,8 @@ class Workers:
 
 @dataclass(frozen=True)
 class RemoteTask:
-    """A piece's work as a Ray task: `fn(*shared(), piece, device)` -> the piece's result, in a worker whose
+    """A piece's work as a Ray task: `fn(*shared(), piece, device)` -> what it ships back (see
+    `ShardedWork.receive`), in a worker on any machine of the cluster, whose
     device is "cuda" or "cpu". `shared` is called once, only when Ray runs (it may pack a model's state dict),
     and each of its values is put in the object store once, not once per task."""
 
@@ -96,9 +97,8 @@ class ShardedWork:
     remote: the same work as a Ray task.
     prepare(reused, todo): called once after the check, before any piece runs (prune stale files, ...).
     finished(piece, result): the driver's bookkeeping after each computed piece, in completion order.
-    landed(piece, result): whether the files a Ray task's result names are visible to this process (None: not
-        checked). A task on another machine writes to that machine's disk unless the output directory is on a
-        filesystem every node mounts; this turns that into a clear error instead of a missing shard later.
+    receive(piece, shipped): on the driver, a Ray task's result -> the piece's result. A task may run on another
+        machine, whose disk the driver cannot see: tasks ship their files back, and `receive` writes them here.
     """
 
     total: int
@@ -109,7 +109,7 @@ class ShardedWork:
     prepare: Callable[[list[Piece], list[Piece]], None] = _nothing
     finished: Callable[[Piece, Any], None] = _nothing
     progress: Progress = field(default_factory=Progress)
-    landed: Callable[[Piece, Any], bool] | None = None
+    receive: Callable[[Piece, Any], Any] = lambda piece, shipped: shipped
 
     def __post_init__(self) -> None:
         if self.piece_size < 1:
@@ -165,7 +165,7 @@ def run_sharded(work: ShardedWork, workers: Workers) -> WorkResult:
             for piece in todo:
                 done(piece, compute(piece))
         elif todo:
-            _run_on_ray(work.remote, todo, workers, lambda piece, result: done(piece, _landed(work, piece, result)))
+            _run_on_ray(work.remote, todo, workers, lambda piece, shipped: done(piece, work.receive(piece, shipped)))
     finally:
         bar.close()
     return WorkResult(
@@ -176,17 +176,6 @@ def run_sharded(work: ShardedWork, workers: Workers) -> WorkResult:
         seconds=time.perf_counter() - t0,
         rows_computed=rows,
     )
-
-
-def _landed(work: ShardedWork, piece: Piece, result: Any) -> Any:
-    """`result`, once its files are seen to be here (see `ShardedWork.landed`)."""
-    if work.landed is not None and not work.landed(piece, result):
-        raise FileNotFoundError(
-            f"{work.progress.desc or 'sharded work'}: piece {piece.index} (rows {piece.start}..{piece.start + piece.count - 1}) "
-            "finished on a Ray worker, but its files are not visible to this driver. On several machines the output "
-            "directory must be on a filesystem every node mounts (EFS, NFS), as the training data is."
-        )
-    return result
 
 
 def _run_on_ray(remote: RemoteTask, todo: list[Piece], workers: Workers, done: Callable[[Piece, Any], None]) -> None:

@@ -49,6 +49,7 @@ import functools
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ from uvit.data.shards import (
     move_into_place,
     shard_file_name,
 )
-from uvit.fileio import commit_file, remove_temps, sha256_file, temp_path, write_json, write_npy
+from uvit.fileio import commit_file, read_tree, remove_temps, sha256_file, temp_path, write_json, write_npy, write_tree
 from uvit.sharded_work import Piece, Progress, RemoteTask, ShardedWork, Workers, run_sharded
 
 __all__ = [
@@ -402,11 +403,21 @@ def _finish(partial: Path, out_root: Path, manifest: Manifest, overwrite: bool) 
 
 
 def _encode_chunk_remote(
-    kind: str, spec: dict, blob: dict, extra: Any, partial: str, piece: Piece, device: str
-) -> dict:
-    """A Ray task: rebuild the model on this worker's device and encode one chunk."""
+    kind: str, spec: dict, blob: dict, extra: Any, piece: Piece, device: str
+) -> tuple[dict, dict[str, bytes]]:
+    """A Ray task, on any machine: rebuild the model on this worker's device, encode one chunk into a
+    temporary directory there, and ship back its sidecar and files (`_receive_chunk` writes them)."""
     model = _unpack_model(blob, device)
-    return _run_one(_make_compute(kind, spec, model, extra), Path(partial), piece)
+    with tempfile.TemporaryDirectory(prefix="uvit-chunk-") as tmp:
+        (Path(tmp) / "split").mkdir()
+        return _run_one(_make_compute(kind, spec, model, extra), Path(tmp), piece), read_tree(tmp)
+
+
+def _receive_chunk(partial: Path, piece: Piece, shipped: tuple[dict, dict[str, bytes]]) -> dict:
+    """On the driver: write a Ray task's chunk files into `partial`, the sidecar (which marks it done) last."""
+    sidecar, files = shipped
+    write_tree(partial, files, last=[_sidecar(Path("."), piece.index).as_posix()])
+    return sidecar
 
 
 def _make_compute(kind: str, spec: dict, model, extra) -> Callable:
@@ -561,11 +572,9 @@ def _run_chunks(out_root: Path, enc: _Encode, run: EncodeRun, run_info: dict[str
         piece_size=run.shard_size,
         verified=lambda piece: _chunk_done(partial, piece) if run.resume else None,
         local=lambda: functools.partial(_run_one, _make_compute(enc.kind, enc.spec, enc.model, enc.extra), partial),
-        remote=RemoteTask(
-            _encode_chunk_remote, lambda: (enc.kind, enc.spec, _pack_model(enc.model), enc.extra, str(partial))
-        ),
+        remote=RemoteTask(_encode_chunk_remote, lambda: (enc.kind, enc.spec, _pack_model(enc.model), enc.extra)),
         progress=Progress(*enc.progress, show=run.progress),
-        landed=lambda piece, side: _chunk_done(partial, piece) is not None,
+        receive=functools.partial(_receive_chunk, partial),
     )
     done = run_sharded(work, workers)
     manifest = _assemble(enc, job, done.results, partial)

@@ -32,7 +32,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ from uvit.evaluate.sample import (
     save_samples,
     to_uint8,
 )
-from uvit.fileio import remove_temps, sha256_dir, sha256_file, sha256_listing, write_json
+from uvit.fileio import read_tree, remove_temps, sha256_dir, sha256_file, sha256_listing, write_json, write_tree
 from uvit.models import UViT
 from uvit.models.uvit import CONFIG_NAME, WEIGHTS_NAME
 from uvit.sharded_work import Piece, Progress, RemoteTask, ShardedWork, Workers, plan_pieces, run_sharded
@@ -209,9 +210,27 @@ def _sample_shard(model: UViT, job: _ShardJob, piece: Piece, device: str) -> dic
     return {"file": path.name, "start": start, "count": count, "sha256": sha256_file(path)}
 
 
-def _sample_shard_remote(model_dir: str, job: _ShardJob, piece: Piece, device: str) -> dict:
-    """A Ray task: load the model, sample one shard."""
-    return _sample_shard(UViT.from_pretrained(model_dir, device=device), job, piece, device)
+def _sample_shard_remote(
+    model_files: dict[str, bytes], job: _ShardJob, piece: Piece, device: str
+) -> tuple[dict, dict[str, bytes], dict[str, bytes]]:
+    """A Ray task, on any machine: rebuild the model from its files, sample one shard into a temporary
+    directory there, and ship back its manifest entry, shard file and PNGs (`_receive_shard` writes them)."""
+    with tempfile.TemporaryDirectory(prefix="uvit-shard-") as tmp:
+        write_tree(Path(tmp) / "model", model_files)
+        model = UViT.from_pretrained(Path(tmp) / "model", device=device)
+        here = replace(job, out_dir=Path(tmp) / "out", png_dir=None if job.png_dir is None else Path(tmp) / "png")
+        here.out_dir.mkdir()
+        entry = _sample_shard(model, here, piece, device)
+        return entry, read_tree(here.out_dir), read_tree(here.png_dir) if here.png_dir is not None else {}
+
+
+def _receive_shard(job: _ShardJob, piece: Piece, shipped: tuple[dict, dict[str, bytes], dict[str, bytes]]) -> dict:
+    """On the driver: write a Ray task's PNGs and shard file (the shard last); its manifest entry."""
+    entry, shard_files, pngs = shipped
+    if job.png_dir is not None:
+        write_tree(job.png_dir, pngs)
+    write_tree(job.out_dir, shard_files)
+    return entry
 
 
 def _ensure_pngs(out_dir: Path, png_dir: Path, piece: Piece) -> None:
@@ -330,11 +349,11 @@ def sample_to_shards(
         piece_size=spec.shard_size,
         verified=manifest.verified,
         local=local,
-        remote=RemoteTask(_sample_shard_remote, lambda: (str(model_dir), job)),
+        remote=RemoteTask(_sample_shard_remote, lambda: (read_tree(model_dir), job)),
         prepare=functools.partial(_prepare, job, manifest),
         finished=manifest.record,
         progress=Progress(f"sample {spec.sampler} x{spec.steps}", "img", how.progress),
-        landed=lambda piece, entry: (out_dir / entry["file"]).is_file(),
+        receive=functools.partial(_receive_shard, job),
     )
     done = run_sharded(work, workers)
     return {

@@ -221,6 +221,7 @@ def test_raising_steps_continues_a_previous_run(ray_session, digits_data, one_wo
     again = run_training(tiny_config(1), BenchmarkPaths("digits", run_root))
     assert sorted(p.relative_to(ray_dir) for p in ray_dir.glob("*/*/checkpoint_*/state.json")) == before
     assert again["steps"] == 12 and again["ray_run"] == summary["ray_run"]
+    assert again["wall_time_s"] == summary["wall_time_s"] > 0  # the training's time, not this export's
     assert {f: (first["dir"] / f).read_bytes() for f in exported} == exported
     # Other parameters never resume from these checkpoints: their trajectory differs.
     from uvit.train.trainer import train_fingerprint

@@ -251,3 +251,11 @@ def test_training_on_stored_vae_moments(tmp_path) -> None:
             train_step(model, opt, sched, None, batch, StepConfig(SCHEDULE, null_class=4, latent_scale=0.5)).loss
         )
     assert sum(losses[-10:]) < 0.75 * sum(losses[:10])
+
+
+def test_loop_time_sums_the_invocations_of_a_resumed_run() -> None:
+    from uvit.train.trainer import loop_time
+
+    assert loop_time([1.0, 2.0, 3.0]) == 3.0  # one invocation: its last elapsed_s
+    assert loop_time([1.0, 2.0, 3.0, 0.5, 1.5]) == 4.5  # resumed once: elapsed_s restarted
+    assert loop_time([]) == 0.0

@@ -35,6 +35,7 @@ from torch import nn
 
 from uvit.config import BenchmarkConfig
 from uvit.diffusion import make_schedule
+from uvit.fileio import read_json_or_none
 from uvit.models import UViT
 from uvit.paths import BenchmarkPaths
 from uvit.train.checkpoint import TrainingState, checkpoint_step, read_checkpoint, save_checkpoint
@@ -548,7 +549,7 @@ def run_training(
         print(f"resuming from {_uri(plan.storage, last)} (step {step})")
         if step == cfg.train.steps:  # already trained this far: export, nothing to run
             run_dir = _uri(plan.storage, str(Path(last).parent))
-            return _export(cfg, paths, Path(d), wall=0.0, run_dir=run_dir, fid_log=plan.local / "fid.csv")
+            return _export(cfg, paths, Path(d), wall=None, run_dir=run_dir, fid_log=plan.local / "fid.csv")
     return _fit(cfg, paths, replace(plan, worker=replace(plan.worker, resume_from=resume_from)))
 
 
@@ -652,15 +653,32 @@ def _uri(storage, path: str) -> str:
     return f"s3://{path}" if not storage.is_local else path
 
 
+def _earlier_wall(earlier: dict[str, Any], ray_run: str, steps: int, rows: list[dict[str, str]]) -> float:
+    """The training time of a checkpoint exported again without training: the earlier export's, when it
+    was of the same run and step; else the training loop's own time from metrics.csv (each invocation's
+    last elapsed_s, summed, as elapsed_s restarts when a run resumes), which leaves out Ray's start-up."""
+    if earlier.get("ray_run") == ray_run and earlier.get("steps") == steps and earlier.get("wall_time_s"):
+        return float(earlier["wall_time_s"])
+    return loop_time([float(r["elapsed_s"]) for r in rows])
+
+
+def loop_time(elapsed: list[float]) -> float:
+    """Seconds of training over the invocations that logged `elapsed` (a resumed run's restarts from 0)."""
+    ends = [a for a, b in zip(elapsed, elapsed[1:]) if b < a]
+    return sum(ends) + (elapsed[-1] if elapsed else 0.0)
+
+
 def _export(
-    cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall: float, run_dir: Path, fid_log: Path
+    cfg: BenchmarkConfig, paths: BenchmarkPaths, checkpoint: Path, wall: float | None, run_dir: Path, fid_log: Path
 ) -> dict[str, Any]:
     """Copy a checkpoint's weights and metrics to runs/<benchmark>/train/ and write summary.json
-    (and fid.csv, the periodic FID up to the checkpoint's step, with train.fid_every)."""
+    (and fid.csv, the periodic FID up to the checkpoint's step, with train.fid_every).
+    wall: this invocation's training time; None when it trained nothing (see `_earlier_wall`)."""
     from uvit.models import UViT, count_macs
 
     tc = cfg.train
     out = paths.train
+    earlier = read_json_or_none(out / "summary.json") or {}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -677,6 +695,8 @@ def _export(
     speeds = sorted(float(r["images_per_s"]) for r in rows)
     steps_per_s = speeds[len(speeds) // 2] / tc.batch_size if speeds else None
     tail = losses[-max(1, len(losses) // 10) :]
+    if wall is None:
+        wall = _earlier_wall(earlier, _relative(run_dir, paths.root), steps, rows)
     summary = {
         "benchmark": cfg.name,
         "preset": cfg.model.preset,

@@ -360,10 +360,27 @@ def test_lost_host_mid_sampling_is_redone_elsewhere(cluster, reference, tmp_path
     np.testing.assert_array_equal(merge_shards(hosts), merge_shards(tmp_path / "one"))
 
 
-def test_teardown_leaves_no_namespace_link_or_process(cluster) -> None:
+def local_cluster_script(cluster: LocalCluster, *args: str) -> str:
+    """`infra/local-cluster ARGS` for this cluster's names; its output."""
+    spec = cluster.spec
+    argv = [str(ROOT / "infra" / "local-cluster"), *args, "--prefix", spec.prefix, "--subnet", spec.subnet]
+    p = subprocess.run(argv, env={**os.environ, "PYTHON": sys.executable}, timeout=300, **_captured())
+    assert p.returncode == 0, p.stdout[-2000:]
+    return p.stdout
+
+
+def test_local_cluster_script_lists_the_hosts_then_stops_them(cluster) -> None:
+    """The user's way in: `infra/local-cluster status` and `down` find the cluster by its names."""
     prefix, state = cluster.spec.prefix, str(cluster.spec.state_dir)
+    status = local_cluster_script(cluster, "status").splitlines()
+    assert [line.split()[:3] for line in status[:3]] == [
+        [host, f"{prefix}-{host}", cluster.spec.address(host)] for host in ("head", "w1", "w2")
+    ]
+    assert all(int(line.split()[3]) > 0 for line in status[:3])  # processes on every host
+    assert status[3].split() == ["bridge", f"{prefix}-br", cluster.spec.gateway]
     assert len(leftovers(prefix)) > 3  # three namespaces, their links, Ray's processes
-    cluster.down()
+    assert local_cluster_script(cluster, "down").strip() == f"stopped {prefix!r}; nothing left"
     assert leftovers(prefix) == []
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
     assert [line for line in ps if state in line] == []  # no Ray process of this cluster, anywhere
+    assert local_cluster_script(cluster, "status").strip() == f"no cluster named {prefix!r}"

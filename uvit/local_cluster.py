@@ -203,10 +203,14 @@ class LocalCluster:
         """Lose `host`: SIGKILL its PID namespace's first process, which takes every process on the host
         with it (the kernel's rule for a PID namespace), then wait until none is left."""
         if not _netns_exists(self.netns(host)):
+            self._reap(host)
             return
         for pid in _netns_pids(self.netns(host)):
             _signal(pid, signal.SIGKILL)
         _wait(lambda: not _netns_pids(self.netns(host)), self.spec.timeout_s, f"every process on {host} to exit")
+        self._reap(host)
+
+    def _reap(self, host: str) -> None:
         init = self.inits.pop(host, None)
         if init is not None:
             init.wait(timeout=self.spec.timeout_s)

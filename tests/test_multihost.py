@@ -18,7 +18,6 @@ Nothing is contacted but the addresses of the links made here.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -34,6 +33,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+from tiny_runs import tiny_digits_params
 
 from uvit.local_cluster import ClusterSpec, LocalCluster, leftovers
 
@@ -98,13 +99,11 @@ def s3(cluster):
 
     from uvit.storage.s3server import local_s3
 
-    saved = {k: os.environ.get(k) for k in FAKE_AWS}
-    os.environ.update(FAKE_AWS)
-    with local_s3(host=cluster.spec.gateway) as endpoint:
+    with pytest.MonkeyPatch.context() as env, local_s3(host=cluster.spec.gateway) as endpoint:
+        for k, v in FAKE_AWS.items():
+            env.setenv(k, v)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
         yield endpoint
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +121,7 @@ def project(tmp: Path, name: str, digits_dir: Path, s3: str, prefix: str, **trai
     root = tmp / name
     (root / "data").mkdir(parents=True)
     (root / "data" / "digits").symlink_to(digits_dir)
-    params = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    d = params["digits"]
-    d["model"]["overrides"] = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-    d["train"].update(
-        steps=12, batch_size=16, checkpoint_every=4, log_every=2, num_workers=2, threads_per_worker=1, warmup_steps=2
-    )
-    d["train"].update(storage_path=f"s3://{BUCKET}/{prefix}", storage_endpoint=s3, **train)
+    params = tiny_digits_params(2, storage_path=f"s3://{BUCKET}/{prefix}", storage_endpoint=s3, **train)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root, root / "params.yaml"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 from pathlib import Path
@@ -10,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from uvit.config import load_benchmark, load_params
+from tiny_runs import tiny_digits_params
+
+from uvit.config import load_benchmark
 from uvit.models import UViT
 from uvit.paths import BenchmarkPaths
 
@@ -86,19 +87,7 @@ def digits_data(tmp_path_factory) -> Path:
 
 
 def tiny_config(workers: int, **train):
-    params = copy.deepcopy(load_params(ROOT / "params.yaml"))
-    d = params["digits"]
-    d["model"]["overrides"] = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-    d["train"].update(
-        steps=12,
-        batch_size=16,
-        checkpoint_every=4,
-        log_every=2,
-        num_workers=workers,
-        threads_per_worker=1,
-        warmup_steps=2,
-    )
-    d["train"].update(train)
+    params = tiny_digits_params(workers, **train)
     return load_benchmark("digits", params)
 
 

@@ -118,24 +118,25 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalCluster:
-        try:
-            self.up()
-        except BaseException:
-            self.down()
-            raise
+        self.up()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.down()
 
     def up(self) -> None:
-        """Make the network, then start the head and every worker and wait until Ray lists them all."""
+        """Make the network, then start the head and every worker and wait until Ray lists them all;
+        on any failure, take down what was made."""
         _check_can_build(self.spec)
-        self._network()
-        self.start("head")
-        for host in self.spec.hosts[1:]:
-            self.start(host, wait=False)
-        self.wait_for_nodes(len(self.spec.hosts))
+        try:
+            self._network()
+            self.start("head")
+            for host in self.spec.hosts[1:]:
+                self.start(host, wait=False)
+            self.wait_for_nodes(len(self.spec.hosts))
+        except BaseException:
+            self.down()
+            raise
 
     def down(self) -> None:
         """Kill every host's processes and remove the namespaces and links; then check nothing is left."""
@@ -187,7 +188,7 @@ class LocalCluster:
         if wait and host == "head":
             _wait(self._head_ready, spec.timeout_s, f"the Ray head at {self.dashboard_url}")
         elif wait:
-            self.wait_for_nodes(self.alive_nodes_expected())
+            self.wait_for_nodes(self._running_hosts())
 
     def _with_private_dirs(self, host: str, argv: list[str]) -> list[str]:
         """`argv`, run after mounting a fresh tmpfs on each `spec.private` directory (worker hosts only; the
@@ -246,7 +247,7 @@ class LocalCluster:
         except OSError:
             return False
 
-    def alive_nodes_expected(self) -> int:
+    def _running_hosts(self) -> int:
         return sum(1 for host in self.spec.hosts if host in self.inits and self.inits[host].poll() is None)
 
     def alive_nodes(self) -> int:
@@ -320,9 +321,9 @@ def _check_can_build(spec: ClusterSpec) -> None:
     missing = [tool for tool in ("ip", "unshare", "nsenter") if shutil.which(tool) is None]
     if missing:
         raise FileNotFoundError(f"missing {', '.join(missing)}: install iproute2 and util-linux")
-    if leftovers(spec.prefix):
+    if left := leftovers(spec.prefix):
         raise RuntimeError(
-            f"a cluster named {spec.prefix!r} is already here ({', '.join(leftovers(spec.prefix))}); "
+            f"a cluster named {spec.prefix!r} is already here ({', '.join(left[:5])}); "
             f"stop it first (`infra/local-cluster down --prefix {spec.prefix}`)"
         )
     net = ipaddress.ip_network(f"{spec.subnet}.0/24")
@@ -353,16 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_status(spec) or f"no cluster named {spec.prefix!r}")
         return 0
     cluster = LocalCluster(spec)
-    if args.action == "down":
-        _stop_from_outside(cluster)
+    if args.action == "down":  # a new handle: the hosts are found by their namespaces
+        cluster.down()
         print(f"stopped {spec.prefix!r}; nothing left")
         return 0
     t0 = time.perf_counter()
-    try:
-        cluster.up()
-    except BaseException:
-        cluster.down()
-        raise
+    cluster.up()
     hosts = {host: spec.address(host) for host in spec.hosts}
     print(json.dumps({"hosts": hosts, "job_api": cluster.dashboard_url, "gcs": cluster.gcs_address}, indent=1))
     print(f"up in {time.perf_counter() - t0:.1f} s; logs in {spec.state_dir}; stop with `infra/local-cluster down`")
@@ -379,12 +376,6 @@ def _status(spec: ClusterSpec) -> str:
     if any(item == f"link {spec.prefix}-br" for item in leftovers(spec.prefix)):
         lines.append(f"bridge {spec.prefix}-br    {spec.gateway}")
     return "\n".join(lines)
-
-
-def _stop_from_outside(cluster: LocalCluster) -> None:
-    """`down` from another process: the hosts are found by their namespaces, not by handles."""
-    cluster.inits.clear()
-    cluster.down()
 
 
 if __name__ == "__main__":

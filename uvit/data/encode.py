@@ -416,7 +416,7 @@ def _encode_chunk_remote(
 def _receive_chunk(partial: Path, piece: Piece, shipped: tuple[dict, dict[str, bytes]]) -> dict:
     """On the driver: write a Ray task's chunk files into `partial`, the sidecar (which marks it done) last."""
     sidecar, files = shipped
-    write_tree(partial, files, last=[_sidecar(Path("."), piece.index).as_posix()])
+    write_tree(partial, files, last=[_sidecar(partial, piece.index).name])
     return sidecar
 
 

@@ -210,14 +210,27 @@ def _sample_shard(model: UViT, job: _ShardJob, piece: Piece, device: str) -> dic
     return {"file": path.name, "start": start, "count": count, "sha256": sha256_file(path)}
 
 
+_WORKER_MODEL: dict[tuple[str, str], UViT] = {}
+
+
+def _worker_model(model_files: dict[str, bytes], model_sha256: str, device: str) -> UViT:
+    """The model of `model_files`, built once per worker process (a worker samples several shards)."""
+    key = (model_sha256, device)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()
+        with tempfile.TemporaryDirectory(prefix="uvit-model-") as tmp:
+            write_tree(tmp, model_files)
+            _WORKER_MODEL[key] = UViT.from_pretrained(tmp, device=device)
+    return _WORKER_MODEL[key]
+
+
 def _sample_shard_remote(
     model_files: dict[str, bytes], job: _ShardJob, piece: Piece, device: str
 ) -> tuple[dict, dict[str, bytes], dict[str, bytes]]:
     """A Ray task, on any machine: rebuild the model from its files, sample one shard into a temporary
     directory there, and ship back its manifest entry, shard file and PNGs (`_receive_shard` writes them)."""
+    model = _worker_model(model_files, job.run["model_sha256"], device)
     with tempfile.TemporaryDirectory(prefix="uvit-shard-") as tmp:
-        write_tree(Path(tmp) / "model", model_files)
-        model = UViT.from_pretrained(Path(tmp) / "model", device=device)
         here = replace(job, out_dir=Path(tmp) / "out", png_dir=None if job.png_dir is None else Path(tmp) / "png")
         here.out_dir.mkdir()
         entry = _sample_shard(model, here, piece, device)

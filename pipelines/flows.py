@@ -39,7 +39,7 @@ from prefect.tasks import exponential_backoff
 from uvit.config import BENCHMARKS, BenchmarkConfig, ConfigError, load_benchmark, load_params
 from uvit.paths import BenchmarkPaths
 from uvit.stages import dvcfile
-from uvit.stages.table import Stage, chain
+from uvit.stages.table import Stage, steps
 
 # Seconds between retries of the network stages (data, publish: 10, 20, 40) and the rest.
 BACKOFF = exponential_backoff(backoff_factor=10)(3)
@@ -93,8 +93,8 @@ def resolve_config(
     """Validate a benchmark's parameters (a relative `params_path` is read from `root`)."""
     if "/" in benchmark:  # the flow walks a benchmark's chain; a study run is three stages of studies/dvc.yaml
         raise ConfigError(
-            f"{benchmark!r} is a design-study run: the flow runs benchmarks (digits, cifar10, ...); "
-            "run the study with `dvc repro studies/dvc.yaml` (make study)"
+            f"{benchmark!r} is a study or seed-spread run: the flow runs benchmarks (digits, cifar10, ...), "
+            "a benchmark's spread runs with it; run the design study with `dvc repro studies/dvc.yaml` (make study)"
         )
     return load_benchmark(benchmark, apply_overrides(load_params(_params_path(root, params_path)), overrides))
 
@@ -182,21 +182,25 @@ def has_remote(root: Path) -> bool:
     )
 
 
-def _stage_task(stage: Stage, retry_delay: float | list[float] | None = None):
+def _stage_task(stage: Stage, retry_delay: float | list[float] | None = None, label: str | None = None):
+    """The Prefect task that runs `stage` through DVC; `label` names it (default: the stage's name;
+    a seed-spread run's stages are "train@spread/s1", ...)."""
+    label = label or stage.name
+
     def run_stage(target: str, root: str) -> dict[str, Any]:
         logger = get_run_logger()
         with workspace_lock(Path(root)):
             out = dvc(["repro", "--single-item", target], Path(root), logger.info)
         ran = re.search(r"^Running stage ", out, flags=re.M) is not None
         logger.info("%s: %s", target, "ran" if ran else "up to date (DVC skipped it)")
-        return {"stage": stage.name, "target": target, "ran": ran}
+        return {"stage": label, "target": target, "ran": ran}
 
     run_stage.__name__ = run_stage.__qualname__ = f"run_{stage.name}"
     delay = retry_delay if retry_delay is not None else (BACKOFF if stage.retries > 1 else RETRY_DELAY)
     return task(
         run_stage,
-        name=stage.name,
-        task_run_name=stage.name,
+        name=label,
+        task_run_name=label,
         retries=stage.retries,
         retry_delay_seconds=delay if stage.retries else None,
         retry_jitter_factor=0.2 if stage.retries else None,
@@ -285,12 +289,14 @@ def make_flow(*, name: str = "uvit", retry_delay_seconds: float | None = None):
         regenerated = write_overrides(workspace, params_path, overrides)
         if regenerated:
             logger.info("regenerated %s for the new parameters", ", ".join(map(str, regenerated)))
-        where = dvcfile.addresses(load_params(_params_path(workspace, params_path)), workspace)[benchmark]
-        runs = []
-        for stage in chain(cfg):
-            stage_task = _stage_task(stage, retry_delay_seconds)
-            runs.append(stage_task(where[stage.name].target(), str(workspace)))
-        pushed = push([where[s.name].target() for s in chain(cfg)], str(workspace)) if push_outputs else False
+        params = load_params(_params_path(workspace, params_path))
+        where = dvcfile.addresses(params, workspace)
+        targets, runs = [], []
+        for run_name, stage in steps(cfg, params):  # a seed-spread run's stages are labelled "train@spread/s1"
+            label = stage.name if run_name == benchmark else f"{stage.name}@{run_name.split('/', 1)[1]}"
+            targets.append(where[run_name][stage.name].target())
+            runs.append(_stage_task(stage, retry_delay_seconds, label)(targets[-1], str(workspace)))
+        pushed = push(targets, str(workspace)) if push_outputs else False
         _post_artifacts(cfg, BenchmarkPaths(benchmark, workspace), runs)
         logger.info("%s: %s", benchmark, ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'up to date'}" for r in runs))
         return {"benchmark": benchmark, "ran": {r["stage"]: r["ran"] for r in runs}, "pushed": pushed}

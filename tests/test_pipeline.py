@@ -92,6 +92,7 @@ CUT_DOWN = {
     "train": {"steps": 60, "checkpoint_every": 30, "log_every": 5},
     "sample": {"num_samples": 100, "batch_size": 100, "steps": 10},
     "score": {"classifier_epochs": 5},
+    "spread": {"seeds": [1]},  # one more training seed: the page's spread over two runs
     # The reference at the sample stage's own setting: its seed-0 point must reproduce the score stage.
     "sampler_study": {
         "reference": {"sampler": DIGITS_SAMPLE["sampler"], "steps": 10, "skip_type": DIGITS_SAMPLE.get("skip_type")},
@@ -229,6 +230,25 @@ def test_repro_writes_the_report(reproduced: Path) -> None:
         assert (reproduced / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     index = (reproduced / "reports/README.md").read_text()
     assert "digits" in index and "not run" in index  # the paper benchmarks have not been run
+
+
+def test_repro_runs_the_seed_spread_and_shows_it(reproduced: Path) -> None:
+    """The spread run is the cut-down run but for train.seed: trained with another seed (its loss
+    curve differs), scored by the same stages, and the spread stage's mean and std over the two runs
+    are what numpy says; the page shows them."""
+    own, other = reproduced / "runs/digits", reproduced / "runs/digits/spread/s1"
+    fids = [json.loads((r / "score/metrics.json").read_text())["fid"] for r in (own, other)]
+    summary = json.loads((own / "spread/summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and [r["fid"] for r in summary["runs"]] == pytest.approx(fids)
+    assert summary["fid"]["mean"] == pytest.approx(np.mean(fids))
+    assert summary["fid"]["std"] == pytest.approx(np.std(fids, ddof=1))
+    losses = [(r / "train/metrics.csv").read_text().splitlines()[1:] for r in (own, other)]
+    assert len(losses[0]) == len(losses[1]) and losses[0] != losses[1]  # same steps, another seed
+    s1 = json.loads((other / "train/summary.json").read_text())
+    assert s1["steps"] == 60 and s1["params"] == json.loads((own / "train/summary.json").read_text())["params"]
+    page = (reproduced / "reports/digits.md").read_text()
+    assert f"{summary['fid']['mean']:.2f} ± {summary['fid']['std']:.2f}" in page
+    assert "`digits/spread/s1`" in page
 
 
 def test_sampler_study_reproduces_the_score_stage_at_its_setting(reproduced: Path) -> None:

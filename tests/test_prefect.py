@@ -221,6 +221,42 @@ def test_bad_params_fail_before_any_task(prefect_api, tmp_path, benchmark, overr
     assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # nothing written
 
 
+def test_the_digits_flow_runs_its_seed_spread_runs_before_the_spread_stage(prefect_api, tmp_path, monkeypatch):
+    """The flow walks `steps`: each seed-spread run's train, sample and score (its dvc.yaml foreach
+    stages) between the sampler study and the spread stage, as tasks named train@spread/s1, ...
+    DVC is replaced by a recorder: the order and addresses are what is checked here, the stages
+    themselves run in tests/test_pipeline.py."""
+    import pipelines.flows as flows
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    called = []
+
+    def fake_dvc(args, root, log=None):
+        called.append(args[-1])
+        return f"Running stage '{args[-1]}':"
+
+    monkeypatch.setattr(flows, "dvc", fake_dvc)
+    state = make_flow(retry_delay_seconds=0)(
+        benchmark="digits", root=str(tmp_path), push_outputs=False, return_state=True
+    )
+    assert state.is_completed(), state
+    spread = [(s, f"s{seed}") for seed in (1, 2) for s in ("train", "sample", "score")]
+    own = ["data", "validate", "classifier", "train", "sample", "score", "samplers"]
+    assert called == [
+        *(f"dvc.yaml:{s}" for s in own),
+        *(f"dvc.yaml:{s}-spread@{run}" for s, run in spread),
+        *(f"dvc.yaml:{s}" for s in ("spread", "report", "publish")),
+    ]
+    assert list(state.result()["ran"]) == [
+        *own,
+        *(f"{s}@spread/{run}" for s, run in spread),
+        "spread",
+        "report",
+        "publish",
+    ]
+    assert set(task_runs(state, expect=len(called))) == set(state.result()["ran"])
+
+
 def prefect_cli(args: list[str], env: dict, cwd: Path, timeout: int = 180) -> str:
     proc = subprocess.run(
         [str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout

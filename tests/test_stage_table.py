@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from uvit.config import load_benchmark, load_params, study_runs
+from uvit.config import ConfigError, load_benchmark, load_params, spread_runs, study_runs
 from uvit.stages import dvcfile
-from uvit.stages.table import STAGE_NAMES, STAGES, STUDY_STAGES, chain, external_path
+from uvit.stages.table import STAGE_NAMES, STAGES, STUDY_STAGES, chain, external_path, get_stage, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 UVIT = str(Path(sys.executable).parent / "uvit")
@@ -47,7 +47,10 @@ def test_a_study_run_is_trained_sampled_and_scored():
 @pytest.mark.parametrize(
     ("benchmark", "expected"),
     [
-        ("digits", ["data", "validate", "classifier", "train", "sample", "score", "samplers", "report", "publish"]),
+        (
+            "digits",
+            ["data", "validate", "classifier", "train", "sample", "score", "samplers", "spread", "report", "publish"],
+        ),
         ("cifar10", ["data", "validate", "train", "sample", "score", "report", "publish"]),
         ("imagenet256", ["data", "validate", "encode", "train", "sample", "score", "report", "publish"]),
     ],
@@ -79,7 +82,8 @@ def test_addresses_name_the_generated_stages_with_the_external_files_as_deps():
     files = dvcfile.render(p, ROOT)
     stages = {f: _expanded(t) for f, t in files.items()}
     where = dvcfile.addresses(p, ROOT)
-    assert set(where) == set(p) | set(study_runs(load_benchmark("digits", p)))  # benchmarks and study runs
+    digits = load_benchmark("digits", p)
+    assert set(where) == set(p) | set(study_runs(digits)) | set(spread_runs(digits))  # benchmarks and their runs
     for benchmark, addrs in where.items():
         for stage, addr in addrs.items():
             body = stages[addr.file][addr.name]
@@ -144,3 +148,66 @@ def test_pipeline_cli_write_check_and_the_stale_guard(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     proc = _run(["validate", "digits"], tmp_path, env={"DVC_STAGE": "validate", "DVC_ROOT": str(tmp_path)})
     assert proc.returncode == 2 and "uvit pipeline write" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_seed_spread_runs_before_its_stage_in_the_default_chain():
+    """digits' spread runs (train.seed 1 and 2) are its own block but for the seed; `steps` puts
+    their train, sample and score before the spread stage, and dvc.yaml holds them as foreach groups
+    whose stages feed the spread stage, which feeds the report."""
+    p = params()
+    cfg = load_benchmark("digits", p)
+    assert spread_runs(cfg) == ["digits/spread/s1", "digits/spread/s2"]
+    s1 = load_benchmark("digits/spread/s1", p)
+    assert s1.train.seed == 1 and s1.spread is None and s1.ablation is None and s1.study == "spread"
+    assert s1.train.model_copy(update={"seed": cfg.train.seed}) == cfg.train and s1.model == cfg.model
+    order = [(run, stage.name) for run, stage in steps(cfg, p)]
+    i = order.index(("digits", "spread"))
+    assert order[i - 6 : i] == [
+        (f"digits/spread/s{seed}", name) for seed in (1, 2) for name in ("train", "sample", "score")
+    ]
+    assert order[: i - 6] == [("digits", s.name) for s in chain(cfg)[: chain(cfg).index(get_stage("spread"))]]
+    root = _expanded(dvcfile.render(p, ROOT)[dvcfile.ROOT_FILE])
+    assert root["train-spread@s2"]["cmd"] == "uvit train digits/spread/s2"
+    assert "runs/digits/spread/s2/train/ema" in root["sample-spread@s2"]["deps"]
+    assert "runs/digits/spread/s2/score/metrics.json" in root["spread"]["deps"]
+    assert "runs/digits/spread/summary.json" in root["report"]["deps"]
+    assert "digits.spread" in root["spread"]["params"]
+
+
+def test_a_seed_spread_is_refused_where_it_cannot_run():
+    p = params()
+    p["digits"]["spread"] = {"seeds": [p["digits"]["train"]["seed"], 5]}
+    with pytest.raises(ConfigError, match=r"digits.spread.seeds: 0 is digits.train.seed"):
+        load_benchmark("digits", p)
+    p["digits"]["spread"] = {"seeds": [3, 3]}
+    with pytest.raises(ConfigError, match="repeated seed"):
+        load_benchmark("digits", p)
+    p["digits"]["spread"] = {"seeds": [3]}
+    with pytest.raises(ConfigError, match=r"no run 's1'; runs: s3"):
+        load_benchmark("digits/spread/s1", p)
+    p["cifar10"]["spread"] = {"seeds": [1]}  # paper/dvc.yaml has no seed-spread chains
+    with pytest.raises(ConfigError, match=r"cifar10.spread: only the default benchmark"):
+        dvcfile.render(p, ROOT)
+    del p["cifar10"]["spread"], p["digits"]["spread"]
+    assert "train-spread" not in yaml.safe_load(dvcfile.render(p, ROOT)[dvcfile.ROOT_FILE])["stages"]
+    assert "spread" not in [s.name for s in chain(load_benchmark("digits", p))]
+
+
+def test_uvit_run_walks_the_spread_runs_in_order(monkeypatch):
+    """`uvit run digits` calls each stage function for the run it belongs to: the spread runs'
+    stages get the spread run's config (train.seed 1, then 2) and its paths."""
+    from typer.testing import CliRunner
+
+    import uvit.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_stage", lambda name, run, params, root: calls.append((name, run)))
+    result = CliRunner().invoke(cli.app, ["run", "digits", "--params", str(ROOT / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    p = params()
+    assert calls == [(run, stage.name)[::-1] for run, stage in steps(load_benchmark("digits", p), p)]
+    assert ("train", "digits/spread/s2") in calls and calls.index(("score", "digits/spread/s2")) + 1 == calls.index(
+        ("spread", "digits")
+    )
+    bad = CliRunner().invoke(cli.app, ["run", "digits/spread/s9", "--params", str(ROOT / "params.yaml")])
+    assert bad.exit_code == 2 and "no run 's9'; runs: s1, s2" in bad.output

@@ -129,8 +129,8 @@ def _make_stage_command(name: str, doc: str):
         benchmark: Annotated[
             str,
             typer.Argument(
-                help="Benchmark name: a block of params.yaml (e.g. digits), or a "
-                "study run (digits/ablation/skip-none-s0)."
+                help="Benchmark name: a block of params.yaml (e.g. digits), a "
+                "study run (digits/ablation/skip-none-s0) or a seed-spread run (digits/spread/s1)."
             ),
         ],
         params: ParamsOpt = Path("params.yaml"),
@@ -239,24 +239,27 @@ def run(
     benchmark: Annotated[
         str,
         typer.Argument(
-            help="Benchmark name: a block of params.yaml (e.g. digits), or a study run (digits/ablation/skip-none-s0)."
+            help="Benchmark name: a block of params.yaml (e.g. digits), a study run "
+            "(digits/ablation/skip-none-s0) or a seed-spread run (digits/spread/s1)."
         ),
     ],
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
 ) -> None:
-    """Run every stage of a benchmark (a study run: train, sample, score) in the stage table's
-    order, without DVC (prefer `dvc repro`, which skips what is up to date)."""
-    from uvit.config import ConfigError, load_benchmark
-    from uvit.stages.table import chain
+    """Run every stage of a benchmark in the stage table's order (its seed-spread runs' train,
+    sample and score before its spread stage; a study run: train, sample, score), without DVC
+    (prefer `dvc repro`, which skips what is up to date)."""
+    from uvit.config import ConfigError, load_benchmark, load_params
+    from uvit.stages.table import steps
 
     try:
-        stages = chain(load_benchmark(benchmark, params))
+        raw = load_params(params)
+        todo = steps(load_benchmark(benchmark, raw), raw)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    for stage in stages:
-        _stage(stage.name, benchmark, params, root)
+    for run_name, stage in todo:
+        _stage(stage.name, run_name, params, root)
 
 
 pipeline_app = typer.Typer(no_args_is_help=True, help="The stage table and the DVC files generated from it.")

@@ -230,6 +230,7 @@ ABLATION_SWITCHES = ("skip", "time", "conv_position", "patch_embedding", "positi
 SCALING_KEYS = ("depth", "embed_dim", "patch_size")
 ABLATION_GROUPS = (*ABLATION_SWITCHES, "scaling")
 STUDY = "ablation"  # a study run is named <benchmark>/ablation/<variant>-s<seed>
+SPREAD = "spread"  # a seed-spread run is named <benchmark>/spread/s<seed>
 
 
 class AblationConfig(_Section):
@@ -300,6 +301,22 @@ class AblationConfig(_Section):
         return out
 
 
+class SpreadConfig(_Section):
+    """The report's seed spread: the benchmark trained, sampled and scored again, unchanged but
+    for `train.seed`, once per `seeds` value (runs <benchmark>/spread/s<seed>). The `spread` stage
+    gives each figure's mean and standard deviation over these runs and the benchmark's own, and
+    the report shows them. Only the default benchmark's chain (dvc.yaml) runs them."""
+
+    seeds: list[int] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated seed in {v}")
+        return v
+
+
 def variant_label(overrides: dict[str, Any]) -> str:
     return "_".join(f"{k}-{v}" for k, v in overrides.items())
 
@@ -309,6 +326,13 @@ def study_runs(cfg: BenchmarkConfig) -> list[str]:
     if cfg.ablation is None:
         return []
     return [f"{cfg.name}/{STUDY}/{run}" for run in cfg.ablation.runs()]
+
+
+def spread_runs(cfg: BenchmarkConfig) -> list[str]:
+    """The names of a benchmark's seed-spread runs (`<benchmark>/spread/s<seed>`); [] without a spread."""
+    if cfg.spread is None:
+        return []
+    return [f"{cfg.name}/{SPREAD}/s{seed}" for seed in cfg.spread.seeds]
 
 
 class ArtifactsConfig(_Section):
@@ -364,6 +388,7 @@ class BenchmarkConfig(_Section):
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     sampler_study: SamplerStudyConfig | None = None
     ablation: AblationConfig | None = None
+    spread: SpreadConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -376,6 +401,12 @@ class BenchmarkConfig(_Section):
     def base(self) -> str:
         """The benchmark whose data this one reads: itself, or a study run's benchmark."""
         return self.name.split("/")[0]
+
+    @property
+    def study(self) -> str | None:
+        """The study a run of it belongs to (STUDY, SPREAD), or None for a benchmark's own block."""
+        parts = self.name.split("/")
+        return parts[1] if len(parts) > 1 else None
 
     def decoder_vae(self) -> tuple[str, str]:
         """(the VAE that decodes samples, the params key naming it): sample.vae, else encode.vae."""
@@ -406,8 +437,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
 
 
 def load_benchmark(name: str, params: str | Path | dict[str, Any] = DEFAULT_PARAMS) -> BenchmarkConfig:
-    """Read and validate one benchmark's block (or a study run, `<benchmark>/ablation/<run id>`);
-    raise ConfigError naming the bad key."""
+    """Read and validate one benchmark's block (or a study run, `<benchmark>/ablation/<run id>`,
+    or a seed-spread run, `<benchmark>/spread/s<seed>`); raise ConfigError naming the bad key."""
     params = params if isinstance(params, dict) else load_params(params)
     if "/" in name:
         return _study_run(name, params)
@@ -422,6 +453,11 @@ def load_benchmark(name: str, params: str | Path | dict[str, Any] = DEFAULT_PARA
         _check_study(cfg)
         for run in study_runs(cfg):  # every run of the study must be a valid benchmark
             _study_run(run, params, cfg)
+    if cfg.spread is not None and cfg.train.seed in cfg.spread.seeds:
+        raise ConfigError(
+            f"{name}.{SPREAD}.seeds: {cfg.train.seed} is {name}.train.seed, the benchmark's own run; "
+            "list only the other seeds"
+        )
     return cfg
 
 
@@ -443,16 +479,22 @@ def _study_run(name: str, params: dict[str, Any], cfg: BenchmarkConfig | None = 
     base, _, rest = name.partition("/")
     study, _, run = rest.partition("/")
     cfg = cfg or load_benchmark(base, params)
+    block = {k: v for k, v in params[base].items() if k not in (STUDY, SPREAD, "sampler_study")}
+    if study == SPREAD and cfg.spread is not None:
+        seeds = {f"s{seed}": seed for seed in cfg.spread.seeds}
+        if run not in seeds:
+            raise ConfigError(f"{base}.{SPREAD}: no run {run!r}; runs: {', '.join(seeds)}")
+        block["train"] = {**block["train"], "seed": seeds[run]}
+        return _validated(name, block, where=f"{base}.{SPREAD} (run {run})")
     if study != STUDY or cfg.ablation is None:
         raise ConfigError(
-            f"{name!r} names no study run: runs are <benchmark>/{STUDY}/<run id>, for a benchmark "
-            f"with an `{STUDY}` block"
+            f"{name!r} names no study run: runs are <benchmark>/{STUDY}/<run id> (a benchmark with an "
+            f"`{STUDY}` block) or <benchmark>/{SPREAD}/s<seed> (one with a `{SPREAD}` block)"
         )
     runs = cfg.ablation.runs()
     if run not in runs:
         raise ConfigError(f"{base}.{STUDY}: no run {run!r}; runs: {', '.join(runs)}")
     variant, seed = runs[run]
-    block = {k: v for k, v in params[base].items() if k not in ("ablation", "sampler_study")}
     block["train"] = {**block["train"], **cfg.ablation.train, "seed": seed}
     model = dict(block["model"])
     model["overrides"] = {**model.get("overrides", {}), **cfg.ablation.variants()[variant]}

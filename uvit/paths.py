@@ -13,11 +13,13 @@
     runs/<benchmark>/ablation/<run>/    a design-study run: train/, samples/, sample-summary/, score/ (its
                                         benchmark's data, validate/ and classifier/ are shared)
     runs/<benchmark>/ablation/          results.csv (one row per run), summary.json (the study stage)
+    runs/<benchmark>/spread/s<seed>/    a seed-spread run: the benchmark with another train.seed (as above)
+    runs/<benchmark>/spread/            summary.json: every run's figures, mean and std (the spread stage)
     reports/<benchmark>.md, reports/<benchmark>/*.png, reports/README.md, reports/samplers.md (+ samplers/),
     reports/ablations.md (+ ablations/)
 
-A study run is named <benchmark>/ablation/<run id>: its run folder nests under its benchmark's,
-and it reads its benchmark's data.
+A study run is named <benchmark>/ablation/<run id> (a seed-spread run <benchmark>/spread/s<seed>):
+its run folder nests under its benchmark's, and it reads its benchmark's data.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class BenchmarkPaths:
         shared=True,
         doc="The design study's results (the ablation stage); its page is reports/ablations.md.",
     )
+    spread = _RunFolder(
+        "spread",
+        shared=True,
+        doc="The seed spread's runs (s<seed>/) and summary.json (the spread stage), shown on the benchmark's page.",
+    )
 
     @property
     def ray_storage(self) -> Path:
@@ -103,7 +110,7 @@ class BenchmarkPaths:
         return workspace_root(self.root) / "runs" / self.benchmark / "ray"
 
     def study_run(self, run: str) -> BenchmarkPaths:
-        """The paths of one of this benchmark's study runs (a run id or a full run name)."""
+        """The paths of one of this benchmark's study runs (an ablation run id or a full run name)."""
         return BenchmarkPaths(run if "/" in run else f"{self.base}/ablation/{run}", self.root)
 
     @property

@@ -3,7 +3,7 @@
 Every figure comes from a file the pipeline wrote (`runs/B/train/summary.json`,
 `runs/B/train/metrics.csv`, `runs/B/sample-summary/summary.json`, `runs/B/sample-summary/grid.png`,
 `runs/B/score/metrics.json`, and for text-to-image `runs/B/sample-summary/examples.{png,json}`, the
-paper's example captions) or from the packaged paper table; a missing artifact shows as
+paper's example captions; with a seed spread, `runs/B/spread/summary.json`) or from the packaged paper table; a missing artifact shows as
 "not run" and a missing field as "—", never as a made-up value.
 """
 
@@ -34,6 +34,7 @@ SAMPLE_GRID = Path("sample-summary/grid.png")
 EXAMPLES_GRID = Path("sample-summary/examples.png")
 EXAMPLES = Path("sample-summary/examples.json")
 SCORE = Path("score/metrics.json")
+SPREAD_SUMMARY = Path("spread/summary.json")  # the spread stage's: figures over training seeds
 
 TEXT_TO_IMAGE = ("mscoco256",)  # benchmarks scored with the CLIP score and shown with the paper's captions
 
@@ -63,6 +64,7 @@ class RunArtifacts:
     grid_path: Path | None = None
     examples_path: Path | None = None  # text-to-image: the paper's example captions' grid
     examples: dict | None = None  # its captions (examples.json)
+    spread: dict | None = None  # the seed spread (uvit.report.spread.spread_summary), when it has one
     files: tuple[Path, ...] = ()  # the artifact files actually found, for the report footer
 
     @property
@@ -111,7 +113,16 @@ def load_run(run_dir: str | Path, benchmark: str) -> RunArtifacts:
     run_dir = Path(run_dir)
     found = [
         run_dir / rel
-        for rel in (TRAIN_SUMMARY, TRAIN_METRICS, SAMPLE_SUMMARY, SAMPLE_GRID, EXAMPLES_GRID, EXAMPLES, SCORE)
+        for rel in (
+            TRAIN_SUMMARY,
+            TRAIN_METRICS,
+            SAMPLE_SUMMARY,
+            SAMPLE_GRID,
+            EXAMPLES_GRID,
+            EXAMPLES,
+            SCORE,
+            SPREAD_SUMMARY,
+        )
     ]
     grid, examples = run_dir / SAMPLE_GRID, run_dir / EXAMPLES_GRID
     return RunArtifacts(
@@ -123,6 +134,7 @@ def load_run(run_dir: str | Path, benchmark: str) -> RunArtifacts:
         grid_path=grid if grid.is_file() else None,
         examples_path=examples if examples.is_file() else None,
         examples=_read_json(run_dir / EXAMPLES),
+        spread=_read_json(run_dir / SPREAD_SUMMARY),
         files=tuple(p for p in found if p.is_file()),
     )
 
@@ -156,6 +168,18 @@ def _float(v: float | None, digits: int = 2) -> str:
 def _general(v: float | None) -> str:
     """Compact float for settings such as the guidance scale (1.0 -> "1", 0.25 -> "0.25")."""
     return DASH if v is None else f"{v:g}"
+
+
+def _mean_std(spread: dict | None, figure: str, digits: int = 2) -> str | None:
+    """ "mean ± std" of a figure of the seed spread, or None when it has no such figure."""
+    stats = spread.get(figure) if spread else None
+    if not isinstance(stats, dict) or _num(stats, "mean") is None:
+        return None
+    return f"{_float(_num(stats, 'mean'), digits)} ± {_float(_num(stats, 'std'), digits)}"
+
+
+def _seeds(spread: dict) -> str:
+    return ", ".join(str(s) for s in spread.get("seeds") or [])
 
 
 def _duration(seconds: float | None) -> str:
@@ -227,7 +251,65 @@ def results_table(art: RunArtifacts) -> pd.DataFrame:
         "CLIP score": _float(_num(sc, "clip_score"), 3),
         "hardware": _text(t, "hardware") or DASH,
     }
+    if art.spread is not None:  # the same figures over training seeds, beside this run's
+        over = f" over training seeds {_seeds(art.spread)} (mean ± std)"
+        row["FID" + over] = _mean_std(art.spread, "fid") or DASH
+        row["FID / floor" + over] = _mean_std(art.spread, "fid_over_floor") or DASH
+        row["conditional accuracy" + over] = _mean_std(art.spread, "accuracy", 3) or DASH
     return pd.DataFrame([row])
+
+
+def spread_table(spread: dict) -> pd.DataFrame:
+    """One row per run of the seed spread (the benchmark's own first), then mean ± std and min-max."""
+    import pandas as pd
+
+    figures = [
+        ("FID", "fid", 2),
+        ("FID floor", "fid_floor", 2),
+        ("FID / floor", "fid_over_floor", 2),
+        ("conditional accuracy", "accuracy", 3),
+        ("final training loss", "final_loss", 4),
+    ]
+    rows = [
+        {
+            "train.seed": str(r.get("seed")),
+            "run": f"`{r.get('run')}`",
+            **{h: _float(_num(r, k), d) for h, k, d in figures},
+        }
+        for r in spread.get("runs") or []
+    ]
+    rows.append({"train.seed": "mean ± std", "run": "", **{h: _mean_std(spread, k, d) or DASH for h, k, d in figures}})
+    rows.append(
+        {
+            "train.seed": "min – max",
+            "run": "",
+            **{
+                h: f"{_float(_num(spread.get(k), 'min'), d)} – {_float(_num(spread.get(k), 'max'), d)}"
+                if isinstance(spread.get(k), dict) and _num(spread[k], "min") is not None
+                else DASH
+                for h, k, d in figures
+            },
+        }
+    )
+    return pd.DataFrame(rows)
+
+
+def _spread_section(art: RunArtifacts) -> list[str]:
+    spread = art.spread
+    n = len(spread.get("runs") or [])
+    return [
+        "## Seed spread",
+        "",
+        f"The same configuration trained, sampled and scored {n} times, once per training seed ({_seeds(spread)}; "
+        f"the sample seed is the same), on {_text(art.train_summary, 'hardware') or DASH}. One run's figure moves "
+        "with the seed: compare runs by this spread, not by one number. std is the sample standard deviation "
+        f"over the {n} runs. A rerun of one seed on another machine need not repeat its figures either: the "
+        "training loss can differ in its last bits from a few tens of steps on (float-level differences "
+        "between CPUs), and the FID moves with it.",
+        "",
+        spread_table(spread).to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
 
 
 def _kid(score: dict | None) -> str:
@@ -431,6 +513,8 @@ def write_benchmark_report(benchmark: str, run_dir: str | Path, reports_dir: str
         _field_value(results_table(art)).to_markdown(index=False, disable_numparse=True),
         "",
     ]
+    if art.spread is not None:
+        md += _spread_section(art)
     if has_paper_figures(benchmark):
         md += [
             "## Comparison with the paper",
@@ -492,6 +576,14 @@ def _paper_uvit_cell(benchmark: str) -> str:
     return DASH if best is None else f"{best['fid']:.2f} ({best['method']})"
 
 
+def _index_fid(art: RunArtifacts) -> str:
+    """The run's FID, and with a seed spread its mean ± std over the seeds."""
+    if art.score is None:
+        return NOT_RUN
+    fid, spread = _float(_num(art.score, "fid")), _mean_std(art.spread, "fid")
+    return f"{fid} ({spread} over {len(art.spread.get('runs') or [])} seeds)" if spread else fid
+
+
 def index_table(
     run_root: str | Path, benchmarks: tuple[str, ...] = BENCHMARKS, reports_dir: str | Path | None = None
 ) -> pd.DataFrame:
@@ -512,7 +604,7 @@ def index_table(
                 "steps": _int(_num(t, "steps")),
                 "sampler / NFE": DASH if s is None else f"{sampler or DASH} / {_int(nfe)}",
                 "guidance": _general(_num(s, "guidance_scale")),
-                "FID (ours)": _float(_num(art.score, "fid")) if art.score is not None else NOT_RUN,
+                "FID (ours)": _index_fid(art),
                 "FID (paper's U-ViT)": _paper_uvit_cell(b),
                 "CLIP score (ours)": (_float(_num(art.score, "clip_score"), 3) if art.score is not None else NOT_RUN)
                 if b in TEXT_TO_IMAGE
@@ -540,9 +632,11 @@ def write_index(run_root: str | Path, reports_dir: str | Path, benchmarks: tuple
         index_table(run_root, benchmarks, reports_dir).to_markdown(index=False, disable_numparse=True),
         "",
         "Each figure is one training run (one `train.seed`) sampled once (one `sample.seed`); a figure moves "
-        "with the seeds, so compare runs by their spread over seeds, not by one number. The design study "
-        "([ablations.md](ablations.md), `make study`) retrains the digits model with several seeds at a shorter "
-        "budget and gives that spread beside each of its variants.",
+        "with the seeds, so compare runs by their spread over seeds, not by one number. Where a benchmark has "
+        "a seed spread (its `spread` block: digits), its mean ± standard deviation over training seeds follows "
+        "in brackets and its page lists the runs. The design study ([ablations.md](ablations.md), `make study`) "
+        "retrains the digits model with several seeds at a shorter budget and gives that spread beside each "
+        "of its variants.",
         "",
         f"Generated by `uvit.report` from the artifacts under `{_display(Path(run_root))}` and "
         "`uvit/report/data/paper_results.csv`; nothing is filled by hand.",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from uvit.stages.table import STAGE_NAMES, STAGES, Stage, chain, get_stage
+from uvit.stages.table import STAGE_NAMES, STAGES, Stage, chain, get_stage, steps
 
 # The stage functions import torch, great-expectations, Ray...: loaded on first use, so `uvit
 # --help`, `uvit pipeline check` and the stages that need none of them start in a fraction of the time.
@@ -26,6 +26,7 @@ _FUNCTIONS = {
     "run_sample": "sample",
     "run_samplers": "samplers",
     "run_score": "score",
+    "run_spread": "spread",
     "run_train": "train",
     "run_validate": "validate",
 }
@@ -37,4 +38,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'uvit.stages' has no attribute {name!r}")
 
 
-__all__ = ["STAGES", "STAGE_NAMES", "Stage", "chain", "get_stage", *_FUNCTIONS]
+__all__ = ["STAGES", "STAGE_NAMES", "Stage", "chain", "get_stage", "steps", *_FUNCTIONS]

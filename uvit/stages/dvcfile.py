@@ -3,7 +3,8 @@
 
 The root file holds the default benchmark's chain (`dvc repro` with no target). `paper/dvc.yaml`
 holds every other block of params.yaml as `foreach` groups, so one benchmark end to end is
-`dvc repro paper/dvc.yaml:publish@<benchmark>`. `studies/dvc.yaml` holds the design study of
+`dvc repro paper/dvc.yaml:publish@<benchmark>`. The root file also holds the default benchmark's
+seed-spread runs (train, sample and score `foreach` run, `train-spread@s1`). `studies/dvc.yaml` holds the design study of
 every block with an `ablation` section: train, sample and score `foreach` run of the study
 (`train@<run id>`), then the study's page; `dvc repro studies/dvc.yaml` runs it all. Benchmarks whose stage reads the same kinds of
 inputs share one group (`train`, or `train-pixel`/`train-latent`/`train-text` where the kinds
@@ -20,7 +21,16 @@ from typing import Any
 
 import yaml
 
-from uvit.config import STUDY, BenchmarkConfig, load_benchmark, load_params, study_runs
+from uvit.config import (
+    SPREAD,
+    STUDY,
+    BenchmarkConfig,
+    ConfigError,
+    load_benchmark,
+    load_params,
+    spread_runs,
+    study_runs,
+)
 from uvit.paths import BenchmarkPaths
 from uvit.stages.table import (
     DEFAULT_BENCHMARKS,
@@ -121,7 +131,7 @@ def _entry(
     # A study run's parameters are its benchmark's block (`block`) and the study's budget.
     prefix = cfg.base if cfg.base != cfg.name else name
     keys = [f"{prefix}.{k}" for k in stage.params(cfg) if _present(block, k)]
-    if cfg.base != cfg.name and stage.name == "train" and _present(block, f"{STUDY}.train"):
+    if cfg.study == STUDY and stage.name == "train" and _present(block, f"{STUDY}.train"):
         keys.append(f"{prefix}.{STUDY}.train")
     if keys:
         entry["params"] = [{params_file: keys}] if params_file else keys
@@ -135,11 +145,48 @@ def _configs(params: dict[str, Any]) -> list[tuple[BenchmarkConfig, dict[str, An
     return [(load_benchmark(name, params), params[name]) for name in params]
 
 
-def root_stages(cfgs: list[tuple[BenchmarkConfig, dict]], root: Path) -> dict[str, Any]:
-    """The root file's stages: the default benchmark's chain, written out (no foreach)."""
+def _run_group(
+    stage: Stage,
+    run_cfgs: dict[str, BenchmarkConfig],
+    block: dict[str, Any],
+    placeholder: str,
+    params_file: str | None,
+    root: Path,
+) -> dict[str, Any] | None:
+    """`stage` of every run in `run_cfgs` ({run id: config}) as one `foreach` over the run ids, or
+    None when it applies to none of them. `placeholder` is the run name with _BM for the run id."""
+    runs: dict[str, dict] = {}
+    template = None
+    for run, run_cfg in run_cfgs.items():
+        if stage not in run_stages(run_cfg):
+            continue
+        slots: dict[str, str] = {}
+        entry = _entry(stage, run_cfg, block, placeholder, params_file, slots, root)
+        if template not in (None, entry):  # the runs differ in their model or seed only, not in their files
+            raise ValueError(f"{run_cfg.name}: its {stage.name} stage differs from its study's other runs")
+        template, runs[run] = entry, slots
+    if not runs:
+        return None
+    foreach: Any = runs if any(runs.values()) else list(runs)
+    return {"foreach": foreach, "do": _fill(template, "${key}" if any(runs.values()) else "${item}")}
+
+
+def _spread_cfgs(cfg: BenchmarkConfig, params: dict[str, Any]) -> dict[str, BenchmarkConfig]:
+    return {run.rsplit("/", 1)[1]: load_benchmark(run, params) for run in spread_runs(cfg)}
+
+
+def root_stages(cfgs: list[tuple[BenchmarkConfig, dict]], params: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The root file's stages: the default benchmark's chain, written out, with its seed-spread runs'
+    train, sample and score as `foreach` groups over the run ids (`train-spread@s1`) before `spread`."""
     stages: dict[str, Any] = {}
     for cfg, block in cfgs:
         for stage in STAGES:
+            if stage.name == "spread" and stage.applies(cfg):
+                run_cfgs = _spread_cfgs(cfg, params)
+                for run_stage in STAGES:
+                    group = _run_group(run_stage, run_cfgs, block, f"{cfg.name}/{SPREAD}/{_BM}", None, root)
+                    if group is not None:
+                        stages[f"{run_stage.name}-{SPREAD}"] = group
             if stage.applies(cfg):
                 stages[stage.name] = _entry(stage, cfg, block, cfg.name, None, None, root)
     return stages
@@ -185,6 +232,12 @@ def _fill(template: Any, placeholder: str) -> Any:
 
 def paper_stages(cfgs: list[tuple[BenchmarkConfig, dict]], root: Path) -> dict[str, Any]:
     """The paper file's stages: one foreach group per stage and kind of inputs."""
+    spread = [cfg.name for cfg, _ in cfgs if cfg.spread is not None]
+    if spread:
+        raise ConfigError(
+            f"{', '.join(spread)}.{SPREAD}: only the default benchmark's chain (dvc.yaml: "
+            f"{', '.join(DEFAULT_BENCHMARKS)}) runs a seed spread; remove the block"
+        )
     stages: dict[str, Any] = {}
     for stage in STAGES:
         groups = _groups(stage, cfgs, root)
@@ -211,22 +264,11 @@ def study_stages(cfgs: list[tuple[BenchmarkConfig, dict]], params: dict[str, Any
     for cfg, block in studied:
         one = [(cfg, block)] if len(studied) > 1 else studied
         placeholder = f"{cfg.name}/{STUDY}/{_BM}"
-        run_cfgs = {run: load_benchmark(run, params) for run in study_runs(cfg)}
+        run_cfgs = {run.rsplit("/", 1)[1]: load_benchmark(run, params) for run in study_runs(cfg)}
         for stage in STAGES:
-            runs: dict[str, dict] = {}
-            template = None
-            for run, run_cfg in run_cfgs.items():
-                if stage not in run_stages(run_cfg):
-                    continue
-                slots: dict[str, str] = {}
-                entry = _entry(stage, run_cfg, block, placeholder, "params.yaml", slots, root)
-                if template not in (None, entry):  # the runs differ in their model only, not in their files
-                    raise ValueError(f"{run}: its {stage.name} stage differs from the study's other runs")
-                template, runs[run.rsplit("/", 1)[1]] = entry, slots
-            if runs:
-                foreach: Any = runs if any(runs.values()) else list(runs)
-                body = _fill(template, "${key}" if any(runs.values()) else "${item}")
-                stages[_study_name(stage, one)] = {"foreach": foreach, "do": {"wdir": "..", **body}}
+            group = _run_group(stage, run_cfgs, block, placeholder, "params.yaml", root)
+            if group is not None:
+                stages[_study_name(stage, one)] = {"foreach": group["foreach"], "do": {"wdir": "..", **group["do"]}}
         for stage in STUDY_STAGES:
             if stage.applies(cfg):
                 stages[_study_name(stage, one)] = {
@@ -243,6 +285,10 @@ def addresses(params: dict[str, Any], root: Path = Path(".")) -> dict[str, dict[
     for cfg, _ in cfgs:
         if cfg.name in DEFAULT_BENCHMARKS:
             out[cfg.name] = {s.name: Address(ROOT_FILE, s.name) for s in STAGES if s.applies(cfg)}
+            for run_id, run_cfg in _spread_cfgs(cfg, params).items():
+                out[run_cfg.name] = {
+                    s.name: Address(ROOT_FILE, f"{s.name}-{SPREAD}@{run_id}") for s in run_stages(run_cfg)
+                }
     paper = [c for c in cfgs if c[0].name not in DEFAULT_BENCHMARKS]
     for stage in STAGES:
         groups = _groups(stage, paper, root)
@@ -277,7 +323,7 @@ def render(params: dict[str, Any] | str | Path = "params.yaml", root: Path = Pat
     cfgs = _configs(params)
     default = [c for c in cfgs if c[0].name in DEFAULT_BENCHMARKS]
     paper = [c for c in cfgs if c[0].name not in DEFAULT_BENCHMARKS]
-    files = {ROOT_FILE: _dump(_ROOT_HEADER, root_stages(default, root))}
+    files = {ROOT_FILE: _dump(_ROOT_HEADER, root_stages(default, params, root))}
     if paper:
         files[PAPER_FILE] = _dump(_PAPER_HEADER, paper_stages(paper, root))
     if any(cfg.ablation is not None for cfg, _ in cfgs):

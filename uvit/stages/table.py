@@ -198,7 +198,16 @@ def _score_externals(cfg: BenchmarkConfig) -> dict[str, str | None]:
 
 
 def _report_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
-    return [p.train / "summary.json", p.train / "metrics.csv", p.sample_summary, p.score / "metrics.json"]
+    deps = [p.train / "summary.json", p.train / "metrics.csv", p.sample_summary, p.score / "metrics.json"]
+    return deps + ([p.spread / "summary.json"] if cfg.spread is not None else [])
+
+
+def _spread_deps(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Path]:
+    """The figures of the benchmark's own run and of each of its seed-spread runs."""
+    from uvit.config import spread_runs
+
+    runs = [p, *(p.study_run(run) for run in spread_runs(cfg))]
+    return [f for rp in runs for f in (rp.train / "summary.json", rp.score / "metrics.json")]
 
 
 def _report_outs(cfg: BenchmarkConfig, p: BenchmarkPaths) -> list[Out]:
@@ -340,6 +349,17 @@ STAGES: tuple[Stage, ...] = (
         applies=lambda cfg: cfg.sampler_study is not None and uses_classifier(cfg),
     ),
     Stage(
+        "spread",
+        "uvit.stages.spread:run_spread",
+        "The seed spread: FID, FID/floor, conditional accuracy and final loss over the benchmark's run and "
+        "its spread runs (spread.seeds), mean ± std (runs/<benchmark>/spread/summary.json); needs a spread block.",
+        code=("uvit/report/spread.py", "uvit/report/ablations.py", "uvit/stages/spread.py"),
+        params=_sections("spread", "train.seed"),
+        deps=_spread_deps,
+        outs=lambda cfg, p: [Out(f"{p.spread}/summary.json", cache=False, kind="metrics")],
+        applies=lambda cfg: cfg.spread is not None,
+    ),
+    Stage(
         "report",
         "uvit.stages.report:run_report",
         "Write reports/<benchmark>.md and the reports/README.md index from the artifacts.",
@@ -365,6 +385,7 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 # -- the design study (studies/dvc.yaml) -----------------------------------------------------------
 # Each study run (<benchmark>/ablation/<run id>, uvit.config.AblationConfig) is these stages of the
 # table above, reading its benchmark's data, validation and classifier; then one stage per study.
+# A seed-spread run (<benchmark>/spread/s<seed>) is the same stages, in the benchmark's own chain.
 RUN_STAGES = ("train", "sample", "score")
 
 
@@ -416,6 +437,20 @@ def chain(cfg: BenchmarkConfig) -> list[Stage]:
     if cfg.base != cfg.name:
         return run_stages(cfg)
     return [s for s in STAGES if s.applies(cfg)]
+
+
+def steps(cfg: BenchmarkConfig, params: dict) -> list[tuple[str, Stage]]:
+    """(run name, stage) in the order `uvit run` and Prefect run them: the benchmark's chain, with
+    each seed-spread run's train, sample and score just before the spread stage that reads them.
+    `params` is the parsed params.yaml the runs' configs come from."""
+    from uvit.config import load_benchmark, spread_runs
+
+    out: list[tuple[str, Stage]] = []
+    for stage in chain(cfg):
+        if stage.name == "spread":
+            out += [(run, s) for run in spread_runs(cfg) for s in run_stages(load_benchmark(run, params))]
+        out.append((cfg.name, stage))
+    return out
 
 
 def posix(path: Path | str) -> str:

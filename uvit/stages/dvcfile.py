@@ -171,8 +171,14 @@ def _run_group(
     return {"foreach": foreach, "do": _fill(template, "${key}" if any(runs.values()) else "${item}")}
 
 
-def _spread_cfgs(cfg: BenchmarkConfig, params: dict[str, Any]) -> dict[str, BenchmarkConfig]:
-    return {run.rsplit("/", 1)[1]: load_benchmark(run, params) for run in spread_runs(cfg)}
+def _run_cfgs(runs: list[str], params: dict[str, Any]) -> dict[str, BenchmarkConfig]:
+    """{run id: config} of study or seed-spread runs given by their full names."""
+    return {run.rsplit("/", 1)[1]: load_benchmark(run, params) for run in runs}
+
+
+def _spread_name(stage: Stage) -> str:
+    """The root file's foreach group of a stage over the seed-spread runs (`train-spread`)."""
+    return f"{stage.name}-{SPREAD}"
 
 
 def root_stages(cfgs: list[tuple[BenchmarkConfig, dict]], params: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -182,11 +188,11 @@ def root_stages(cfgs: list[tuple[BenchmarkConfig, dict]], params: dict[str, Any]
     for cfg, block in cfgs:
         for stage in STAGES:
             if stage.name == "spread" and stage.applies(cfg):
-                run_cfgs = _spread_cfgs(cfg, params)
+                run_cfgs = _run_cfgs(spread_runs(cfg), params)
                 for run_stage in STAGES:
                     group = _run_group(run_stage, run_cfgs, block, f"{cfg.name}/{SPREAD}/{_BM}", None, root)
                     if group is not None:
-                        stages[f"{run_stage.name}-{SPREAD}"] = group
+                        stages[_spread_name(run_stage)] = group
             if stage.applies(cfg):
                 stages[stage.name] = _entry(stage, cfg, block, cfg.name, None, None, root)
     return stages
@@ -264,7 +270,7 @@ def study_stages(cfgs: list[tuple[BenchmarkConfig, dict]], params: dict[str, Any
     for cfg, block in studied:
         one = [(cfg, block)] if len(studied) > 1 else studied
         placeholder = f"{cfg.name}/{STUDY}/{_BM}"
-        run_cfgs = {run.rsplit("/", 1)[1]: load_benchmark(run, params) for run in study_runs(cfg)}
+        run_cfgs = _run_cfgs(study_runs(cfg), params)
         for stage in STAGES:
             group = _run_group(stage, run_cfgs, block, placeholder, "params.yaml", root)
             if group is not None:
@@ -285,9 +291,9 @@ def addresses(params: dict[str, Any], root: Path = Path(".")) -> dict[str, dict[
     for cfg, _ in cfgs:
         if cfg.name in DEFAULT_BENCHMARKS:
             out[cfg.name] = {s.name: Address(ROOT_FILE, s.name) for s in STAGES if s.applies(cfg)}
-            for run_id, run_cfg in _spread_cfgs(cfg, params).items():
+            for run_id, run_cfg in _run_cfgs(spread_runs(cfg), params).items():
                 out[run_cfg.name] = {
-                    s.name: Address(ROOT_FILE, f"{s.name}-{SPREAD}@{run_id}") for s in run_stages(run_cfg)
+                    s.name: Address(ROOT_FILE, f"{_spread_name(s)}@{run_id}") for s in run_stages(run_cfg)
                 }
     paper = [c for c in cfgs if c[0].name not in DEFAULT_BENCHMARKS]
     for stage in STAGES:
